@@ -1,0 +1,5 @@
+import sys
+
+from remp.entrypoints.cli import main
+
+sys.exit(main())

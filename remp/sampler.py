@@ -1,0 +1,129 @@
+"""Batched token sampling: greedy, temperature, top-k, top-p, min-p, logprobs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from remp.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # chosen token per row
+    logprobs: list[float]  # raw log_softmax (before temperature/top-k/p/min-p) at the chosen token
+    ranks: list[int]  # 1-based rank of the chosen token in the raw distribution
+    # Per row, top-n (token_id, logprob) sorted desc (n = params.logprobs; [] for None/0).
+    # None when no row in the batch asked for top logprobs.
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A per-request RNG so a seeded request samples the same tokens whatever its batch-mates."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor:
+    """Mask logits outside each row's top-k, then outside its nucleus top-p, with -inf.
+
+    logits: [B, V]; k: [B] long (V = disabled); p: [B] float (1.0 = disabled).
+    One stable descending sort for the whole batch, so ties keep the lowest token id first
+    (top_k=1 agrees with argmax). Top-p is computed on the top-k-renormalised distribution.
+    """
+    if k is None and p is None:
+        return logits
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True, stable=True)
+    pos = torch.arange(logits.shape[-1], device=logits.device)
+    if k is not None:
+        sorted_logits.masked_fill_(pos[None, :] >= k[:, None], float("-inf"))
+    if p is not None:
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token if the mass strictly before it already reaches p; the top token always stays.
+        drop = (probs.cumsum(dim=-1) - probs) >= p[:, None]
+        drop[:, 0] = False
+        sorted_logits.masked_fill_(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(-1, sorted_idx, sorted_logits)
+
+
+def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Zero tokens whose prob is below min_p * (row's max prob). The max itself always survives."""
+    thresh = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
+    return probs.masked_fill(probs < thresh, 0.0)
+
+
+def _random_sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """Sample one token per row of `logits` (all rows non-greedy)."""
+    V = logits.shape[-1]
+    dev, dt = logits.device, logits.dtype
+    temp = torch.tensor([sp.temperature for sp in params], device=dev, dtype=dt)
+    logits = logits / temp[:, None]
+
+    ks = [sp.top_k if 0 < sp.top_k < V else V for sp in params]
+    ps = [sp.top_p for sp in params]
+    k = torch.tensor(ks, device=dev) if any(x < V for x in ks) else None
+    p = torch.tensor(ps, device=dev, dtype=dt) if any(x < 1.0 for x in ps) else None
+    probs = apply_top_k_top_p(logits, k, p).softmax(dim=-1)
+    if any(sp.min_p > 0 for sp in params):
+        probs = apply_min_p(probs, torch.tensor([sp.min_p for sp in params], device=dev, dtype=dt))
+
+    # Exponential race: argmax(probs / q), q ~ Exp(1), samples exactly from probs (unnormalised is fine).
+    q = torch.empty_like(probs)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if unseeded:  # one batched draw from the default RNG
+        q[unseeded] = torch.empty((len(unseeded), V), device=dev, dtype=dt).exponential_()
+    for i, g in enumerate(generators):
+        if g is None:
+            continue
+        # Per-row draw keeps a seeded request independent of the batch. A generator on another
+        # device (e.g. CPU generator, CUDA logits) draws there and is copied over.
+        if g.device == q.device:
+            q[i].exponential_(generator=g)
+        else:
+            q[i] = torch.empty(V, dtype=dt, device=g.device).exponential_(generator=g).to(dev)
+    # exponential_ can return exactly 0; 0/0 would give NaN, which argmax would pick.
+    q.clamp_(min=torch.finfo(dt).tiny)
+    return (probs / q).argmax(dim=-1)
+
+
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> SamplerOutput:
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    B, V = logits.shape
+    if len(params) != B or len(generators) != B:
+        raise ValueError(f"batch size {B} but {len(params)} params and {len(generators)} generators")
+    # Half precision is too coarse for cumulative sums over a large vocab.
+    x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+
+    token_ids = x.argmax(dim=-1)  # greedy rows keep this (ties -> lowest id)
+    rand_rows = [i for i, sp in enumerate(params) if not sp.greedy]
+    if rand_rows:
+        rows = torch.tensor(rand_rows, device=x.device)
+        token_ids[rows] = _random_sample(
+            x[rows], [params[i] for i in rand_rows], [generators[i] for i in rand_rows]
+        )
+
+    raw_lp = torch.log_softmax(x, dim=-1)
+    chosen_lp = raw_lp.gather(-1, token_ids[:, None])  # [B, 1]
+    ranks = (raw_lp > chosen_lp).sum(dim=-1) + 1
+
+    top: list[list[tuple[int, float]]] | None = None
+    ns = [min(sp.logprobs or 0, V) for sp in params]
+    if max(ns, default=0) > 0:
+        vals, idx = raw_lp.topk(max(ns), dim=-1)  # sorted descending
+        vals_l, idx_l = vals.tolist(), idx.tolist()
+        top = [list(zip(idx_l[i][:n], vals_l[i][:n])) for i, n in enumerate(ns)]
+
+    return SamplerOutput(
+        token_ids=token_ids.tolist(),
+        logprobs=chosen_lp[:, 0].tolist(),
+        ranks=ranks.tolist(),
+        top_logprobs=top,
+    )

@@ -1,0 +1,127 @@
+"""Continuous batching over a pool of paged KV blocks.
+
+Each step gets a token budget. Running requests go first (a decode costs one token, an unfinished prompt
+costs a chunk of what is left of the budget: chunked prefill), then waiting requests are admitted while the
+budget, `max_num_seqs` and free blocks allow. When a running request needs a block and none is free, the
+youngest running request is preempted: its blocks are freed and it goes back to the front of the queue, to
+recompute its prompt and the tokens it already generated. Nothing is ever dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from remp.request import Request, Status
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free / self.num_blocks
+
+    def allocate(self, n: int) -> list[int] | None:
+        if n > len(self._free):
+            return None
+        return [self._free.popleft() for _ in range(n)]
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+
+
+@dataclass
+class ScheduledBatch:
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens to compute)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+        self.pool = BlockPool(num_blocks)
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        req.status = Status.WAITING
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        """Make room in req's block table for num_tokens more computed tokens."""
+        need = -(-(req.num_computed_tokens + num_tokens) // self.block_size) - len(req.block_ids)
+        if need <= 0:
+            return True
+        blocks = self.pool.allocate(need)
+        if blocks is None:
+            return False
+        req.block_ids.extend(blocks)
+        return True
+
+    def preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.pool.release(req.block_ids)
+        req.block_ids = []
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+
+    def free(self, req: Request) -> None:
+        """Release a finished or aborted request's blocks and forget it."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.pool.release(req.block_ids)
+        req.block_ids = []
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_uncomputed_tokens, budget)
+            while not self._grow(req, n):
+                victim = self.running[-1]  # youngest; it has not been scheduled yet this step (or it is req)
+                self.preempt(victim)
+                batch.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not Status.RUNNING:
+                break
+            batch.scheduled.append((req, n))
+            budget -= n
+            i += 1
+        if batch.preempted:
+            return batch  # memory is tight: do not admit anybody this step
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            n = min(req.num_uncomputed_tokens, budget)
+            if not self._grow(req, n):
+                break
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            self.running.append(req)
+            batch.scheduled.append((req, n))
+            budget -= n
+        return batch

@@ -1,0 +1,112 @@
+"""Shard specs: what one (stage, tp_rank) coordinate of a topology holds. Pure functions, no tensors.
+
+Heads are split by KV group as evenly as possible, so any TP degree up to the number of q heads works
+(9 heads / 3 KV heads on TP=2 gives 6+3). When tp > num_kv_heads each rank holds one KV head, replicated
+across the ranks that share it, and that group's q heads are split among them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from remp.config import ModelConfig
+
+
+def split_evenly(n: int, parts: int) -> list[range]:
+    """n items in `parts` contiguous ranges, the first n % parts ranges one longer."""
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for i in range(parts):
+        size = base + (i < extra)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def head_split(num_heads: int, num_kv_heads: int, tp: int) -> list[tuple[range, range]]:
+    """(q heads, kv heads) of each TP rank."""
+    if not 1 <= tp <= num_heads:
+        raise ValueError(f"tensor parallel size {tp} must be between 1 and the number of attention heads "
+                         f"({num_heads})")
+    group = num_heads // num_kv_heads
+    if tp <= num_kv_heads:
+        return [(range(kv.start * group, kv.stop * group), kv) for kv in split_evenly(num_kv_heads, tp)]
+    out = []
+    for kv, ranks in enumerate(split_evenly(tp, num_kv_heads)):
+        for q in split_evenly(group, len(ranks)):
+            out.append((range(kv * group + q.start, kv * group + q.stop), range(kv, kv + 1)))
+    return out
+
+
+def layer_split(num_layers: int, pp: int, split: list[int] | None = None) -> list[range]:
+    if not 1 <= pp <= num_layers:
+        raise ValueError(f"pipeline parallel size {pp} must be between 1 and the number of layers ({num_layers})")
+    if split is None:
+        return split_evenly(num_layers, pp)
+    if len(split) != pp or sum(split) != num_layers or min(split) < 1:
+        raise ValueError(f"layer split {split} must have {pp} positive entries summing to {num_layers}")
+    starts = [sum(split[:i]) for i in range(pp)]
+    return [range(s, s + n) for s, n in zip(starts, split)]
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    stage: int
+    tp_rank: int
+    tp_size: int
+    pp_size: int
+    layers: range
+    q_heads: range
+    kv_heads: range
+    ffn: range
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.pp_size - 1
+
+
+def shard_spec(config: ModelConfig, tp: int = 1, pp: int = 1, stage: int = 0, tp_rank: int = 0,
+               layers_per_stage: list[int] | None = None) -> ShardSpec:
+    q, kv = head_split(config.num_attention_heads, config.num_key_value_heads, tp)[tp_rank]
+    return ShardSpec(stage=stage, tp_rank=tp_rank, tp_size=tp, pp_size=pp,
+                     layers=layer_split(config.num_hidden_layers, pp, layers_per_stage)[stage],
+                     q_heads=q, kv_heads=kv, ffn=split_evenly(config.intermediate_size, tp)[tp_rank])
+
+
+def weight_slices(config: ModelConfig, spec: ShardSpec) -> dict[str, tuple[slice, ...]]:
+    """Every checkpoint tensor this shard holds, with the slice of it (empty tuple: the whole tensor).
+
+    Column-parallel (q/k/v, gate/up) weights are sliced by rows, row-parallel (o, down) by columns. The embedding
+    lives on the first stage; the final norm and the (replicated) lm-head on the last.
+    """
+    D = config.head_dim
+    q = slice(spec.q_heads.start * D, spec.q_heads.stop * D)
+    kv = slice(spec.kv_heads.start * D, spec.kv_heads.stop * D)
+    ffn = slice(spec.ffn.start, spec.ffn.stop)
+    out: dict[str, tuple[slice, ...]] = {}
+    for i in spec.layers:
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = ()
+        out[p + "post_attention_layernorm.weight"] = ()
+        out[p + "self_attn.q_proj.weight"] = (q,)
+        out[p + "self_attn.k_proj.weight"] = (kv,)
+        out[p + "self_attn.v_proj.weight"] = (kv,)
+        if config.attention_bias:
+            out[p + "self_attn.q_proj.bias"] = (q,)
+            out[p + "self_attn.k_proj.bias"] = (kv,)
+            out[p + "self_attn.v_proj.bias"] = (kv,)
+        out[p + "self_attn.o_proj.weight"] = (slice(None), q)
+        out[p + "mlp.gate_proj.weight"] = (ffn,)
+        out[p + "mlp.up_proj.weight"] = (ffn,)
+        out[p + "mlp.down_proj.weight"] = (slice(None), ffn)
+    if spec.is_first_stage or (spec.is_last_stage and config.tie_word_embeddings):
+        out["model.embed_tokens.weight"] = ()
+    if spec.is_last_stage:
+        out["model.norm.weight"] = ()
+        if not config.tie_word_embeddings:
+            out["lm_head.weight"] = ()
+    return out

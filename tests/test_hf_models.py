@@ -1,0 +1,59 @@
+"""Random tiny checkpoints written as safetensors load and match Hugging Face transformers."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from remp import LLM, SamplingParams
+from remp.model.reader import open_checkpoint
+
+PROMPT = [256, 5, 77, 13, 200, 31, 9, 120, 64, 3, 250, 17]
+
+
+def transformers_logprobs(path, token_ids):
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(torch.tensor([token_ids])).logits[0]
+    return torch.log_softmax(logits, -1)
+
+
+def check_against_transformers(path, n_tokens=12):
+    with LLM(str(path), dtype="float64") as llm:
+        out = llm.generate({"prompt_token_ids": PROMPT},
+                           SamplingParams(max_tokens=n_tokens, temperature=0, logprobs=5, ignore_eos=True))[0]
+    ids = out.outputs[0].token_ids
+    ref = transformers_logprobs(path, PROMPT + ids)
+    for i, tok in enumerate(ids):
+        row = ref[len(PROMPT) - 1 + i]
+        assert tok == int(row.argmax()), f"greedy token {i} differs"
+        for tid, lp in out.outputs[0].logprobs[i].items():
+            # transformers builds its RoPE tables in float32 even for float64 models: ~1e-7 differences
+            assert lp.logprob == pytest.approx(float(row[tid]), abs=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_sharded", "tiny_qwen2", "tiny_llama3_rope"])
+def test_matches_transformers(fixture, request):
+    check_against_transformers(request.getfixturevalue(fixture))
+
+
+def test_sharded_reader_reads_slices(tiny_llama, tiny_llama_sharded):
+    single, sharded = open_checkpoint(tiny_llama), open_checkpoint(tiny_llama_sharded)
+    assert sorted(single.names()) == sorted(sharded.names())
+    name = "model.layers.2.self_attn.o_proj.weight"
+    part = sharded.read(name, (slice(None), slice(16, 48)))
+    assert part.shape == (96, 32)
+    assert torch.equal(part, single.read(name)[:, 16:48])
+
+
+def test_qwen2_has_bias_and_tied_embeddings(tiny_qwen2):
+    cfg = open_checkpoint(tiny_qwen2).config
+    assert cfg.attention_bias and cfg.tie_word_embeddings and cfg.architecture == "qwen2"
+
+
+def test_llama3_rope_scaling_changes_frequencies(tiny_llama3_rope):
+    from remp.model.rope import inv_frequencies
+    cfg = open_checkpoint(tiny_llama3_rope).config
+    assert cfg.rope_scaling["rope_type"] == "llama3"
+    scaled = inv_frequencies(cfg)
+    plain = inv_frequencies(type(cfg)(**{**cfg.__dict__, "rope_scaling": None}))
+    assert not torch.allclose(scaled, plain)
