@@ -64,7 +64,7 @@ class IncrementalDetokenizer:
             return None
         # A stop string not found before can only end inside `delta`, so it starts at most
         # max_stop-1 chars before it.
-        start = len(self.text)
+        start = max(len(self.text) - self._max_stop + 1, 0)
         self.text += delta
         best: tuple[int, str] | None = None
         for s in self.stop:  # earliest match wins; ties go to the first listed
@@ -87,6 +87,12 @@ class IncrementalDetokenizer:
             return None
         self._tokens.append(self.tokenizer.convert_ids_to_tokens(token_id) or "")
         return self._append(self._decode_window(force=False))
+
+    @property
+    def visible_text(self) -> str:
+        """All text that may be shown now: everything once finished, else without a tail that could still
+        begin a stop string (the same text new_text() streams)."""
+        return self.text if self._finished else self.text[:max(len(self.text) - self._holdback, self._sent)]
 
     def new_text(self) -> str:
         """Text added since the last call, minus a tail that could still begin a stop string."""

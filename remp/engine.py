@@ -83,7 +83,8 @@ class LLMEngine:
                       eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
                       generator=make_generator(params.seed),
                       detokenizer=IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
-                                                         params.stop, params.include_stop_str_in_output))
+                                                         params.stop, params.include_stop_str_in_output,
+                                                         params.min_tokens))
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
@@ -120,6 +121,7 @@ class LLMEngine:
         return len(self.scheduler.waiting) + len(self.scheduler.running)
 
     # ---- one step ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch.scheduled:
@@ -189,7 +191,7 @@ class LLMEngine:
 
     def _output(self, req: Request) -> RequestOutput:
         completion = CompletionOutput(
-            index=0, text=req.detokenizer.text, token_ids=list(req.output_token_ids),
+            index=0, text=req.detokenizer.visible_text, token_ids=list(req.output_token_ids),
             cumulative_logprob=req.cumulative_logprob,
             logprobs=list(req.logprobs) if req.logprobs is not None else None,
             finish_reason=req.finish_reason, stop_reason=req.stop_reason)

@@ -87,7 +87,7 @@ class GGUFReader:
             w = unpermute_rows(w, cfg.num_attention_heads)
         elif name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj.bias"):
             w = unpermute_rows(w, cfg.num_key_value_heads)
-        out = torch.from_numpy(np.ascontiguousarray(w))
+        out = torch.from_numpy(np.array(w, copy=True))  # copy: the file is memory-mapped read-only
         return out[slices].contiguous() if slices else out
 
     def rope_freq_factors(self) -> torch.Tensor | None:
