@@ -3,7 +3,9 @@
 Tokens of all sequences are flattened into one batch for the projections. For attention, sequences are
 grouped (decode: one query; prefill: several), padded within the group, and their keys/values gathered from
 the paged cache through the block tables; one scaled_dot_product_attention call per group and layer. The
-q heads that share a KV head are folded into the query axis ([B, kv, group*Q, D]), so GQA needs no copy of K/V.
+q heads that share a KV head are folded into the query axis ([kv, B, group*Q, D]), so GQA needs no copy of K/V.
+The cache is head-major ([kv_heads, blocks, block_size, D] per layer): gathers copy contiguous rows, and a
+TP shard's heads are a contiguous slice.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class AttnGroup:
     out_rows: torch.Tensor      # [Tg] padded rows that are real tokens, in order
     token_rows: torch.Tensor    # [Tg] flat token index of each of those rows
     block_tables: torch.Tensor  # [B, blocks]
-    mask: torch.Tensor          # [B, 1, group*Qmax, blocks*block_size] True = attend
+    mask: torch.Tensor          # [B, group*Qmax, blocks*block_size] True = attend
     batch: int
     qmax: int
 
@@ -78,19 +80,27 @@ def _group(chunks: list[SeqChunk], starts: list[int], block_size: int, q_per_kv:
     q_pos = ctx[:, None] - qlens[:, None] + q_i                          # [B, Qmax] absolute positions
     keys = torch.arange(nblocks * block_size)
     mask = keys[None, None, :] <= q_pos[:, :, None]                      # causal, and within the context
-    mask = mask[:, None, None].expand(batch, 1, q_per_kv, qmax, keys.numel())
+    mask = mask[:, None].expand(batch, q_per_kv, qmax, keys.numel())
     valid = (i[None, :] < qlens[:, None]).reshape(-1)
     out_rows = torch.nonzero(valid).squeeze(1)
     return AttnGroup(token_index=token_index, out_rows=out_rows, token_rows=token_index[out_rows],
-                     block_tables=tables, mask=mask.reshape(batch, 1, q_per_kv * qmax, -1),
+                     block_tables=tables, mask=mask.reshape(batch, q_per_kv * qmax, -1),
                      batch=batch, qmax=qmax)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
              k: torch.Tensor, v: torch.Tensor) -> None:
-    """k, v: [T, kv_heads, D] -> cache slots. Caches: [num_blocks, block_size, kv_heads, D]."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+    """k, v: [T, kv_heads, D] -> cache slots. Caches are head-major: [kv_heads, num_blocks, block_size, D]."""
+    kvh, D = k_cache.shape[0], k_cache.shape[-1]
+    k_cache.view(kvh, -1, D).index_copy_(1, slots, k.transpose(0, 1))
+    v_cache.view(kvh, -1, D).index_copy_(1, slots, v.transpose(0, 1))
+
+
+def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """[kvh, NB, bs, D] gathered through block tables [B, n] -> [kvh, B, n * bs, D], contiguous.
+    index_select copies whole blocks; advanced indexing is ~10x slower here."""
+    kvh, _, bs, D = cache.shape
+    return cache.index_select(1, tables.view(-1)).view(kvh, tables.shape[0], tables.shape[1] * bs, D)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -100,10 +110,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = q.new_empty(T, kvh * group * D)
     for g in meta.groups:
         B, Q = g.batch, g.qmax
-        qg = q[g.token_index].view(B, Q, kvh, group, D).permute(0, 2, 3, 1, 4).reshape(B, kvh, group * Q, D)
-        k = k_cache[g.block_tables].flatten(1, 2).transpose(1, 2)        # [B, kvh, L, D]
-        v = v_cache[g.block_tables].flatten(1, 2).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask)  # [B, kvh, group*Q, D]
-        o = o.view(B, kvh, group, Q, D).permute(0, 3, 1, 2, 4).reshape(B * Q, kvh * group * D)
-        out[g.token_rows] = o[g.out_rows]
+        qg = q.index_select(0, g.token_index).view(B, Q, kvh, group, D).permute(2, 0, 3, 1, 4)
+        qg = qg.reshape(kvh, B, group * Q, D)
+        k, v = _gather(k_cache, g.block_tables), _gather(v_cache, g.block_tables)
+        if Q == 1:
+            o = _small_attention(qg, k, v, g.mask)
+        else:
+            o = F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask)  # [kvh, B, group*Q, D]
+        o = o.view(kvh, B, group, Q, D).permute(1, 3, 0, 2, 4).reshape(B * Q, kvh * group * D)
+        out[g.token_rows] = o.index_select(0, g.out_rows)
     return out
+
+
+def _small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Plain softmax(q k^T) v for decode: at a handful of query rows per sequence this beats the CPU
+    flash kernel several times over. Softmax runs in float32 (float64 for float64 models)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(acc) * q.shape[-1] ** -0.5
+    probs = torch.softmax(scores.masked_fill_(~mask, float("-inf")), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)

@@ -1,0 +1,35 @@
+"""Execution form of the linear layers: q/k/v and gate/up fused into one matmul each, and on CPU in bfloat16
+the weight pre-packed for oneDNN (~1.6x faster at decode batch sizes here).
+
+The canonical weights stay in the shard's dict under their checkpoint names (they are what loading and
+resharding move); these are derived from them and rebuilt whenever the dict changes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _can_pack(w: torch.Tensor) -> bool:
+    return w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+
+
+class FusedLinear:
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None,
+                 batch_hint: int = 64):
+        self.splits = [w.shape[0] for w in weights]
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        self.bias = None
+        if biases and any(b is not None for b in biases):
+            self.bias = torch.cat([b if b is not None else weight.new_zeros(n) for b, n in zip(biases, self.splits)])
+        self.packed = _can_pack(weight)
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint) if self.packed else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.split(y, self.splits, dim=-1)
