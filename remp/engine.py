@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,13 +16,24 @@ from remp.engine_args import EngineArgs
 from remp.kv_cache import kv_bytes_per_block
 from remp.model.attention import SeqChunk
 from remp.model.reader import open_checkpoint
-from remp.model_runner import ModelRunner
 from remp.outputs import CompletionOutput, Logprob, RequestOutput
 from remp.request import Request, Status
-from remp.sampler import make_generator, sample
+from remp.sampler import SampleRow
 from remp.sampling_params import SamplingParams
-from remp.scheduler import Scheduler
-from remp.sharding import shard_spec
+from remp.executor import LocalExecutor, MultiprocExecutor, WorkerError
+from remp.scheduler import ScheduledBatch, Scheduler
+from remp.step import StepMsg, StepResult
+from remp.topology import Topology
+
+
+class EngineDeadError(RuntimeError):
+    """The engine lost a worker and cannot serve until it is restarted."""
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    tokens: int = 0
 
 
 class LLMEngine:
@@ -34,24 +47,45 @@ class LLMEngine:
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's maximum context "
                              f"({cfg.max_position_embeddings})")
-        if args.tensor_parallel_size * args.pipeline_parallel_size != 1:
-            raise NotImplementedError("tensor/pipeline parallelism is not available yet: use TP1xPP1")
-        self.num_kv_blocks = args.num_kv_blocks or int(args.kv_cache_memory_gb * 2**30 // kv_bytes_per_block(
-            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, args.block_size, self.dtype))
+        topology = Topology(args.tensor_parallel_size, args.pipeline_parallel_size)
+        topology.validate(cfg)
+        self.num_kv_blocks = args.num_kv_blocks or int(args.kv_cache_memory_gb * 2**30 // self._block_bytes(topology))
         if self.num_kv_blocks * args.block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {self.num_kv_blocks * args.block_size} tokens, fewer than max_model_len="
                 f"{self.max_model_len}: raise kv_cache_memory_gb / num_kv_blocks or lower max_model_len")
         torch.manual_seed(args.seed)
+        self.error: Exception | None = None
         self.tokenizer = reader.load_tokenizer()
         self.eos_token_ids = frozenset(cfg.eos_token_ids or ([self.tokenizer.eos_token_id]
                                                               if self.tokenizer.eos_token_id is not None else []))
-        self.runner = ModelRunner(reader, shard_spec(cfg), self.dtype, self.num_kv_blocks, args.block_size,
-                                  self.max_model_len, args.device)
+        self.executor = self._start_executor(reader, topology)
         self.scheduler = Scheduler(self.num_kv_blocks, args.block_size, args.max_num_seqs,
                                    args.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        self._step_ids = itertools.count()
+        self._in_flight: deque[tuple[ScheduledBatch, list[Request]]] = deque()
+        self.stats = EngineStats()
+
+    def _block_bytes(self, topology: Topology) -> int:
+        """KV bytes of one logical block summed over every worker (replicated KV heads count each time)."""
+        cfg = self.model_config
+        specs = [topology.spec(cfg, w) for w in topology.placement]
+        return sum(kv_bytes_per_block(len(s.layers), len(s.kv_heads), cfg.head_dim, self.args.block_size, self.dtype)
+                   for s in specs)
+
+    def _start_executor(self, reader, topology: Topology):
+        args = self.args
+        kwargs = dict(model=args.model, dtype=self.dtype, num_blocks=self.num_kv_blocks, block_size=args.block_size,
+                      max_model_len=self.max_model_len, device=args.device, timeout_s=args.worker_timeout_s)
+        if topology.size == 1:
+            return LocalExecutor(reader, topology, MultiprocExecutor.worker_config(1, **kwargs))
+        return MultiprocExecutor(topology, MultiprocExecutor.worker_config(topology.size, **kwargs))
+
+    @property
+    def topology(self) -> Topology:
+        return self.executor.topology
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -81,8 +115,7 @@ class LLMEngine:
         req = Request(request_id=request_id, prompt=text, prompt_token_ids=ids, params=params,
                       max_tokens=min(params.max_tokens or room, room),
                       eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
-                      generator=make_generator(params.seed),
-                      detokenizer=IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
+                                    detokenizer=IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
                                                          params.stop, params.include_stop_str_in_output,
                                                          params.min_tokens))
         self.requests[request_id] = req
@@ -108,11 +141,15 @@ class LLMEngine:
         return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
 
     def abort_request(self, request_id: str | list[str]) -> None:
+        busy = {r for b, _ in self._in_flight for r, _ in b.scheduled}
         for rid in [request_id] if isinstance(request_id, str) else request_id:
             req = self.requests.pop(rid, None)
             if req is not None and not req.finished:
-                self.scheduler.free(req)
                 req.status, req.finish_reason = Status.FINISHED, "abort"
+                if req in busy:  # its blocks are still being written: free them when its batch returns
+                    self.scheduler.forget(req)
+                else:
+                    self.scheduler.free(req)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -123,32 +160,63 @@ class LLMEngine:
     # ---- one step ---------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
+        """Run one step and return the outputs of the requests that progressed. With pipeline parallelism up
+        to `pp` micro-batches are in flight: this submits until the pipeline is full, then completes the oldest."""
+        if self.error is not None:
+            raise EngineDeadError(f"the engine stopped after a worker failure: {self.error}")
+        try:
+            while len(self._in_flight) < self.executor.max_in_flight and self._submit_next():
+                pass
+            if not self._in_flight:
+                return []
+            batch, sampled = self._in_flight[0]
+            result = self.executor.wait()
+        except WorkerError as e:
+            self.error = e
+            self.executor.shutdown()
+            raise
+        self._in_flight.popleft()
+        return self._process(batch, sampled, result)
+
+    def _submit_next(self) -> bool:
+        busy = {r for b, _ in self._in_flight for r, _ in b.scheduled}
+        batch = self.scheduler.schedule(busy)
         if not batch.scheduled:
-            return []
+            return False
         now = time.time()
-        chunks, to_sample = [], []
+        chunks, sampled, rows = [], [], []
         for req, n in batch.scheduled:
             start = req.num_computed_tokens
             done = start + n == len(req.token_ids)
-            chunks.append(SeqChunk(req.token_ids[start:start + n], start, req.block_ids, done))
+            chunks.append(SeqChunk(req.token_ids[start:start + n], start, list(req.block_ids), done))
+            req.num_computed_tokens += n
             if done:
-                to_sample.append(req)
+                sampled.append(req)
+                rows.append(SampleRow.of(req.params, req.num_output_tokens, self._banned(req)))
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-        logits = self.runner.execute(chunks)
-        for req, n in batch.scheduled:
-            req.num_computed_tokens += n
-        if not to_sample:
-            return []
-        self._suppress_early_stop(logits, to_sample)
-        result = sample(logits, [r.params for r in to_sample], [r.generator for r in to_sample])
+        self.executor.submit(StepMsg(next(self._step_ids), chunks, rows))
+        self._in_flight.append((batch, sampled))
+        self.stats.steps += 1
+        self.stats.tokens += batch.num_tokens
+        return True
+
+    def _banned(self, req: Request) -> tuple[int, ...]:
+        """min_tokens: EOS and stop token ids cannot be sampled before the request has that many tokens."""
+        if req.num_output_tokens >= req.params.min_tokens:
+            return ()
+        return tuple(sorted(req.eos_token_ids | set(req.params.stop_token_ids)))
+
+    def _process(self, batch: ScheduledBatch, sampled: list[Request], result: StepResult) -> list[RequestOutput]:
         now = time.time()
+        out = result.sampled
         outputs = []
-        for row, req in enumerate(to_sample):
-            token = result.token_ids[row]
-            self._append_token(req, token, result.logprobs[row], result.ranks[row],
-                               result.top_logprobs[row] if result.top_logprobs else [])
+        for row, req in enumerate(sampled):
+            if req.finished:  # aborted while its micro-batch was in flight
+                self.scheduler.free(req)
+                continue
+            self._append_token(req, out.token_ids[row], out.logprobs[row], out.ranks[row],
+                               out.top_logprobs[row] if out.top_logprobs else [])
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
             req.metrics.last_token_time = now
@@ -157,15 +225,10 @@ class LLMEngine:
                 self.scheduler.free(req)
                 self.requests.pop(req.request_id, None)
             outputs.append(self._output(req))
+        for req, _ in batch.scheduled:
+            if req.finished and req.block_ids:  # aborted mid-prefill while in flight
+                self.scheduler.free(req)
         return outputs
-
-    def _suppress_early_stop(self, logits: torch.Tensor, reqs: list[Request]) -> None:
-        """min_tokens: the EOS and stop token ids cannot be sampled before the request has that many tokens."""
-        for row, req in enumerate(reqs):
-            if req.num_output_tokens < req.params.min_tokens:
-                banned = list(req.eos_token_ids | set(req.params.stop_token_ids))
-                if banned:
-                    logits[row, banned] = float("-inf")
 
     def _append_token(self, req: Request, token: int, logprob: float, rank: int,
                       top: list[tuple[int, float]]) -> None:
@@ -199,6 +262,8 @@ class LLMEngine:
                              req.metrics)
 
     def shutdown(self) -> None:
+        self.executor.shutdown()
         self.scheduler.waiting.clear()
         self.scheduler.running.clear()
         self.requests.clear()
+        self._in_flight.clear()

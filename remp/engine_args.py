@@ -20,6 +20,7 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048
     seed: int = 0
     device: str = "cpu"
+    worker_timeout_s: float = 120.0  # a worker silent this long (or a collective stuck this long) is an error
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",

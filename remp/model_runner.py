@@ -1,33 +1,62 @@
-"""Runs one shard's forward pass over a step's chunks: weights, RoPE tables and the KV cache slice."""
+"""Runs one shard's part of a step: weights, RoPE tables, the KV cache slice, and (on the sampler rank) sampling.
+
+The stage logic is here once for every topology: the first stage embeds, later stages receive hidden states
+from the previous one, middle stages pass them on, the sampler rank of the last stage computes logits and
+samples. `comm` supplies the transfers and the TP all-reduce; it is None in a single-worker engine.
+"""
 
 from __future__ import annotations
+
+import time
+from typing import Protocol
 
 import torch
 
 from remp.kv_cache import KVCache
-from remp.model.attention import SeqChunk, build_metadata
+from remp.model.attention import build_metadata
 from remp.model.llama import LlamaShard
 from remp.model.loader import load_shard_weights
 from remp.model.reader import CheckpointReader
 from remp.model.rope import RotaryEmbedding
+from remp.sampler import SamplerOutput, sample_rows
 from remp.sharding import ShardSpec
+from remp.step import StepMsg, StepResult
+
+
+class StageComm(Protocol):
+    def all_reduce(self, t: torch.Tensor) -> None: ...
+    def recv_hidden(self, num_tokens: int) -> torch.Tensor: ...
+    def send_hidden(self, hidden: torch.Tensor) -> None: ...
 
 
 class ModelRunner:
     def __init__(self, reader: CheckpointReader, spec: ShardSpec, dtype: torch.dtype, num_blocks: int,
-                 block_size: int, max_model_len: int, device: str = "cpu"):
+                 block_size: int, max_model_len: int, device: str = "cpu", comm: StageComm | None = None):
         cfg = reader.config
-        self.block_size = block_size
-        self.dtype = dtype
+        self.spec, self.block_size, self.dtype, self.comm = spec, block_size, dtype, comm
         rope = RotaryEmbedding(cfg, max_model_len, dtype, reader.rope_freq_factors())
-        self.model = LlamaShard(cfg, spec, load_shard_weights(reader, spec, dtype, device), rope)
+        weights = load_shard_weights(reader, spec, dtype, device)
+        all_reduce = comm.all_reduce if comm is not None and spec.tp_size > 1 else None
+        self.model = LlamaShard(cfg, spec, weights, rope, all_reduce)
         self.kv = KVCache(len(spec.layers), num_blocks, block_size, len(spec.kv_heads), cfg.head_dim, dtype, device)
 
     @torch.inference_mode()
-    def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """Logits ([sampled chunks, vocab], float32 or float64) of the last token of every chunk with sample=True."""
-        meta = build_metadata(chunks, self.block_size, self.model.q_per_kv)
-        ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long)
-        hidden = self.model.forward(self.model.embed(ids), meta, self.kv)
+    def run(self, msg: StepMsg) -> StepResult | None:
+        t0 = time.perf_counter()
+        meta = build_metadata(msg.chunks, self.block_size, self.model.q_per_kv)
+        if self.spec.is_first_stage:
+            ids = torch.tensor([t for c in msg.chunks for t in c.token_ids], dtype=torch.long)
+            hidden = self.model.embed(ids)
+        else:
+            hidden = self.comm.recv_hidden(meta.num_tokens)
+        hidden = self.model.forward(hidden, meta, self.kv)
+        if not self.spec.is_last_stage:
+            self.comm.send_hidden(hidden)
+            return None
+        if not self.spec.is_sampler:
+            return None
+        if not msg.rows:  # only partial prefill chunks: nothing to sample, but the driver awaits one result
+            return StepResult(msg.step_id, SamplerOutput([], [], [], None), time.perf_counter() - t0)
         logits = self.model.logits(hidden[meta.logits_rows])
-        return logits.double() if self.dtype == torch.float64 else logits.float()
+        logits = logits.double() if self.dtype == torch.float64 else logits.float()
+        return StepResult(msg.step_id, sample_rows(logits, msg.rows), time.perf_counter() - t0)

@@ -27,7 +27,6 @@ class Request:
     params: SamplingParams
     max_tokens: int  # resolved: params.max_tokens, capped by what fits in max_model_len
     eos_token_ids: frozenset[int] = frozenset()
-    generator: torch.Generator | None = None
     detokenizer: Any = None
     token_ids: list[int] = field(default_factory=list)  # prompt + output so far
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache

@@ -2,10 +2,37 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from remp.sampling_params import SamplingParams
+
+
+class SampleRow(NamedTuple):
+    """What the sampler needs of one row: the wire form of SamplingParams (cheap to pickle every step)."""
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    logprobs: int | None
+    seed: int | None  # per-token seed (see token_seed), None: the sampling process's default RNG
+    banned: tuple[int, ...] = ()  # token ids that must not be sampled now (min_tokens)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    @classmethod
+    def of(cls, p: SamplingParams, output_index: int, banned: tuple[int, ...] = ()) -> "SampleRow":
+        seed = None if p.seed is None else token_seed(p.seed, output_index)
+        return cls(p.temperature, p.top_p, p.top_k, p.min_p, p.logprobs, seed, banned)
+
+
+def token_seed(seed: int, output_index: int) -> int:
+    """A seeded request draws token i from a generator seeded by (seed, i): sampling is a pure function of
+    the logits, so it does not depend on the batch, on preemption, or on which worker samples."""
+    return (seed * 0x9E3779B97F4A7C15 + output_index * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
 
 
 @dataclass
@@ -127,3 +154,11 @@ def sample(
         ranks=ranks.tolist(),
         top_logprobs=top,
     )
+
+
+def sample_rows(logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
+    """sample() for wire-form rows: bans tokens (min_tokens) and seeds each seeded row's generator."""
+    for i, row in enumerate(rows):
+        if row.banned:
+            logits[i, list(row.banned)] = float("-inf")
+    return sample(logits, rows, [make_generator(r.seed) for r in rows])

@@ -87,31 +87,40 @@ class Scheduler:
 
     def free(self, req: Request) -> None:
         """Release a finished or aborted request's blocks and forget it."""
+        self.forget(req)
+        self.pool.release(req.block_ids)
+        req.block_ids = []
+
+    def forget(self, req: Request) -> None:
+        """Drop a request from the queues but keep its blocks (still being written); free() them later."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.pool.release(req.block_ids)
-        req.block_ids = []
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, busy: frozenset[Request] | set[Request] = frozenset()) -> ScheduledBatch:
+        """The next batch. Requests in `busy` (in a micro-batch still in the pipeline) are neither scheduled
+        nor preempted."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
+        for req in list(self.running):
+            if budget <= 0:
+                break
+            if req in busy or req.status is not Status.RUNNING:
+                continue
             n = min(req.num_uncomputed_tokens, budget)
             while not self._grow(req, n):
-                victim = self.running[-1]  # youngest; it has not been scheduled yet this step (or it is req)
+                # the youngest request that is neither in flight nor already in this batch (req at worst)
+                victim = next(r for r in reversed(self.running)
+                              if r not in busy and all(r is not s for s, _ in batch.scheduled))
                 self.preempt(victim)
                 batch.preempted.append(victim)
                 if victim is req:
                     break
             if req.status is not Status.RUNNING:
-                break
+                continue
             batch.scheduled.append((req, n))
             budget -= n
-            i += 1
         if batch.preempted:
             return batch  # memory is tight: do not admit anybody this step
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:

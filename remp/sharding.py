@@ -68,6 +68,12 @@ class ShardSpec:
     def is_last_stage(self) -> bool:
         return self.stage == self.pp_size - 1
 
+    @property
+    def is_sampler(self) -> bool:
+        """TP rank 0 of the last stage holds the lm-head and samples; the other ranks' hidden states are
+        identical after the all-reduce, so a replicated lm-head would only repeat the same work."""
+        return self.is_last_stage and self.tp_rank == 0
+
 
 def shard_spec(config: ModelConfig, tp: int = 1, pp: int = 1, stage: int = 0, tp_rank: int = 0,
                layers_per_stage: list[int] | None = None) -> ShardSpec:
@@ -81,7 +87,7 @@ def weight_slices(config: ModelConfig, spec: ShardSpec) -> dict[str, tuple[slice
     """Every checkpoint tensor this shard holds, with the slice of it (empty tuple: the whole tensor).
 
     Column-parallel (q/k/v, gate/up) weights are sliced by rows, row-parallel (o, down) by columns. The embedding
-    lives on the first stage; the final norm and the (replicated) lm-head on the last.
+    is replicated on the first stage's ranks; the final norm and the whole lm-head live on the sampler rank.
     """
     D = config.head_dim
     q = slice(spec.q_heads.start * D, spec.q_heads.stop * D)
@@ -103,9 +109,9 @@ def weight_slices(config: ModelConfig, spec: ShardSpec) -> dict[str, tuple[slice
         out[p + "mlp.gate_proj.weight"] = (ffn,)
         out[p + "mlp.up_proj.weight"] = (ffn,)
         out[p + "mlp.down_proj.weight"] = (slice(None), ffn)
-    if spec.is_first_stage or (spec.is_last_stage and config.tie_word_embeddings):
+    if spec.is_first_stage or (spec.is_sampler and config.tie_word_embeddings):
         out["model.embed_tokens.weight"] = ()
-    if spec.is_last_stage:
+    if spec.is_sampler:
         out["model.norm.weight"] = ()
         if not config.tie_word_embeddings:
             out["lm_head.weight"] = ()

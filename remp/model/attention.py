@@ -11,13 +11,13 @@ TP shard's heads are a contiguous slice.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 
-@dataclass
-class SeqChunk:
+class SeqChunk(NamedTuple):
     """One sequence's share of a step: tokens to compute now, starting at position `start_pos`."""
     token_ids: list[int]
     start_pos: int

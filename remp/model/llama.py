@@ -49,7 +49,7 @@ class LlamaShard:
                 FusedLinear([w("mlp.down_proj.weight")]),
             ))
         head = self.weights.get("lm_head.weight", self.weights.get("model.embed_tokens.weight"))
-        self.lm_head = FusedLinear([head]) if self.spec.is_last_stage else None
+        self.lm_head = FusedLinear([head]) if self.spec.is_sampler else None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.weights["model.embed_tokens.weight"])

@@ -1,0 +1,69 @@
+"""Worker-side communication: torch.distributed (gloo on CPU, NCCL on CUDA), TP groups per topology (built
+once and cached), point-to-point hidden-state transfers between pipeline stages."""
+
+from __future__ import annotations
+
+from collections import deque
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from remp.topology import Topology
+
+
+class WorkerComm:
+    def __init__(self, rank: int, world_size: int, init_method: str, timeout_s: float, device: torch.device):
+        self.rank, self.device = rank, device
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
+        self._groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+        self._sends: deque = deque()  # in-flight isends (work, tensor kept alive until done)
+        self.tp_group = None
+        self.prev = self.next = None
+
+    def set_topology(self, topology: Topology, hidden_size: int, dtype: torch.dtype) -> None:
+        """Every worker calls this with the same topology: new_group is collective over the whole world and
+        the groups are created in the same order everywhere."""
+        for stage in range(topology.pp):
+            key = tuple(sorted(topology.stage_workers(stage)))
+            if len(key) > 1 and key not in self._groups:
+                self._groups[key] = dist.new_group(list(key))
+        self.hidden_size, self.dtype = hidden_size, dtype
+        coord = topology.coordinate(self.rank)
+        if coord is None:
+            self.tp_group = self.prev = self.next = None
+            return
+        stage, tp_rank = coord
+        self.tp_group = self._groups.get(tuple(sorted(topology.stage_workers(stage))))
+        self.prev = topology.worker(stage - 1, tp_rank) if stage > 0 else None
+        self.next = topology.worker(stage + 1, tp_rank) if stage < topology.pp - 1 else None
+        self._max_sends = topology.pp
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        if t.dtype == torch.bfloat16 and self.device.type == "cpu":
+            acc = t.float()  # gloo has no bfloat16 sum; reducing in float32 is also the more exact choice
+            dist.all_reduce(acc, group=self.tp_group)
+            t.copy_(acc)
+        else:
+            dist.all_reduce(t, group=self.tp_group)
+
+    def recv_hidden(self, num_tokens: int) -> torch.Tensor:
+        buf = torch.empty(num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
+        dist.recv(buf, src=self.prev)
+        return buf
+
+    def send_hidden(self, hidden: torch.Tensor) -> None:
+        # Asynchronous so this stage can start the next micro-batch while the next stage receives.
+        hidden = hidden.contiguous()
+        self._sends.append((dist.isend(hidden, dst=self.next), hidden))
+        while len(self._sends) > self._max_sends:
+            self._sends.popleft()[0].wait()
+
+    def close(self) -> None:
+        for work, _ in self._sends:
+            work.wait()
+        self._sends.clear()
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,69 @@
+"""A topology is a value: TP degree, PP degree, layer split, and which worker holds each coordinate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from remp.config import ModelConfig
+from remp.sharding import ShardSpec, head_split, layer_split, shard_spec
+
+
+@dataclass(frozen=True)
+class Topology:
+    tp: int
+    pp: int
+    # placement[stage * tp + tp_rank] = worker rank. Default: stage-major, worker i = coordinate i.
+    placement: tuple[int, ...] | None = None
+    layers_per_stage: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.tp, int) and isinstance(self.pp, int)) or self.tp < 1 or self.pp < 1:
+            raise ValueError(f"tensor and pipeline parallel sizes must be positive integers, got tp={self.tp}, "
+                             f"pp={self.pp}")
+        if self.placement is None:
+            object.__setattr__(self, "placement", tuple(range(self.tp * self.pp)))
+        if len(self.placement) != self.tp * self.pp or len(set(self.placement)) != len(self.placement):
+            raise ValueError(f"placement {self.placement} must name {self.tp * self.pp} distinct workers")
+        if self.layers_per_stage is not None:
+            object.__setattr__(self, "layers_per_stage", tuple(self.layers_per_stage))
+
+    @property
+    def size(self) -> int:
+        return self.tp * self.pp
+
+    def __str__(self) -> str:
+        split = f"[{'+'.join(map(str, self.layers_per_stage))}]" if self.layers_per_stage else ""
+        return f"TP{self.tp}xPP{self.pp}{split}"
+
+    def worker(self, stage: int, tp_rank: int) -> int:
+        return self.placement[stage * self.tp + tp_rank]
+
+    def coordinate(self, worker: int) -> tuple[int, int] | None:
+        """(stage, tp_rank) held by a worker, or None if the worker is idle in this topology."""
+        try:
+            i = self.placement.index(worker)
+        except ValueError:
+            return None
+        return divmod(i, self.tp)
+
+    def stage_workers(self, stage: int) -> list[int]:
+        return [self.worker(stage, r) for r in range(self.tp)]
+
+    @property
+    def sampler_worker(self) -> int:
+        """The worker that holds the lm-head and samples: TP rank 0 of the last stage."""
+        return self.worker(self.pp - 1, 0)
+
+    def validate(self, config: ModelConfig, num_workers: int | None = None) -> None:
+        """Raise ValueError with the reason if this topology cannot run the model on the pool."""
+        if num_workers is not None and self.size != num_workers:
+            raise ValueError(f"{self} needs tp*pp = {self.size} workers, but the pool has {num_workers}")
+        if num_workers is not None and max(self.placement) >= num_workers:
+            raise ValueError(f"placement {self.placement} names workers outside the pool of {num_workers}")
+        head_split(config.num_attention_heads, config.num_key_value_heads, self.tp)
+        layer_split(config.num_hidden_layers, self.pp, list(self.layers_per_stage) if self.layers_per_stage else None)
+
+    def spec(self, config: ModelConfig, worker: int) -> ShardSpec:
+        stage, tp_rank = self.coordinate(worker)
+        return shard_spec(config, self.tp, self.pp, stage, tp_rank,
+                          list(self.layers_per_stage) if self.layers_per_stage else None)

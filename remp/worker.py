@@ -1,0 +1,89 @@
+"""The worker process: holds one shard and its KV slice, runs its part of each step, executes plans.
+
+It outlives any one topology. It talks to the driver through a pipe (pickled StepMsgs in, StepResults or
+errors out) and to the other workers through torch.distributed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import signal
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import torch
+
+from remp.topology import Topology
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model: str | None
+    dtype: torch.dtype
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    device: str
+    world_size: int
+    init_method: str
+    timeout_s: float
+    threads: int
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL if the driver dies, even by SIGKILL, so no worker is ever orphaned."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _device(cfg: WorkerConfig, rank: int) -> torch.device:
+    if cfg.device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def worker_main(rank: int, cfg: WorkerConfig, topology: Topology, conn: Connection) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it shuts us down
+    torch.set_num_threads(cfg.threads)
+    comm = None
+    try:
+        from remp.comm import WorkerComm
+        from remp.model.reader import open_checkpoint
+        from remp.model_runner import ModelRunner
+
+        device = _device(cfg, rank)
+        comm = WorkerComm(rank, cfg.world_size, cfg.init_method, cfg.timeout_s, device)
+        reader = open_checkpoint(cfg.model)
+        comm.set_topology(topology, reader.config.hidden_size, cfg.dtype)
+        runner = ModelRunner(reader, topology.spec(reader.config, rank), cfg.dtype, cfg.num_blocks,
+                             cfg.block_size, cfg.max_model_len, str(device), comm)
+        conn.send(("ready", rank, os.getpid()))
+        while True:
+            kind, payload = pickle.loads(conn.recv_bytes())
+            if kind == "step":
+                result = runner.run(payload)
+                if result is not None:
+                    conn.send(("result", result))
+            elif kind == "shutdown":
+                break
+    except EOFError:
+        pass  # the driver went away
+    except BaseException:  # noqa: BLE001 - report anything, then exit
+        try:
+            conn.send(("error", rank, traceback.format_exc()))
+        except OSError:
+            pass
+    finally:
+        if comm is not None:
+            try:
+                comm.close()
+            except Exception:  # noqa: BLE001 - peers may already be gone
+                pass
