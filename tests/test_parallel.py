@@ -1,0 +1,45 @@
+"""Every TP x PP topology with tp*pp <= 4 gives the single-worker engine's tokens and logprobs (float64, 1e-9),
+with chunked prefill, several micro-batches in flight and preemption under a small KV pool."""
+
+import pytest
+
+from remp import LLM, SamplingParams
+
+TOPOLOGIES = [(2, 1), (3, 1), (4, 1), (1, 2), (1, 3), (2, 2)]
+PROMPTS = [[256] + [(i * 37 + k * 11) % 256 for k in range(n)] for i, n in enumerate([5, 40, 17, 70, 3, 52, 33])]
+ENGINE = dict(dtype="float64", num_kv_blocks=24, block_size=8, max_model_len=128, max_num_batched_tokens=48,
+              worker_timeout_s=60)
+
+
+def run(path, tp, pp):
+    params = [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=3),
+              SamplingParams(max_tokens=16, temperature=0.9, top_k=50, seed=11, ignore_eos=True, logprobs=3)]
+    with LLM(str(path), tensor_parallel_size=tp, pipeline_parallel_size=pp, **ENGINE) as llm:
+        assert str(llm.llm_engine.topology) == f"TP{tp}xPP{pp}"
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], [params[i % 2] for i in range(len(PROMPTS))])
+        preempted = llm.llm_engine.scheduler.num_preemptions
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs], preempted
+
+
+def assert_equal(ref, out):
+    for (ids_a, lp_a), (ids_b, lp_b) in zip(ref, out):
+        assert ids_a == ids_b
+        for step_a, step_b in zip(lp_a, lp_b):
+            assert step_a.keys() == step_b.keys()
+            for tid in step_a:
+                assert step_a[tid].logprob == pytest.approx(step_b[tid].logprob, abs=1e-9)
+
+
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_qwen2", "tiny_llama3_rope"])
+def model_and_reference(request):
+    path = request.getfixturevalue(request.param)
+    ref, preempted = run(path, 1, 1)
+    assert preempted > 0, "the pool should be small enough to force preemption"
+    return path, ref
+
+
+@pytest.mark.parametrize("tp, pp", TOPOLOGIES, ids=[f"tp{t}pp{p}" for t, p in TOPOLOGIES])
+def test_topology_matches_single_worker(model_and_reference, tp, pp):
+    path, ref = model_and_reference
+    out, _ = run(path, tp, pp)
+    assert_equal(ref, out)
