@@ -1,8 +1,10 @@
 """Offline throughput and single-stream decode latency of remp on the default model (or --model).
 
     python bench/throughput.py [--dtype bfloat16] [--num-prompts 64 --input-len 128 --output-len 64] [--hf-baseline]
+    python bench/throughput.py -tp 2 -pp 2          # one topology
+    python bench/throughput.py --all-topologies     # TP1..4, PP2..4, TP2xPP2 in one run
 
-Prints a summary and writes bench/results/throughput-<date>.json. With --hf-baseline it also times
+Prints a summary and writes bench/results/throughput-<topology|all>-<dtype>.json. With --hf-baseline it also times
 transformers' own generate() on the same model and prompt, in the same run, for a side-by-side ratio.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 
 from remp import LLM, SamplingParams
+from remp.model.reader import open_checkpoint
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -27,8 +31,10 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]
 
 
 def single_stream(llm: LLM, prompt: dict, tokens: int, repeats: int) -> dict:
-    """Per-token decode latency: (e2e - ttft) / (tokens - 1), median over repeats."""
+    """Per-token decode latency: (e2e - ttft) / (tokens - 1), median over repeats; and the driver<->worker
+    control overhead per step (median), measured on these one-request steps."""
     engine = llm.llm_engine
+    engine.stats.control_overhead_s.clear()
     tpots, ttfts = [], []
     for r in range(repeats):
         engine.add_request(f"s{r}", prompt, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
@@ -40,7 +46,8 @@ def single_stream(llm: LLM, prompt: dict, tokens: int, repeats: int) -> dict:
         end = time.perf_counter()
         ttfts.append(first - t0)
         tpots.append((end - first) / (tokens - 1))
-    return {"ttft_ms": statistics.median(ttfts) * 1e3, "tpot_ms": statistics.median(tpots) * 1e3}
+    return {"ttft_ms": statistics.median(ttfts) * 1e3, "tpot_ms": statistics.median(tpots) * 1e3,
+            "control_overhead_ms": statistics.median(engine.stats.control_overhead_s) * 1e3}
 
 
 def hf_single_stream(model_path, dtype: torch.dtype, prompt: dict, tokens: int) -> dict:
@@ -57,6 +64,34 @@ def hf_single_stream(model_path, dtype: torch.dtype, prompt: dict, tokens: int) 
     return {"tpot_ms": ((t2 - t1) - (t1 - t0)) / (tokens - 1) * 1e3}
 
 
+def run_one(a: argparse.Namespace, tp: int, pp: int) -> dict:
+    t0 = time.perf_counter()
+    llm = LLM(a.model, dtype=a.dtype, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    load_s = time.perf_counter() - t0
+    vocab = llm.llm_engine.model_config.vocab_size
+    prompts = random_prompts(a.num_prompts, a.input_len, vocab)
+    params = SamplingParams(max_tokens=a.output_len, temperature=0, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - t0
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    single = single_stream(llm, prompts[0], a.single_tokens, a.repeats)
+    topo = str(llm.llm_engine.topology)
+    llm.shutdown()
+    return {
+        "topology": topo, "load_s": round(load_s, 2),
+        "batch": {"num_prompts": a.num_prompts, "input_len": a.input_len, "output_len": a.output_len,
+                  "elapsed_s": round(elapsed, 3), "requests_per_s": round(a.num_prompts / elapsed, 3),
+                  "output_tokens_per_s": round(out_tokens / elapsed, 1),
+                  "total_tokens_per_s": round((out_tokens + a.num_prompts * a.input_len) / elapsed, 1)},
+        "single_stream": {k: round(v, 3) for k, v in single.items()},
+    }
+
+
+ALL_TOPOLOGIES = [(1, 1), (2, 1), (3, 1), (4, 1), (1, 2), (1, 3), (1, 4), (2, 2)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None)
@@ -70,43 +105,40 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hf-baseline", action="store_true")
     p.add_argument("--hf-dtype", default="float32", help="transformers computes GGUF weights fastest in float32")
+    p.add_argument("--all-topologies", action="store_true", help="every TP x PP with tp*pp <= 4, one after another")
     p.add_argument("--out", default=None)
     a = p.parse_args()
 
-    t0 = time.perf_counter()
-    llm = LLM(a.model, dtype=a.dtype, tensor_parallel_size=a.tensor_parallel_size,
-              pipeline_parallel_size=a.pipeline_parallel_size)
-    load_s = time.perf_counter() - t0
-    vocab = llm.llm_engine.model_config.vocab_size
-    prompts = random_prompts(a.num_prompts, a.input_len, vocab)
-    params = SamplingParams(max_tokens=a.output_len, temperature=0, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - t0
-    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    single = single_stream(llm, prompts[0], a.single_tokens, a.repeats)
-    topo = llm.llm_engine.topology if hasattr(llm.llm_engine, "topology") else None
-    llm.shutdown()
-    result = {
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.node()} {torch.get_num_threads()} threads",
-        "model": a.model or "default (SmolLM2-135M-Instruct Q4_1 GGUF)", "dtype": a.dtype,
-        "topology": str(topo) if topo else f"TP{a.tensor_parallel_size}xPP{a.pipeline_parallel_size}",
-        "load_s": round(load_s, 2),
-        "batch": {"num_prompts": a.num_prompts, "input_len": a.input_len, "output_len": a.output_len,
-                  "elapsed_s": round(elapsed, 3), "requests_per_s": round(a.num_prompts / elapsed, 3),
-                  "output_tokens_per_s": round(out_tokens / elapsed, 1),
-                  "total_tokens_per_s": round((out_tokens + a.num_prompts * a.input_len) / elapsed, 1)},
-        "single_stream": {k: round(v, 2) for k, v in single.items()},
-    }
+    topologies = ALL_TOPOLOGIES if a.all_topologies else [(a.tensor_parallel_size, a.pipeline_parallel_size)]
+    runs = []
+    for tp, pp in topologies:
+        runs.append(run_one(a, tp, pp))
+        print(json.dumps(runs[-1]), flush=True)
+    result = {"date": datetime.date.today().isoformat(),
+              "machine": f"{platform.node()} {os.cpu_count()} cores",
+              "model": a.model or "default (SmolLM2-135M-Instruct Q4_1 GGUF)", "dtype": a.dtype, "runs": runs}
     if a.hf_baseline:
-        hf = hf_single_stream(a.model, getattr(torch, a.hf_dtype), prompts[0], a.single_tokens)
+        vocab = open_checkpoint(a.model).config.vocab_size
+        hf = hf_single_stream(a.model, getattr(torch, a.hf_dtype), random_prompts(1, a.input_len, vocab)[0],
+                              a.single_tokens)
         result["transformers_single_stream"] = {"dtype": a.hf_dtype, **{k: round(v, 2) for k, v in hf.items()}}
-        result["single_stream_speedup_vs_transformers"] = round(hf["tpot_ms"] / single["tpot_ms"], 2)
+        result["single_stream_speedup_vs_transformers"] = round(hf["tpot_ms"] / runs[0]["single_stream"]["tpot_ms"], 2)
     print(json.dumps(result, indent=2))
-    out = Path(a.out or Path(__file__).parent / "results" / f"throughput-{result['topology']}-{a.dtype}.json")
+    print(table(runs))
+    name = "all" if a.all_topologies else runs[0]["topology"]
+    out = Path(a.out or Path(__file__).parent / "results" / f"throughput-{name}-{a.dtype}.json")
     out.write_text(json.dumps(result, indent=2))
     print(f"saved {out}")
+
+
+def table(runs: list[dict]) -> str:
+    rows = ["| topology | load s | req/s | output tok/s | single-stream ms/token | control overhead ms/step |",
+            "|---|---|---|---|---|---|"]
+    for r in runs:
+        b, s = r["batch"], r["single_stream"]
+        rows.append(f"| {r['topology']} | {r['load_s']} | {b['requests_per_s']} | {b['output_tokens_per_s']} | "
+                    f"{s['tpot_ms']:.1f} | {s['control_overhead_ms']:.3f} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,9 @@ class EngineDeadError(RuntimeError):
 class EngineStats:
     steps: int = 0
     tokens: int = 0
+    # driver <-> worker cost of a step alone in flight: wall time from submit to result minus the sampler
+    # worker's own time (pickling, pipes, scheduling handoff); recent steps only
+    control_overhead_s: deque = field(default_factory=lambda: deque(maxlen=4096))
 
 
 class LLMEngine:
@@ -65,7 +68,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._step_ids = itertools.count()
-        self._in_flight: deque[tuple[ScheduledBatch, list[Request]]] = deque()
+        self._in_flight: deque[tuple[ScheduledBatch, list[Request], float]] = deque()
         self.stats = EngineStats()
 
     def _block_bytes(self, topology: Topology) -> int:
@@ -141,7 +144,7 @@ class LLMEngine:
         return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
 
     def abort_request(self, request_id: str | list[str]) -> None:
-        busy = {r for b, _ in self._in_flight for r, _ in b.scheduled}
+        busy = {r for b, *_ in self._in_flight for r, _ in b.scheduled}
         for rid in [request_id] if isinstance(request_id, str) else request_id:
             req = self.requests.pop(rid, None)
             if req is not None and not req.finished:
@@ -169,8 +172,11 @@ class LLMEngine:
                 pass
             if not self._in_flight:
                 return []
-            batch, sampled = self._in_flight[0]
+            alone = len(self._in_flight) == 1
+            batch, sampled, submitted = self._in_flight[0]
             result = self.executor.wait()
+            if alone:
+                self.stats.control_overhead_s.append(time.perf_counter() - submitted - result.worker_s)
         except WorkerError as e:
             self.error = e
             self.executor.shutdown()
@@ -179,7 +185,7 @@ class LLMEngine:
         return self._process(batch, sampled, result)
 
     def _submit_next(self) -> bool:
-        busy = {r for b, _ in self._in_flight for r, _ in b.scheduled}
+        busy = {r for b, *_ in self._in_flight for r, _ in b.scheduled}
         batch = self.scheduler.schedule(busy)
         if not batch.scheduled:
             return False
@@ -195,8 +201,9 @@ class LLMEngine:
                 rows.append(SampleRow.of(req.params, req.num_output_tokens, self._banned(req)))
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
+        submitted = time.perf_counter()
         self.executor.submit(StepMsg(next(self._step_ids), chunks, rows))
-        self._in_flight.append((batch, sampled))
+        self._in_flight.append((batch, sampled, submitted))
         self.stats.steps += 1
         self.stats.tokens += batch.num_tokens
         return True
