@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -17,12 +18,14 @@ from remp.kv_cache import kv_bytes_per_block
 from remp.model.attention import SeqChunk
 from remp.model.reader import open_checkpoint
 from remp.outputs import CompletionOutput, Logprob, RequestOutput
+from remp.plan import PieceSizer, best_placement, make_plan
 from remp.request import Request, Status
 from remp.sampler import SampleRow
 from remp.sampling_params import SamplingParams
 from remp.executor import LocalExecutor, MultiprocExecutor, WorkerError
 from remp.scheduler import ScheduledBatch, Scheduler
 from remp.step import StepMsg, StepResult
+from remp.switch_report import SwitchReport
 from remp.topology import Topology
 
 
@@ -37,6 +40,7 @@ class EngineStats:
     # driver <-> worker cost of a step alone in flight: wall time from submit to result minus the sampler
     # worker's own time (pickling, pipes, scheduling handoff); recent steps only
     control_overhead_s: deque = field(default_factory=lambda: deque(maxlen=4096))
+    switches: list = field(default_factory=list)
 
 
 class LLMEngine:
@@ -70,6 +74,7 @@ class LLMEngine:
         self._step_ids = itertools.count()
         self._in_flight: deque[tuple[ScheduledBatch, list[Request], float]] = deque()
         self.stats = EngineStats()
+        self._drained_outputs: list[RequestOutput] = []
 
     def _block_bytes(self, topology: Topology) -> int:
         """KV bytes of one logical block summed over every worker (replicated KV heads count each time)."""
@@ -155,7 +160,7 @@ class LLMEngine:
                     self.scheduler.free(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._drained_outputs)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.scheduler.waiting) + len(self.scheduler.running)
@@ -165,6 +170,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step and return the outputs of the requests that progressed. With pipeline parallelism up
         to `pp` micro-batches are in flight: this submits until the pipeline is full, then completes the oldest."""
+        if self._drained_outputs:
+            out, self._drained_outputs = self._drained_outputs, []
+            return out
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped after a worker failure: {self.error}")
         try:
@@ -267,6 +275,97 @@ class LLMEngine:
             finish_reason=req.finish_reason, stop_reason=req.stop_reason)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], req.finished,
                              req.metrics)
+
+    # ---- topology switches --------------------------------------------------------------------------------
+    def reconfigure(self, tensor_parallel_size: int, pipeline_parallel_size: int,
+                    layer_split: list[int] | None = None, mode: str = "switch") -> SwitchReport:
+        """Change TP/PP between steps with requests in flight. mode="switch" moves weights and the KV cache of
+        in-flight requests peer to peer; mode="restart" is the baseline a user has today (stop the workers,
+        start new ones from the checkpoint, re-submit in-flight requests to recompute their KV).
+        An impossible target raises ValueError before anything moves; the old topology keeps serving."""
+        if self.error is not None:
+            raise EngineDeadError(f"the engine stopped after a worker failure: {self.error}")
+        if mode not in ("switch", "restart"):
+            raise ValueError(f"mode must be 'switch' or 'restart', not {mode!r}")
+        t0 = time.perf_counter()
+        old = self.topology
+        target = Topology(tensor_parallel_size, pipeline_parallel_size, None,
+                          tuple(layer_split) if layer_split else None)
+        target.validate(self.model_config, num_workers=old.size)
+        num_blocks = self.args.num_kv_blocks or int(self.args.kv_cache_memory_gb * 2**30 // self._block_bytes(target))
+        if num_blocks * self.args.block_size < self.max_model_len:
+            raise ValueError(f"{target} leaves room for {num_blocks * self.args.block_size} KV tokens, fewer than "
+                             f"max_model_len={self.max_model_len}")
+        if old.size == 1:
+            raise ValueError("a single-worker engine has no pool to reshard; start it with tp*pp > 1")
+        self._drain()
+        t_pause = time.perf_counter()
+        report = (self._switch if mode == "switch" else self._restart)(old, target, num_blocks)
+        report.pause_s = time.perf_counter() - t_pause
+        report.wall_s = time.perf_counter() - t0
+        self.stats.switches.append(report)
+        return report
+
+    def _drain(self) -> None:
+        """Finish the micro-batches in flight; their outputs are returned by the next step()."""
+        while self._in_flight:
+            batch, sampled, _ = self._in_flight.popleft()
+            try:
+                result = self.executor.wait()
+            except WorkerError as e:
+                self.error = e
+                self.executor.shutdown()
+                raise
+            self._drained_outputs += self._process(batch, sampled, result)
+
+    def _fit_blocks(self, num_blocks: int) -> list[str]:
+        """Preempt the youngest running requests until the blocks in use fit a pool of num_blocks."""
+        preempted = []
+        while sum(len(r.block_ids) for r in self.scheduler.running) > num_blocks:
+            victim = self.scheduler.running[-1]
+            self.scheduler.preempt(victim)
+            preempted.append(victim.request_id)
+        return preempted
+
+    def _switch(self, old: Topology, target: Topology, num_blocks: int) -> SwitchReport:
+        preempted = self._fit_blocks(num_blocks)
+        used = sorted(b for r in self.scheduler.running for b in r.block_ids)
+        new_ids = used if not used or used[-1] < num_blocks else list(range(len(used)))
+        sizer = PieceSizer(self.model_config, self.dtype.itemsize, len(used), self.args.block_size)
+        new = best_placement(self.model_config, old, target.tp, target.pp, sizer, target.layers_per_stage)
+        plan = make_plan(self.model_config, old, new, sizer)
+        try:
+            stats = self.executor.reconfigure(plan, used, new_ids, num_blocks)
+        except WorkerError as e:
+            self.error = e
+            self.executor.shutdown()
+            raise
+        self.scheduler.resize(num_blocks, dict(zip(used, new_ids)))
+        return SwitchReport(
+            "switch", str(old), str(new), 0.0, 0.0,
+            bytes_moved={"weights": plan.moved.weights, "kv": plan.moved.kv},
+            min_bytes={"weights": plan.minimum.weights, "kv": plan.minimum.kv},
+            bytes_kept={"weights": plan.kept.weights, "kv": plan.kept.kv},
+            peak_extra_bytes=max(s.peak_extra_bytes for s in stats), preempted=preempted,
+            kv_blocks_moved=len(used), num_kv_blocks=num_blocks,
+            executor_bytes_received=sum(s.bytes_received for s in stats))
+
+    def _restart(self, old: Topology, target: Topology, num_blocks: int) -> SwitchReport:
+        """What a user does today: stop the engine's workers, start new ones from the checkpoint, re-submit
+        every in-flight request (prompt + tokens so far) so its KV is recomputed."""
+        recompute = sum(r.num_computed_tokens for r in self.scheduler.running)
+        for req in list(self.scheduler.running):
+            self.scheduler.preempt(req)
+        self.executor.shutdown()
+        reader = open_checkpoint(self.args.model)
+        self.tokenizer = reader.load_tokenizer()  # a new engine loads its tokenizer too
+        self.num_kv_blocks = num_blocks
+        self.executor = self._start_executor(reader, target)
+        self.scheduler.resize(num_blocks, {})
+        weight_bytes = sum(math.prod(reader.shape(n)) for n in reader.names()) * self.dtype.itemsize
+        return SwitchReport("restart", str(old), str(target), 0.0, 0.0,
+                            bytes_moved={"weights": weight_bytes, "kv": 0}, recomputed_tokens=recompute,
+                            num_kv_blocks=num_blocks)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

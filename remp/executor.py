@@ -165,5 +165,35 @@ class MultiprocExecutor:
         self._raise_for(ready)
         raise WorkerError("woken without a result or an error")  # not reached
 
+    def reconfigure(self, plan, used_blocks: list[int], new_block_ids: list[int], new_num_blocks: int) -> list:
+        """Every worker executes its part of the plan; returns their ReshardStats (by rank). The old topology is
+        consumed as the workers go: a failure here leaves the engine in an error state, never half-switched."""
+        payload = ("reconfigure", (plan, used_blocks, new_block_ids, new_num_blocks))
+        data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+        for rank, c in enumerate(self.conns):
+            try:
+                c.send_bytes(data)
+            except OSError as e:
+                raise WorkerError(f"{self._describe(rank)} is unreachable: {e}") from None
+        stats: dict[int, object] = {}
+        deadline = time.monotonic() + self.timeout_s
+        while len(stats) < len(self.conns):
+            ready = wait_ready(self.conns + [p.sentinel for p in self.procs], max(0, deadline - time.monotonic()))
+            if not ready:
+                missing = sorted(set(range(len(self.conns))) - set(stats))
+                raise WorkerError(f"workers {missing} did not finish the switch within {self.timeout_s:.0f} s")
+            for rank, c in enumerate(self.conns):
+                if c in ready:
+                    msg = self._recv(rank)
+                    if msg[0] != "reconfigured":
+                        raise WorkerError(f"unexpected message {msg[0]!r} from {self._describe(rank)}")
+                    stats[rank] = msg[2]
+            dead = [p.sentinel for p in self.procs if p.sentinel in ready and not p.is_alive()]
+            if dead:
+                self._raise_for(dead)
+        self.topology = plan.new
+        self.max_in_flight = plan.new.pp
+        return [stats[r] for r in range(len(self.conns))]
+
     def shutdown(self) -> None:
         self._finalizer()

@@ -1,6 +1,8 @@
 """A worker's slice of the paged KV cache: its layers x its KV heads, for every logical block id.
 
-Block ids are the scheduler's and the same on every worker; only the layer and head extents differ.
+Block ids are the scheduler's and the same on every worker; only the layer and head extents differ. One tensor
+per layer ([2, kv_heads, num_blocks, block_size, head_dim], head-major) so a topology switch can build the new
+cache layer by layer and free the old one as it goes.
 """
 
 from __future__ import annotations
@@ -12,19 +14,28 @@ def kv_bytes_per_block(num_layers: int, kv_heads: int, head_dim: int, block_size
     return 2 * num_layers * block_size * kv_heads * head_dim * dtype.itemsize
 
 
+def new_kv_layer(kv_heads: int, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype,
+                 device: str | torch.device = "cpu") -> torch.Tensor:
+    # Zeroed, not empty: masked-out keys still pass through the matmuls, and garbage NaNs would leak.
+    return torch.zeros(2, kv_heads, num_blocks, block_size, head_dim, dtype=dtype, device=device)
+
+
 class KVCache:
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: str | torch.device = "cpu"):
-        # Zeroed, not empty: masked-out keys still pass through the matmuls, and garbage NaNs would leak.
-        self.data = torch.zeros(num_layers, 2, kv_heads, num_blocks, block_size, head_dim, dtype=dtype,
-                                device=device)
+    def __init__(self, layers: list[torch.Tensor], block_size: int):
+        self.layers = layers
         self.block_size = block_size
-        self.num_blocks = num_blocks
+        self.num_blocks = layers[0].shape[2] if layers else 0
+
+    @classmethod
+    def allocate(cls, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: str | torch.device = "cpu") -> "KVCache":
+        return cls([new_kv_layer(kv_heads, num_blocks, block_size, head_dim, dtype, device)
+                    for _ in range(num_layers)], block_size)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, v) of local layer i, each [kv_heads, num_blocks, block_size, head_dim] (head-major)."""
-        return self.data[i, 0], self.data[i, 1]
+        return self.layers[i][0], self.layers[i][1]
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        return sum(t.numel() * t.element_size() for t in self.layers)

@@ -18,6 +18,8 @@ from remp.model.llama import LlamaShard
 from remp.model.loader import load_shard_weights
 from remp.model.reader import CheckpointReader
 from remp.model.rope import RotaryEmbedding
+from remp.plan import Plan
+from remp.reshard import ReshardStats, ShardState, execute_plan
 from remp.sampler import SamplerOutput, sample_rows
 from remp.sharding import ShardSpec
 from remp.step import StepMsg, StepResult
@@ -33,19 +35,41 @@ class ModelRunner:
     def __init__(self, reader: CheckpointReader, spec: ShardSpec, dtype: torch.dtype, num_blocks: int,
                  block_size: int, max_model_len: int, device: str = "cpu", comm: StageComm | None = None):
         cfg = reader.config
-        self.spec, self.block_size, self.dtype, self.comm = spec, block_size, dtype, comm
-        rope = RotaryEmbedding(cfg, max_model_len, dtype, reader.rope_freq_factors())
-        weights = load_shard_weights(reader, spec, dtype, device)
-        all_reduce = comm.all_reduce if comm is not None and spec.tp_size > 1 else None
-        self.model = LlamaShard(cfg, spec, weights, rope, all_reduce)
-        self.kv = KVCache(len(spec.layers), num_blocks, block_size, len(spec.kv_heads), cfg.head_dim, dtype, device)
+        self.reader, self.block_size, self.dtype, self.comm = reader, block_size, dtype, comm
+        self.device = torch.device(device)
+        self.rope = RotaryEmbedding(cfg, max_model_len, dtype, reader.rope_freq_factors())
+        kv = KVCache.allocate(len(spec.layers), num_blocks, block_size, len(spec.kv_heads), cfg.head_dim, dtype,
+                              device)
+        self.install(ShardState(spec, load_shard_weights(reader, spec, dtype, device),
+                                dict(zip(spec.layers, kv.layers))))
+
+    def install(self, state: ShardState) -> None:
+        """Run with this shard from now on (after loading or resharding)."""
+        spec = self.spec = state.spec
+        all_reduce = self.comm.all_reduce if self.comm is not None and spec.tp_size > 1 else None
+        self.model = LlamaShard(self.reader.config, spec, state.weights, self.rope, all_reduce)
+        self.kv = KVCache([state.kv_layers[i] for i in spec.layers], self.block_size)
+
+    def state(self) -> ShardState:
+        return ShardState(self.spec, dict(self.model.weights), dict(zip(self.spec.layers, self.kv.layers)))
+
+    def reshard(self, rank: int, plan: Plan, used_blocks: list[int], new_block_ids: list[int],
+                new_num_blocks: int) -> ReshardStats:
+        """Execute this worker's part of a plan and switch to the new shard. The old one is consumed."""
+        old = self.state()
+        self.model = self.kv = None  # the executor frees old pieces as it goes
+        new_spec = plan.new.spec(self.reader.config, rank)
+        state, stats = execute_plan(rank, plan, self.reader.config, old, new_spec, used_blocks, new_block_ids,
+                                    new_num_blocks, self.block_size, self.dtype, self.device, self.reader)
+        self.install(state)
+        return stats
 
     @torch.inference_mode()
     def run(self, msg: StepMsg) -> StepResult | None:
         t0 = time.perf_counter()
-        meta = build_metadata(msg.chunks, self.block_size, self.model.q_per_kv)
+        meta = build_metadata(msg.chunks, self.block_size, self.model.q_per_kv).to(self.device)
         if self.spec.is_first_stage:
-            ids = torch.tensor([t for c in msg.chunks for t in c.token_ids], dtype=torch.long)
+            ids = torch.tensor([t for c in msg.chunks for t in c.token_ids], dtype=torch.long, device=self.device)
             hidden = self.model.embed(ids)
         else:
             hidden = self.comm.recv_hidden(meta.num_tokens)

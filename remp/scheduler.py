@@ -91,6 +91,15 @@ class Scheduler:
         self.pool.release(req.block_ids)
         req.block_ids = []
 
+    def resize(self, num_blocks: int, block_map: dict[int, int]) -> None:
+        """A new pool of num_blocks after a topology switch; running requests' blocks renamed by block_map
+        (identity for ids not in it). Waiting requests hold no blocks."""
+        for req in self.running:
+            req.block_ids = [block_map.get(b, b) for b in req.block_ids]
+        in_use = {b for r in self.running for b in r.block_ids}
+        self.pool = BlockPool(num_blocks)
+        self.pool._free = deque(b for b in range(num_blocks) if b not in in_use)
+
     def forget(self, req: Request) -> None:
         """Drop a request from the queues but keep its blocks (still being written); free() them later."""
         if req in self.running:

@@ -72,6 +72,11 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology, conn: Connecti
                 result = runner.run(payload)
                 if result is not None:
                     conn.send(("result", result))
+            elif kind == "reconfigure":
+                plan, used, new_ids, num_blocks = payload
+                comm.set_topology(plan.new, reader.config.hidden_size, cfg.dtype)
+                stats = runner.reshard(rank, plan, used, new_ids, num_blocks)
+                conn.send(("reconfigured", rank, stats))
             elif kind == "shutdown":
                 break
     except EOFError:

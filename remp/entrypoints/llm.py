@@ -69,6 +69,11 @@ class LLM:
         bar.close()
         return [done[i] for i in ids]
 
+    def reconfigure(self, tensor_parallel_size: int, pipeline_parallel_size: int,
+                    layer_split: list[int] | None = None, mode: str = "switch"):
+        """Switch the running engine's topology; see LLMEngine.reconfigure. Returns a SwitchReport."""
+        return self.llm_engine.reconfigure(tensor_parallel_size, pipeline_parallel_size, layer_split, mode)
+
     def shutdown(self) -> None:
         self.llm_engine.shutdown()
 

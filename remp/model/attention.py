@@ -44,6 +44,15 @@ class AttnMetadata:
     logits_rows: torch.Tensor   # flat token indices whose logits are wanted
     num_tokens: int
 
+    def to(self, device: torch.device) -> "AttnMetadata":
+        if device.type == "cpu":
+            return self
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        groups = [AttnGroup(*(move(x) if isinstance(x, torch.Tensor) else x for x in vars(g).values()))
+                  for g in self.groups]
+        return AttnMetadata(move(self.positions), move(self.slot_mapping), groups, move(self.logits_rows),
+                            self.num_tokens)
+
 
 def build_metadata(chunks: list[SeqChunk], block_size: int, q_per_kv: int) -> AttnMetadata:
     positions, slots, logits_rows = [], [], []
