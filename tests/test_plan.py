@@ -1,0 +1,99 @@
+"""Planner properties (pure): every needed piece has exactly one source, kept bytes are maximal over all
+placements, moved + kept = needed, replicated KV heads the destination holds are never sent."""
+
+import itertools
+
+import pytest
+
+from remp.config import ModelConfig
+from remp.plan import CHECKPOINT, KVPiece, PieceSizer, WeightPiece, best_placement, make_plan, worker_pieces
+from remp.topology import Topology
+from remp.tools.random_model import tiny_config
+
+MODELS = {
+    "6h2kv": ModelConfig.from_hf_dict(tiny_config()),
+    "9h3kv_tied": ModelConfig.from_hf_dict(tiny_config(num_attention_heads=9, num_key_value_heads=3, hidden_size=72,
+                                                       tie_word_embeddings=True, num_hidden_layers=5)),
+    "mha4": ModelConfig.from_hf_dict(tiny_config(num_attention_heads=4, num_key_value_heads=4, hidden_size=64)),
+}
+FOUR = [(4, 1), (2, 2), (1, 4)]
+PAIRS = [(a, b) for a in FOUR for b in FOUR if a != b]
+
+
+def sizer(cfg):
+    return PieceSizer(cfg, 8, kv_blocks_used=5, block_size=8)
+
+
+def coverage(plan, cfg, sz):
+    """For each worker and needed piece: the ranges (or KV pieces) it ends with, kept or received."""
+    for w, needs in plan.needs.items():
+        held = [] if plan.old is None else worker_pieces(cfg, plan.old, w, True)
+        held_w = {p.name: (p.start, p.stop) for p in held if isinstance(p, WeightPiece)}
+        held_kv = {p for p in held if isinstance(p, KVPiece)}
+        incoming = [t for t in plan.transfers if t.dst == w]
+        for need in needs:
+            if isinstance(need, KVPiece):
+                n = sum(t.piece == need for t in incoming) + (need in held_kv)
+                assert n == 1, (w, need, n)
+                if need in held_kv:
+                    assert not any(t.piece == need for t in incoming), "sent a KV head the destination holds"
+                continue
+            cover = [0] * (need.stop - need.start)
+            if need.name in held_w:
+                lo, hi = max(need.start, held_w[need.name][0]), min(need.stop, held_w[need.name][1])
+                for i in range(lo, hi):
+                    cover[i - need.start] += 1
+            for t in incoming:
+                if isinstance(t.piece, WeightPiece) and t.piece.name == need.name:
+                    assert t.src != w
+                    for i in range(t.piece.start, t.piece.stop):
+                        cover[i - need.start] += 1
+            assert set(cover) == {1}, (w, need.name)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("old, new", PAIRS, ids=[f"{a}->{b}" for a, b in PAIRS])
+def test_plan_sources_and_optimality(model, old, new):
+    cfg, old_t = MODELS[model], Topology(*old)
+    sz = sizer(cfg)
+    new_t = best_placement(cfg, old_t, *new, sz)
+    plan = make_plan(cfg, old_t, new_t, sz)
+    coverage(plan, cfg, sz)
+    assert all(t.src != CHECKPOINT for t in plan.transfers)  # every piece has a live holder
+    needed = sum(sz.bytes(p) for ps in plan.needs.values() for p in ps)
+    assert plan.kept.total + plan.moved.total == needed
+    assert plan.moved.total == plan.minimum.total
+    # kept bytes are maximal over every placement of the new coordinates
+    best_kept = 0
+    for perm in itertools.permutations(range(4)):
+        p = make_plan(cfg, old_t, Topology(*new, perm), sz)
+        best_kept = max(best_kept, p.kept.total)
+    assert plan.kept.total == best_kept
+
+
+def test_sends_spread_over_replicated_holders():
+    cfg = MODELS["6h2kv"]  # TP4: each KV head replicated on two workers
+    sz = sizer(cfg)
+    plan = make_plan(cfg, Topology(4, 1), best_placement(cfg, Topology(4, 1), 1, 4, sz), sz)
+    sent = {w: sum(sz.bytes(t.piece) for t in plan.transfers if t.src == w) for w in range(4)}
+    largest = max(sz.bytes(t.piece) for t in plan.transfers)
+    assert max(sent.values()) - min(sent.values()) <= largest, sent
+
+
+def test_cold_start_plan_reads_everything_from_checkpoint():
+    cfg = MODELS["9h3kv_tied"]
+    sz = sizer(cfg)
+    plan = make_plan(cfg, None, Topology(2, 2), sz, with_kv=False)
+    assert plan.transfers and all(t.src == CHECKPOINT for t in plan.transfers)
+    assert plan.moved.total == 0 and plan.from_checkpoint.total > 0
+
+
+def test_lost_worker_pieces_come_from_survivors_or_checkpoint():
+    cfg = MODELS["6h2kv"]
+    sz = sizer(cfg)
+    old = Topology(2, 2)
+    new = Topology(1, 3, placement=(0, 1, 2))
+    plan = make_plan(cfg, old, new, sz, lost=frozenset({3}))
+    assert all(t.src != 3 for t in plan.transfers)
+    coverage_ok = {t.src for t in plan.transfers}
+    assert CHECKPOINT in coverage_ok or plan.from_checkpoint.total == 0
