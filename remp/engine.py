@@ -348,7 +348,9 @@ class LLMEngine:
             bytes_kept={"weights": plan.kept.weights, "kv": plan.kept.kv},
             peak_extra_bytes=max(s.peak_extra_bytes for s in stats), preempted=preempted,
             kv_blocks_moved=len(used), num_kv_blocks=num_blocks,
-            executor_bytes_received=sum(s.bytes_received for s in stats))
+            executor_bytes_received=sum(s.bytes_received for s in stats),
+            worker_seconds={k: round(max(s.seconds.get(k, 0.0) for s in stats), 4)
+                            for k in ("groups", "transfers", "execute", "install")})
 
     def _restart(self, old: Topology, target: Topology, num_blocks: int) -> SwitchReport:
         """What a user does today: stop the engine's workers, start new ones from the checkpoint, re-submit

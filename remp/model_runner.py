@@ -59,9 +59,12 @@ class ModelRunner:
         old = self.state()
         self.model = self.kv = None  # the executor frees old pieces as it goes
         new_spec = plan.new.spec(self.reader.config, rank)
+        t0 = time.perf_counter()
         state, stats = execute_plan(rank, plan, self.reader.config, old, new_spec, used_blocks, new_block_ids,
                                     new_num_blocks, self.block_size, self.dtype, self.device, self.reader)
+        t1 = time.perf_counter()
         self.install(state)
+        stats.seconds.update(execute=t1 - t0, install=time.perf_counter() - t1)
         return stats
 
     @torch.inference_mode()

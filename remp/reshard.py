@@ -1,6 +1,7 @@
 """Worker-side plan execution: build this worker's new shard (weights and KV slices) from what it keeps, what
-peers send and what the checkpoint holds, one phase at a time (the embedding/norm/lm-head first, then layer by
-layer), freeing each old layer as soon as its phase is done, so the extra memory is about one layer.
+peers send and what the checkpoint holds, phase by phase (the embedding/norm/lm-head first, then layer by layer,
+consecutive phases merged into chunks of ~64 MB of transfers), freeing each old layer as soon as its chunk is
+done, so the extra memory stays around one chunk plus the new KV pool slices.
 
 Every worker walks the same ordered transfer list, so point-to-point messages between a pair of workers are
 posted in the same order on both ends.
@@ -8,7 +9,9 @@ posted in the same order on both ends.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -33,6 +36,7 @@ class ReshardStats:
     bytes_received: int = 0
     bytes_from_checkpoint: int = 0
     peak_extra_bytes: int = 0
+    seconds: dict = field(default_factory=dict)  # where the time went: groups, transfers, assemble, install
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -48,6 +52,22 @@ def _ranges(config, spec: ShardSpec | None) -> dict[str, tuple[int, int]]:
         s = slices[axis] if len(slices) > axis else slice(None)
         out[name] = s.indices(tensor_shape(config, name)[axis])[:2]
     return out
+
+
+def _phase_groups(plan: Plan, config, piece_bytes, chunk_bytes: int = 64 << 20) -> list[list[int]]:
+    """Consecutive phases (-1 = embedding/norm/lm-head, then layers) merged until their transfers reach
+    chunk_bytes: few synchronisation points, yet the extra memory stays bounded by about one chunk."""
+    per_phase: dict[int, int] = {}
+    for t in plan.transfers:
+        per_phase[t.piece.layer] = per_phase.get(t.piece.layer, 0) + piece_bytes(t.piece)
+    groups, current, size = [], [], 0
+    for phase in range(-1, config.num_hidden_layers):
+        current.append(phase)
+        size += per_phase.get(phase, 0)
+        if size >= chunk_bytes:
+            groups.append(current)
+            current, size = [], 0
+    return groups + [current] if current else groups
 
 
 def execute_plan(rank: int, plan: Plan, config, old: ShardState, new_spec: ShardSpec, used_blocks: list[int],
@@ -79,9 +99,16 @@ def execute_plan(rank: int, plan: Plan, config, old: ShardState, new_spec: Shard
         shape[shard_axis(p.name)] = p.stop - p.start
         return torch.empty(shape, dtype=dtype, device=device)
 
+    def piece_bytes(p) -> int:
+        if isinstance(p, KVPiece):
+            return 2 * len(used_blocks) * block_size * D * dtype.itemsize
+        shape = list(tensor_shape(config, p.name))
+        shape[shard_axis(p.name)] = p.stop - p.start
+        return math.prod(shape) * dtype.itemsize
+
     new = ShardState(new_spec, {}, {})
-    for phase in range(-1, config.num_hidden_layers):
-        transfers = plan.transfers_of_phase(phase)
+    for group in _phase_groups(plan, config, piece_bytes):
+        transfers = [t for t in plan.transfers if t.piece.layer in group]
         works, sent, received = [], [], {}
         for t in transfers:
             if t.src == rank:
@@ -110,50 +137,53 @@ def execute_plan(rank: int, plan: Plan, config, old: ShardState, new_spec: Shard
                     works.append(dist.irecv(buf, src=t.src))
                     stats.bytes_received += _nbytes(buf)
                 received.setdefault(t.piece if isinstance(t.piece, KVPiece) else t.piece.name, []).append((t.piece, buf))
+        t_wait = time.perf_counter()
         for work in works:
             work.wait()
+        stats.seconds["transfers"] = stats.seconds.get("transfers", 0) + time.perf_counter() - t_wait
 
-        # assemble this phase's new weights
-        for name, (lo, hi) in new_ranges.items():
-            if WeightPiece(name, lo, hi).layer != phase:
-                continue
-            if old_ranges.get(name) == (lo, hi):
-                new.weights[name] = old.weights[name]  # unchanged slice: keep the very tensor
-                continue
-            t = piece_buffer(WeightPiece(name, lo, hi))
-            grow(_nbytes(t))
-            if name in old_ranges:
-                olo, ohi = max(lo, old_ranges[name][0]), min(hi, old_ranges[name][1])
-                if olo < ohi:
-                    weight_view(name, olo, ohi, t, lo).copy_(
-                        weight_view(name, olo, ohi, old.weights[name], old_ranges[name][0]))
-            for p, buf in received.get(name, []):
-                weight_view(name, p.start, p.stop, t, lo).copy_(buf)
-            new.weights[name] = t
-        # assemble this phase's KV layer
-        if phase >= 0 and phase in new_spec.layers:
-            old_layer = old.kv_layers.get(phase)
-            if old_layer is not None and old_heads == new_heads and same_blocks:
-                new.kv_layers[phase] = old_layer
-            else:
-                layer = new_kv_layer(len(new_heads), new_num_blocks, block_size, D, dtype, device)
-                grow(_nbytes(layer))
-                for i, h in enumerate(new_heads):
-                    if old_layer is not None and h in old_heads:
-                        src = old_layer[:, h - old_heads.start].index_select(1, used)
-                    else:
-                        src = received[KVPiece(phase, h)][0][1]
-                    layer[:, i].index_copy_(1, new_ids, src)
-                new.kv_layers[phase] = layer
-        # free what the old shard held for this phase
-        for name in [n for n in old.weights if WeightPiece(n, 0, 0).layer == phase]:
-            t = old.weights.pop(name)
-            if new.weights.get(name) is not t:
-                extra -= _nbytes(t)
-        if phase in old.kv_layers:
-            t = old.kv_layers.pop(phase)
-            if new.kv_layers.get(phase) is not t:
-                extra -= _nbytes(t)
+        for phase in group:
+            # assemble this phase's new weights
+            for name, (lo, hi) in new_ranges.items():
+                if WeightPiece(name, lo, hi).layer != phase:
+                    continue
+                if old_ranges.get(name) == (lo, hi):
+                    new.weights[name] = old.weights[name]  # unchanged slice: keep the very tensor
+                    continue
+                t = piece_buffer(WeightPiece(name, lo, hi))
+                grow(_nbytes(t))
+                if name in old_ranges:
+                    olo, ohi = max(lo, old_ranges[name][0]), min(hi, old_ranges[name][1])
+                    if olo < ohi:
+                        weight_view(name, olo, ohi, t, lo).copy_(
+                            weight_view(name, olo, ohi, old.weights[name], old_ranges[name][0]))
+                for p, buf in received.get(name, []):
+                    weight_view(name, p.start, p.stop, t, lo).copy_(buf)
+                new.weights[name] = t
+            # assemble this phase's KV layer
+            if phase >= 0 and phase in new_spec.layers:
+                old_layer = old.kv_layers.get(phase)
+                if old_layer is not None and old_heads == new_heads and same_blocks:
+                    new.kv_layers[phase] = old_layer
+                else:
+                    layer = new_kv_layer(len(new_heads), new_num_blocks, block_size, D, dtype, device)
+                    grow(_nbytes(layer))
+                    for i, h in enumerate(new_heads):
+                        if old_layer is not None and h in old_heads:
+                            src = old_layer[:, h - old_heads.start].index_select(1, used)
+                        else:
+                            src = received[KVPiece(phase, h)][0][1]
+                        layer[:, i].index_copy_(1, new_ids, src)
+                    new.kv_layers[phase] = layer
+            # free what the old shard held for this phase
+            for name in [n for n in old.weights if WeightPiece(n, 0, 0).layer == phase]:
+                t = old.weights.pop(name)
+                if new.weights.get(name) is not t:
+                    extra -= _nbytes(t)
+            if phase in old.kv_layers:
+                t = old.kv_layers.pop(phase)
+                if new.kv_layers.get(phase) is not t:
+                    extra -= _nbytes(t)
         for buf in sent:
             extra -= _nbytes(buf)
         for bufs in received.values():

@@ -21,6 +21,7 @@ class SwitchReport:
     kv_blocks_moved: int = 0
     num_kv_blocks: int = 0  # logical KV blocks of the new topology
     executor_bytes_received: int = 0  # what the workers actually received from peers (equals the plan's moved)
+    worker_seconds: dict = field(default_factory=dict)  # slowest worker's time per part of the switch
 
     def to_dict(self) -> dict:
         return asdict(self)

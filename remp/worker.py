@@ -10,6 +10,7 @@ import ctypes
 import os
 import pickle
 import signal
+import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -74,8 +75,11 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology, conn: Connecti
                     conn.send(("result", result))
             elif kind == "reconfigure":
                 plan, used, new_ids, num_blocks = payload
+                t0 = time.perf_counter()
                 comm.set_topology(plan.new, reader.config.hidden_size, cfg.dtype)
+                groups_s = time.perf_counter() - t0
                 stats = runner.reshard(rank, plan, used, new_ids, num_blocks)
+                stats.seconds["groups"] = groups_s
                 conn.send(("reconfigured", rank, stats))
             elif kind == "shutdown":
                 break
