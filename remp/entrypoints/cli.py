@@ -1,4 +1,4 @@
-"""`remp` command line: `remp generate ...` (offline generation)."""
+"""`remp` command line: `remp serve ...` (OpenAI-compatible server), `remp generate ...` (offline)."""
 
 from __future__ import annotations
 
@@ -19,13 +19,25 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker-timeout-s", type=float, default=120.0)
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(model=a.model, dtype=a.dtype, max_model_len=a.max_model_len,
                 tensor_parallel_size=a.tensor_parallel_size, pipeline_parallel_size=a.pipeline_parallel_size,
                 block_size=a.block_size, kv_cache_memory_gb=a.kv_cache_memory_gb, num_kv_blocks=a.num_kv_blocks,
-                max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, seed=a.seed)
+                max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, seed=a.seed,
+                worker_timeout_s=a.worker_timeout_s)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from remp.engine_args import EngineArgs
+    from remp.entrypoints.server import serve
+
+    kwargs = engine_kwargs(a)
+    kwargs["model"] = a.model_pos or a.model
+    serve(EngineArgs.from_kwargs(**kwargs), a.host, a.port, a.served_model_name, a.api_key, a.admin_token)
+    return 0
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -60,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--sampling-seed", type=int, default=None)
     g.set_defaults(func=cmd_generate)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a live topology admin API")
+    s.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
+    add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    s.add_argument("--admin-token", default=None, help="enable /admin (reconfigure, topology) with this token")
+    s.set_defaults(func=cmd_serve)
     a = parser.parse_args(argv)
     try:
         return a.func(a)

@@ -1,0 +1,70 @@
+"""Prometheus metrics of the server, named like vLLM's under a `remp:` prefix, plus topology switches."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from remp.engine import LLMEngine
+from remp.outputs import RequestOutput
+from remp.switch_report import SwitchReport
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                   40.0, 80.0)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.registry = r = CollectorRegistry()
+        label = {"labelnames": ["model_name"]}
+        self.running = Gauge("remp:num_requests_running", "Requests in the running batch", registry=r, **label)
+        self.waiting = Gauge("remp:num_requests_waiting", "Requests waiting to be scheduled", registry=r, **label)
+        self.kv_usage = Gauge("remp:kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full)", registry=r, **label)
+        self.preemptions = Gauge("remp:num_preemptions", "Preemptions since start", registry=r, **label)
+        self.prompt_tokens = Counter("remp:prompt_tokens", "Prefill tokens processed", registry=r, **label)
+        self.generation_tokens = Counter("remp:generation_tokens", "Tokens generated", registry=r, **label)
+        self.success = Counter("remp:request_success", "Finished requests", registry=r,
+                               labelnames=["model_name", "finished_reason"])
+        self.ttft = Histogram("remp:time_to_first_token_seconds", "Time to first token", registry=r,
+                              buckets=LATENCY_BUCKETS, **label)
+        self.tpot = Histogram("remp:time_per_output_token_seconds", "Mean time per output token of a request",
+                              registry=r, buckets=LATENCY_BUCKETS, **label)
+        self.e2e = Histogram("remp:e2e_request_latency_seconds", "Request latency", registry=r,
+                             buckets=LATENCY_BUCKETS, **label)
+        self.switches = Counter("remp:topology_switches", "Topology switches", registry=r,
+                                labelnames=["model_name", "mode"])
+        self.switch_duration = Histogram("remp:topology_switch_duration_seconds", "Wall time of a switch",
+                                         registry=r, buckets=LATENCY_BUCKETS, **label)
+        self.switch_pause = Histogram("remp:topology_switch_pause_seconds", "Time no step ran during a switch",
+                                      registry=r, buckets=LATENCY_BUCKETS, **label)
+        self.tp = Gauge("remp:tensor_parallel_size", "Current tensor parallel size", registry=r, **label)
+        self.pp = Gauge("remp:pipeline_parallel_size", "Current pipeline parallel size", registry=r, **label)
+        self.model = model_name
+
+    def on_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
+        """Called on the engine thread after every step."""
+        m, s = self.model, engine.scheduler
+        self.running.labels(m).set(len(s.running))
+        self.waiting.labels(m).set(len(s.waiting))
+        self.kv_usage.labels(m).set(s.pool.usage)
+        self.preemptions.labels(m).set(s.num_preemptions)
+        self.generation_tokens.labels(m).inc(len(outputs))
+        for out in outputs:
+            met = out.metrics
+            if len(out.outputs[0].token_ids) == 1:
+                self.prompt_tokens.labels(m).inc(len(out.prompt_token_ids))
+                if met and met.first_token_time:
+                    self.ttft.labels(m).observe(met.first_token_time - met.arrival_time)
+            if out.finished and met and met.finished_time:
+                self.success.labels(m, out.outputs[0].finish_reason).inc()
+                self.e2e.labels(m).observe(met.finished_time - met.arrival_time)
+                n = len(out.outputs[0].token_ids)
+                if n > 1 and met.first_token_time:
+                    self.tpot.labels(m).observe((met.finished_time - met.first_token_time) / (n - 1))
+
+    def on_topology(self, tp: int, pp: int, report: SwitchReport | None = None) -> None:
+        self.tp.labels(self.model).set(tp)
+        self.pp.labels(self.model).set(pp)
+        if report is not None:
+            self.switches.labels(self.model, report.mode).inc()
+            self.switch_duration.labels(self.model).observe(report.wall_s)
+            self.switch_pause.labels(self.model).observe(report.pause_s)
