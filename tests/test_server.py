@@ -1,0 +1,194 @@
+"""`remp serve` against the official openai client: completions and chat, streaming and not, usage, greedy
+equality with the offline LLM, OpenAI-style errors, auth, and a live topology switch under streaming load."""
+
+import json
+import threading
+import urllib.request
+
+import openai
+import pytest
+
+from remp import LLM, SamplingParams
+from tests.server_utils import remp_server
+
+PROMPTS = ["hello world", "abc", "The quick brown fox", "1 2 3 4"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama):
+    with remp_server(str(tiny_llama), "--dtype", "float64", "-tp", "2", "-pp", "2", "--admin-token", "adm",
+                     "--served-model-name", "tiny", "--max-model-len", "256") as (url, proc):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_llama):
+    with LLM(str(tiny_llama), dtype="float64", max_model_len=256) as llm:
+        yield llm
+
+
+def post(url, path, body, token=None, raw=None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method="POST", headers={"content-type": "application/json"})
+    if token:
+        req.add_header("authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def get(url, path, token=None):
+    req = urllib.request.Request(url + path)
+    if token:
+        req.add_header("authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_completion_equals_offline_and_usage(client, offline):
+    for prompt in PROMPTS:
+        ref = offline.generate(prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.choices[0].text == ref.outputs[0].text
+        assert r.usage.prompt_tokens == len(ref.prompt_token_ids) and r.usage.completion_tokens == 12
+        assert r.choices[0].finish_reason == "length"
+
+
+def test_streaming_completion_and_usage(client, offline):
+    ref = offline.generate("abc", SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    chunks = list(client.completions.create(model="tiny", prompt="abc", max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == ref.outputs[0].text
+    assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].usage.prompt_tokens == len(ref.prompt_token_ids)
+
+
+def test_chat_streaming_and_not(client, offline):
+    msgs = [{"role": "user", "content": "hi there"}]
+    ref = offline.chat(msgs, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=8, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == ref.outputs[0].text and r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
+    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == ref.outputs[0].text
+
+
+def test_seeded_sampling_is_reproducible(client):
+    a, b = (client.completions.create(model="tiny", prompt="xyz", max_tokens=8, temperature=1.0, seed=3)
+            for _ in range(2))
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_logprobs(client):
+    r = client.completions.create(model="tiny", prompt="abc", max_tokens=3, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == 3 and all(x <= 0 for x in lp.token_logprobs)
+    c = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}], max_tokens=2,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    assert len(c.choices[0].logprobs.content) == 2
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    ({"prompt": "a" * 400, "max_tokens": 2}, 400, "max_model_len"),
+    ({"prompt": "a", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "a", "top_p": 7}, 400, "top_p"),
+    ({"prompt": "a", "max_tokens": "many"}, 400, "max_tokens"),
+    ({"prompt": 12}, 400, "prompt"),
+    ({"prompt": "a", "model": "gpt-17"}, 404, "does not exist"),
+    ({"prompt": "a", "n": 3}, 400, "n"),
+])
+def test_bad_requests(server, body, status, needle):
+    code, err = post(server, "/v1/completions", body)
+    assert code == status and needle in json.dumps(err["error"])
+
+
+def test_malformed_json_and_bad_chat(server):
+    code, err = post(server, "/v1/completions", None, raw=b'{"prompt": "a",')
+    assert code == 400 and "malformed JSON" in err["error"]["message"]
+    code, err = post(server, "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]})
+    assert code == 400
+
+
+def test_admin_auth_and_refused_switch(server, client):
+    assert get(server, "/admin/topology")[0] == 401
+    assert get(server, "/admin/topology", token="wrong")[0] == 403
+    code, body = get(server, "/admin/topology", token="adm")
+    assert code == 200 and json.loads(body)["topology"] == "TP2xPP2"
+    code, err = post(server, "/admin/reconfigure", {"tensor_parallel_size": 3, "pipeline_parallel_size": 1}, "adm")
+    assert code == 400 and "still serving TP2xPP2" in err["error"]["message"]
+    code, err = post(server, "/admin/reconfigure", {"tensor_parallel_size": 2}, "adm")
+    assert code == 400
+    assert post(server, "/admin/reconfigure", {"tensor_parallel_size": 4, "pipeline_parallel_size": 1}, "x")[0] == 403
+    # still serving, correctly
+    r = client.completions.create(model="tiny", prompt="abc", max_tokens=4, temperature=0)
+    assert len(r.choices[0].text) > 0 and get(server, "/health")[0] == 200
+
+
+def test_metrics(server, client):
+    client.completions.create(model="tiny", prompt="abc", max_tokens=4, temperature=0)
+    code, text = get(server, "/metrics")
+    for name in ("remp:num_requests_running", "remp:kv_cache_usage_perc", "remp:generation_tokens_total",
+                 "remp:time_to_first_token_seconds_bucket", "remp:e2e_request_latency_seconds_count",
+                 "remp:tensor_parallel_size", "remp:topology_switches_total"):
+        assert name in text
+
+
+def test_live_switches_while_streaming(server, client, offline):
+    """Several concurrent streams; the topology switches several times while they stream; every stream
+    completes without error and equals a run without switches."""
+    prompts = ["alpha beta", "gamma", "delta epsilon zeta", "eta", "theta iota"]
+    refs = {p: o.outputs[0].text for p, o in zip(prompts, offline.generate(
+        prompts, SamplingParams(max_tokens=150, temperature=0, ignore_eos=True)))}
+    results, errors = {}, []
+
+    def stream(p):
+        try:
+            chunks = client.completions.create(model="tiny", prompt=p, max_tokens=150, temperature=0, stream=True,
+                                               extra_body={"ignore_eos": True})
+            results[p] = "".join(c.choices[0].text for c in chunks if c.choices)
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=stream, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    reports = []
+    for tp, pp in [(4, 1), (1, 4), (2, 2), (4, 1), (2, 2)]:
+        code, rep = post(server, "/admin/reconfigure", {"tensor_parallel_size": tp, "pipeline_parallel_size": pp},
+                         "adm")
+        assert code == 200, rep
+        reports.append(rep)
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    assert results == refs
+    assert sum(r["kv_blocks_moved"] > 0 for r in reports) >= 1
+    topo = json.loads(get(server, "/admin/topology", token="adm")[1])
+    assert len(topo["switches"]) >= 5 and topo["topology"] == "TP2xPP2"
+
+
+def test_api_key_and_admin_off(tiny_llama):
+    with remp_server(str(tiny_llama), "--dtype", "float64", "--api-key", "k1") as (url, _):
+        bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=url + "/v1", api_key="k1", max_retries=0)
+        assert good.models.list().data[0].id
+        assert get(url, "/admin/topology", token="anything")[0] == 404
