@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make run` (main job) and `make test`.
+# Two commands on a fresh machine: `make run` (serves the bundled model; extra flags via ARGS="...") and `make test`.
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 
 .PHONY: run test test-all bench
 run: $(STAMP)
-	$(VENV)/bin/remp generate --chat --prompt "What is the capital of France? Answer in one sentence." --max-tokens 64
+	$(VENV)/bin/remp serve $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

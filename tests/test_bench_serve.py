@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from remp.bench import serve
-from remp.bench.datasets import (DatasetOptions, Phase, arrival_offsets, arrivals_for_duration, file_requests,
+from remp.bench.datasets import (DatasetOptions, arrival_offsets, arrivals_for_duration, file_requests,
                                  intervals, parse_phases, plan, random_requests, synthetic_chat_requests)
 from remp.bench.metrics import (RequestResult, compute_metrics, meets_slos, parse_goodput, phase_metrics, tpot)
 from remp.bench.timeline import parse_topology_gauges, tokens_per_second

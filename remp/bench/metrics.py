@@ -84,7 +84,8 @@ def compute_metrics(results: list[RequestResult], duration_s: float, percentiles
     dur = max(duration_s, 1e-9)
     tin, tout = sum(r.prompt_tokens for r in ok), sum(r.output_tokens for r in ok)
     m: dict = {"duration": duration_s, "completed": len(ok), "failed": len(results) - len(ok),
-               "retried_requests": sum(r.retries > 0 for r in results), "total_retries": sum(r.retries for r in results),
+               "retried_requests": sum(r.retries > 0 for r in results),
+               "total_retries": sum(r.retries for r in results),
                "total_input_tokens": tin, "total_output_tokens": tout,
                "request_throughput": len(ok) / dur, "output_throughput": tout / dur,
                "total_token_throughput": (tin + tout) / dur}
@@ -106,7 +107,7 @@ def phase_metrics(results: list[RequestResult], num_phases: int, percentiles: tu
         rs = [r for r in results if r.phase == k]
         start = min((r.send_time for r in rs), default=0.0)
         end = max((r.send_time + r.latency for r in rs), default=0.0)
-        out.append({"phase": k, "num_requests": len(rs), "first_send_s": start, "last_end_s": end}
+        out.append({"num_requests": len(rs), "first_send_s": start, "last_end_s": end}
                    | compute_metrics(rs, end - start, percentiles, slos_ms))
     return out
 

@@ -56,7 +56,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--max-concurrency", type=int, default=None)
     a.add_argument("--phases", default=None,
                    help="JSON list (inline or a file) of {duration_s|num_prompts, request_rate, input_len, "
-                        "output_len, dataset?, burstiness?, range_ratio?, name?}; replaces --num-prompts/--request-rate")
+                        "output_len, dataset?, burstiness?, range_ratio?, name?}; replaces --num-prompts and "
+                        "--request-rate")
     a.add_argument("--retry-failed", type=int, default=0, help="retries of a failed request (5xx, 429, network)")
     a.add_argument("--timeout-s", type=float, default=3600.0, help="per request")
     o = p.add_argument_group("output")
@@ -224,7 +225,8 @@ async def benchmark(args: argparse.Namespace) -> dict:
         wall0, t_start = time.time(), time.perf_counter()
         poller = stop = poll_task = None
         if args.poll_topology:
-            poller, stop = TopologyPoller(session, base_url, wall0, args.admin_token, args.poll_interval), asyncio.Event()
+            poller = TopologyPoller(session, base_url, wall0, args.admin_token, args.poll_interval)
+            stop = asyncio.Event()
             poll_task = asyncio.create_task(poller.run(stop))
 
         async def one(i: int, req: SampleRequest) -> RequestResult:
@@ -303,14 +305,19 @@ def main(argv: list[str] | None = None) -> int:
     metrics (duration, completed, failed, retried_requests, total_retries, total_input_tokens,
     total_output_tokens, request_throughput, output_throughput, total_token_throughput, [goodput_slos_ms,
     good_requests, request_goodput], {mean,median,std,p90,p99}_{ttft,tpot,itl,e2el}_ms), phases (each window:
-    index, name, start_s, end_s, num_requests, request_rate, burstiness, dataset, plus the same metrics),
-    topology (source, samples [{time, topology}], switches [{time, unix_time, from, to, pause_s?, wall_s?,
-    source}] or null), vLLM's input_lens/output_lens/ttfts/itls/errors, and requests (RequestResult fields).
+    index, name, start_s, end_s, num_requests, request_rate, burstiness, dataset, first_send_s, last_end_s, plus
+    the same metrics), topology (source, samples [{time, topology}], switches [{time, unix_time, from, to,
+    pause_s?, wall_s?, mode?, source}] or null), timeline (PNG path or null), vLLM's
+    input_lens/output_lens/ttfts/itls/errors, and requests (RequestResult fields).
     Times in results are seconds from the run start.
     """
     parser = argparse.ArgumentParser(prog="remp bench serve", description=__doc__.split("\n\n")[0])
     add_cli_args(parser)
-    args = parser.parse_args(argv)
+    return run_cli(parser.parse_args(argv))
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run, print, save; for a CLI hook: `add_cli_args(p); p.set_defaults(func=run_cli)`. Exit codes as main."""
     try:
         result = asyncio.run(benchmark(args))
     except (ValueError, FileNotFoundError, json.JSONDecodeError, aiohttp.ClientError, OSError) as e:

@@ -29,7 +29,7 @@ def parse_topology_gauges(text: str) -> str | None:
 class TopologyPoller:
     """Polls GET /admin/topology (Bearer admin token), falling back to GET /metrics gauges, every `interval_s`.
     Switches come from the server's own switch history when it has one (exact times and pauses), otherwise from
-    a topology change between two polls (e.g. after a restart). All times are seconds from the run start `wall0` (unix)."""
+    a topology change between two polls (e.g. after a restart). Times are seconds from the run start `wall0`."""
 
     def __init__(self, session: aiohttp.ClientSession, base_url: str, wall0: float, admin_token: str | None = None,
                  interval_s: float = 0.5):
@@ -59,8 +59,9 @@ class TopologyPoller:
                         data = await resp.json(content_type=None)
                     except (ValueError, aiohttp.ClientError):
                         data = {}
-                    topo = data.get("topology") or (f"TP{data['tensor_parallel_size']}xPP{data['pipeline_parallel_size']}"
-                                                    if "tensor_parallel_size" in data else None)
+                    topo = data.get("topology")
+                    if not topo and "tensor_parallel_size" in data:
+                        topo = f"TP{data['tensor_parallel_size']}xPP{data.get('pipeline_parallel_size', 1)}"
                     history = data.get("switches")
                     self.source = "admin"
                 elif resp.status in (401, 403, 404, 405):
@@ -101,7 +102,8 @@ class TopologyPoller:
                 "switches": self.switches}
 
 
-def tokens_per_second(results: list[RequestResult], duration_s: float, bin_s: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def tokens_per_second(results: list[RequestResult], duration_s: float,
+                      bin_s: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Output tokens delivered per `bin_s` bin, by chunk arrival time (a chunk carries output_tokens/chunks)."""
     nbins = max(1, math.ceil(duration_s / bin_s))
     counts = np.zeros(nbins)
