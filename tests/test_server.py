@@ -192,3 +192,24 @@ def test_api_key_and_admin_off(tiny_llama):
         good = openai.OpenAI(base_url=url + "/v1", api_key="k1", max_retries=0)
         assert good.models.list().data[0].id
         assert get(url, "/admin/topology", token="anything")[0] == 404
+
+
+def test_bench_serve_against_live_server(server, tmp_path):
+    """`remp bench serve` end to end on the live server, with a switch during the run marked on the timeline."""
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "remp", "bench", "serve", "--base-url", server, "--num-prompts", "12",
+           "--random-input-len", "16", "--random-output-len", "40", "--random-vocab-size", "256", "--ignore-eos",
+           "--request-rate", "20", "--save-result", "--result-dir", str(tmp_path), "--result-filename", "r.json",
+           "--disable-tqdm", "--poll-topology", "--admin-token", "adm", "--timeline", str(tmp_path / "t.png")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    import time
+    time.sleep(2.0)
+    code, rep = post(server, "/admin/reconfigure", {"tensor_parallel_size": 4, "pipeline_parallel_size": 1}, "adm")
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["completed"] == 12 and result["failed"] == 0
+    assert result["total_output_tokens"] == 12 * 40
+    assert (tmp_path / "t.png").stat().st_size > 0
+    assert code == 200

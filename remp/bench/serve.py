@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import sys
@@ -216,7 +217,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
     phases = make_phases(args, chat)
     requests, windows = plan(phases, args.seed)
     headers = _headers(args.api_key)
-    connector = aiohttp.TCPConnector(limit=args.max_concurrency or 0, force_close=False)
+    connector = aiohttp.TCPConnector(limit=0)          # the semaphore bounds concurrency; polls never queue
     async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
         model = args.model or await fetch_model(session, base_url, args.api_key)
         bodies = [build_payload(r, model, chat, args.ignore_eos, args.temperature) for r in requests]
@@ -230,13 +231,9 @@ async def benchmark(args: argparse.Namespace) -> dict:
             poll_task = asyncio.create_task(poller.run(stop))
 
         async def one(i: int, req: SampleRequest) -> RequestResult:
-            if sem is None:
+            async with sem or contextlib.nullcontext():
                 r = await send_request(session, base_url + endpoint, headers, bodies[i], chat, req, i, t_start,
                                        args.timeout_s, args.retry_failed)
-            else:
-                async with sem:
-                    r = await send_request(session, base_url + endpoint, headers, bodies[i], chat, req, i, t_start,
-                                           args.timeout_s, args.retry_failed)
             bar.update(1)
             return r
 

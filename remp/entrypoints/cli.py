@@ -81,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     s.add_argument("--admin-token", default=None, help="enable /admin (reconfigure, topology) with this token")
     s.set_defaults(func=cmd_serve)
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    from remp.bench.serve import add_cli_args, run_cli
+    bs = b.add_parser("serve", help="load generator for any OpenAI-compatible server (like `vllm bench serve`)")
+    add_cli_args(bs)
+    bs.set_defaults(func=run_cli)
     a = parser.parse_args(argv)
     try:
         return a.func(a)
