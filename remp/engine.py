@@ -86,7 +86,8 @@ class LLMEngine:
     def _start_executor(self, reader, topology: Topology):
         args = self.args
         kwargs = dict(model=args.model, dtype=self.dtype, num_blocks=self.num_kv_blocks, block_size=args.block_size,
-                      max_model_len=self.max_model_len, device=args.device, timeout_s=args.worker_timeout_s)
+                      max_model_len=self.max_model_len, device=args.device, timeout_s=args.worker_timeout_s,
+                      shm_elems=args.max_num_batched_tokens * self.model_config.hidden_size)
         if topology.size == 1:
             return LocalExecutor(reader, topology, MultiprocExecutor.worker_config(1, **kwargs))
         return MultiprocExecutor(topology, MultiprocExecutor.worker_config(topology.size, **kwargs))

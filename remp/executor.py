@@ -8,6 +8,7 @@ becomes a WorkerError here; the executor then stops every worker.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import pickle
@@ -19,6 +20,7 @@ from multiprocessing.connection import wait as wait_ready
 
 from remp.model.reader import CheckpointReader
 from remp.model_runner import ModelRunner
+from remp.shm_allreduce import ShmSegment
 from remp.step import StepMsg, StepResult
 from remp.topology import Topology
 from remp.worker import WorkerConfig, worker_main
@@ -53,7 +55,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(procs: list, conns: list, grace_s: float = 5.0) -> None:
+def _stop(procs: list, conns: list, segment: ShmSegment | None = None, grace_s: float = 5.0) -> None:
     for c in conns:
         try:
             c.send_bytes(pickle.dumps(("shutdown", None)))
@@ -68,6 +70,8 @@ def _stop(procs: list, conns: list, grace_s: float = 5.0) -> None:
             p.join(2.0)
     for c in conns:
         c.close()
+    if segment is not None:
+        segment.close(unlink=True)
 
 
 class MultiprocExecutor:
@@ -77,6 +81,10 @@ class MultiprocExecutor:
         self.max_in_flight = topology.pp
         ctx = mp.get_context("spawn")
         self.procs, self.conns = [], []
+        self.segment = None
+        if cfg.device == "cpu" and cfg.shm_elems:
+            self.segment = ShmSegment(cfg.world_size, cfg.shm_elems)
+            cfg = dataclasses.replace(cfg, shm_name=self.segment.name)
         for rank in range(cfg.world_size):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=worker_main, args=(rank, cfg, topology, child), daemon=True,
@@ -85,7 +93,7 @@ class MultiprocExecutor:
             child.close()
             self.procs.append(p)
             self.conns.append(parent)
-        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
+        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns, self.segment)
         try:
             self._await_ready(startup_timeout_s)
         except BaseException:

@@ -32,6 +32,8 @@ class WorkerConfig:
     init_method: str
     timeout_s: float
     threads: int
+    shm_name: str | None = None  # shared-memory all-reduce segment (CPU pools on one machine)
+    shm_elems: int = 0
 
 
 def _die_with_parent() -> None:
@@ -59,9 +61,11 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology, conn: Connecti
         from remp.comm import WorkerComm
         from remp.model.reader import open_checkpoint
         from remp.model_runner import ModelRunner
+        from remp.shm_allreduce import ShmSegment
 
         device = _device(cfg, rank)
-        comm = WorkerComm(rank, cfg.world_size, cfg.init_method, cfg.timeout_s, device)
+        shm = ShmSegment(cfg.world_size, cfg.shm_elems, cfg.shm_name) if cfg.shm_name else None
+        comm = WorkerComm(rank, cfg.world_size, cfg.init_method, cfg.timeout_s, device, shm)
         reader = open_checkpoint(cfg.model)
         comm.set_topology(topology, reader.config.hidden_size, cfg.dtype)
         runner = ModelRunner(reader, topology.spec(reader.config, rank), cfg.dtype, cfg.num_blocks,
