@@ -19,7 +19,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -135,13 +134,12 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     server = Server(a.model, a.dtype, a.port)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for topo in a.fixed.split(","):
-            rows.append(run_variant(f"fixed-{topo}", server, [parse_topology(topo)], "fixed", a, RESULTS))
-            print(json.dumps(rows[-1]), flush=True)
-        for mode in ("switch", "restart"):
-            rows.append(run_variant(f"{mode}-{a.schedule.replace(',', '-')}", server, schedule, mode, a, RESULTS))
-            print(json.dumps(rows[-1]), flush=True)
+    for topo in a.fixed.split(","):
+        rows.append(run_variant(f"fixed-{topo}", server, [parse_topology(topo)], "fixed", a, RESULTS))
+        print(json.dumps(rows[-1]), flush=True)
+    for mode in ("switch", "restart"):
+        rows.append(run_variant(f"{mode}-{a.schedule.replace(',', '-')}", server, schedule, mode, a, RESULTS))
+        print(json.dumps(rows[-1]), flush=True)
     out = {"date": datetime.date.today().isoformat(), "model": a.model or "smollm2-135m", "dtype": a.dtype,
            "phases": phases(a.phase_seconds), "schedule": a.schedule, "goodput_slo": a.goodput, "variants": rows}
     (RESULTS / "shifting.json").write_text(json.dumps(out, indent=2))

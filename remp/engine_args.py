@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, fields
 
 
@@ -42,6 +41,3 @@ class EngineArgs:
         if unknown:
             raise TypeError(f"unknown engine option(s) {unknown}; known options: {sorted(known)}")
         return cls(**kwargs)
-
-    def replace(self, **changes) -> "EngineArgs":
-        return dataclasses.replace(self, **changes)

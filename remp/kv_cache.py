@@ -35,7 +35,3 @@ class KVCache:
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, v) of local layer i, each [kv_heads, num_blocks, block_size, head_dim] (head-major)."""
         return self.layers[i][0], self.layers[i][1]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.layers)

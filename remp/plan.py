@@ -97,9 +97,6 @@ class Plan:
     minimum: ByteCounts = field(default_factory=ByteCounts)  # the least any plan must move (any placement)
     from_checkpoint: ByteCounts = field(default_factory=ByteCounts)
 
-    def transfers_of_phase(self, layer: int) -> list[Transfer]:
-        return [t for t in self.transfers if t.piece.layer == layer]
-
 
 class PieceSizer:
     """Bytes of pieces for one model, dtype and number of KV blocks in use."""

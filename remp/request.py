@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from remp.outputs import Logprob, RequestMetrics
 from remp.sampling_params import SamplingParams

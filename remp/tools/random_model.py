@@ -98,6 +98,8 @@ def write_random_llama(path: str | Path, seed: int = 0, num_shards: int = 1,
             part = {n: weights[n] for n in names[s::num_shards]}
             save_file(part, str(path / fname))
             weight_map.update({n: fname for n in part})
-        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": sum(t.nbytes for t in weights.values())}, "weight_map": weight_map}))
+        total = sum(t.nbytes for t in weights.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
     write_tokenizer(path)
     return path
