@@ -9,7 +9,7 @@ PEER_DIR=${PEER_DIR:-${TMPDIR:-/tmp}/vllm-peer}
 mkdir -p "$ROOT/bench/results"
 t0=$(date +%s.%N)
 "$ROOT/.venv/bin/python" -m remp serve --served-model-name smollm2 --dtype bfloat16 --port 8765 "$@" \
-  > "$ROOT/bench/results/$TAG.server.log" 2>&1 &
+  > "${TMPDIR:-/tmp}/$TAG.server.log" 2>&1 &
 SERVER=$!
 until curl -sf http://127.0.0.1:8765/health > /dev/null; do sleep 0.5; kill -0 $SERVER 2>/dev/null || exit 1; done
 echo "startup_s $(echo "$(date +%s.%N) - $t0" | bc)"

@@ -88,7 +88,7 @@ class LLMEngine:
         kwargs = dict(model=args.model, dtype=self.dtype, num_blocks=self.num_kv_blocks, block_size=args.block_size,
                       max_model_len=self.max_model_len, device=args.device, timeout_s=args.worker_timeout_s,
                       shm_elems=args.max_num_batched_tokens * self.model_config.hidden_size)
-        if topology.size == 1:
+        if topology.size == 1 and args.distributed_executor_backend != "mp":
             return LocalExecutor(reader, topology, MultiprocExecutor.worker_config(1, **kwargs))
         return MultiprocExecutor(topology, MultiprocExecutor.worker_config(topology.size, **kwargs))
 

@@ -19,6 +19,9 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048
     seed: int = 0
     device: str = "cpu"
+    # "uni": a single worker runs in this process; "mp": worker processes (always, when tp*pp > 1). None picks
+    # "uni" for one worker. A server wants "mp" so the model does not compete with HTTP for this process.
+    distributed_executor_backend: str | None = None
     worker_timeout_s: float = 120.0  # a worker silent this long (or a collective stuck this long) is an error
 
     def __post_init__(self) -> None:
@@ -31,6 +34,9 @@ class EngineArgs:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
+        if self.distributed_executor_backend not in (None, "uni", "mp"):
+            raise ValueError(f"distributed_executor_backend must be 'uni' or 'mp', "
+                             f"got {self.distributed_executor_backend!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
 

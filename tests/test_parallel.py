@@ -11,10 +11,10 @@ ENGINE = dict(dtype="float64", num_kv_blocks=24, block_size=8, max_model_len=128
               worker_timeout_s=60)
 
 
-def run(path, tp, pp):
+def run(path, tp, pp, **kw):
     params = [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=3),
               SamplingParams(max_tokens=16, temperature=0.9, top_k=50, seed=11, ignore_eos=True, logprobs=3)]
-    with LLM(str(path), tensor_parallel_size=tp, pipeline_parallel_size=pp, **ENGINE) as llm:
+    with LLM(str(path), tensor_parallel_size=tp, pipeline_parallel_size=pp, **ENGINE, **kw) as llm:
         assert str(llm.llm_engine.topology) == f"TP{tp}xPP{pp}"
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], [params[i % 2] for i in range(len(PROMPTS))])
         preempted = llm.llm_engine.scheduler.num_preemptions
@@ -42,4 +42,11 @@ def model_and_reference(request):
 def test_topology_matches_single_worker(model_and_reference, tp, pp):
     path, ref = model_and_reference
     out, _ = run(path, tp, pp)
+    assert_equal(ref, out)
+
+
+def test_single_worker_process_matches_in_process(model_and_reference):
+    """`remp serve` runs even one worker in its own process ("mp"): same tokens as in-process."""
+    path, ref = model_and_reference
+    out, _ = run(path, 1, 1, distributed_executor_backend="mp")
     assert_equal(ref, out)

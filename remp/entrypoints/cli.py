@@ -36,6 +36,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     kwargs = engine_kwargs(a)
     kwargs["model"] = a.model_pos or a.model
+    kwargs["distributed_executor_backend"] = "mp"  # keep the model out of the HTTP server's process
     serve(EngineArgs.from_kwargs(**kwargs), a.host, a.port, a.served_model_name, a.api_key, a.admin_token)
     return 0
 
