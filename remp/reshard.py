@@ -92,19 +92,18 @@ def execute_plan(rank: int, plan: Plan, config, old: ShardState, new_spec: Shard
     def weight_view(name: str, lo: int, hi: int, tensor: torch.Tensor, start: int) -> torch.Tensor:
         return tensor.narrow(shard_axis(name), lo - start, hi - lo)
 
-    def piece_buffer(p) -> torch.Tensor:
-        if isinstance(p, KVPiece):
-            return torch.empty(2, len(used_blocks), block_size, D, dtype=dtype, device=device)
+    def piece_shape(p) -> list[int]:
+        if isinstance(p, KVPiece):  # k and v of the blocks in use, for one layer and head
+            return [2, len(used_blocks), block_size, D]
         shape = list(tensor_shape(config, p.name))
         shape[shard_axis(p.name)] = p.stop - p.start
-        return torch.empty(shape, dtype=dtype, device=device)
+        return shape
+
+    def piece_buffer(p) -> torch.Tensor:
+        return torch.empty(piece_shape(p), dtype=dtype, device=device)
 
     def piece_bytes(p) -> int:
-        if isinstance(p, KVPiece):
-            return 2 * len(used_blocks) * block_size * D * dtype.itemsize
-        shape = list(tensor_shape(config, p.name))
-        shape[shard_axis(p.name)] = p.stop - p.start
-        return math.prod(shape) * dtype.itemsize
+        return math.prod(piece_shape(p)) * dtype.itemsize
 
     new = ShardState(new_spec, {}, {})
     for group in _phase_groups(plan, config, piece_bytes):
