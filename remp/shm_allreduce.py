@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 import torch
 
@@ -31,9 +31,6 @@ class ShmSegment:
             self.shm.buf[:self.flag_bytes] = bytes(self.flag_bytes)
         else:
             self.shm = shared_memory.SharedMemory(name=name)
-            # Attaching registers the segment with the resource tracker too (before Python 3.13), which would
-            # report it as leaked: the driver that created it is the one that unlinks it.
-            resource_tracker.unregister(self.shm._name, "shared_memory")
         self.name = self.shm.name
 
     def close(self, unlink: bool = False) -> None:
