@@ -134,21 +134,27 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
     def sse(obj: Any) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    async def stream_events(outputs: AsyncIterator[RequestOutput], make_chunk, include_usage: bool,
-                            usage_chunk) -> AsyncIterator[str]:
+    async def stream_events(outputs: AsyncIterator[RequestOutput], envelope: dict, choice,
+                            include_usage: bool) -> AsyncIterator[str]:
+        """SSE chunks: `envelope` (id, object, created, model) around choice(output, delta, first token index,
+        first text index) for each new piece of text, then the usage chunk if asked, then [DONE]."""
         sent_text, sent_tokens, last = 0, 0, None
         try:
             async for out in outputs:
                 last, c = out, out.outputs[0]
                 delta = c.text[sent_text:]
                 if delta or c.finish_reason is not None:
-                    yield sse(make_chunk(c, delta, sent_tokens, sent_text))
+                    yield sse({**envelope, "choices": [choice(c, delta, sent_tokens, sent_text)]})
                     sent_text, sent_tokens = len(c.text), len(c.token_ids)
         except RuntimeError as e:  # the engine failed mid-stream: say so in-band, as vLLM does
             yield sse({"error": {"message": str(e), "type": "InternalServerError", "code": 500}})
         if include_usage and last is not None:
-            yield sse(usage_chunk(last))
+            yield sse({**envelope, "choices": [], "usage": usage(last)})
         yield "data: [DONE]\n\n"
+
+    def streaming(req, outputs: AsyncIterator[RequestOutput], envelope: dict, choice) -> StreamingResponse:
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(stream_events(outputs, envelope, choice, include), media_type="text/event-stream")
 
     # ---- OpenAI endpoints -----------------------------------------------------------------------------------
     @app.get("/v1/models")
@@ -178,18 +184,12 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
         if req.stream:
             outputs = await start(prompt, params, rid)
 
-            def chunk(c: CompletionOutput, delta: str, tok0: int, text0: int) -> dict:
-                return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                        "choices": [{"index": 0, "text": delta, "logprobs": completion_logprobs(c, tok0, text0),
-                                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
+            def choice(c: CompletionOutput, delta: str, tok0: int, text0: int) -> dict:
+                return {"index": 0, "text": delta, "logprobs": completion_logprobs(c, tok0, text0),
+                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
-            def usage_chunk(out: RequestOutput) -> dict:
-                return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                        "choices": [], "usage": usage(out)}
-
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream_events(outputs, chunk, include, usage_chunk),
-                                     media_type="text/event-stream")
+            envelope = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
+            return streaming(req, outputs, envelope, choice)
         choices, total = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         for i, p in enumerate(prompts):
             sub = f"{rid}-{i}"
@@ -221,20 +221,14 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
         if req.stream:
             first = [True]
 
-            def chunk(c: CompletionOutput, delta: str, tok0: int, _text0: int) -> dict:
+            def choice(c: CompletionOutput, delta: str, tok0: int, _text0: int) -> dict:
                 d = {"role": "assistant", "content": delta} if first[0] else {"content": delta}
                 first[0] = False
-                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                        "choices": [{"index": 0, "delta": d, "logprobs": chat_logprobs(c, tok0),
-                                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
+                return {"index": 0, "delta": d, "logprobs": chat_logprobs(c, tok0),
+                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
-            def usage_chunk(out: RequestOutput) -> dict:
-                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                        "choices": [], "usage": usage(out)}
-
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream_events(outputs, chunk, include, usage_chunk),
-                                     media_type="text/event-stream")
+            envelope = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name}
+            return streaming(req, outputs, envelope, choice)
         out = await final(outputs, request, rid)
         c = out.outputs[0]
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
