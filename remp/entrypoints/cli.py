@@ -20,6 +20,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker-timeout-s", type=float, default=120.0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per worker, NCCL")
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
@@ -27,7 +28,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 tensor_parallel_size=a.tensor_parallel_size, pipeline_parallel_size=a.pipeline_parallel_size,
                 block_size=a.block_size, kv_cache_memory_gb=a.kv_cache_memory_gb, num_kv_blocks=a.num_kv_blocks,
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, seed=a.seed,
-                worker_timeout_s=a.worker_timeout_s)
+                worker_timeout_s=a.worker_timeout_s, device=a.device)
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
