@@ -213,3 +213,22 @@ def test_bench_serve_against_live_server(server, tmp_path):
     assert result["total_output_tokens"] == 12 * 40
     assert (tmp_path / "t.png").stat().st_size > 0
     assert code == 200
+
+
+def test_health_503_after_a_worker_dies(tiny_llama):
+    """A dead worker turns into clear errors and an unhealthy /health; the server process keeps answering."""
+    import os
+    import signal
+    import subprocess
+    with remp_server(str(tiny_llama), "--dtype", "float64", "-tp", "2", "--worker-timeout-s", "10") as (url, proc):
+        children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True,
+                                  text=True).stdout.split()
+        assert len(children) == 2
+        os.kill(int(children[1]), signal.SIGKILL)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        with pytest.raises(openai.APIError):
+            list(client.completions.create(model=str(tiny_llama), prompt="abc", max_tokens=50, stream=True))
+        code, body = get(url, "/health")
+        assert code == 503 and "worker 1" in body
+        code, err = post(url, "/v1/completions", {"prompt": "abc", "max_tokens": 2})
+        assert code == 503
