@@ -6,8 +6,9 @@ import itertools
 import math
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -35,8 +36,6 @@ class EngineDeadError(RuntimeError):
 
 @dataclass
 class EngineStats:
-    steps: int = 0
-    tokens: int = 0
     # driver <-> worker cost of a step alone in flight: wall time from submit to result minus the sampler
     # worker's own time (pickling, pipes, scheduling handoff); recent steps only
     control_overhead_s: deque = field(default_factory=lambda: deque(maxlen=4096))
@@ -150,7 +149,7 @@ class LLMEngine:
         return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
 
     def abort_request(self, request_id: str | list[str]) -> None:
-        busy = {r for b, *_ in self._in_flight for r, _ in b.scheduled}
+        busy = self._busy()
         for rid in [request_id] if isinstance(request_id, str) else request_id:
             req = self.requests.pop(rid, None)
             if req is not None and not req.finished:
@@ -176,7 +175,7 @@ class LLMEngine:
             return out
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped after a worker failure: {self.error}")
-        try:
+        with self._fatal_worker_errors():
             while len(self._in_flight) < self.executor.max_in_flight and self._submit_next():
                 pass
             if not self._in_flight:
@@ -186,16 +185,25 @@ class LLMEngine:
             result = self.executor.wait()
             if alone:
                 self.stats.control_overhead_s.append(time.perf_counter() - submitted - result.worker_s)
+        self._in_flight.popleft()
+        return self._process(batch, sampled, result)
+
+    @contextmanager
+    def _fatal_worker_errors(self) -> Iterator[None]:
+        """A worker failure ends this engine: remember why, stop the remaining workers, re-raise."""
+        try:
+            yield
         except WorkerError as e:
             self.error = e
             self.executor.shutdown()
             raise
-        self._in_flight.popleft()
-        return self._process(batch, sampled, result)
+
+    def _busy(self) -> set[Request]:
+        """Requests in a micro-batch still in the pipeline."""
+        return {r for b, *_ in self._in_flight for r, _ in b.scheduled}
 
     def _submit_next(self) -> bool:
-        busy = {r for b, *_ in self._in_flight for r, _ in b.scheduled}
-        batch = self.scheduler.schedule(busy)
+        batch = self.scheduler.schedule(self._busy())
         if not batch.scheduled:
             return False
         now = time.time()
@@ -213,8 +221,6 @@ class LLMEngine:
         submitted = time.perf_counter()
         self.executor.submit(StepMsg(next(self._step_ids), chunks, rows))
         self._in_flight.append((batch, sampled, submitted))
-        self.stats.steps += 1
-        self.stats.tokens += batch.num_tokens
         return True
 
     def _banned(self, req: Request) -> tuple[int, ...]:
@@ -228,8 +234,7 @@ class LLMEngine:
         out = result.sampled
         outputs = []
         for row, req in enumerate(sampled):
-            if req.finished:  # aborted while its micro-batch was in flight
-                self.scheduler.free(req)
+            if req.finished:  # aborted while its micro-batch was in flight: freed below
                 continue
             self._append_token(req, out.token_ids[row], out.logprobs[row], out.ranks[row],
                                out.top_logprobs[row] if out.top_logprobs else [])
@@ -242,7 +247,7 @@ class LLMEngine:
                 self.requests.pop(req.request_id, None)
             outputs.append(self._output(req))
         for req, _ in batch.scheduled:
-            if req.finished and req.block_ids:  # aborted mid-prefill while in flight
+            if req.finished and req.block_ids:  # aborted while in flight: its blocks were kept until now
                 self.scheduler.free(req)
         return outputs
 
@@ -311,12 +316,8 @@ class LLMEngine:
         """Finish the micro-batches in flight; their outputs are returned by the next step()."""
         while self._in_flight:
             batch, sampled, _ = self._in_flight.popleft()
-            try:
+            with self._fatal_worker_errors():
                 result = self.executor.wait()
-            except WorkerError as e:
-                self.error = e
-                self.executor.shutdown()
-                raise
             self._drained_outputs += self._process(batch, sampled, result)
 
     def _fit_blocks(self, num_blocks: int) -> list[str]:
@@ -335,12 +336,8 @@ class LLMEngine:
         sizer = PieceSizer(self.model_config, self.dtype.itemsize, len(used), self.args.block_size)
         new = best_placement(self.model_config, old, target.tp, target.pp, sizer, target.layers_per_stage)
         plan = make_plan(self.model_config, old, new, sizer)
-        try:
+        with self._fatal_worker_errors():
             stats = self.executor.reconfigure(plan, used, new_ids, num_blocks)
-        except WorkerError as e:
-            self.error = e
-            self.executor.shutdown()
-            raise
         self.scheduler.resize(num_blocks, dict(zip(used, new_ids)))
         return SwitchReport(
             "switch", str(old), str(new), 0.0, 0.0,

@@ -82,7 +82,7 @@ class MultiprocExecutor:
         ctx = mp.get_context("spawn")
         self.procs, self.conns = [], []
         self.segment = None
-        if cfg.device == "cpu" and cfg.shm_elems:
+        if cfg.device == "cpu" and cfg.shm_elems and cfg.world_size > 1:  # one worker never all-reduces
             self.segment = ShmSegment(cfg.world_size, cfg.shm_elems)
             cfg = dataclasses.replace(cfg, shm_name=self.segment.name)
         for rank in range(cfg.world_size):

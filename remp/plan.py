@@ -16,7 +16,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from remp.config import ModelConfig
-from remp.sharding import weight_slices
+from remp.sharding import ShardSpec, weight_slices
 from remp.topology import Topology
 
 CHECKPOINT = -1  # source id of pieces read from the checkpoint
@@ -115,18 +115,24 @@ class PieceSizer:
         return (piece.stop - piece.start) * self.row_bytes(piece.name)
 
 
+def weight_ranges(config: ModelConfig, spec: ShardSpec | None) -> dict[str, tuple[int, int]]:
+    """Each checkpoint tensor a shard holds, as the range it holds along the tensor's shard axis."""
+    if spec is None:
+        return {}
+    out = {}
+    for name, slices in weight_slices(config, spec).items():
+        axis = shard_axis(name)
+        s = slices[axis] if len(slices) > axis else slice(None)
+        out[name] = s.indices(tensor_shape(config, name)[axis])[:2]
+    return out
+
+
 def worker_pieces(config: ModelConfig, topology: Topology, worker: int, with_kv: bool) -> list[Piece]:
     """Every piece a worker holds under a topology (nothing if the topology leaves it idle)."""
     if topology.coordinate(worker) is None:
         return []
     spec = topology.spec(config, worker)
-    pieces: list[Piece] = []
-    for name, slices in weight_slices(config, spec).items():
-        axis = shard_axis(name)
-        extent = tensor_shape(config, name)[axis]
-        s = slices[axis] if len(slices) > axis else slice(None)
-        start, stop, _ = s.indices(extent)
-        pieces.append(WeightPiece(name, start, stop))
+    pieces: list[Piece] = [WeightPiece(name, *r) for name, r in weight_ranges(config, spec).items()]
     if with_kv:
         pieces += [KVPiece(layer, h) for layer in spec.layers for h in spec.kv_heads]
     return pieces
@@ -148,14 +154,17 @@ def _overlap(piece: Piece, weights: dict[str, tuple[int, int]], kv: set[KVPiece]
     return (lo, hi) if lo < hi else None
 
 
+def _held_bytes(sizer: PieceSizer, piece: Piece, weights: dict[str, tuple[int, int]], kv: set[KVPiece]) -> int:
+    """Bytes of `piece` that a holder of these pieces already has."""
+    ov = _overlap(piece, weights, kv)
+    if ov is None:
+        return 0
+    return sizer.bytes(piece) if isinstance(piece, KVPiece) else sizer.bytes(WeightPiece(piece.name, *ov))
+
+
 def _kept_bytes(sizer: PieceSizer, need: list[Piece], held: list[Piece]) -> int:
     weights, kv = _index(held)
-    total = 0
-    for p in need:
-        ov = _overlap(p, weights, kv)
-        if ov is not None:
-            total += sizer.kv_piece_bytes if isinstance(p, KVPiece) else (ov[1] - ov[0]) * sizer.row_bytes(p.name)
-    return total
+    return sum(_held_bytes(sizer, p, weights, kv) for p in need)
 
 
 def best_placement(config: ModelConfig, old: Topology, tp: int, pp: int, sizer: PieceSizer,
@@ -252,9 +261,5 @@ def _minimum(config: ModelConfig, old: Topology | None, new: Topology, sizer: Pi
         held = [] if w in lost else worker_pieces(config, old, w, with_kv)
         weights, kv = _index(held)
         for p in worker_pieces(config, best, w, with_kv):
-            ov = _overlap(p, weights, kv)
-            missing = sizer.bytes(p) - (0 if ov is None else
-                                        sizer.kv_piece_bytes if isinstance(p, KVPiece)
-                                        else (ov[1] - ov[0]) * sizer.row_bytes(p.name))
-            out.add(p, missing)
+            out.add(p, sizer.bytes(p) - _held_bytes(sizer, p, weights, kv))
     return out

@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 from remp.kv_cache import new_kv_layer
 from remp.model.reader import CheckpointReader
-from remp.plan import CHECKPOINT, KVPiece, Plan, WeightPiece, shard_axis, tensor_shape
-from remp.sharding import ShardSpec, weight_slices
+from remp.plan import CHECKPOINT, KVPiece, Plan, WeightPiece, shard_axis, tensor_shape, weight_ranges
+from remp.sharding import ShardSpec
 
 
 @dataclass
@@ -43,17 +43,6 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _ranges(config, spec: ShardSpec | None) -> dict[str, tuple[int, int]]:
-    if spec is None:
-        return {}
-    out = {}
-    for name, slices in weight_slices(config, spec).items():
-        axis = shard_axis(name)
-        s = slices[axis] if len(slices) > axis else slice(None)
-        out[name] = s.indices(tensor_shape(config, name)[axis])[:2]
-    return out
-
-
 def _phase_groups(plan: Plan, config, piece_bytes, chunk_bytes: int = 64 << 20) -> list[list[int]]:
     """Consecutive phases (-1 = embedding/norm/lm-head, then layers) merged until their transfers reach
     chunk_bytes: few synchronisation points, yet the extra memory stays bounded by about one chunk."""
@@ -75,7 +64,7 @@ def execute_plan(rank: int, plan: Plan, config, old: ShardState, new_spec: Shard
                  device: torch.device, reader: CheckpointReader | None = None) -> tuple[ShardState, ReshardStats]:
     stats = ReshardStats()
     D = config.head_dim
-    old_ranges, new_ranges = _ranges(config, old.spec), _ranges(config, new_spec)
+    old_ranges, new_ranges = weight_ranges(config, old.spec), weight_ranges(config, new_spec)
     old_heads = old.spec.kv_heads if old.spec else range(0)
     new_heads = new_spec.kv_heads
     used = torch.tensor(used_blocks, dtype=torch.long, device=device)

@@ -4,6 +4,7 @@ or differs only after a near-tie (top-2 logprobs within 0.01 at the first differ
 import pytest
 
 from remp import LLM, SamplingParams
+from tests.engine_utils import assert_same_or_near_tie
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Three reasons to learn Python:"]
 PARAMS = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2)
@@ -23,8 +24,4 @@ def reference():
 @pytest.mark.parametrize("tp, pp", [(2, 1), (3, 1), (2, 2), (1, 3)])
 def test_same_greedy_text_as_tp1(reference, tp, pp):
     for ref, out in zip(reference, generate(tp, pp)):
-        if out.token_ids == ref.token_ids:
-            continue
-        i = next(k for k, (a, b) in enumerate(zip(ref.token_ids, out.token_ids)) if a != b)
-        top2 = sorted((lp.logprob for lp in ref.logprobs[i].values()), reverse=True)[:2]
-        assert top2[0] - top2[1] < 0.01, f"diverged at token {i} without a near-tie: {top2}"
+        assert_same_or_near_tie(ref, out)

@@ -3,6 +3,7 @@
 near-tie: top-2 logprobs within 0.01 at the first differing token)."""
 
 from remp import LLMEngine, SamplingParams
+from tests.engine_utils import assert_same_or_near_tie, run_with_switches
 
 PROMPTS = ["The capital of France is", "Write a haiku about the sea:", "def quicksort(xs):"]
 
@@ -11,27 +12,12 @@ def run(switches):
     engine = LLMEngine(dtype="float32", tensor_parallel_size=4, max_model_len=256, kv_cache_memory_gb=0.2)
     for i, p in enumerate(PROMPTS):
         engine.add_request(str(i), p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2))
-    outs, step = {}, 0
-    try:
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if o.finished:
-                    outs[o.request_id] = o.outputs[0]
-            step += 1
-            if step in switches:
-                engine.reconfigure(*switches[step])
-    finally:
-        engine.shutdown()
-    return outs
+    return run_with_switches(engine, switches)[0]
 
 
 def test_default_model_switches_keep_the_text():
     ref = run({})
     out = run({3: (2, 2), 8: (1, 4), 14: (4, 1)})
+    assert ref.keys() == out.keys()
     for k in ref:
-        a, b = ref[k], out[k]
-        if a.token_ids == b.token_ids:
-            continue
-        i = next(j for j, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y)
-        top2 = sorted((lp.logprob for lp in a.logprobs[i].values()), reverse=True)[:2]
-        assert top2[0] - top2[1] < 0.01, f"request {k} diverged at token {i} without a near-tie: {top2}"
+        assert_same_or_near_tie(ref[k], out[k])

@@ -10,6 +10,7 @@ import pytest
 from remp import LLMEngine, SamplingParams
 from remp.engine import EngineDeadError
 from remp.executor import WorkerError
+from tests.engine_utils import run_with_switches
 
 PROMPTS = [[256] + [(i * 37 + k * 11) % 256 for k in range(n)] for i, n in enumerate([5, 40, 17, 70, 3, 52, 33])]
 ENGINE = dict(dtype="float64", block_size=8, max_model_len=128, max_num_batched_tokens=40, worker_timeout_s=60)
@@ -25,19 +26,7 @@ def run(path, switches, tp=4, pp=1, mode="switch", **kw):
     engine = LLMEngine(model=str(path), tensor_parallel_size=tp, pipeline_parallel_size=pp, **{**ENGINE, **kw})
     for i, p in enumerate(PROMPTS):
         engine.add_request(str(i), {"prompt_token_ids": p}, params(i))
-    outs, reports, step = {}, [], 0
-    try:
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if o.finished:
-                    outs[o.request_id] = o.outputs[0]
-            step += 1
-            if step in switches:
-                reports.append(engine.reconfigure(*switches[step], mode=mode))
-        assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_blocks
-    finally:
-        engine.shutdown()
-    return outs, reports
+    return run_with_switches(engine, switches, mode)
 
 
 def assert_same(ref, out):
