@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from remp.cpu_features import cpu_features
+
 # HF `architectures[0]` -> our family name. Anything else is refused with a clear error.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -149,21 +151,35 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.b
            "float64": torch.float64, "double": torch.float64, "float16": torch.float16, "half": torch.float16}
 
 
-def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: str = "cpu") -> torch.dtype:
-    """vLLM's rule for dtype="auto": the checkpoint's dtype, except that float32 checkpoints (and quantized ones,
-    which have no dtype) run in 16-bit; on CPU half precision means bfloat16, as vLLM's CPU backend does."""
-    if isinstance(dtype, torch.dtype):
-        resolved = dtype
-    elif dtype == "auto":
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: str = "cpu") -> tuple[torch.dtype, str]:
+    """The dtype to run in, and why (one line for the startup log).
+
+    dtype="auto" follows vLLM (the checkpoint's dtype; float32 and quantized checkpoints in 16-bit) except on
+    a CPU without native bf16 arithmetic, where bf16 is emulated and slower than float32: there it is float32.
+    On CPU, half precision means bfloat16, as in vLLM's CPU backend."""
+    cpu = cpu_features()
+    if isinstance(dtype, torch.dtype) or dtype != "auto":
+        resolved = dtype if isinstance(dtype, torch.dtype) else _DTYPES.get(dtype)
+        if resolved is None:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}")
+        if resolved == torch.float16 and device == "cpu":
+            resolved = torch.bfloat16
+        reason = "asked for"
+        if resolved == torch.bfloat16 and device == "cpu" and not cpu.native_bf16:
+            reason = (f"asked for; this CPU has no native bf16 ({cpu.describe()}): bf16 is emulated and will "
+                      "be slow, float32 is faster here")
+    else:
         resolved = config.torch_dtype or torch.float16
+        source = f"the checkpoint's {resolved}" if config.torch_dtype else "a quantized checkpoint"
         if resolved == torch.float32:
             resolved = torch.float16
-    elif dtype in _DTYPES:
-        resolved = _DTYPES[dtype]
-    else:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}")
-    if resolved == torch.float16 and device == "cpu":
-        resolved = torch.bfloat16
+        if device == "cpu" and resolved in (torch.float16, torch.bfloat16):
+            if cpu.native_bf16:
+                resolved, reason = torch.bfloat16, f"auto: {source} runs in bf16 (native bf16 on {cpu.describe()})"
+            else:
+                resolved, reason = torch.float32, f"auto: {source} runs in float32 (no native bf16 on {cpu.describe()})"
+        else:
+            reason = f"auto: {source}"
     if resolved not in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
         raise ValueError(f"dtype {resolved} is not supported")
-    return resolved
+    return resolved, reason

@@ -1,5 +1,6 @@
 """Execution form of the linear layers: q/k/v and gate/up fused into one matmul each, and on CPU in bfloat16
-the weight pre-packed for oneDNN (~1.6x faster at decode batch sizes here).
+the weight pre-packed for oneDNN (~1.6x faster at decode batch sizes on AVX512-BF16) where oneDNN supports
+it; elsewhere (AVX2-only CPUs) plain matmuls, which work in any dtype.
 
 The canonical weights stay in the shard's dict under their checkpoint names (they are what loading and
 resharding move); these are derived from them and rebuilt whenever the dict changes.
@@ -10,9 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from remp.cpu_features import cpu_features
+
 
 def _can_pack(w: torch.Tensor) -> bool:
-    return w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+    return w.device.type == "cpu" and w.dtype == torch.bfloat16 and cpu_features().onednn_bf16
 
 
 class FusedLinear:
