@@ -51,11 +51,11 @@ def test_stop_token_ids_and_strings(llm):
     assert out.token_ids == free.token_ids[:first + 1] and out.stop_reason == stop_tok
     assert out.finish_reason == "stop"
     text = free.text
-    stop = text[3:5] if len(text) >= 5 and text[3:5].strip() else None
-    if stop:
-        out = llm.generate("abc", SamplingParams(max_tokens=12, temperature=0, stop=[stop],
-                                                 ignore_eos=True))[0].outputs[0]
-        assert out.text == text[:text.index(stop)] and out.stop_reason == stop
+    stop = next(text[i:i + 2] for i in range(2, len(text) - 1) if text[i:i + 2].strip())  # past the first token
+    out = llm.generate("abc", SamplingParams(max_tokens=12, temperature=0, stop=[stop],
+                                             ignore_eos=True))[0].outputs[0]
+    assert out.text == text[:text.index(stop)] and out.stop_reason == stop and out.finish_reason == "stop"
+    assert len(out.token_ids) < len(free.token_ids)
 
 
 def test_min_tokens_and_max_model_len(llm):

@@ -32,14 +32,19 @@ def _ids(tok, text):
 def _stream(tok, prompt_ids, ids, **kw):
     """Feed ids one by one; return (detok, streamed chunks, stop string or None)."""
     d = IncrementalDetokenizer(tok, prompt_ids, **kw)
-    chunks, stopped = [], None
+    chunks, stopped, streamed = [], None, []
     for t in ids:
         stopped = d.add_token(t)
         chunks.append(d.new_text())
-        # Everything streamed so far must be a prefix of what the output ends up being.
+        streamed.append("".join(chunks))
         if stopped:
             break
     chunks.append(d.flush())
+    # Everything streamed at any point is a prefix of the final output (nothing sent is ever taken back).
+    final = "".join(chunks)
+    assert final == d.text
+    for sent in streamed:
+        assert final.startswith(sent), (sent, final)
     return d, chunks, stopped
 
 

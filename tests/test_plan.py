@@ -6,7 +6,7 @@ import itertools
 import pytest
 
 from remp.config import ModelConfig
-from remp.plan import CHECKPOINT, KVPiece, PieceSizer, WeightPiece, best_placement, make_plan, worker_pieces
+from remp.plan import CHECKPOINT, ByteCounts, KVPiece, PieceSizer, WeightPiece, best_placement, make_plan, worker_pieces
 from remp.topology import Topology
 from remp.tools.random_model import tiny_config
 
@@ -88,12 +88,36 @@ def test_cold_start_plan_reads_everything_from_checkpoint():
     assert plan.moved.total == 0 and plan.from_checkpoint.total > 0
 
 
+def held_elements(cfg, topology, workers, piece):
+    """Element indices of a weight piece (or {0} for a KV piece) that these workers hold under `topology`."""
+    out = set()
+    for w in workers:
+        for p in worker_pieces(cfg, topology, w, True):
+            if isinstance(piece, KVPiece) and p == piece:
+                out.add(0)
+            elif isinstance(piece, WeightPiece) and isinstance(p, WeightPiece) and p.name == piece.name:
+                out.update(range(max(p.start, piece.start), min(p.stop, piece.stop)))
+    return out
+
+
 def test_lost_worker_pieces_come_from_survivors_or_checkpoint():
+    """TP2xPP2 loses worker 3 (stage 1, TP rank 1) and becomes PP3 on the survivors: whatever a survivor holds
+    comes from a survivor, exactly what only the lost worker held comes from the checkpoint."""
     cfg = MODELS["6h2kv"]
     sz = sizer(cfg)
-    old = Topology(2, 2)
-    new = Topology(1, 3, placement=(0, 1, 2))
-    plan = make_plan(cfg, old, new, sz, lost=frozenset({3}))
-    assert all(t.src != 3 for t in plan.transfers)
-    coverage_ok = {t.src for t in plan.transfers}
-    assert CHECKPOINT in coverage_ok or plan.from_checkpoint.total == 0
+    old, survivors = Topology(2, 2), (0, 1, 2)
+    plan = make_plan(cfg, old, Topology(1, 3, placement=survivors), sz, lost=frozenset({3}))
+    coverage(plan, cfg, sz)
+    for t in plan.transfers:
+        whole = {0} if isinstance(t.piece, KVPiece) else set(range(t.piece.start, t.piece.stop))
+        if t.src == CHECKPOINT:
+            assert not held_elements(cfg, old, survivors, t.piece), t  # from disk only what no survivor has
+        else:
+            assert t.src in survivors and held_elements(cfg, old, [t.src], t.piece) == whole, t
+    only_lost = ByteCounts()
+    for p in worker_pieces(cfg, old, 3, True):
+        n = 1 if isinstance(p, KVPiece) else p.stop - p.start
+        missing = n - len(held_elements(cfg, old, survivors, p))
+        only_lost.add(p, sz.bytes(p) * missing // n)
+    assert only_lost.weights > 0 and only_lost.kv > 0
+    assert (plan.from_checkpoint.weights, plan.from_checkpoint.kv) == (only_lost.weights, only_lost.kv)

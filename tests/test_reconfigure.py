@@ -26,7 +26,8 @@ def run(path, switches, tp=4, pp=1, mode="switch", **kw):
     engine = LLMEngine(model=str(path), tensor_parallel_size=tp, pipeline_parallel_size=pp, **{**ENGINE, **kw})
     for i, p in enumerate(PROMPTS):
         engine.add_request(str(i), {"prompt_token_ids": p}, params(i))
-    return run_with_switches(engine, switches, mode)
+    outs, reports = run_with_switches(engine, switches, mode)
+    return outs, reports, engine.scheduler.num_preemptions
 
 
 def assert_same(ref, out):
@@ -45,8 +46,8 @@ SEQUENCE = {2: (2, 2), 4: (1, 4), 7: (4, 1), 9: (2, 2, [1, 3]), 12: (1, 4), 15: 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2"])
 def test_switch_sequence_matches_unswitched(model, request):
     path = request.getfixturevalue(model)
-    ref, _ = run(path, {}, num_kv_blocks=64)
-    out, reports = run(path, SEQUENCE, num_kv_blocks=64)
+    ref, *_ = run(path, {}, num_kv_blocks=64)
+    out, reports, _ = run(path, SEQUENCE, num_kv_blocks=64)
     assert_same(ref, out)
     assert [r.new_topology.split("[")[0] for r in reports] == ["TP2xPP2", "TP1xPP4", "TP4xPP1", "TP2xPP2",
                                                                "TP1xPP4", "TP4xPP1"]
@@ -57,24 +58,26 @@ def test_switch_sequence_matches_unswitched(model, request):
 
 
 def test_switch_with_preempted_requests_in_a_tight_pool(tiny_llama):
-    ref, _ = run(tiny_llama, {}, num_kv_blocks=20)
-    out, reports = run(tiny_llama, {3: (2, 2), 8: (1, 4), 14: (4, 1)}, num_kv_blocks=20)
+    ref, _, ref_preemptions = run(tiny_llama, {}, num_kv_blocks=20)
+    out, reports, preemptions = run(tiny_llama, {3: (2, 2), 8: (1, 4), 14: (4, 1)}, num_kv_blocks=20)
     assert_same(ref, out)
+    assert ref_preemptions > 0 and preemptions > 0  # the scheduler preempted (recompute) around the switches
+    assert len(reports) == 3 and not any(r.preempted for r in reports)  # same pool size: the switch needs none
 
 
 def test_capacity_loss_preempts_and_loses_nothing(tiny_llama):
     """TP4 replicates each KV head twice: under the same memory budget it has half PP4's blocks."""
     per_block_tp4 = 4 * (4 * 1 * 2 * 8 * 16 * 8)  # workers x (layers x kv heads x k/v x block x head_dim x 8 B)
     budget = dict(kv_cache_memory_gb=24 * per_block_tp4 / 2**30)  # 24 blocks at TP4, 48 at PP4
-    ref, _ = run(tiny_llama, {}, tp=1, pp=4, **budget)
-    out, reports = run(tiny_llama, {8: (4, 1)}, tp=1, pp=4, **budget)
+    ref, *_ = run(tiny_llama, {}, tp=1, pp=4, **budget)
+    out, reports, _ = run(tiny_llama, {8: (4, 1)}, tp=1, pp=4, **budget)
     assert_same(ref, out)
     assert reports[0].num_kv_blocks == 24 and reports[0].preempted
 
 
 def test_restart_baseline_gives_the_same_tokens(tiny_llama):
-    ref, _ = run(tiny_llama, {}, num_kv_blocks=64)
-    out, reports = run(tiny_llama, {3: (2, 2), 9: (1, 4)}, num_kv_blocks=64, mode="restart")
+    ref, *_ = run(tiny_llama, {}, num_kv_blocks=64)
+    out, reports, _ = run(tiny_llama, {3: (2, 2), 9: (1, 4)}, num_kv_blocks=64, mode="restart")
     assert_same(ref, out)
     assert all(r.mode == "restart" and r.recomputed_tokens > 0 for r in reports)
 

@@ -204,15 +204,20 @@ def test_bench_serve_against_live_server(server, tmp_path):
            "--disable-tqdm", "--poll-topology", "--admin-token", "adm", "--timeline", str(tmp_path / "t.png")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     import time
-    time.sleep(2.0)
+    deadline = time.monotonic() + 60
+    while "remp:num_requests_running 0.0" in get(server, "/metrics")[1] and time.monotonic() < deadline:
+        time.sleep(0.05)  # switch once the load is running, so that the switch falls inside the run
     code, rep = post(server, "/admin/reconfigure", {"tensor_parallel_size": 4, "pipeline_parallel_size": 1}, "adm")
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out
+    assert code == 200, rep
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["completed"] == 12 and result["failed"] == 0
     assert result["total_output_tokens"] == 12 * 40
+    switches = result["topology"]["switches"]
+    assert [(s["from"].split("[")[0], s["to"].split("[")[0]) for s in switches] == [("TP2xPP2", "TP4xPP1")]
+    assert 0 < switches[0]["time"] < result["duration"] and switches[0]["source"] == "admin"
     assert (tmp_path / "t.png").stat().st_size > 0
-    assert code == 200
 
 
 def test_health_503_after_a_worker_dies(tiny_llama):
