@@ -28,8 +28,15 @@ import torch.distributed as dist
 from remp import LLMEngine, SamplingParams
 
 TOPOLOGIES = [(4, 1), (2, 2), (1, 4)]
-ONE_B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+ONE_B = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+)
 
 
 def _bw_worker(rank: int, port: int, nbytes: int, repeats: int, out) -> None:
@@ -54,6 +61,7 @@ def _bw_worker(rank: int, port: int, nbytes: int, repeats: int, out) -> None:
 def p2p_bandwidth(nbytes: int = 64 << 20, repeats: int = 5) -> float:
     """Bytes/s of one gloo send between two worker processes on this machine (median)."""
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -72,8 +80,9 @@ def fill(engine: LLMEngine, n: int, prompt_len: int, tag: str) -> None:
     g = torch.Generator().manual_seed(0)
     for i in range(n):
         ids = torch.randint(5, 250, (prompt_len,), generator=g).tolist()
-        engine.add_request(f"{tag}{i}", {"prompt_token_ids": ids},
-                           SamplingParams(max_tokens=100_000, temperature=0, ignore_eos=True))
+        engine.add_request(
+            f"{tag}{i}", {"prompt_token_ids": ids}, SamplingParams(max_tokens=100_000, temperature=0, ignore_eos=True)
+        )
     while any(r.num_output_tokens == 0 for r in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
 
@@ -104,6 +113,7 @@ def main() -> None:
     model, label = a.model, a.model or "smollm2-135m"
     if a.model == "random-1b":
         from remp.tools.random_model import write_random_llama
+
         tmp = tempfile.TemporaryDirectory(prefix="remp-1b-")
         t0 = time.perf_counter()
         model = str(write_random_llama(tmp.name, dtype=torch.bfloat16, **ONE_B))
@@ -112,8 +122,14 @@ def main() -> None:
 
     bw = p2p_bandwidth()
     print(f"p2p bandwidth: {bw / 1e9:.2f} GB/s")
-    engine = LLMEngine(model=model, dtype=a.dtype, tensor_parallel_size=4, kv_cache_memory_gb=a.kv_cache_memory_gb,
-                       max_model_len=2048, worker_timeout_s=600)
+    engine = LLMEngine(
+        model=model,
+        dtype=a.dtype,
+        tensor_parallel_size=4,
+        kv_cache_memory_gb=a.kv_cache_memory_gb,
+        max_model_len=2048,
+        worker_timeout_s=600,
+    )
     fill(engine, a.requests, a.prompt_len, "warm")
     rows = []
     try:
@@ -126,21 +142,40 @@ def main() -> None:
                 switch = measure(engine, *dst, "switch")
                 engine.reconfigure(*src)
                 restart = measure(engine, *dst, "restart")
-                row = {"from": f"TP{src[0]}xPP{src[1]}", "to": f"TP{dst[0]}xPP{dst[1]}", "switch": switch,
-                       "restart": restart,
-                       "speedup_wall": restart["wall_s"] / switch["wall_s"],
-                       "speedup_resume": restart["resume_s"] / switch["resume_s"],
-                       "bytes_over_bandwidth_s": sum(switch["bytes_moved"].values()) / bw}
+                row = {
+                    "from": f"TP{src[0]}xPP{src[1]}",
+                    "to": f"TP{dst[0]}xPP{dst[1]}",
+                    "switch": switch,
+                    "restart": restart,
+                    "speedup_wall": restart["wall_s"] / switch["wall_s"],
+                    "speedup_resume": restart["resume_s"] / switch["resume_s"],
+                    "bytes_over_bandwidth_s": sum(switch["bytes_moved"].values()) / bw,
+                }
                 rows.append(row)
-                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-                                  if k not in ("switch", "restart")}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            k: (round(v, 4) if isinstance(v, float) else v)
+                            for k, v in row.items()
+                            if k not in ("switch", "restart")
+                        }
+                    ),
+                    flush=True,
+                )
     finally:
         engine.shutdown()
         if tmp:
             tmp.cleanup()
-    result = {"date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()} cores", "model": label,
-              "dtype": a.dtype, "requests_in_flight": a.requests, "prompt_len": a.prompt_len,
-              "p2p_bandwidth_Bps": bw, "pairs": rows}
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{os.cpu_count()} cores",
+        "model": label,
+        "dtype": a.dtype,
+        "requests_in_flight": a.requests,
+        "prompt_len": a.prompt_len,
+        "p2p_bandwidth_Bps": bw,
+        "pairs": rows,
+    }
     out = Path(__file__).parent / "results" / f"reconfig-{label}.json"
     out.write_text(json.dumps(result, indent=2))
     print(table(result))
@@ -148,20 +183,25 @@ def main() -> None:
 
 
 def table(result: dict) -> str:
-    mb = lambda d: sum(d.values()) / 1e6  # noqa: E731
-    lines = [f"{result['model']} ({result['dtype']}), {result['requests_in_flight']} requests in flight, "
-             f"p2p {result['p2p_bandwidth_Bps'] / 1e9:.2f} GB/s",
-             "", "| switch | wall ms | pause ms | resume ms | MB moved (w+kv) | min MB | bytes/bw ms | peak extra MB "
-             "| restart wall s | restart resume s | speedup (wall) | speedup (resume) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    mb = lambda d: sum(d.values()) / 1e6
+    lines = [
+        f"{result['model']} ({result['dtype']}), {result['requests_in_flight']} requests in flight, "
+        f"p2p {result['p2p_bandwidth_Bps'] / 1e9:.2f} GB/s",
+        "",
+        "| switch | wall ms | pause ms | resume ms | MB moved (w+kv) | min MB | bytes/bw ms | peak extra MB "
+        "| restart wall s | restart resume s | speedup (wall) | speedup (resume) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["pairs"]:
         s, rs = r["switch"], r["restart"]
-        lines.append(f"| {r['from']} -> {r['to']} | {s['wall_s'] * 1e3:.0f} | {s['pause_s'] * 1e3:.0f} | "
-                     f"{s['resume_s'] * 1e3:.0f} | {mb(s['bytes_moved']):.1f} ({s['bytes_moved']['weights'] / 1e6:.1f}"
-                     f"+{s['bytes_moved']['kv'] / 1e6:.1f}) | {mb(s['min_bytes']):.1f} | "
-                     f"{r['bytes_over_bandwidth_s'] * 1e3:.0f} | {s['peak_extra_bytes'] / 1e6:.1f} | "
-                     f"{rs['wall_s']:.1f} | {rs['resume_s']:.1f} | {r['speedup_wall']:.0f}x | "
-                     f"{r['speedup_resume']:.0f}x |")
+        lines.append(
+            f"| {r['from']} -> {r['to']} | {s['wall_s'] * 1e3:.0f} | {s['pause_s'] * 1e3:.0f} | "
+            f"{s['resume_s'] * 1e3:.0f} | {mb(s['bytes_moved']):.1f} ({s['bytes_moved']['weights'] / 1e6:.1f}"
+            f"+{s['bytes_moved']['kv'] / 1e6:.1f}) | {mb(s['min_bytes']):.1f} | "
+            f"{r['bytes_over_bandwidth_s'] * 1e3:.0f} | {s['peak_extra_bytes'] / 1e6:.1f} | "
+            f"{rs['wall_s']:.1f} | {rs['resume_s']:.1f} | {r['speedup_wall']:.0f}x | "
+            f"{r['speedup_resume']:.0f}x |"
+        )
     return "\n".join(lines)
 
 

@@ -36,8 +36,13 @@ def parse_topology(s: str) -> tuple[int, int]:
 def phases(seconds: float) -> list[dict]:
     return [
         {"name": "calm long chats", "duration_s": seconds, "request_rate": 0.5, "input_len": 64, "output_len": 96},
-        {"name": "burst of short requests", "duration_s": seconds, "request_rate": 6.0, "input_len": 32,
-         "output_len": 16},
+        {
+            "name": "burst of short requests",
+            "duration_s": seconds,
+            "request_rate": 6.0,
+            "input_len": 32,
+            "output_len": 16,
+        },
         {"name": "long prompts", "duration_s": seconds, "request_rate": 1.0, "input_len": 384, "output_len": 32},
     ]
 
@@ -49,9 +54,27 @@ class Server:
 
     def start(self, tp: int, pp: int) -> float:
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "remp", "serve", *([self.model] if self.model else []), "--dtype", self.dtype,
-               "-tp", str(tp), "-pp", str(pp), "--port", str(self.port), "--admin-token", "bench",
-               "--served-model-name", "m", "--max-model-len", "2048"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "remp",
+            "serve",
+            *([self.model] if self.model else []),
+            "--dtype",
+            self.dtype,
+            "-tp",
+            str(tp),
+            "-pp",
+            str(pp),
+            "--port",
+            str(self.port),
+            "--admin-token",
+            "bench",
+            "--served-model-name",
+            "m",
+            "--max-model-len",
+            "2048",
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         while True:
             try:
@@ -74,9 +97,12 @@ class Server:
                 self.proc.wait()
 
     def switch(self, tp: int, pp: int) -> dict:
-        req = urllib.request.Request(self.url + "/admin/reconfigure", method="POST",
-                                     data=json.dumps({"tensor_parallel_size": tp, "pipeline_parallel_size": pp}).encode(),
-                                     headers={"content-type": "application/json", "authorization": "Bearer bench"})
+        req = urllib.request.Request(
+            self.url + "/admin/reconfigure",
+            method="POST",
+            data=json.dumps({"tensor_parallel_size": tp, "pipeline_parallel_size": pp}).encode(),
+            headers={"content-type": "application/json", "authorization": "Bearer bench"},
+        )
         with urllib.request.urlopen(req, timeout=600) as r:
             return json.loads(r.read())
 
@@ -85,11 +111,36 @@ def run_variant(name: str, server: Server, schedule: list[tuple[int, int]], mode
     """mode: fixed (schedule has one entry), switch or restart (one topology per phase)."""
     server.start(*schedule[0])
     result_file = out_dir / f"shifting-{name}.json"
-    cmd = [sys.executable, "-m", "remp", "bench", "serve", "--base-url", server.url, "--model", "m",
-           "--phases", json.dumps(phases(a.phase_seconds)), "--random-vocab-size", str(a.vocab), "--ignore-eos",
-           "--retry-failed", "1000", "--goodput", *a.goodput, "--save-result", "--result-dir", str(out_dir),
-           "--result-filename", result_file.name, "--disable-tqdm", "--seed", "0",
-           "--timeline", str(out_dir / f"shifting-{name}.png")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "remp",
+        "bench",
+        "serve",
+        "--base-url",
+        server.url,
+        "--model",
+        "m",
+        "--phases",
+        json.dumps(phases(a.phase_seconds)),
+        "--random-vocab-size",
+        str(a.vocab),
+        "--ignore-eos",
+        "--retry-failed",
+        "1000",
+        "--goodput",
+        *a.goodput,
+        "--save-result",
+        "--result-dir",
+        str(out_dir),
+        "--result-filename",
+        result_file.name,
+        "--disable-tqdm",
+        "--seed",
+        "0",
+        "--timeline",
+        str(out_dir / f"shifting-{name}.png"),
+    ]
     if mode == "switch":
         cmd += ["--poll-topology", "--admin-token", "bench"]
     bench = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -112,11 +163,20 @@ def run_variant(name: str, server: Server, schedule: list[tuple[int, int]], mode
             bench.kill()
         server.stop()
     r = json.loads(result_file.read_text())
-    return {"variant": name, "events": events, "completed": r["completed"], "failed": r["failed"],
-            "retried_requests": r.get("retried_requests", 0), "request_throughput": r["request_throughput"],
-            "output_throughput": r["output_throughput"], "request_goodput": r.get("request_goodput"),
-            "p99_ttft_ms": r["p99_ttft_ms"], "median_ttft_ms": r["median_ttft_ms"],
-            "median_tpot_ms": r["median_tpot_ms"], "duration_s": r["duration"]}
+    return {
+        "variant": name,
+        "events": events,
+        "completed": r["completed"],
+        "failed": r["failed"],
+        "retried_requests": r.get("retried_requests", 0),
+        "request_throughput": r["request_throughput"],
+        "output_throughput": r["output_throughput"],
+        "request_goodput": r.get("request_goodput"),
+        "p99_ttft_ms": r["p99_ttft_ms"],
+        "median_ttft_ms": r["median_ttft_ms"],
+        "median_tpot_ms": r["median_tpot_ms"],
+        "duration_s": r["duration"],
+    }
 
 
 def main() -> None:
@@ -140,15 +200,26 @@ def main() -> None:
     for mode in ("switch", "restart"):
         rows.append(run_variant(f"{mode}-{a.schedule.replace(',', '-')}", server, schedule, mode, a, RESULTS))
         print(json.dumps(rows[-1]), flush=True)
-    out = {"date": datetime.date.today().isoformat(), "model": a.model or "smollm2-135m", "dtype": a.dtype,
-           "phases": phases(a.phase_seconds), "schedule": a.schedule, "goodput_slo": a.goodput, "variants": rows}
+    out = {
+        "date": datetime.date.today().isoformat(),
+        "model": a.model or "smollm2-135m",
+        "dtype": a.dtype,
+        "phases": phases(a.phase_seconds),
+        "schedule": a.schedule,
+        "goodput_slo": a.goodput,
+        "variants": rows,
+    }
     (RESULTS / "shifting.json").write_text(json.dumps(out, indent=2))
-    print("| variant | completed | failed | retried | req/s | out tok/s | goodput req/s | p99 TTFT ms | "
-          "median TPOT ms |\n|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| variant | completed | failed | retried | req/s | out tok/s | goodput req/s | p99 TTFT ms | "
+        "median TPOT ms |\n|---|---|---|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['variant']} | {r['completed']} | {r['failed']} | {r['retried_requests']} | "
-              f"{r['request_throughput']:.2f} | {r['output_throughput']:.1f} | {r['request_goodput'] or 0:.2f} | "
-              f"{r['p99_ttft_ms']:.0f} | {r['median_tpot_ms']:.1f} |")
+        print(
+            f"| {r['variant']} | {r['completed']} | {r['failed']} | {r['retried_requests']} | "
+            f"{r['request_throughput']:.2f} | {r['output_throughput']:.1f} | {r['request_goodput'] or 0:.2f} | "
+            f"{r['p99_ttft_ms']:.0f} | {r['median_tpot_ms']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

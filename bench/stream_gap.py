@@ -22,12 +22,16 @@ from pathlib import Path
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.server_utils import remp_server  # noqa: E402
+from tests.server_utils import remp_server
 
 
 def admin(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url + "/admin/reconfigure", data=json.dumps(body).encode(), method="POST",
-                                 headers={"content-type": "application/json", "authorization": "Bearer bench"})
+    req = urllib.request.Request(
+        url + "/admin/reconfigure",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"content-type": "application/json", "authorization": "Bearer bench"},
+    )
     with urllib.request.urlopen(req, timeout=600) as r:
         return json.loads(r.read())
 
@@ -39,12 +43,17 @@ def run_event(url: str, streams: int, tokens: int, event: dict, delay_s: float) 
 
     def stream(i: int) -> None:
         try:
-            for chunk in client.completions.create(model="m", prompt=f"Story number {i}: once upon a time",
-                                                   max_tokens=tokens, temperature=0, stream=True,
-                                                   extra_body={"ignore_eos": True}):
+            for chunk in client.completions.create(
+                model="m",
+                prompt=f"Story number {i}: once upon a time",
+                max_tokens=tokens,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            ):
                 if chunk.choices and chunk.choices[0].text:
                     arrivals[i].append(time.perf_counter())
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             errors.append(repr(e))
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
@@ -59,10 +68,16 @@ def run_event(url: str, streams: int, tokens: int, event: dict, delay_s: float) 
     gaps = [b - a for arr in arrivals for a, b in zip(arr, arr[1:])]
     during = [b - a for arr in arrivals for a, b in zip(arr, arr[1:]) if b >= t0 and a <= t1]
     normal = sorted(gaps)[len(gaps) // 2] if gaps else 0.0
-    return {"event": event, "reported_wall_s": report["wall_s"], "reported_pause_s": report["pause_s"],
-            "max_gap_during_s": max(during, default=0.0), "median_gap_s": normal,
-            "streams_completed": sum(len(a) > 0 for a in arrivals) - len(errors), "streams": streams,
-            "errors": errors}
+    return {
+        "event": event,
+        "reported_wall_s": report["wall_s"],
+        "reported_pause_s": report["pause_s"],
+        "max_gap_during_s": max(during, default=0.0),
+        "median_gap_s": normal,
+        "streams_completed": sum(len(a) > 0 for a in arrivals) - len(errors),
+        "streams": streams,
+        "errors": errors,
+    }
 
 
 def main() -> None:
@@ -72,25 +87,48 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=4)
     p.add_argument("--tokens", type=int, default=200)
     a = p.parse_args()
-    args = ([a.model] if a.model else []) + ["--dtype", a.dtype, "-tp", "4", "--admin-token", "bench",
-                                             "--served-model-name", "m", "--max-model-len", "1024"]
+    args = ([a.model] if a.model else []) + [
+        "--dtype",
+        a.dtype,
+        "-tp",
+        "4",
+        "--admin-token",
+        "bench",
+        "--served-model-name",
+        "m",
+        "--max-model-len",
+        "1024",
+    ]
     results = []
     with remp_server(*args, timeout=600) as (url, _):
-        for event in [{"tensor_parallel_size": 2, "pipeline_parallel_size": 2},
-                      {"tensor_parallel_size": 1, "pipeline_parallel_size": 4},
-                      {"tensor_parallel_size": 4, "pipeline_parallel_size": 1, "mode": "restart"}]:
+        for event in [
+            {"tensor_parallel_size": 2, "pipeline_parallel_size": 2},
+            {"tensor_parallel_size": 1, "pipeline_parallel_size": 4},
+            {"tensor_parallel_size": 4, "pipeline_parallel_size": 1, "mode": "restart"},
+        ]:
             r = run_event(url, a.streams, a.tokens, event, delay_s=3.0)
             print(json.dumps(r), flush=True)
             results.append(r)
     out = Path(__file__).parent / "results" / "stream_gap.json"
-    out.write_text(json.dumps({"date": datetime.date.today().isoformat(), "model": a.model or "smollm2-135m",
-                               "dtype": a.dtype, "results": results}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "date": datetime.date.today().isoformat(),
+                "model": a.model or "smollm2-135m",
+                "dtype": a.dtype,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     print("| event | reported pause s | longest client gap s | median gap s | streams ok |\n|---|---|---|---|---|")
     for r in results:
         e = r["event"]
         name = f"{e.get('mode', 'switch')} -> TP{e['tensor_parallel_size']}xPP{e['pipeline_parallel_size']}"
-        print(f"| {name} | {r['reported_pause_s']:.3f} | {r['max_gap_during_s']:.3f} | {r['median_gap_s']:.3f} | "
-              f"{r['streams_completed']}/{r['streams']} |")
+        print(
+            f"| {name} | {r['reported_pause_s']:.3f} | {r['max_gap_during_s']:.3f} | {r['median_gap_s']:.3f} | "
+            f"{r['streams_completed']}/{r['streams']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -46,21 +46,30 @@ def single_stream(llm: LLM, prompt: dict, tokens: int, repeats: int) -> dict:
         end = time.perf_counter()
         ttfts.append(first - t0)
         tpots.append((end - first) / (tokens - 1))
-    return {"ttft_ms": statistics.median(ttfts) * 1e3, "tpot_ms": statistics.median(tpots) * 1e3,
-            "control_overhead_ms": statistics.median(engine.stats.control_overhead_s) * 1e3}
+    return {
+        "ttft_ms": statistics.median(ttfts) * 1e3,
+        "tpot_ms": statistics.median(tpots) * 1e3,
+        "control_overhead_ms": statistics.median(engine.stats.control_overhead_s) * 1e3,
+    }
 
 
 def hf_single_stream(model_path, dtype: torch.dtype, prompt: dict, tokens: int) -> dict:
     from transformers import AutoModelForCausalLM
+
     from remp.model.reader import resolve_model_path
+
     path = resolve_model_path(model_path)
     kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
     model = AutoModelForCausalLM.from_pretrained(str(path.parent if kw else path), dtype=dtype, **kw)
     ids = torch.tensor([prompt["prompt_token_ids"]])
-    gen = lambda n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)  # noqa: E731
+    gen = lambda n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     with torch.inference_mode():
         gen(2)
-        t0 = time.perf_counter(); gen(1); t1 = time.perf_counter(); gen(tokens); t2 = time.perf_counter()
+        t0 = time.perf_counter()
+        gen(1)
+        t1 = time.perf_counter()
+        gen(tokens)
+        t2 = time.perf_counter()
     return {"tpot_ms": ((t2 - t1) - (t1 - t0)) / (tokens - 1) * 1e3}
 
 
@@ -80,11 +89,17 @@ def run_one(a: argparse.Namespace, tp: int, pp: int) -> dict:
     topo = str(llm.llm_engine.topology)
     llm.shutdown()
     return {
-        "topology": topo, "load_s": round(load_s, 2),
-        "batch": {"num_prompts": a.num_prompts, "input_len": a.input_len, "output_len": a.output_len,
-                  "elapsed_s": round(elapsed, 3), "requests_per_s": round(a.num_prompts / elapsed, 3),
-                  "output_tokens_per_s": round(out_tokens / elapsed, 1),
-                  "total_tokens_per_s": round((out_tokens + a.num_prompts * a.input_len) / elapsed, 1)},
+        "topology": topo,
+        "load_s": round(load_s, 2),
+        "batch": {
+            "num_prompts": a.num_prompts,
+            "input_len": a.input_len,
+            "output_len": a.output_len,
+            "elapsed_s": round(elapsed, 3),
+            "requests_per_s": round(a.num_prompts / elapsed, 3),
+            "output_tokens_per_s": round(out_tokens / elapsed, 1),
+            "total_tokens_per_s": round((out_tokens + a.num_prompts * a.input_len) / elapsed, 1),
+        },
         "single_stream": {k: round(v, 3) for k, v in single.items()},
     }
 
@@ -114,13 +129,18 @@ def main() -> None:
     for tp, pp in topologies:
         runs.append(run_one(a, tp, pp))
         print(json.dumps(runs[-1]), flush=True)
-    result = {"date": datetime.date.today().isoformat(),
-              "machine": f"{platform.node()} {os.cpu_count()} cores",
-              "model": a.model or "default (SmolLM2-135M-Instruct Q4_1 GGUF)", "dtype": a.dtype, "runs": runs}
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.node()} {os.cpu_count()} cores",
+        "model": a.model or "default (SmolLM2-135M-Instruct Q4_1 GGUF)",
+        "dtype": a.dtype,
+        "runs": runs,
+    }
     if a.hf_baseline:
         vocab = open_checkpoint(a.model).config.vocab_size
-        hf = hf_single_stream(a.model, getattr(torch, a.hf_dtype), random_prompts(1, a.input_len, vocab)[0],
-                              a.single_tokens)
+        hf = hf_single_stream(
+            a.model, getattr(torch, a.hf_dtype), random_prompts(1, a.input_len, vocab)[0], a.single_tokens
+        )
         result["transformers_single_stream"] = {"dtype": a.hf_dtype, **{k: round(v, 2) for k, v in hf.items()}}
         result["single_stream_speedup_vs_transformers"] = round(hf["tpot_ms"] / runs[0]["single_stream"]["tpot_ms"], 2)
     print(json.dumps(result, indent=2))
@@ -132,12 +152,16 @@ def main() -> None:
 
 
 def table(runs: list[dict]) -> str:
-    rows = ["| topology | load s | req/s | output tok/s | single-stream ms/token | control overhead ms/step |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| topology | load s | req/s | output tok/s | single-stream ms/token | control overhead ms/step |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in runs:
         b, s = r["batch"], r["single_stream"]
-        rows.append(f"| {r['topology']} | {r['load_s']} | {b['requests_per_s']} | {b['output_tokens_per_s']} | "
-                    f"{s['tpot_ms']:.1f} | {s['control_overhead_ms']:.3f} |")
+        rows.append(
+            f"| {r['topology']} | {r['load_s']} | {b['requests_per_s']} | {b['output_tokens_per_s']} | "
+            f"{s['tpot_ms']:.1f} | {s['control_overhead_ms']:.3f} |"
+        )
     return "\n".join(rows)
 
 

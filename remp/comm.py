@@ -14,15 +14,23 @@ from remp.topology import Topology
 
 
 class WorkerComm:
-    def __init__(self, rank: int, world_size: int, init_method: str, timeout_s: float, device: torch.device,
-                 shm: ShmSegment | None = None):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        init_method: str,
+        timeout_s: float,
+        device: torch.device,
+        shm: ShmSegment | None = None,
+    ):
         self.rank, self.device = rank, device
         # Same-machine CPU workers sum through shared memory: gloo costs ~1 ms per call over loopback.
         self.shm_all_reduce = ShmAllReduce(shm, rank) if shm is not None and device.type == "cpu" else None
         self.epoch = 0
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+        )
         self._groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
         self._sends: deque = deque()  # in-flight isends (work, tensor kept alive until done)
         self.tp_group = None

@@ -53,24 +53,27 @@ class ModelConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads})")
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
         kind = (self.rope_scaling or {}).get("rope_type", "default")
         if kind not in SUPPORTED_ROPE_SCALING:
-            raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported "
-                                        f"(supported: {', '.join(SUPPORTED_ROPE_SCALING)})")
+            raise UnsupportedModelError(
+                f"rope scaling type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_SCALING)})"
+            )
 
     @property
     def q_per_kv(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
-    def from_hf_dict(cls, cfg: dict[str, Any], generation_config: dict[str, Any] | None = None) -> "ModelConfig":
+    def from_hf_dict(cls, cfg: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
         archs = cfg.get("architectures") or []
         arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             raise UnsupportedModelError(
                 f"unsupported architecture {archs or cfg.get('model_type')!r}; remp supports "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
         heads = cfg["num_attention_heads"]
         rope_scaling = cfg.get("rope_scaling")
         if rope_scaling is not None:
@@ -103,14 +106,14 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_hf_dir(cls, path: Path) -> "ModelConfig":
+    def from_hf_dir(cls, path: Path) -> ModelConfig:
         cfg = json.loads((path / "config.json").read_text())
         gen_path = path / "generation_config.json"
         gen = json.loads(gen_path.read_text()) if gen_path.exists() else None
         return cls.from_hf_dict(cfg, gen)
 
     @classmethod
-    def from_gguf_metadata(cls, meta: dict[str, Any], tensor_names: set[str]) -> "ModelConfig":
+    def from_gguf_metadata(cls, meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
         arch = meta.get("general.architecture")
         if arch != "llama":
             raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; remp reads 'llama' GGUF files")
@@ -147,8 +150,15 @@ class ModelConfig:
         )
 
 
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-           "float64": torch.float64, "double": torch.float64, "float16": torch.float16, "half": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "double": torch.float64,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
 
 
 def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: str = "cpu") -> tuple[torch.dtype, str]:
@@ -166,8 +176,10 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: str = "
             resolved = torch.bfloat16
         reason = "asked for"
         if resolved == torch.bfloat16 and device == "cpu" and not cpu.native_bf16:
-            reason = (f"asked for; this CPU has no native bf16 ({cpu.describe()}): bf16 is emulated and will "
-                      "be slow, float32 is faster here")
+            reason = (
+                f"asked for; this CPU has no native bf16 ({cpu.describe()}): bf16 is emulated and will "
+                "be slow, float32 is faster here"
+            )
     else:
         resolved = config.torch_dtype or torch.float16
         source = f"the checkpoint's {resolved}" if config.torch_dtype else "a quantized checkpoint"

@@ -35,14 +35,21 @@ class CpuFeatures:
     @property
     def onednn_bf16(self) -> bool:
         """oneDNN can pack and run bf16 linears here (x86 only)."""
-        if self.bf16_disabled or platform.machine() not in ("x86_64", "AMD64") or not torch.backends.mkldnn.is_available():
+        if (
+            self.bf16_disabled
+            or platform.machine() not in ("x86_64", "AMD64")
+            or not torch.backends.mkldnn.is_available()
+        ):
             return False
         return "avx_ne_convert" in self.flags or all(f in self.flags for f in ONEDNN_BF16_ALL_OF)
 
     def describe(self) -> str:
         """One line for logs and benchmark records: the CPU and the flags that matter for our kernels."""
-        shown = [f for f in ("avx2", "fma", "avx512f", *ONEDNN_BF16_ALL_OF, *NATIVE_BF16_FLAGS, "amx_tile")
-                 if f in self.flags]
+        shown = [
+            f
+            for f in ("avx2", "fma", "avx512f", *ONEDNN_BF16_ALL_OF, *NATIVE_BF16_FLAGS, "amx_tile")
+            if f in self.flags
+        ]
         extra = ", bf16 disabled by REMP_DISABLE_NATIVE_BF16" if self.bf16_disabled else ""
         return f"{self.model_name} [{' '.join(shown) or 'no SIMD flags read'}{extra}]"
 

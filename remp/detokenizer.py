@@ -6,6 +6,7 @@ tokenizer-specific joining right (leading spaces, byte merges) without re-decodi
 output each step; a window whose text ends in U+FFFD is an incomplete UTF-8 character, so the
 offsets stay put until a later token completes it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -37,7 +38,7 @@ class IncrementalDetokenizer:
         # when the stop string is output anyway.
         self._holdback = 0 if include_stop_str_in_output else max(self._max_stop - 1, 0)
 
-        ctx = list(prompt_token_ids[-(_CONTEXT + 1):])
+        ctx = list(prompt_token_ids[-(_CONTEXT + 1) :])
         toks = tokenizer.convert_ids_to_tokens(ctx, skip_special_tokens=skip_special_tokens)
         self._tokens: list[str] = [t or "" for t in toks]
         self._read = len(self._tokens)
@@ -52,12 +53,12 @@ class IncrementalDetokenizer:
     def _decode_window(self, force: bool) -> str:
         """Text that tokens[read:] add after tokens[prefix:read]; "" while a char is incomplete."""
         convert = self.tokenizer.convert_tokens_to_string
-        prefix_text = convert(self._tokens[self._prefix:self._read])
-        full = convert(self._tokens[self._prefix:])
+        prefix_text = convert(self._tokens[self._prefix : self._read])
+        full = convert(self._tokens[self._prefix :])
         if not force and (len(full) <= len(prefix_text) or full.endswith("\ufffd")):
             return ""
         self._prefix, self._read = self._read, len(self._tokens)
-        return full[len(prefix_text):]
+        return full[len(prefix_text) :]
 
     def _append(self, delta: str) -> str | None:
         if not delta:
@@ -92,12 +93,12 @@ class IncrementalDetokenizer:
     def visible_text(self) -> str:
         """All text that may be shown now: everything once finished, else without a tail that could still
         begin a stop string (the same text new_text() streams)."""
-        return self.text if self._finished else self.text[:max(len(self.text) - self._holdback, self._sent)]
+        return self.text if self._finished else self.text[: max(len(self.text) - self._holdback, self._sent)]
 
     def new_text(self) -> str:
         """Text added since the last call, minus a tail that could still begin a stop string."""
         end = len(self.text) if self._finished else max(len(self.text) - self._holdback, self._sent)
-        out, self._sent = self.text[self._sent:end], end
+        out, self._sent = self.text[self._sent : end], end
         return out
 
     def flush(self) -> str:

@@ -6,9 +6,10 @@ import itertools
 import math
 import time
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -16,7 +17,9 @@ from remp.config import ModelConfig, resolve_dtype
 from remp.cpu_features import cpu_features
 from remp.detokenizer import IncrementalDetokenizer
 from remp.engine_args import EngineArgs
+from remp.executor import LocalExecutor, MultiprocExecutor, WorkerError, exit_if_spawning_worker
 from remp.kv_cache import kv_bytes_per_block
+from remp.logger import init_logger
 from remp.model.attention import SeqChunk
 from remp.model.reader import open_checkpoint
 from remp.outputs import CompletionOutput, Logprob, RequestOutput
@@ -24,12 +27,10 @@ from remp.plan import PieceSizer, best_placement, make_plan
 from remp.request import Request, Status
 from remp.sampler import SampleRow
 from remp.sampling_params import SamplingParams
-from remp.executor import LocalExecutor, MultiprocExecutor, WorkerError, exit_if_spawning_worker
 from remp.scheduler import ScheduledBatch, Scheduler
 from remp.step import StepMsg, StepResult
 from remp.switch_report import SwitchReport
 from remp.topology import Topology
-from remp.logger import init_logger
 
 logger = init_logger(__name__)
 
@@ -58,23 +59,26 @@ class LLMEngine:
         (logger.warning if slow else logger.info)("dtype %s (%s)", str(self.dtype).removeprefix("torch."), why)
         self.max_model_len = args.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's maximum context "
-                             f"({cfg.max_position_embeddings})")
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the model's maximum context "
+                f"({cfg.max_position_embeddings})"
+            )
         topology = Topology(args.tensor_parallel_size, args.pipeline_parallel_size)
         topology.validate(cfg)
         self.num_kv_blocks = args.num_kv_blocks or int(args.kv_cache_memory_gb * 2**30 // self._block_bytes(topology))
         if self.num_kv_blocks * args.block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {self.num_kv_blocks * args.block_size} tokens, fewer than max_model_len="
-                f"{self.max_model_len}: raise kv_cache_memory_gb / num_kv_blocks or lower max_model_len")
+                f"{self.max_model_len}: raise kv_cache_memory_gb / num_kv_blocks or lower max_model_len"
+            )
         torch.manual_seed(args.seed)
         self.error: Exception | None = None
         self.tokenizer = reader.load_tokenizer()
-        self.eos_token_ids = frozenset(cfg.eos_token_ids or ([self.tokenizer.eos_token_id]
-                                                              if self.tokenizer.eos_token_id is not None else []))
+        self.eos_token_ids = frozenset(
+            cfg.eos_token_ids or ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
+        )
         self.executor = self._start_executor(reader, topology)
-        self.scheduler = Scheduler(self.num_kv_blocks, args.block_size, args.max_num_seqs,
-                                   args.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.num_kv_blocks, args.block_size, args.max_num_seqs, args.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._step_ids = itertools.count()
@@ -86,14 +90,23 @@ class LLMEngine:
         """KV bytes of one logical block summed over every worker (replicated KV heads count each time)."""
         cfg = self.model_config
         specs = [topology.spec(cfg, w) for w in topology.placement]
-        return sum(kv_bytes_per_block(len(s.layers), len(s.kv_heads), cfg.head_dim, self.args.block_size, self.dtype)
-                   for s in specs)
+        return sum(
+            kv_bytes_per_block(len(s.layers), len(s.kv_heads), cfg.head_dim, self.args.block_size, self.dtype)
+            for s in specs
+        )
 
     def _start_executor(self, reader, topology: Topology):
         args = self.args
-        kwargs = dict(model=args.model, dtype=self.dtype, num_blocks=self.num_kv_blocks, block_size=args.block_size,
-                      max_model_len=self.max_model_len, device=args.device, timeout_s=args.worker_timeout_s,
-                      shm_elems=args.max_num_batched_tokens * self.model_config.hidden_size)
+        kwargs = dict(
+            model=args.model,
+            dtype=self.dtype,
+            num_blocks=self.num_kv_blocks,
+            block_size=args.block_size,
+            max_model_len=self.max_model_len,
+            device=args.device,
+            timeout_s=args.worker_timeout_s,
+            shm_elems=args.max_num_batched_tokens * self.model_config.hidden_size,
+        )
         if topology.size == 1 and args.distributed_executor_backend != "mp":
             return LocalExecutor(reader, topology, MultiprocExecutor.worker_config(1, **kwargs))
         return MultiprocExecutor(topology, MultiprocExecutor.worker_config(topology.size, **kwargs))
@@ -103,13 +116,18 @@ class LLMEngine:
         return self.executor.topology
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args)
 
     # ---- requests -------------------------------------------------------------------------------------
-    def add_request(self, request_id: str | None, prompt: str | list[int] | dict | None = None,
-                    sampling_params: SamplingParams | None = None, *,
-                    prompt_token_ids: list[int] | None = None) -> str:
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: str | list[int] | dict | None = None,
+        sampling_params: SamplingParams | None = None,
+        *,
+        prompt_token_ids: list[int] | None = None,
+    ) -> str:
         """Queue a request. `prompt` is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}.
         Raises ValueError (and queues nothing) for an empty or too-long prompt or a duplicate id."""
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
@@ -120,19 +138,30 @@ class LLMEngine:
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens, which leaves no room to generate within "
-                             f"max_model_len={self.max_model_len}")
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens, which leaves no room to generate within "
+                f"max_model_len={self.max_model_len}"
+            )
         bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
-            raise ValueError(f"prompt token ids out of the vocabulary (size {self.model_config.vocab_size}): "
-                             f"{bad[:5]}")
+            raise ValueError(f"prompt token ids out of the vocabulary (size {self.model_config.vocab_size}): {bad[:5]}")
         room = self.max_model_len - len(ids)
-        req = Request(request_id=request_id, prompt=text, prompt_token_ids=ids, params=params,
-                      max_tokens=min(params.max_tokens or room, room),
-                      eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
-                                    detokenizer=IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
-                                                         params.stop, params.include_stop_str_in_output,
-                                                         params.min_tokens))
+        req = Request(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=ids,
+            params=params,
+            max_tokens=min(params.max_tokens or room, room),
+            eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer,
+                ids,
+                params.skip_special_tokens,
+                params.stop,
+                params.include_stop_str_in_output,
+                params.min_tokens,
+            ),
+        )
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
@@ -218,7 +247,7 @@ class LLMEngine:
         for req, n in batch.scheduled:
             start = req.num_computed_tokens
             done = start + n == len(req.token_ids)
-            chunks.append(SeqChunk(req.token_ids[start:start + n], start, list(req.block_ids), done))
+            chunks.append(SeqChunk(req.token_ids[start : start + n], start, list(req.block_ids), done))
             req.num_computed_tokens += n
             if done:
                 sampled.append(req)
@@ -243,8 +272,13 @@ class LLMEngine:
         for row, req in enumerate(sampled):
             if req.finished:  # aborted while its micro-batch was in flight: freed below
                 continue
-            self._append_token(req, out.token_ids[row], out.logprobs[row], out.ranks[row],
-                               out.top_logprobs[row] if out.top_logprobs else [])
+            self._append_token(
+                req,
+                out.token_ids[row],
+                out.logprobs[row],
+                out.ranks[row],
+                out.top_logprobs[row] if out.top_logprobs else [],
+            )
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
             req.metrics.last_token_time = now
@@ -258,8 +292,7 @@ class LLMEngine:
                 self.scheduler.free(req)
         return outputs
 
-    def _append_token(self, req: Request, token: int, logprob: float, rank: int,
-                      top: list[tuple[int, float]]) -> None:
+    def _append_token(self, req: Request, token: int, logprob: float, rank: int, top: list[tuple[int, float]]) -> None:
         req.token_ids.append(token)
         req.cumulative_logprob += logprob
         if req.logprobs is not None:
@@ -282,16 +315,24 @@ class LLMEngine:
 
     def _output(self, req: Request) -> RequestOutput:
         completion = CompletionOutput(
-            index=0, text=req.detokenizer.visible_text, token_ids=list(req.output_token_ids),
+            index=0,
+            text=req.detokenizer.visible_text,
+            token_ids=list(req.output_token_ids),
             cumulative_logprob=req.cumulative_logprob,
             logprobs=list(req.logprobs) if req.logprobs is not None else None,
-            finish_reason=req.finish_reason, stop_reason=req.stop_reason)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], req.finished,
-                             req.metrics)
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+        )
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], req.finished, req.metrics)
 
     # ---- topology switches --------------------------------------------------------------------------------
-    def reconfigure(self, tensor_parallel_size: int, pipeline_parallel_size: int,
-                    layer_split: list[int] | None = None, mode: str = "switch") -> SwitchReport:
+    def reconfigure(
+        self,
+        tensor_parallel_size: int,
+        pipeline_parallel_size: int,
+        layer_split: list[int] | None = None,
+        mode: str = "switch",
+    ) -> SwitchReport:
         """Change TP/PP between steps with requests in flight. mode="switch" moves weights and the KV cache of
         in-flight requests peer to peer; mode="restart" is the baseline a user has today (stop the workers,
         start new ones from the checkpoint, re-submit in-flight requests to recompute their KV).
@@ -302,13 +343,16 @@ class LLMEngine:
             raise ValueError(f"mode must be 'switch' or 'restart', not {mode!r}")
         t0 = time.perf_counter()
         old = self.topology
-        target = Topology(tensor_parallel_size, pipeline_parallel_size, None,
-                          tuple(layer_split) if layer_split else None)
+        target = Topology(
+            tensor_parallel_size, pipeline_parallel_size, None, tuple(layer_split) if layer_split else None
+        )
         target.validate(self.model_config, num_workers=old.size)
         num_blocks = self.args.num_kv_blocks or int(self.args.kv_cache_memory_gb * 2**30 // self._block_bytes(target))
         if num_blocks * self.args.block_size < self.max_model_len:
-            raise ValueError(f"{target} leaves room for {num_blocks * self.args.block_size} KV tokens, fewer than "
-                             f"max_model_len={self.max_model_len}")
+            raise ValueError(
+                f"{target} leaves room for {num_blocks * self.args.block_size} KV tokens, fewer than "
+                f"max_model_len={self.max_model_len}"
+            )
         if old.size == 1:
             raise ValueError("a single-worker engine has no pool to reshard; start it with tp*pp > 1")
         self._drain()
@@ -347,15 +391,24 @@ class LLMEngine:
             stats = self.executor.reconfigure(plan, used, new_ids, num_blocks)
         self.scheduler.resize(num_blocks, dict(zip(used, new_ids)))
         return SwitchReport(
-            "switch", str(old), str(new), 0.0, 0.0,
+            "switch",
+            str(old),
+            str(new),
+            0.0,
+            0.0,
             bytes_moved={"weights": plan.moved.weights, "kv": plan.moved.kv},
             min_bytes={"weights": plan.minimum.weights, "kv": plan.minimum.kv},
             bytes_kept={"weights": plan.kept.weights, "kv": plan.kept.kv},
-            peak_extra_bytes=max(s.peak_extra_bytes for s in stats), preempted=preempted,
-            kv_blocks_moved=len(used), num_kv_blocks=num_blocks,
+            peak_extra_bytes=max(s.peak_extra_bytes for s in stats),
+            preempted=preempted,
+            kv_blocks_moved=len(used),
+            num_kv_blocks=num_blocks,
             executor_bytes_received=sum(s.bytes_received for s in stats),
-            worker_seconds={k: round(max(s.seconds.get(k, 0.0) for s in stats), 4)
-                            for k in ("groups", "transfers", "execute", "install")})
+            worker_seconds={
+                k: round(max(s.seconds.get(k, 0.0) for s in stats), 4)
+                for k in ("groups", "transfers", "execute", "install")
+            },
+        )
 
     def _restart(self, old: Topology, target: Topology, num_blocks: int) -> SwitchReport:
         """What a user does today: stop the engine's workers, start new ones from the checkpoint, re-submit
@@ -370,9 +423,16 @@ class LLMEngine:
         self.executor = self._start_executor(reader, target)
         self.scheduler.resize(num_blocks, {})
         weight_bytes = sum(math.prod(reader.shape(n)) for n in reader.names()) * self.dtype.itemsize
-        return SwitchReport("restart", str(old), str(target), 0.0, 0.0,
-                            bytes_moved={"weights": weight_bytes, "kv": 0}, recomputed_tokens=recompute,
-                            num_kv_blocks=num_blocks)
+        return SwitchReport(
+            "restart",
+            str(old),
+            str(target),
+            0.0,
+            0.0,
+            bytes_moved={"weights": weight_bytes, "kv": 0},
+            recomputed_tokens=recompute,
+            num_kv_blocks=num_blocks,
+        )
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -25,8 +25,13 @@ class EngineArgs:
     worker_timeout_s: float = 120.0  # a worker silent this long (or a collective stuck this long) is an error
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
-                     "pipeline_parallel_size"):
+        for name in (
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "tensor_parallel_size",
+            "pipeline_parallel_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -35,13 +40,14 @@ class EngineArgs:
         if self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
         if self.distributed_executor_backend not in (None, "uni", "mp"):
-            raise ValueError(f"distributed_executor_backend must be 'uni' or 'mp', "
-                             f"got {self.distributed_executor_backend!r}")
+            raise ValueError(
+                f"distributed_executor_backend must be 'uni' or 'mp', got {self.distributed_executor_backend!r}"
+            )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
 
     @classmethod
-    def from_kwargs(cls, **kwargs) -> "EngineArgs":
+    def from_kwargs(cls, **kwargs) -> EngineArgs:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:

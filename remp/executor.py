@@ -37,7 +37,8 @@ EXIT_UNGUARDED_MAIN = 86
 UNGUARDED_MAIN_MESSAGE = (
     "the worker processes re-ran the script that created the engine: remp starts workers with multiprocessing "
     "'spawn', which imports the main module in each of them. Put the code that creates the engine under "
-    "`if __name__ == \"__main__\":` (needed whenever tp*pp > 1 or distributed_executor_backend='mp')")
+    "`if __name__ == \"__main__\":` (needed whenever tp*pp > 1 or distributed_executor_backend='mp')"
+)
 
 
 def exit_if_spawning_worker() -> None:
@@ -52,8 +53,15 @@ class LocalExecutor:
 
     def __init__(self, reader: CheckpointReader, topology: Topology, cfg: WorkerConfig):
         self.topology = topology
-        self.runner = ModelRunner(reader, topology.spec(reader.config, 0), cfg.dtype, cfg.num_blocks,
-                                  cfg.block_size, cfg.max_model_len, cfg.device)
+        self.runner = ModelRunner(
+            reader,
+            topology.spec(reader.config, 0),
+            cfg.dtype,
+            cfg.num_blocks,
+            cfg.block_size,
+            cfg.max_model_len,
+            cfg.device,
+        )
         self._results: deque[StepResult] = deque()
 
     def submit(self, msg: StepMsg) -> None:
@@ -104,8 +112,9 @@ class MultiprocExecutor:
             cfg = dataclasses.replace(cfg, shm_name=self.segment.name)
         for rank in range(cfg.world_size):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=worker_main, args=(rank, cfg, topology, child), daemon=True,
-                            name=f"remp-worker-{rank}")
+            p = ctx.Process(
+                target=worker_main, args=(rank, cfg, topology, child), daemon=True, name=f"remp-worker-{rank}"
+            )
             p.start()
             child.close()
             self.procs.append(p)
@@ -119,8 +128,12 @@ class MultiprocExecutor:
 
     @staticmethod
     def worker_config(world_size: int, **kwargs) -> WorkerConfig:
-        return WorkerConfig(world_size=world_size, init_method=f"tcp://127.0.0.1:{_free_port()}",
-                            threads=max(1, (os.cpu_count() or 1) // world_size), **kwargs)
+        return WorkerConfig(
+            world_size=world_size,
+            init_method=f"tcp://127.0.0.1:{_free_port()}",
+            threads=max(1, (os.cpu_count() or 1) // world_size),
+            **kwargs,
+        )
 
     def _describe(self, rank: int) -> str:
         coord = self.topology.coordinate(rank)
@@ -185,8 +198,7 @@ class MultiprocExecutor:
         rank = self.topology.sampler_worker
         ready = wait_ready(self.conns + [p.sentinel for p in self.procs], self.timeout_s)
         if not ready:
-            raise WorkerError(f"no result from {self._describe(rank)} within {self.timeout_s:.0f} s: "
-                              "a worker hangs")
+            raise WorkerError(f"no result from {self._describe(rank)} within {self.timeout_s:.0f} s: a worker hangs")
         if self.conns[rank] in ready:
             msg = self._recv(rank)
             if msg[0] == "result":

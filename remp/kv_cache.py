@@ -14,8 +14,14 @@ def kv_bytes_per_block(num_layers: int, kv_heads: int, head_dim: int, block_size
     return 2 * num_layers * block_size * kv_heads * head_dim * dtype.itemsize
 
 
-def new_kv_layer(kv_heads: int, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype,
-                 device: str | torch.device = "cpu") -> torch.Tensor:
+def new_kv_layer(
+    kv_heads: int,
+    num_blocks: int,
+    block_size: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
     # Zeroed, not empty: masked-out keys still pass through the matmuls, and garbage NaNs would leak.
     return torch.zeros(2, kv_heads, num_blocks, block_size, head_dim, dtype=dtype, device=device)
 
@@ -27,10 +33,20 @@ class KVCache:
         self.num_blocks = layers[0].shape[2] if layers else 0
 
     @classmethod
-    def allocate(cls, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: str | torch.device = "cpu") -> "KVCache":
-        return cls([new_kv_layer(kv_heads, num_blocks, block_size, head_dim, dtype, device)
-                    for _ in range(num_layers)], block_size)
+    def allocate(
+        cls,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: str | torch.device = "cpu",
+    ) -> KVCache:
+        return cls(
+            [new_kv_layer(kv_heads, num_blocks, block_size, head_dim, dtype, device) for _ in range(num_layers)],
+            block_size,
+        )
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, v) of local layer i, each [kv_heads, num_blocks, block_size, head_dim] (head-major)."""

@@ -32,16 +32,25 @@ class StageComm(Protocol):
 
 
 class ModelRunner:
-    def __init__(self, reader: CheckpointReader, spec: ShardSpec, dtype: torch.dtype, num_blocks: int,
-                 block_size: int, max_model_len: int, device: str = "cpu", comm: StageComm | None = None):
+    def __init__(
+        self,
+        reader: CheckpointReader,
+        spec: ShardSpec,
+        dtype: torch.dtype,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        device: str = "cpu",
+        comm: StageComm | None = None,
+    ):
         cfg = reader.config
         self.reader, self.block_size, self.dtype, self.comm = reader, block_size, dtype, comm
         self.device = torch.device(device)
         self.rope = RotaryEmbedding(cfg, max_model_len, dtype, reader.rope_freq_factors())
-        kv = KVCache.allocate(len(spec.layers), num_blocks, block_size, len(spec.kv_heads), cfg.head_dim, dtype,
-                              device)
-        self.install(ShardState(spec, load_shard_weights(reader, spec, dtype, device),
-                                dict(zip(spec.layers, kv.layers))))
+        kv = KVCache.allocate(len(spec.layers), num_blocks, block_size, len(spec.kv_heads), cfg.head_dim, dtype, device)
+        self.install(
+            ShardState(spec, load_shard_weights(reader, spec, dtype, device), dict(zip(spec.layers, kv.layers)))
+        )
 
     def install(self, state: ShardState) -> None:
         """Run with this shard from now on (after loading or resharding)."""
@@ -53,15 +62,28 @@ class ModelRunner:
     def state(self) -> ShardState:
         return ShardState(self.spec, dict(self.model.weights), dict(zip(self.spec.layers, self.kv.layers)))
 
-    def reshard(self, rank: int, plan: Plan, used_blocks: list[int], new_block_ids: list[int],
-                new_num_blocks: int) -> ReshardStats:
+    def reshard(
+        self, rank: int, plan: Plan, used_blocks: list[int], new_block_ids: list[int], new_num_blocks: int
+    ) -> ReshardStats:
         """Execute this worker's part of a plan and switch to the new shard. The old one is consumed."""
         old = self.state()
         self.model = self.kv = None  # the executor frees old pieces as it goes
         new_spec = plan.new.spec(self.reader.config, rank)
         t0 = time.perf_counter()
-        state, stats = execute_plan(rank, plan, self.reader.config, old, new_spec, used_blocks, new_block_ids,
-                                    new_num_blocks, self.block_size, self.dtype, self.device, self.reader)
+        state, stats = execute_plan(
+            rank,
+            plan,
+            self.reader.config,
+            old,
+            new_spec,
+            used_blocks,
+            new_block_ids,
+            new_num_blocks,
+            self.block_size,
+            self.dtype,
+            self.device,
+            self.reader,
+        )
         t1 = time.perf_counter()
         self.install(state)
         stats.seconds.update(execute=t1 - t0, install=time.perf_counter() - t1)

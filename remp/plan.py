@@ -33,11 +33,21 @@ def tensor_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
     last = name.rsplit(".", 2)
     kind = ".".join(last[-2:])
     shapes = {
-        "q_proj.weight": (q, H), "k_proj.weight": (kv, H), "v_proj.weight": (kv, H),
-        "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,), "o_proj.weight": (H, q),
-        "gate_proj.weight": (I, H), "up_proj.weight": (I, H), "down_proj.weight": (H, I),
-        "input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,), "norm.weight": (H,),
-        "embed_tokens.weight": (V, H), "lm_head.weight": (V, H),
+        "q_proj.weight": (q, H),
+        "k_proj.weight": (kv, H),
+        "v_proj.weight": (kv, H),
+        "q_proj.bias": (q,),
+        "k_proj.bias": (kv,),
+        "v_proj.bias": (kv,),
+        "o_proj.weight": (H, q),
+        "gate_proj.weight": (I, H),
+        "up_proj.weight": (I, H),
+        "down_proj.weight": (H, I),
+        "input_layernorm.weight": (H,),
+        "post_attention_layernorm.weight": (H,),
+        "norm.weight": (H,),
+        "embed_tokens.weight": (V, H),
+        "lm_head.weight": (V, H),
     }
     return shapes[kind]
 
@@ -167,8 +177,15 @@ def _kept_bytes(sizer: PieceSizer, need: list[Piece], held: list[Piece]) -> int:
     return sum(_held_bytes(sizer, p, weights, kv) for p in need)
 
 
-def best_placement(config: ModelConfig, old: Topology, tp: int, pp: int, sizer: PieceSizer,
-                   layers_per_stage: tuple[int, ...] | None = None, with_kv: bool = True) -> Topology:
+def best_placement(
+    config: ModelConfig,
+    old: Topology,
+    tp: int,
+    pp: int,
+    sizer: PieceSizer,
+    layers_per_stage: tuple[int, ...] | None = None,
+    with_kv: bool = True,
+) -> Topology:
     """The placement of the new coordinates on old's workers that keeps the most bytes in place."""
     workers = sorted(old.placement)
     draft = Topology(tp, pp, tuple(range(tp * pp)), layers_per_stage)
@@ -187,14 +204,23 @@ def best_placement(config: ModelConfig, old: Topology, tp: int, pp: int, sizer: 
     return Topology(tp, pp, tuple(placement), layers_per_stage)
 
 
-def make_plan(config: ModelConfig, old: Topology | None, new: Topology, sizer: PieceSizer,
-              with_kv: bool = True, lost: frozenset[int] = frozenset()) -> Plan:
+def make_plan(
+    config: ModelConfig,
+    old: Topology | None,
+    new: Topology,
+    sizer: PieceSizer,
+    with_kv: bool = True,
+    lost: frozenset[int] = frozenset(),
+) -> Plan:
     """Sources for every piece of every worker under `new`. `old` None means cold start (checkpoint);
     workers in `lost` hold nothing any more (their pieces come from survivors or the checkpoint)."""
     workers = sorted(new.placement)
     needs = {w: worker_pieces(config, new, w, with_kv) for w in workers}
-    held = {} if old is None else {w: _index(worker_pieces(config, old, w, with_kv))
-                                   for w in old.placement if w not in lost}
+    held = (
+        {}
+        if old is None
+        else {w: _index(worker_pieces(config, old, w, with_kv)) for w in old.placement if w not in lost}
+    )
     plan = Plan(old, new, needs, [])
     load: dict[int, int] = defaultdict(int)  # bytes each holder sends, to spread the sends
     for dst in workers:
@@ -209,8 +235,7 @@ def make_plan(config: ModelConfig, old: Topology | None, new: Topology, sizer: P
                 src = min(holders, key=lambda w: (load[w], w)) if holders else CHECKPOINT
                 _assign(plan, sizer, load, Transfer(piece, src, dst))
                 continue
-            gaps = [(piece.start, piece.stop)] if kept is None else \
-                [(piece.start, kept[0]), (kept[1], piece.stop)]
+            gaps = [(piece.start, piece.stop)] if kept is None else [(piece.start, kept[0]), (kept[1], piece.stop)]
             if kept is not None:
                 plan.kept.add(piece, sizer.bytes(WeightPiece(piece.name, *kept)))
             for lo, hi in gaps:
@@ -243,14 +268,16 @@ def _segments(name: str, lo: int, hi: int, held: dict) -> list[tuple[int, int, l
     bounds = sorted(cuts)
     out = []
     for a, b in zip(bounds, bounds[1:]):
-        holders = [w for w, (weights, _) in held.items()
-                   if name in weights and weights[name][0] <= a and b <= weights[name][1]]
+        holders = [
+            w for w, (weights, _) in held.items() if name in weights and weights[name][0] <= a and b <= weights[name][1]
+        ]
         out.append((a, b, holders))
     return out
 
 
-def _minimum(config: ModelConfig, old: Topology | None, new: Topology, sizer: PieceSizer, with_kv: bool,
-             lost: frozenset[int]) -> ByteCounts:
+def _minimum(
+    config: ModelConfig, old: Topology | None, new: Topology, sizer: PieceSizer, with_kv: bool, lost: frozenset[int]
+) -> ByteCounts:
     """Bytes any plan must bring to workers: what the new shards need minus what the best placement keeps.
     Split by kind at that optimum."""
     out = ByteCounts()

@@ -9,9 +9,9 @@ posted in the same order on both ends.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import math
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,7 @@ from remp.sharding import ShardSpec
 @dataclass
 class ShardState:
     """What a worker holds: canonical weights (with the range of each along its shard axis) and KV layers."""
+
     spec: ShardSpec | None
     weights: dict[str, torch.Tensor]
     kv_layers: dict[int, torch.Tensor]  # global layer -> [2, kv_heads, blocks, block_size, D]
@@ -59,9 +60,20 @@ def _phase_groups(plan: Plan, config, piece_bytes, chunk_bytes: int = 64 << 20) 
     return groups + [current] if current else groups
 
 
-def execute_plan(rank: int, plan: Plan, config, old: ShardState, new_spec: ShardSpec, used_blocks: list[int],
-                 new_block_ids: list[int], new_num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device, reader: CheckpointReader | None = None) -> tuple[ShardState, ReshardStats]:
+def execute_plan(
+    rank: int,
+    plan: Plan,
+    config,
+    old: ShardState,
+    new_spec: ShardSpec,
+    used_blocks: list[int],
+    new_block_ids: list[int],
+    new_num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    reader: CheckpointReader | None = None,
+) -> tuple[ShardState, ReshardStats]:
     stats = ReshardStats()
     D = config.head_dim
     old_ranges, new_ranges = weight_ranges(config, old.spec), weight_ranges(config, new_spec)
@@ -69,8 +81,9 @@ def execute_plan(rank: int, plan: Plan, config, old: ShardState, new_spec: Shard
     new_heads = new_spec.kv_heads
     used = torch.tensor(used_blocks, dtype=torch.long, device=device)
     new_ids = torch.tensor(new_block_ids, dtype=torch.long, device=device)
-    same_blocks = used_blocks == new_block_ids and old.kv_layers and \
-        next(iter(old.kv_layers.values())).shape[2] == new_num_blocks
+    same_blocks = (
+        used_blocks == new_block_ids and old.kv_layers and next(iter(old.kv_layers.values())).shape[2] == new_num_blocks
+    )
     extra = 0  # bytes allocated beyond the starting footprint, now
 
     def grow(n: int) -> None:
@@ -104,8 +117,7 @@ def execute_plan(rank: int, plan: Plan, config, old: ShardState, new_spec: Shard
                 if isinstance(p, KVPiece):
                     buf = old.kv_layers[p.layer][:, p.kv_head - old_heads.start].index_select(1, used).contiguous()
                 else:
-                    buf = weight_view(p.name, p.start, p.stop, old.weights[p.name],
-                                      old_ranges[p.name][0]).contiguous()
+                    buf = weight_view(p.name, p.start, p.stop, old.weights[p.name], old_ranges[p.name][0]).contiguous()
                 grow(_nbytes(buf))
                 works.append(dist.isend(buf, dst=t.dst))
                 sent.append(buf)
@@ -124,7 +136,9 @@ def execute_plan(rank: int, plan: Plan, config, old: ShardState, new_spec: Shard
                 else:
                     works.append(dist.irecv(buf, src=t.src))
                     stats.bytes_received += _nbytes(buf)
-                received.setdefault(t.piece if isinstance(t.piece, KVPiece) else t.piece.name, []).append((t.piece, buf))
+                received.setdefault(t.piece if isinstance(t.piece, KVPiece) else t.piece.name, []).append(
+                    (t.piece, buf)
+                )
         t_wait = time.perf_counter()
         for work in works:
             work.wait()
@@ -144,7 +158,8 @@ def execute_plan(rank: int, plan: Plan, config, old: ShardState, new_spec: Shard
                     olo, ohi = max(lo, old_ranges[name][0]), min(hi, old_ranges[name][1])
                     if olo < ohi:
                         weight_view(name, olo, ohi, t, lo).copy_(
-                            weight_view(name, olo, ohi, old.weights[name], old_ranges[name][0]))
+                            weight_view(name, olo, ohi, old.weights[name], old_ranges[name][0])
+                        )
                 for p, buf in received.get(name, []):
                     weight_view(name, p.start, p.stop, t, lo).copy_(buf)
                 new.weights[name] = t

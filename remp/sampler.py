@@ -1,4 +1,5 @@
 """Batched token sampling: greedy, temperature, top-k, top-p, min-p, logprobs."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from remp.sampling_params import SamplingParams
 
 class SampleRow(NamedTuple):
     """What the sampler needs of one row: the wire form of SamplingParams (cheap to pickle every step)."""
+
     temperature: float
     top_p: float
     top_k: int
@@ -24,7 +26,7 @@ class SampleRow(NamedTuple):
         return self.temperature < 1e-5
 
     @classmethod
-    def of(cls, p: SamplingParams, output_index: int, banned: tuple[int, ...] = ()) -> "SampleRow":
+    def of(cls, p: SamplingParams, output_index: int, banned: tuple[int, ...] = ()) -> SampleRow:
         seed = None if p.seed is None else token_seed(p.seed, output_index)
         return cls(p.temperature, p.top_p, p.top_k, p.min_p, p.logprobs, seed, banned)
 
@@ -128,9 +130,7 @@ def sample(
     rand_rows = [i for i, sp in enumerate(params) if not sp.greedy]
     if rand_rows:
         rows = torch.tensor(rand_rows, device=x.device)
-        token_ids[rows] = _random_sample(
-            x[rows], [params[i] for i in rand_rows], [generators[i] for i in rand_rows]
-        )
+        token_ids[rows] = _random_sample(x[rows], [params[i] for i in rand_rows], [generators[i] for i in rand_rows])
 
     raw_lp = torch.log_softmax(x, dim=-1)
     chosen_lp = raw_lp.gather(-1, token_ids[:, None])  # [B, 1]

@@ -1,4 +1,5 @@
 """Per-request sampling parameters, shaped like vLLM's ``SamplingParams``."""
+
 from __future__ import annotations
 
 import math

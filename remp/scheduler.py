@@ -116,8 +116,9 @@ class Scheduler:
             n = min(req.num_uncomputed_tokens, budget)
             while not self._grow(req, n):
                 # the youngest request that is neither in flight nor already in this batch (req at worst)
-                victim = next(r for r in reversed(self.running)
-                              if r not in busy and all(r is not s for s, _ in batch.scheduled))
+                victim = next(
+                    r for r in reversed(self.running) if r not in busy and all(r is not s for s, _ in batch.scheduled)
+                )
                 self.preempt(victim)
                 batch.preempted.append(victim)
                 if victim is req:

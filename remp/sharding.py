@@ -26,8 +26,7 @@ def split_evenly(n: int, parts: int) -> list[range]:
 def head_split(num_heads: int, num_kv_heads: int, tp: int) -> list[tuple[range, range]]:
     """(q heads, kv heads) of each TP rank."""
     if not 1 <= tp <= num_heads:
-        raise ValueError(f"tensor parallel size {tp} must be between 1 and the number of attention heads "
-                         f"({num_heads})")
+        raise ValueError(f"tensor parallel size {tp} must be between 1 and the number of attention heads ({num_heads})")
     group = num_heads // num_kv_heads
     if tp <= num_kv_heads:
         return [(range(kv.start * group, kv.stop * group), kv) for kv in split_evenly(num_kv_heads, tp)]
@@ -75,12 +74,25 @@ class ShardSpec:
         return self.is_last_stage and self.tp_rank == 0
 
 
-def shard_spec(config: ModelConfig, tp: int = 1, pp: int = 1, stage: int = 0, tp_rank: int = 0,
-               layers_per_stage: list[int] | None = None) -> ShardSpec:
+def shard_spec(
+    config: ModelConfig,
+    tp: int = 1,
+    pp: int = 1,
+    stage: int = 0,
+    tp_rank: int = 0,
+    layers_per_stage: list[int] | None = None,
+) -> ShardSpec:
     q, kv = head_split(config.num_attention_heads, config.num_key_value_heads, tp)[tp_rank]
-    return ShardSpec(stage=stage, tp_rank=tp_rank, tp_size=tp, pp_size=pp,
-                     layers=layer_split(config.num_hidden_layers, pp, layers_per_stage)[stage],
-                     q_heads=q, kv_heads=kv, ffn=split_evenly(config.intermediate_size, tp)[tp_rank])
+    return ShardSpec(
+        stage=stage,
+        tp_rank=tp_rank,
+        tp_size=tp,
+        pp_size=pp,
+        layers=layer_split(config.num_hidden_layers, pp, layers_per_stage)[stage],
+        q_heads=q,
+        kv_heads=kv,
+        ffn=split_evenly(config.intermediate_size, tp)[tp_rank],
+    )
 
 
 def weight_slices(config: ModelConfig, spec: ShardSpec) -> dict[str, tuple[slice, ...]]:

@@ -28,7 +28,7 @@ class ShmSegment:
         size = self.flag_bytes + world_size * 2 * max_elems * 8  # float64 room: exact for float64 models
         if name is None:
             self.shm = shared_memory.SharedMemory(create=True, size=size)
-            self.shm.buf[:self.flag_bytes] = bytes(self.flag_bytes)
+            self.shm.buf[: self.flag_bytes] = bytes(self.flag_bytes)
         else:
             self.shm = shared_memory.SharedMemory(name=name)
         self.name = self.shm.name
@@ -43,8 +43,12 @@ class ShmAllReduce:
     def __init__(self, segment: ShmSegment, rank: int):
         self.seg, self.rank = segment, rank
         self.flags = torch.frombuffer(segment.shm.buf, dtype=torch.int64, count=segment.world_size)
-        self.data = torch.frombuffer(segment.shm.buf, dtype=torch.uint8, offset=segment.flag_bytes,
-                                     count=segment.world_size * 2 * segment.max_elems * 8)
+        self.data = torch.frombuffer(
+            segment.shm.buf,
+            dtype=torch.uint8,
+            offset=segment.flag_bytes,
+            count=segment.world_size * 2 * segment.max_elems * 8,
+        )
         self.members: list[int] = []
         self.epoch, self.seq = 0, 0
 
@@ -55,7 +59,7 @@ class ShmAllReduce:
     def _slot(self, rank: int, parity: int, dtype: torch.dtype, n: int) -> torch.Tensor:
         per = self.seg.max_elems * 8
         start = (rank * 2 + parity) * per
-        return self.data[start:start + n * dtype.itemsize].view(dtype)
+        return self.data[start : start + n * dtype.itemsize].view(dtype)
 
     def __call__(self, t: torch.Tensor) -> None:
         """In-place sum of t over the group."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from remp.model.attention import SeqChunk
-from remp.sampler import SampleRow, SamplerOutput
+from remp.sampler import SamplerOutput, SampleRow
 
 
 class StepMsg(NamedTuple):

@@ -18,8 +18,9 @@ class Topology:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.tp, int) and isinstance(self.pp, int)) or self.tp < 1 or self.pp < 1:
-            raise ValueError(f"tensor and pipeline parallel sizes must be positive integers, got tp={self.tp}, "
-                             f"pp={self.pp}")
+            raise ValueError(
+                f"tensor and pipeline parallel sizes must be positive integers, got tp={self.tp}, pp={self.pp}"
+            )
         if self.placement is None:
             object.__setattr__(self, "placement", tuple(range(self.tp * self.pp)))
         if len(self.placement) != self.tp * self.pp or len(set(self.placement)) != len(self.placement):
@@ -65,5 +66,6 @@ class Topology:
 
     def spec(self, config: ModelConfig, worker: int) -> ShardSpec:
         stage, tp_rank = self.coordinate(worker)
-        return shard_spec(config, self.tp, self.pp, stage, tp_rank,
-                          list(self.layers_per_stage) if self.layers_per_stage else None)
+        return shard_spec(
+            config, self.tp, self.pp, stage, tp_rank, list(self.layers_per_stage) if self.layers_per_stage else None
+        )

@@ -68,8 +68,16 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology, conn: Connecti
         comm = WorkerComm(rank, cfg.world_size, cfg.init_method, cfg.timeout_s, device, shm)
         reader = open_checkpoint(cfg.model)
         comm.set_topology(topology, reader.config.hidden_size, cfg.dtype)
-        runner = ModelRunner(reader, topology.spec(reader.config, rank), cfg.dtype, cfg.num_blocks,
-                             cfg.block_size, cfg.max_model_len, str(device), comm)
+        runner = ModelRunner(
+            reader,
+            topology.spec(reader.config, rank),
+            cfg.dtype,
+            cfg.num_blocks,
+            cfg.block_size,
+            cfg.max_model_len,
+            str(device),
+            comm,
+        )
         conn.send(("ready", rank, os.getpid()))
         while True:
             kind, payload = pickle.loads(conn.recv_bytes())
@@ -89,7 +97,7 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology, conn: Connecti
                 break
     except EOFError:
         pass  # the driver went away
-    except BaseException:  # noqa: BLE001 - report anything, then exit
+    except BaseException:
         try:
             conn.send(("error", rank, traceback.format_exc()))
         except OSError:
@@ -98,5 +106,5 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology, conn: Connecti
         if comm is not None:
             try:
                 comm.close()
-            except Exception:  # noqa: BLE001 - peers may already be gone
+            except Exception:
                 pass

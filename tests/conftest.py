@@ -16,15 +16,32 @@ def tiny_llama_sharded(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory):
-    return write_random_llama(tmp_path_factory.mktemp("tiny_qwen2"), seed=2, model_type="qwen2",
-                              num_attention_heads=9, num_key_value_heads=3, hidden_size=72,
-                              tie_word_embeddings=True)
+    return write_random_llama(
+        tmp_path_factory.mktemp("tiny_qwen2"),
+        seed=2,
+        model_type="qwen2",
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        hidden_size=72,
+        tie_word_embeddings=True,
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_llama3_rope(tmp_path_factory):
     return write_random_llama(
-        tmp_path_factory.mktemp("tiny_llama3"), seed=3, num_attention_heads=4, num_key_value_heads=4,
-        hidden_size=64, max_position_embeddings=1024, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 64})
+        tmp_path_factory.mktemp("tiny_llama3"),
+        seed=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        hidden_size=64,
+        max_position_embeddings=1024,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )

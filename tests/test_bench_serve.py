@@ -15,9 +15,18 @@ import pytest
 from aiohttp import web
 
 from remp.bench import serve
-from remp.bench.datasets import (DatasetOptions, arrival_offsets, arrivals_for_duration, file_requests,
-                                 intervals, parse_phases, plan, random_requests, synthetic_chat_requests)
-from remp.bench.metrics import (RequestResult, compute_metrics, meets_slos, parse_goodput, phase_metrics, tpot)
+from remp.bench.datasets import (
+    DatasetOptions,
+    arrival_offsets,
+    arrivals_for_duration,
+    file_requests,
+    intervals,
+    parse_phases,
+    plan,
+    random_requests,
+    synthetic_chat_requests,
+)
+from remp.bench.metrics import RequestResult, compute_metrics, meets_slos, parse_goodput, phase_metrics, tpot
 from remp.bench.timeline import parse_topology_gauges, tokens_per_second
 
 pytestmark = pytest.mark.timeout(60)
@@ -25,25 +34,38 @@ pytestmark = pytest.mark.timeout(60)
 
 def _req(i, send, ttft, itl, tokens, prompt=10, ok=True, phase=0):
     """A finished request: `tokens` output tokens over one chunk each, latency = ttft + sum(itl)."""
-    return RequestResult(index=i, phase=phase, success=ok, send_time=send, ttft=ttft, latency=ttft + sum(itl),
-                         itl=list(itl), prompt_tokens=prompt, output_tokens=tokens, error="" if ok else "boom")
+    return RequestResult(
+        index=i,
+        phase=phase,
+        success=ok,
+        send_time=send,
+        ttft=ttft,
+        latency=ttft + sum(itl),
+        itl=list(itl),
+        prompt_tokens=prompt,
+        output_tokens=tokens,
+        error="" if ok else "boom",
+    )
 
 
 # --- metrics -------------------------------------------------------------------------------------------------
 
+
 def test_tpot_is_decode_time_over_tokens_after_the_first():
-    r = _req(0, 0.0, 0.5, [0.1, 0.2, 0.3], 4)              # e2e 1.1 s
+    r = _req(0, 0.0, 0.5, [0.1, 0.2, 0.3], 4)  # e2e 1.1 s
     assert tpot(r) == pytest.approx((1.1 - 0.5) / 3)
-    assert tpot(_req(1, 0.0, 0.5, [], 1)) is None           # one token: no TPOT
-    r.output_tokens = 7                                     # usage says more tokens than chunks: tokens win
+    assert tpot(_req(1, 0.0, 0.5, [], 1)) is None  # one token: no TPOT
+    r.output_tokens = 7  # usage says more tokens than chunks: tokens win
     assert tpot(r) == pytest.approx(0.6 / 6)
 
 
 def test_compute_metrics_on_synthetic_timings():
-    rs = [_req(0, 0.0, 0.100, [0.01, 0.03], 3, prompt=5),
-          _req(1, 1.0, 0.300, [0.02, 0.02, 0.02, 0.02], 5, prompt=7),
-          _req(2, 2.0, 0.200, [], 1, prompt=9),             # 1 token: in TTFT/E2EL, not in TPOT
-          _req(3, 2.5, 9.0, [1.0], 2, ok=False)]            # failed: excluded everywhere
+    rs = [
+        _req(0, 0.0, 0.100, [0.01, 0.03], 3, prompt=5),
+        _req(1, 1.0, 0.300, [0.02, 0.02, 0.02, 0.02], 5, prompt=7),
+        _req(2, 2.0, 0.200, [], 1, prompt=9),  # 1 token: in TTFT/E2EL, not in TPOT
+        _req(3, 2.5, 9.0, [1.0], 2, ok=False),
+    ]  # failed: excluded everywhere
     m = compute_metrics(rs, duration_s=4.0, percentiles=(50, 90, 99))
     assert (m["completed"], m["failed"]) == (3, 1)
     assert (m["total_input_tokens"], m["total_output_tokens"]) == (21, 9)
@@ -54,28 +76,33 @@ def test_compute_metrics_on_synthetic_timings():
     assert m["mean_ttft_ms"] == pytest.approx(200.0)
     assert m["median_ttft_ms"] == pytest.approx(200.0)
     assert m["std_ttft_ms"] == pytest.approx(ttfts.std())
-    assert m["p90_ttft_ms"] == pytest.approx(280.0)         # numpy linear interpolation
+    assert m["p90_ttft_ms"] == pytest.approx(280.0)  # numpy linear interpolation
     assert m["p99_ttft_ms"] == pytest.approx(298.0)
     tpots = [(0.14 - 0.1) / 2 * 1000, (0.38 - 0.3) / 4 * 1000]
     assert m["mean_tpot_ms"] == pytest.approx(np.mean(tpots))
     itls = [10, 30, 20, 20, 20, 20]
     assert m["mean_itl_ms"] == pytest.approx(np.mean(itls))
     assert m["p99_itl_ms"] == pytest.approx(np.percentile(itls, 99))
-    assert m["median_e2el_ms"] == pytest.approx(200.0)      # e2els 140, 380, 200
+    assert m["median_e2el_ms"] == pytest.approx(200.0)  # e2els 140, 380, 200
     assert m["p50_e2el_ms"] == m["median_e2el_ms"]
     assert "request_goodput" not in m
 
 
 def test_goodput_requires_every_slo():
-    fast = _req(0, 0, 0.05, [0.01] * 9, 10)                  # ttft 50 ms, tpot 10 ms, e2el 140 ms
-    slow_first = _req(1, 0, 0.50, [0.01] * 9, 10)            # ttft 500 ms
-    slow_decode = _req(2, 0, 0.05, [0.08] * 9, 10)           # tpot 80 ms
-    single = _req(3, 0, 0.05, [], 1)                         # tpot counts as 0
+    fast = _req(0, 0, 0.05, [0.01] * 9, 10)  # ttft 50 ms, tpot 10 ms, e2el 140 ms
+    slow_first = _req(1, 0, 0.50, [0.01] * 9, 10)  # ttft 500 ms
+    slow_decode = _req(2, 0, 0.05, [0.08] * 9, 10)  # tpot 80 ms
+    single = _req(3, 0, 0.05, [], 1)  # tpot counts as 0
     failed = _req(4, 0, 0.01, [0.001], 2, ok=False)
     slos = parse_goodput(["ttft:100", "tpot:20"])
     assert slos == {"ttft": 100.0, "tpot": 20.0}
-    assert [meets_slos(r, slos) for r in (fast, slow_first, slow_decode, single, failed)] == \
-        [True, False, False, True, False]
+    assert [meets_slos(r, slos) for r in (fast, slow_first, slow_decode, single, failed)] == [
+        True,
+        False,
+        False,
+        True,
+        False,
+    ]
     m = compute_metrics([fast, slow_first, slow_decode, single, failed], 2.0, slos_ms=slos)
     assert m["good_requests"] == 2 and m["request_goodput"] == pytest.approx(1.0)
     assert compute_metrics([fast, slow_decode], 1.0, slos_ms={"e2el": 200})["good_requests"] == 1
@@ -85,35 +112,43 @@ def test_goodput_requires_every_slo():
 
 
 def test_phase_metrics_split_and_time_their_own_window():
-    rs = [_req(0, 0.0, 0.1, [0.1], 2, phase=0), _req(1, 0.5, 0.1, [0.4], 2, phase=0),
-          _req(2, 10.0, 0.1, [0.1, 0.1, 0.1], 4, phase=1)]
+    rs = [
+        _req(0, 0.0, 0.1, [0.1], 2, phase=0),
+        _req(1, 0.5, 0.1, [0.4], 2, phase=0),
+        _req(2, 10.0, 0.1, [0.1, 0.1, 0.1], 4, phase=1),
+    ]
     p0, p1 = phase_metrics(rs, 2)
-    assert p0["completed"] == 2 and p0["duration"] == pytest.approx(1.0)    # 0.0 .. 0.5 + 0.5
+    assert p0["completed"] == 2 and p0["duration"] == pytest.approx(1.0)  # 0.0 .. 0.5 + 0.5
     assert p1["completed"] == 1 and p1["duration"] == pytest.approx(0.4)
     assert p1["output_throughput"] == pytest.approx(4 / 0.4)
 
 
 def test_tokens_per_second_bins_chunk_arrivals():
-    rs = [_req(0, 0.0, 0.5, [0.2, 0.2, 0.2, 0.2], 5),         # chunks at 0.5 0.7 0.9 1.1 1.3
-          _req(1, 1.0, 1.2, [0.1], 4)]                        # 2 chunks (2 tokens each) at 2.2 2.3
+    rs = [
+        _req(0, 0.0, 0.5, [0.2, 0.2, 0.2, 0.2], 5),  # chunks at 0.5 0.7 0.9 1.1 1.3
+        _req(1, 1.0, 1.2, [0.1], 4),
+    ]  # 2 chunks (2 tokens each) at 2.2 2.3
     t, tps = tokens_per_second(rs, 3.0)
     assert t.tolist() == [0, 1, 2] and tps.tolist() == pytest.approx([3, 2, 4])
 
 
 def test_parse_topology_gauges():
-    text = ('# HELP remp:tensor_parallel_size Current tensor parallel size\n# TYPE remp:tensor_parallel_size gauge\n'
-            'remp:tensor_parallel_size{model_name="m"} 2.0\nremp:pipeline_parallel_size{model_name="m"} 4.0\n'
-            'remp:num_requests_running{model_name="m"} 3.0\n')
+    text = (
+        "# HELP remp:tensor_parallel_size Current tensor parallel size\n# TYPE remp:tensor_parallel_size gauge\n"
+        'remp:tensor_parallel_size{model_name="m"} 2.0\nremp:pipeline_parallel_size{model_name="m"} 4.0\n'
+        'remp:num_requests_running{model_name="m"} 3.0\n'
+    )
     assert parse_topology_gauges(text) == "TP2xPP4"
     assert parse_topology_gauges("remp:tensor_parallel_size 1\n") is None
 
 
 # --- arrivals and datasets -----------------------------------------------------------------------------------
 
+
 def test_poisson_mean_rate_with_fixed_seed():
     gaps = intervals(4000, 20.0, 1.0, np.random.default_rng(0))
     assert 1 / gaps.mean() == pytest.approx(20.0, rel=0.05)
-    assert gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.08)     # exponential: CV 1
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.08)  # exponential: CV 1
     offsets, span = arrival_offsets(5, math.inf, 1.0, np.random.default_rng(0))
     assert offsets.tolist() == [0] * 5 and span == 0
 
@@ -135,9 +170,11 @@ def test_arrivals_for_duration_stay_inside():
 
 def test_phases_concatenate_on_one_clock():
     base = DatasetOptions(random_input_len=8, random_output_len=4)
-    spec = [{"num_prompts": 5, "request_rate": "inf"},
-            {"duration_s": 4, "request_rate": 10, "input_len": 32, "output_len": 16},
-            {"num_prompts": 20, "request_rate": 4, "burstiness": 0.5, "dataset": "synthetic-chat"}]
+    spec = [
+        {"num_prompts": 5, "request_rate": "inf"},
+        {"duration_s": 4, "request_rate": 10, "input_len": 32, "output_len": 16},
+        {"num_prompts": 20, "request_rate": 4, "burstiness": 0.5, "dataset": "synthetic-chat"},
+    ]
     phases = parse_phases(json.dumps(spec), base)
     reqs, windows = plan(phases, seed=3)
     assert [w.start_s for w in windows[:3]] == [0.0, 0.0, 4.0]
@@ -149,7 +186,7 @@ def test_phases_concatenate_on_one_clock():
     assert len(p0) == 5 and all(r.arrival_s == 0 and r.prompt_len == 8 and r.output_len == 4 for r in p0)
     assert 20 <= len(p1) <= 70 and all(0 <= r.arrival_s < 4 and r.prompt_len == 32 for r in p1)
     assert len(p2) == 20 and p2[0].arrival_s == 4.0
-    assert plan(phases, seed=3)[0] == reqs                               # reproducible
+    assert plan(phases, seed=3)[0] == reqs  # reproducible
     with pytest.raises(ValueError):
         parse_phases('[{"num_prompts": 1, "rate": 3}]', base)
     with pytest.raises(ValueError):
@@ -163,7 +200,7 @@ def test_random_dataset_lengths_and_ids():
     ranged = random_requests(400, DatasetOptions(random_input_len=100, random_output_len=50, range_ratio=0.5), 1)
     ins, outs = [r.prompt_len for r in ranged], [r.output_len for r in ranged]
     assert min(ins) >= 50 and max(ins) <= 150 and min(outs) >= 25 and max(outs) <= 75
-    assert min(ins) < 60 and max(ins) > 140                                # spread over the whole range
+    assert min(ins) < 60 and max(ins) > 140  # spread over the whole range
     chat = random_requests(3, DatasetOptions(random_input_len=20, text=True), 0)
     assert all(isinstance(r.prompt, str) and len(r.prompt.split()) == 20 for r in chat)
 
@@ -175,18 +212,28 @@ def test_synthetic_chat_is_long_tailed_and_seeded():
     assert a != synthetic_chat_requests(2000, opts, seed=8)
     ins, outs = np.array([r.prompt_len for r in a]), np.array([r.output_len for r in a])
     assert np.median(ins) == pytest.approx(200, rel=0.15) and np.median(outs) == pytest.approx(150, rel=0.15)
-    assert ins.mean() > 1.3 * np.median(ins)                            # long right tail
+    assert ins.mean() > 1.3 * np.median(ins)  # long right tail
     assert np.percentile(ins, 99) > 5 * np.median(ins)
     assert ins.max() <= 2048 and outs.max() <= 1024 and ins.min() >= 4 and outs.min() >= 1
 
 
 def test_file_datasets(tmp_path):
     sg = tmp_path / "sg.json"
-    sg.write_text(json.dumps([
-        {"conversations": [{"from": "human", "value": "hello there"}, {"from": "gpt", "value": "one two three four"}]},
-        {"conversations": [{"from": "gpt", "value": "orphan"}]}]))
+    sg.write_text(
+        json.dumps(
+            [
+                {
+                    "conversations": [
+                        {"from": "human", "value": "hello there"},
+                        {"from": "gpt", "value": "one two three four"},
+                    ]
+                },
+                {"conversations": [{"from": "gpt", "value": "orphan"}]},
+            ]
+        )
+    )
     rs = file_requests(3, DatasetOptions(name="sharegpt", path=str(sg)), 0)
-    assert [(r.prompt, r.output_len) for r in rs] == [("hello there", 5)] * 3       # round(4 words * 1.3)
+    assert [(r.prompt, r.output_len) for r in rs] == [("hello there", 5)] * 3  # round(4 words * 1.3)
     jl = tmp_path / "p.jsonl"
     jl.write_text('{"prompt": "a b c", "max_tokens": 7}\n{"prompt": [5, 6, 7, 8]}\n')
     rs = file_requests(2, DatasetOptions(name="jsonl", path=str(jl), random_output_len=9), 0)
@@ -194,6 +241,7 @@ def test_file_datasets(tmp_path):
 
 
 # --- end to end against a fake server ------------------------------------------------------------------------
+
 
 class FakeServer:
     """OpenAI-compatible streaming server on 127.0.0.1 in its own thread: every request streams `max_tokens`
@@ -215,8 +263,9 @@ class FakeServer:
         self.count += 1
         n = self.count
         if n == self.switch_after:
-            self.switches.append({"time": time.time(), "from": self.topology, "to": "TP2xPP2", "pause_s": 0.05,
-                                  "wall_s": 0.1})
+            self.switches.append(
+                {"time": time.time(), "from": self.topology, "to": "TP2xPP2", "pause_s": 0.05, "wall_s": 0.1}
+            )
             self.topology = "TP2xPP2"
         if (self.fail_every and n % self.fail_every == 0) or n <= self.fail_first_attempts:
             return web.json_response({"error": {"message": "injected"}}, status=500)
@@ -241,19 +290,33 @@ class FakeServer:
         if request.headers.get("Authorization") != "Bearer secret":
             return web.json_response({"error": "auth"}, status=401)
         tp, pp = (int(x) for x in self.topology[2:].split("xPP"))
-        return web.json_response({"topology": self.topology, "tensor_parallel_size": tp,
-                                  "pipeline_parallel_size": pp, "switches": self.switches})
+        return web.json_response(
+            {
+                "topology": self.topology,
+                "tensor_parallel_size": tp,
+                "pipeline_parallel_size": pp,
+                "switches": self.switches,
+            }
+        )
 
     async def metrics(self, request):
         tp, pp = (int(x) for x in self.topology[2:].split("xPP"))
-        return web.Response(text=f"remp:tensor_parallel_size{{model_name=\"fake\"}} {tp}.0\n"
-                                 f"remp:pipeline_parallel_size{{model_name=\"fake\"}} {pp}.0\n")
+        return web.Response(
+            text=f'remp:tensor_parallel_size{{model_name="fake"}} {tp}.0\n'
+            f'remp:pipeline_parallel_size{{model_name="fake"}} {pp}.0\n'
+        )
 
     def __enter__(self):
         app = web.Application()
-        app.add_routes([web.post("/v1/completions", self.completions), web.post("/v1/chat/completions",
-                        self.completions), web.get("/v1/models", self.models),
-                        web.get("/admin/topology", self.topology_handler), web.get("/metrics", self.metrics)])
+        app.add_routes(
+            [
+                web.post("/v1/completions", self.completions),
+                web.post("/v1/chat/completions", self.completions),
+                web.get("/v1/models", self.models),
+                web.get("/admin/topology", self.topology_handler),
+                web.get("/metrics", self.metrics),
+            ]
+        )
         self.runner = web.AppRunner(app)
         self.loop.run_until_complete(self.runner.setup())
         self.loop.run_until_complete(web.SockSite(self.runner, self.sock).start())
@@ -268,19 +331,39 @@ class FakeServer:
 
 
 def _run(argv, tmp_path):
-    rc = serve.main([*argv, "--disable-tqdm", "--save-result", "--result-dir", str(tmp_path),
-                     "--result-filename", "r.json"])
+    rc = serve.main(
+        [*argv, "--disable-tqdm", "--save-result", "--result-dir", str(tmp_path), "--result-filename", "r.json"]
+    )
     return rc, json.loads((tmp_path / "r.json").read_text())
 
 
 def test_end_to_end_phases_timeline_and_switch(tmp_path, capsys):
     png = tmp_path / "t.png"
-    phases = [{"num_prompts": 12, "request_rate": "inf", "input_len": 16, "output_len": 8},
-              {"num_prompts": 12, "request_rate": 40, "input_len": 8, "output_len": 5}]
+    phases = [
+        {"num_prompts": 12, "request_rate": "inf", "input_len": 16, "output_len": 8},
+        {"num_prompts": 12, "request_rate": 40, "input_len": 8, "output_len": 5},
+    ]
     with FakeServer(switch_after=14) as srv:
-        rc, res = _run(["--base-url", srv.url, "--phases", json.dumps(phases), "--max-concurrency", "6",
-                        "--ignore-eos", "--goodput", "ttft:5000", "tpot:1000", "--poll-topology",
-                        "--admin-token", "secret", "--timeline", str(png)], tmp_path)
+        rc, res = _run(
+            [
+                "--base-url",
+                srv.url,
+                "--phases",
+                json.dumps(phases),
+                "--max-concurrency",
+                "6",
+                "--ignore-eos",
+                "--goodput",
+                "ttft:5000",
+                "tpot:1000",
+                "--poll-topology",
+                "--admin-token",
+                "secret",
+                "--timeline",
+                str(png),
+            ],
+            tmp_path,
+        )
     assert rc == 0
     assert (res["completed"], res["failed"], res["model"]) == (24, 0, "fake-model")
     assert res["total_output_tokens"] == 12 * 8 + 12 * 5
@@ -302,9 +385,26 @@ def test_end_to_end_phases_timeline_and_switch(tmp_path, capsys):
 
 def test_metrics_fallback_detects_switch_and_chat_endpoint(tmp_path):
     with FakeServer(switch_after=4, admin=False) as srv:
-        rc, res = _run(["--base-url", srv.url, "--endpoint", "/v1/chat/completions", "--num-prompts", "8",
-                        "--random-input-len", "6", "--random-output-len", "3", "--max-concurrency", "2",
-                        "--poll-topology", "--admin-token", "secret"], tmp_path)
+        rc, res = _run(
+            [
+                "--base-url",
+                srv.url,
+                "--endpoint",
+                "/v1/chat/completions",
+                "--num-prompts",
+                "8",
+                "--random-input-len",
+                "6",
+                "--random-output-len",
+                "3",
+                "--max-concurrency",
+                "2",
+                "--poll-topology",
+                "--admin-token",
+                "secret",
+            ],
+            tmp_path,
+        )
     assert rc == 0 and res["backend"] == "openai-chat" and res["completed"] == 8
     assert srv.bodies[0]["messages"][0]["content"].count(" ") == 5 and srv.bodies[0]["max_completion_tokens"] == 3
     assert res["topology"]["source"] == "metrics"
@@ -313,8 +413,25 @@ def test_metrics_fallback_detects_switch_and_chat_endpoint(tmp_path):
 
 def test_http_errors_are_failures_not_crashes(tmp_path):
     with FakeServer(fail_every=3) as srv:
-        rc, res = _run(["--base-url", srv.url, "--model", "m", "--num-prompts", "9", "--random-input-len", "4",
-                        "--random-output-len", "2", "--request-rate", "200", "--seed", "1"], tmp_path)
+        rc, res = _run(
+            [
+                "--base-url",
+                srv.url,
+                "--model",
+                "m",
+                "--num-prompts",
+                "9",
+                "--random-input-len",
+                "4",
+                "--random-output-len",
+                "2",
+                "--request-rate",
+                "200",
+                "--seed",
+                "1",
+            ],
+            tmp_path,
+        )
     assert rc == 0 and (res["completed"], res["failed"]) == (6, 3)
     assert sum("HTTP 500" in e for e in res["errors"]) == 3
     assert res["total_output_tokens"] == 12
@@ -322,8 +439,23 @@ def test_http_errors_are_failures_not_crashes(tmp_path):
 
 def test_retries_recover_and_are_counted(tmp_path):
     with FakeServer(fail_first_attempts=2) as srv:
-        rc, res = _run(["--base-url", srv.url, "--num-prompts", "3", "--random-input-len", "4",
-                        "--random-output-len", "2", "--max-concurrency", "1", "--retry-failed", "2"], tmp_path)
+        rc, res = _run(
+            [
+                "--base-url",
+                srv.url,
+                "--num-prompts",
+                "3",
+                "--random-input-len",
+                "4",
+                "--random-output-len",
+                "2",
+                "--max-concurrency",
+                "1",
+                "--retry-failed",
+                "2",
+            ],
+            tmp_path,
+        )
     assert rc == 0 and (res["completed"], res["failed"]) == (3, 0)
     assert (res["retried_requests"], res["total_retries"]) == (1, 2)
     assert res["requests"][0]["attempt_errors"][0].startswith("HTTP 500")
@@ -333,9 +465,22 @@ def test_unreachable_server(tmp_path):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-    s.close()                                            # nothing listens here now
+    s.close()  # nothing listens here now
     url = f"http://127.0.0.1:{port}"
-    assert serve.main(["--base-url", url, "--disable-tqdm"]) == 2          # model lookup fails: usage error
-    rc, res = _run(["--base-url", url, "--model", "m", "--num-prompts", "3", "--random-input-len", "4",
-                    "--random-output-len", "2"], tmp_path)
+    assert serve.main(["--base-url", url, "--disable-tqdm"]) == 2  # model lookup fails: usage error
+    rc, res = _run(
+        [
+            "--base-url",
+            url,
+            "--model",
+            "m",
+            "--num-prompts",
+            "3",
+            "--random-input-len",
+            "4",
+            "--random-output-len",
+            "2",
+        ],
+        tmp_path,
+    )
     assert rc == 1 and res["failed"] == 3 and all("Connect" in e for e in res["errors"])

@@ -17,19 +17,25 @@ from tests.server_utils import remp_server
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 AVX2_ONLY = CpuFeatures("AMD EPYC", frozenset({"avx", "avx2", "fma"}))
-AVX512_BF16 = CpuFeatures("Intel Xeon", frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq",
-                                                   "avx512_bf16"}))
+AVX512_BF16 = CpuFeatures(
+    "Intel Xeon", frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"})
+)
 
 
 def gguf_like_config(torch_dtype=None) -> ModelConfig:
     return ModelConfig("llama", 64, 16, 32, 1, 2, 1, 8, 1e-5, 1e4, 64, True, torch_dtype=torch_dtype)
 
 
-@pytest.mark.parametrize("cpu, checkpoint, expected", [
-    (AVX2_ONLY, None, torch.float32), (AVX512_BF16, None, torch.bfloat16),
-    (AVX2_ONLY, torch.bfloat16, torch.float32), (AVX512_BF16, torch.float32, torch.bfloat16),
-    (AVX2_ONLY, torch.float64, torch.float64),
-])
+@pytest.mark.parametrize(
+    "cpu, checkpoint, expected",
+    [
+        (AVX2_ONLY, None, torch.float32),
+        (AVX512_BF16, None, torch.bfloat16),
+        (AVX2_ONLY, torch.bfloat16, torch.float32),
+        (AVX512_BF16, torch.float32, torch.bfloat16),
+        (AVX2_ONLY, torch.float64, torch.float64),
+    ],
+)
 def test_auto_dtype_needs_native_bf16(monkeypatch, cpu, checkpoint, expected):
     monkeypatch.setattr("remp.config.cpu_features", lambda: cpu)
     dtype, why = resolve_dtype("auto", gguf_like_config(checkpoint))
@@ -90,8 +96,9 @@ def test_default_remp_serve_answers_the_readme_chat():
     """`remp serve` with no flags (what `make run` starts): bundled model, dtype auto, TP1 in a worker process."""
     with remp_server() as (url, proc):
         body = json.dumps({"messages": CHAT, "max_tokens": 32, "temperature": 0}).encode()
-        req = urllib.request.Request(url + "/v1/chat/completions", data=body,
-                                     headers={"content-type": "application/json"})
+        req = urllib.request.Request(
+            url + "/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=120) as r:
             answer = json.loads(r.read())["choices"][0]["message"]["content"]
     assert "Paris" in answer

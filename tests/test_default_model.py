@@ -18,6 +18,7 @@ N_TOKENS = 32
 @pytest.fixture(scope="module")
 def hf_model():
     from transformers import AutoModelForCausalLM
+
     path = default_model_path()
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
 
@@ -38,7 +39,7 @@ def test_greedy_and_logprobs_match_transformers(llm, hf_model):
         with torch.no_grad():
             ref = torch.log_softmax(hf_model(torch.tensor([full])).logits[0].double(), -1)
         # transformers' greedy continuation, token by token, teacher-forced on the same prefix
-        ref_greedy = ref[len(ids) - 1:len(full) - 1].argmax(-1).tolist()
+        ref_greedy = ref[len(ids) - 1 : len(full) - 1].argmax(-1).tolist()
         assert out.outputs[0].token_ids == ref_greedy, prompt
         for i, step in enumerate(out.outputs[0].logprobs):
             for tid, lp in step.items():
@@ -46,7 +47,8 @@ def test_greedy_and_logprobs_match_transformers(llm, hf_model):
 
 
 def test_chat_answers(llm):
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                   SamplingParams(max_tokens=40, temperature=0))[0]
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(max_tokens=40, temperature=0)
+    )[0]
     assert "Paris" in out.outputs[0].text
     assert out.outputs[0].finish_reason == "stop"

@@ -11,8 +11,9 @@ PARAMS = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=
 
 
 def generate(tp, pp):
-    with LLM(dtype="float32", tensor_parallel_size=tp, pipeline_parallel_size=pp, max_model_len=256,
-             kv_cache_memory_gb=0.1) as llm:
+    with LLM(
+        dtype="float32", tensor_parallel_size=tp, pipeline_parallel_size=pp, max_model_len=256, kv_cache_memory_gb=0.1
+    ) as llm:
         return [o.outputs[0] for o in llm.generate(PROMPTS, PARAMS)]
 
 

@@ -21,8 +21,9 @@ def tok():
 
 @pytest.fixture(scope="module")
 def prompt(tok):
-    return tok.apply_chat_template([{"role": "user", "content": "Say something."}],
-                                   add_generation_prompt=True, tokenize=False)
+    return tok.apply_chat_template(
+        [{"role": "user", "content": "Say something."}], add_generation_prompt=True, tokenize=False
+    )
 
 
 def _ids(tok, text):
@@ -92,8 +93,7 @@ def _check_stop(tok, stop, include, expect_text, expect_stop):
 
 @pytest.mark.parametrize("include", [False, True])
 def test_stop_single_token(tok, include):
-    _check_stop(tok, ["answer"], include,
-                "Hello world. The answer" if include else "Hello world. The ", "answer")
+    _check_stop(tok, ["answer"], include, "Hello world. The answer" if include else "Hello world. The ", "answer")
 
 
 @pytest.mark.parametrize("include", [False, True])
@@ -105,7 +105,7 @@ def test_stop_spanning_tokens_and_mid_token(tok, include):
 
 @pytest.mark.parametrize("include", [False, True])
 def test_stop_multibyte(tok, include):
-    _check_stop(tok, ["本語"], include, TEXT[:TEXT.index("本語") + (2 if include else 0)], "本語")
+    _check_stop(tok, ["本語"], include, TEXT[: TEXT.index("本語") + (2 if include else 0)], "本語")
 
 
 def test_earliest_stop_wins_and_no_match(tok):
@@ -155,7 +155,7 @@ def test_stop_strings_ignored_before_min_tokens(tok):
     # "Hello" completes at token 1 < min_tokens: ignored; "answer" comes later and stops.
     d = IncrementalDetokenizer(tok, [], stop=["Hello", "answer"], min_tokens=3)
     stopped = None
-    for i, t in enumerate(ids):
-        if (stopped := d.add_token(t)):
+    for t in ids:
+        if stopped := d.add_token(t):
             break
-    assert stopped == "answer" and i + 1 == n_before and d.text == "Hello world. The "
+    assert stopped == "answer" and len(d.token_ids) == n_before and d.text == "Hello world. The "

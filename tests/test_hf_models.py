@@ -19,8 +19,10 @@ def transformers_logprobs(path, token_ids):
 
 def check_against_transformers(path, n_tokens=12):
     with LLM(str(path), dtype="float64") as llm:
-        out = llm.generate({"prompt_token_ids": PROMPT},
-                           SamplingParams(max_tokens=n_tokens, temperature=0, logprobs=5, ignore_eos=True))[0]
+        out = llm.generate(
+            {"prompt_token_ids": PROMPT},
+            SamplingParams(max_tokens=n_tokens, temperature=0, logprobs=5, ignore_eos=True),
+        )[0]
     ids = out.outputs[0].token_ids
     ref = transformers_logprobs(path, PROMPT + ids)
     for i, tok in enumerate(ids):
@@ -52,6 +54,7 @@ def test_qwen2_has_bias_and_tied_embeddings(tiny_qwen2):
 
 def test_llama3_rope_scaling_changes_frequencies(tiny_llama3_rope):
     from remp.model.rope import inv_frequencies
+
     cfg = open_checkpoint(tiny_llama3_rope).config
     assert cfg.rope_scaling["rope_type"] == "llama3"
     scaled = inv_frequencies(cfg)

@@ -7,13 +7,16 @@ from remp import LLM, SamplingParams
 
 TOPOLOGIES = [(2, 1), (3, 1), (4, 1), (1, 2), (1, 3), (2, 2)]
 PROMPTS = [[256] + [(i * 37 + k * 11) % 256 for k in range(n)] for i, n in enumerate([5, 40, 17, 70, 3, 52, 33])]
-ENGINE = dict(dtype="float64", num_kv_blocks=24, block_size=8, max_model_len=128, max_num_batched_tokens=48,
-              worker_timeout_s=60)
+ENGINE = dict(
+    dtype="float64", num_kv_blocks=24, block_size=8, max_model_len=128, max_num_batched_tokens=48, worker_timeout_s=60
+)
 
 
 def run(path, tp, pp, **kw):
-    params = [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=3),
-              SamplingParams(max_tokens=16, temperature=0.9, top_k=50, seed=11, ignore_eos=True, logprobs=3)]
+    params = [
+        SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=3),
+        SamplingParams(max_tokens=16, temperature=0.9, top_k=50, seed=11, ignore_eos=True, logprobs=3),
+    ]
     with LLM(str(path), tensor_parallel_size=tp, pipeline_parallel_size=pp, **ENGINE, **kw) as llm:
         assert str(llm.llm_engine.topology) == f"TP{tp}xPP{pp}"
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], [params[i % 2] for i in range(len(PROMPTS))])

@@ -7,13 +7,16 @@ import pytest
 
 from remp.config import ModelConfig
 from remp.plan import CHECKPOINT, ByteCounts, KVPiece, PieceSizer, WeightPiece, best_placement, make_plan, worker_pieces
-from remp.topology import Topology
 from remp.tools.random_model import tiny_config
+from remp.topology import Topology
 
 MODELS = {
     "6h2kv": ModelConfig.from_hf_dict(tiny_config()),
-    "9h3kv_tied": ModelConfig.from_hf_dict(tiny_config(num_attention_heads=9, num_key_value_heads=3, hidden_size=72,
-                                                       tie_word_embeddings=True, num_hidden_layers=5)),
+    "9h3kv_tied": ModelConfig.from_hf_dict(
+        tiny_config(
+            num_attention_heads=9, num_key_value_heads=3, hidden_size=72, tie_word_embeddings=True, num_hidden_layers=5
+        )
+    ),
     "mha4": ModelConfig.from_hf_dict(tiny_config(num_attention_heads=4, num_key_value_heads=4, hidden_size=64)),
 }
 FOUR = [(4, 1), (2, 2), (1, 4)]

@@ -49,8 +49,14 @@ def test_switch_sequence_matches_unswitched(model, request):
     ref, *_ = run(path, {}, num_kv_blocks=64)
     out, reports, _ = run(path, SEQUENCE, num_kv_blocks=64)
     assert_same(ref, out)
-    assert [r.new_topology.split("[")[0] for r in reports] == ["TP2xPP2", "TP1xPP4", "TP4xPP1", "TP2xPP2",
-                                                               "TP1xPP4", "TP4xPP1"]
+    assert [r.new_topology.split("[")[0] for r in reports] == [
+        "TP2xPP2",
+        "TP1xPP4",
+        "TP4xPP1",
+        "TP2xPP2",
+        "TP1xPP4",
+        "TP4xPP1",
+    ]
     for r in reports:
         assert r.executor_bytes_received == sum(r.bytes_moved.values())
         assert sum(r.bytes_moved.values()) == sum(r.min_bytes.values())
@@ -87,8 +93,12 @@ def test_invalid_target_refused_and_old_topology_keeps_serving(tiny_llama):
     try:
         engine.add_request("a", {"prompt_token_ids": PROMPTS[1]}, params(0))
         engine.step()
-        for bad, match in [((3, 1), "needs tp\\*pp = 3"), ((1, 5), "pool has 4"), ((2, 2, [3, 3]), "summing to 4"),
-                           ((2, 2, [0, 4]), "positive")]:
+        for bad, match in [
+            ((3, 1), "needs tp\\*pp = 3"),
+            ((1, 5), "pool has 4"),
+            ((2, 2, [3, 3]), "summing to 4"),
+            ((2, 2, [0, 4]), "positive"),
+        ]:
             with pytest.raises(ValueError, match=match):
                 engine.reconfigure(*bad)
             assert str(engine.topology) == "TP2xPP2"

@@ -6,8 +6,8 @@ import torch
 from remp.sampler import SamplerOutput, make_generator, sample
 from remp.sampling_params import SamplingParams
 
-
 # ---------------------------------------------------------------- SamplingParams
+
 
 @pytest.mark.parametrize(
     "kwargs, field",
@@ -51,6 +51,7 @@ def test_params_defaults_and_normalisation():
 
 
 # ---------------------------------------------------------------- sampler
+
 
 def _batch(logits, **kw):
     B = logits.shape[0]
@@ -177,8 +178,12 @@ def test_logprobs_are_raw_log_softmax_and_ranks():
 def test_top_logprobs_sorted_and_per_row():
     torch.manual_seed(7)
     logits = torch.randn(4, 30)
-    params = [SamplingParams(logprobs=5), SamplingParams(), SamplingParams(logprobs=0),
-              SamplingParams(logprobs=100, temperature=0)]
+    params = [
+        SamplingParams(logprobs=5),
+        SamplingParams(),
+        SamplingParams(logprobs=0),
+        SamplingParams(logprobs=100, temperature=0),
+    ]
     out = sample(logits, params, [None] * 4)
     top = out.top_logprobs
     assert top is not None and len(top) == 4

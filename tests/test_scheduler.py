@@ -9,14 +9,16 @@ PROMPTS = [[256] + [(i * 37 + k * 11) % 256 for k in range(n)] for i, n in enume
 
 
 def run(path, **kwargs):
-    params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0),
-              SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True, logprobs=0)]
+    params = [
+        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0),
+        SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True, logprobs=0),
+    ]
     with LLM(str(path), dtype="float64", **kwargs) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
-                            [params[i % 2] for i in range(len(PROMPTS))])
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], [params[i % 2] for i in range(len(PROMPTS))])
         preemptions = llm.llm_engine.scheduler.num_preemptions
-    return [(o.outputs[0].token_ids, [next(iter(d.values())).logprob for d in o.outputs[0].logprobs])
-            for o in outs], preemptions
+    return [
+        (o.outputs[0].token_ids, [next(iter(d.values())).logprob for d in o.outputs[0].logprobs]) for o in outs
+    ], preemptions
 
 
 def assert_same(a, b):
@@ -33,9 +35,14 @@ def reference(tiny_llama):
 def test_each_request_alone_equals_batch(tiny_llama, reference):
     for i, prompt in enumerate(PROMPTS[:3]):
         with LLM(str(tiny_llama), dtype="float64") as llm:
-            p = SamplingParams(max_tokens=24 if i % 2 == 0 else 30, temperature=0 if i % 2 == 0 else 0.8,
-                               top_p=1.0 if i % 2 == 0 else 0.9, seed=None if i % 2 == 0 else 7,
-                               ignore_eos=True, logprobs=0)
+            p = SamplingParams(
+                max_tokens=24 if i % 2 == 0 else 30,
+                temperature=0 if i % 2 == 0 else 0.8,
+                top_p=1.0 if i % 2 == 0 else 0.9,
+                seed=None if i % 2 == 0 else 7,
+                ignore_eos=True,
+                logprobs=0,
+            )
             out = llm.generate({"prompt_token_ids": prompt}, p)[0]
         assert out.outputs[0].token_ids == reference[i][0]
 

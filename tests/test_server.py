@@ -16,8 +16,21 @@ PROMPTS = ["hello world", "abc", "The quick brown fox", "1 2 3 4"]
 
 @pytest.fixture(scope="module")
 def server(tiny_llama):
-    with remp_server(str(tiny_llama), "--dtype", "float64", "-tp", "2", "-pp", "2", "--admin-token", "adm",
-                     "--served-model-name", "tiny", "--max-model-len", "256") as (url, proc):
+    with remp_server(
+        str(tiny_llama),
+        "--dtype",
+        "float64",
+        "-tp",
+        "2",
+        "-pp",
+        "2",
+        "--admin-token",
+        "adm",
+        "--served-model-name",
+        "tiny",
+        "--max-model-len",
+        "256",
+    ) as (url, proc):
         yield url
 
 
@@ -62,8 +75,9 @@ def test_models(client):
 def test_completion_equals_offline_and_usage(client, offline):
     for prompt in PROMPTS:
         ref = offline.generate(prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
-        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
-                                      extra_body={"ignore_eos": True})
+        r = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert r.choices[0].text == ref.outputs[0].text
         assert r.usage.prompt_tokens == len(ref.prompt_token_ids) and r.usage.completion_tokens == 12
         assert r.choices[0].finish_reason == "length"
@@ -71,8 +85,17 @@ def test_completion_equals_offline_and_usage(client, offline):
 
 def test_streaming_completion_and_usage(client, offline):
     ref = offline.generate("abc", SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
-    chunks = list(client.completions.create(model="tiny", prompt="abc", max_tokens=10, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt="abc",
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == ref.outputs[0].text
     assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].usage.prompt_tokens == len(ref.prompt_token_ids)
@@ -81,18 +104,21 @@ def test_streaming_completion_and_usage(client, offline):
 def test_chat_streaming_and_not(client, offline):
     msgs = [{"role": "user", "content": "hi there"}]
     ref = offline.chat(msgs, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
-    r = client.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=8, temperature=0,
-                                       extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model="tiny", messages=msgs, max_completion_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.choices[0].message.content == ref.outputs[0].text and r.choices[0].message.role == "assistant"
     assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
-    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True,
-                                            extra_body={"ignore_eos": True})
+    stream = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == ref.outputs[0].text
 
 
 def test_seeded_sampling_is_reproducible(client):
-    a, b = (client.completions.create(model="tiny", prompt="xyz", max_tokens=8, temperature=1.0, seed=3)
-            for _ in range(2))
+    a, b = (
+        client.completions.create(model="tiny", prompt="xyz", max_tokens=8, temperature=1.0, seed=3) for _ in range(2)
+    )
     assert a.choices[0].text == b.choices[0].text
 
 
@@ -100,20 +126,29 @@ def test_logprobs(client):
     r = client.completions.create(model="tiny", prompt="abc", max_tokens=3, temperature=0, logprobs=2)
     lp = r.choices[0].logprobs
     assert len(lp.token_logprobs) == 3 and all(x <= 0 for x in lp.token_logprobs)
-    c = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}], max_tokens=2,
-                                       temperature=0, logprobs=True, top_logprobs=2)
+    c = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "a"}],
+        max_tokens=2,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     assert len(c.choices[0].logprobs.content) == 2
 
 
-@pytest.mark.parametrize("body, status, needle", [
-    ({"prompt": "a" * 400, "max_tokens": 2}, 400, "max_model_len"),
-    ({"prompt": "a", "temperature": -1}, 400, "temperature"),
-    ({"prompt": "a", "top_p": 7}, 400, "top_p"),
-    ({"prompt": "a", "max_tokens": "many"}, 400, "max_tokens"),
-    ({"prompt": 12}, 400, "prompt"),
-    ({"prompt": "a", "model": "gpt-17"}, 404, "does not exist"),
-    ({"prompt": "a", "n": 3}, 400, "n"),
-])
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        ({"prompt": "a" * 400, "max_tokens": 2}, 400, "max_model_len"),
+        ({"prompt": "a", "temperature": -1}, 400, "temperature"),
+        ({"prompt": "a", "top_p": 7}, 400, "top_p"),
+        ({"prompt": "a", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"prompt": 12}, 400, "prompt"),
+        ({"prompt": "a", "model": "gpt-17"}, 404, "does not exist"),
+        ({"prompt": "a", "n": 3}, 400, "n"),
+    ],
+)
 def test_bad_requests(server, body, status, needle):
     code, err = post(server, "/v1/completions", body)
     assert code == status and needle in json.dumps(err["error"])
@@ -144,9 +179,15 @@ def test_admin_auth_and_refused_switch(server, client):
 def test_metrics(server, client):
     client.completions.create(model="tiny", prompt="abc", max_tokens=4, temperature=0)
     code, text = get(server, "/metrics")
-    for name in ("remp:num_requests_running", "remp:kv_cache_usage_perc", "remp:generation_tokens_total",
-                 "remp:time_to_first_token_seconds_bucket", "remp:e2e_request_latency_seconds_count",
-                 "remp:tensor_parallel_size", "remp:topology_switches_total"):
+    for name in (
+        "remp:num_requests_running",
+        "remp:kv_cache_usage_perc",
+        "remp:generation_tokens_total",
+        "remp:time_to_first_token_seconds_bucket",
+        "remp:e2e_request_latency_seconds_count",
+        "remp:tensor_parallel_size",
+        "remp:topology_switches_total",
+    ):
         assert name in text
 
 
@@ -154,16 +195,21 @@ def test_live_switches_while_streaming(server, client, offline):
     """Several concurrent streams; the topology switches several times while they stream; every stream
     completes without error and equals a run without switches."""
     prompts = ["alpha beta", "gamma", "delta epsilon zeta", "eta", "theta iota"]
-    refs = {p: o.outputs[0].text for p, o in zip(prompts, offline.generate(
-        prompts, SamplingParams(max_tokens=150, temperature=0, ignore_eos=True)))}
+    refs = {
+        p: o.outputs[0].text
+        for p, o in zip(
+            prompts, offline.generate(prompts, SamplingParams(max_tokens=150, temperature=0, ignore_eos=True))
+        )
+    }
     results, errors = {}, []
 
     def stream(p):
         try:
-            chunks = client.completions.create(model="tiny", prompt=p, max_tokens=150, temperature=0, stream=True,
-                                               extra_body={"ignore_eos": True})
+            chunks = client.completions.create(
+                model="tiny", prompt=p, max_tokens=150, temperature=0, stream=True, extra_body={"ignore_eos": True}
+            )
             results[p] = "".join(c.choices[0].text for c in chunks if c.choices)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             errors.append(repr(e))
 
     threads = [threading.Thread(target=stream, args=(p,)) for p in prompts]
@@ -171,8 +217,9 @@ def test_live_switches_while_streaming(server, client, offline):
         t.start()
     reports = []
     for tp, pp in [(4, 1), (1, 4), (2, 2), (4, 1), (2, 2)]:
-        code, rep = post(server, "/admin/reconfigure", {"tensor_parallel_size": tp, "pipeline_parallel_size": pp},
-                         "adm")
+        code, rep = post(
+            server, "/admin/reconfigure", {"tensor_parallel_size": tp, "pipeline_parallel_size": pp}, "adm"
+        )
         assert code == 200, rep
         reports.append(rep)
     for t in threads:
@@ -198,12 +245,41 @@ def test_bench_serve_against_live_server(server, tmp_path):
     """`remp bench serve` end to end on the live server, with a switch during the run marked on the timeline."""
     import subprocess
     import sys
-    cmd = [sys.executable, "-m", "remp", "bench", "serve", "--base-url", server, "--num-prompts", "12",
-           "--random-input-len", "16", "--random-output-len", "40", "--random-vocab-size", "256", "--ignore-eos",
-           "--request-rate", "20", "--save-result", "--result-dir", str(tmp_path), "--result-filename", "r.json",
-           "--disable-tqdm", "--poll-topology", "--admin-token", "adm", "--timeline", str(tmp_path / "t.png")]
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "remp",
+        "bench",
+        "serve",
+        "--base-url",
+        server,
+        "--num-prompts",
+        "12",
+        "--random-input-len",
+        "16",
+        "--random-output-len",
+        "40",
+        "--random-vocab-size",
+        "256",
+        "--ignore-eos",
+        "--request-rate",
+        "20",
+        "--save-result",
+        "--result-dir",
+        str(tmp_path),
+        "--result-filename",
+        "r.json",
+        "--disable-tqdm",
+        "--poll-topology",
+        "--admin-token",
+        "adm",
+        "--timeline",
+        str(tmp_path / "t.png"),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     import time
+
     deadline = time.monotonic() + 60
     while "remp:num_requests_running 0.0" in get(server, "/metrics")[1] and time.monotonic() < deadline:
         time.sleep(0.05)  # switch once the load is running, so that the switch falls inside the run
@@ -225,9 +301,11 @@ def test_health_503_after_a_worker_dies(tiny_llama):
     import os
     import signal
     import subprocess
+
     with remp_server(str(tiny_llama), "--dtype", "float64", "-tp", "2", "--worker-timeout-s", "10") as (url, proc):
-        children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True,
-                                  text=True).stdout.split()
+        children = subprocess.run(
+            ["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True, text=True
+        ).stdout.split()
         assert len(children) == 2
         os.kill(int(children[1]), signal.SIGKILL)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)

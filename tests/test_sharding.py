@@ -4,8 +4,8 @@ import pytest
 
 from remp.config import ModelConfig
 from remp.sharding import head_split, layer_split, split_evenly, weight_slices
-from remp.topology import Topology
 from remp.tools.random_model import tiny_config
+from remp.topology import Topology
 
 
 def cfg(**kw):
@@ -18,8 +18,13 @@ def test_nine_heads_three_kv_on_two_ranks_is_six_plus_three():
     assert split[1] == (range(6, 9), range(2, 3))
 
 
-@pytest.mark.parametrize("heads, kv, tp", [(9, 3, t) for t in range(1, 10)] + [(6, 2, t) for t in range(1, 7)]
-                         + [(4, 4, t) for t in range(1, 5)] + [(32, 8, 12), (14, 2, 5)])
+@pytest.mark.parametrize(
+    "heads, kv, tp",
+    [(9, 3, t) for t in range(1, 10)]
+    + [(6, 2, t) for t in range(1, 7)]
+    + [(4, 4, t) for t in range(1, 5)]
+    + [(32, 8, 12), (14, 2, 5)],
+)
 def test_head_split_covers_every_head_once_and_keeps_groups(heads, kv, tp):
     split = head_split(heads, kv, tp)
     assert len(split) == tp
@@ -27,11 +32,11 @@ def test_head_split_covers_every_head_once_and_keeps_groups(heads, kv, tp):
     group = heads // kv
     for q, kvs in split:
         assert len(q) >= 1 and len(kvs) >= 1
-        assert {h // group for h in q} == set(kvs)       # a rank's q heads use exactly its kv heads
-        assert len(q) % len(kvs) == 0                    # uniform local group size
+        assert {h // group for h in q} == set(kvs)  # a rank's q heads use exactly its kv heads
+        assert len(q) % len(kvs) == 0  # uniform local group size
     sizes = [len(q) for q, _ in split]
     if tp <= kv:
-        assert max(sizes) - min(sizes) <= group          # balanced up to one KV group
+        assert max(sizes) - min(sizes) <= group  # balanced up to one KV group
     else:
         assert {kvh for _, k in split for kvh in k} == set(range(kv))  # replicated, every kv head present
 
@@ -51,8 +56,13 @@ def test_layer_split_balanced_and_explicit():
 
 
 def test_split_evenly():
-    assert split_evenly(1536, 5) == [range(0, 308), range(308, 615), range(615, 922), range(922, 1229),
-                                     range(1229, 1536)]
+    assert split_evenly(1536, 5) == [
+        range(0, 308),
+        range(308, 615),
+        range(615, 922),
+        range(922, 1229),
+        range(1229, 1536),
+    ]
 
 
 @pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (3, 1), (4, 1), (1, 3), (2, 2), (5, 1), (6, 1)])
@@ -61,11 +71,19 @@ def test_weight_slices_tile_every_tensor_exactly(tp, pp):
     topo = Topology(tp, pp)
     per_worker = [weight_slices(c, topo.spec(c, w)) for w in range(topo.size)]
     layer = "model.layers.1."
-    q_rows = sorted(r for s in per_worker if layer + "self_attn.q_proj.weight" in s
-                    for r in range(*s[layer + "self_attn.q_proj.weight"][0].indices(c.num_attention_heads * 16)))
+    q_rows = sorted(
+        r
+        for s in per_worker
+        if layer + "self_attn.q_proj.weight" in s
+        for r in range(*s[layer + "self_attn.q_proj.weight"][0].indices(c.num_attention_heads * 16))
+    )
     assert q_rows == list(range(c.num_attention_heads * c.head_dim))
-    ffn_cols = sorted(r for s in per_worker if layer + "mlp.down_proj.weight" in s
-                      for r in range(*s[layer + "mlp.down_proj.weight"][1].indices(c.intermediate_size)))
+    ffn_cols = sorted(
+        r
+        for s in per_worker
+        if layer + "mlp.down_proj.weight" in s
+        for r in range(*s[layer + "mlp.down_proj.weight"][1].indices(c.intermediate_size))
+    )
     assert ffn_cols == list(range(c.intermediate_size))
     holders = [w for w, s in enumerate(per_worker) if "lm_head.weight" in s]
     assert holders == [topo.sampler_worker]

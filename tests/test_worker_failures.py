@@ -31,13 +31,17 @@ def wait_dead(pids, timeout=15.0):
     return [p for p in pids if alive(p)]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"tensor_parallel_size": 7}, "attention heads"),
-    ({"pipeline_parallel_size": 5}, "number of layers"),
-    ({"tensor_parallel_size": 0}, "positive"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tensor_parallel_size": 7}, "attention heads"),
+        ({"pipeline_parallel_size": 5}, "number of layers"),
+        ({"tensor_parallel_size": 0}, "positive"),
+    ],
+)
 def test_impossible_topology_refused_before_spawning(tiny_llama, kwargs, match):
     import multiprocessing
+
     with pytest.raises(ValueError, match=match):
         LLM(str(tiny_llama), **kwargs)
     assert not multiprocessing.active_children()
@@ -62,7 +66,9 @@ def test_missing_checkpoint_on_one_worker(tmp_path, tiny_llama):
 def _engine(path, **kw):
     engine = LLMEngine(model=str(path), dtype="float64", tensor_parallel_size=2, **kw)
     for i in range(3):
-        engine.add_request(str(i), {"prompt_token_ids": [256, i, 7, 9]}, SamplingParams(max_tokens=200, ignore_eos=True))
+        engine.add_request(
+            str(i), {"prompt_token_ids": [256, i, 7, 9]}, SamplingParams(max_tokens=200, ignore_eos=True)
+        )
     engine.step()
     engine.step()
     return engine, [p.pid for p in engine.executor.procs]

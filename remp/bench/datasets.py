@@ -14,37 +14,50 @@ from typing import Any
 import numpy as np
 
 DATASETS = ("random", "synthetic-chat", "jsonl", "sharegpt")
-PHASE_KEYS = {"duration_s", "num_prompts", "request_rate", "burstiness", "input_len", "output_len", "dataset",
-              "range_ratio", "name"}
+PHASE_KEYS = {
+    "duration_s",
+    "num_prompts",
+    "request_rate",
+    "burstiness",
+    "input_len",
+    "output_len",
+    "dataset",
+    "range_ratio",
+    "name",
+}
 # Common short words: with a leading space each is about one token in BPE vocabularies, so a prompt of N words
 # is roughly N tokens. Used where the endpoint needs text (chat) instead of token ids.
-WORDS = ("the of and to in is was for on are with as at be this have from or one had by word but not what all "
-         "were we when your can said there use an each which she do how their if will up other about out many then "
-         "them these so some her would make like him into time has look two more write go see number no way could "
-         "people my than first water been call who oil its now find long down day did get come made may part over "
-         "new sound take only little work know place year live me back give most very after thing our just name good "
-         "sentence man think say great where help through much before line right too mean old any same tell boy "
-         "follow came want show also around form three small set put end does another well large must big even such "
-         "because turn here why ask went men read need land different home us move try kind hand picture again "
-         "change off play spell air away animal house point page letter mother answer found study still learn should "
-         "world high every near add food between own below country plant last school father keep tree never start "
-         "city earth eye light thought head under story saw left few while along might close something seem next "
-         "hard open example begin life always those both paper together got group often run important until").split()
+WORDS = (
+    "the of and to in is was for on are with as at be this have from or one had by word but not what all "
+    "were we when your can said there use an each which she do how their if will up other about out many then "
+    "them these so some her would make like him into time has look two more write go see number no way could "
+    "people my than first water been call who oil its now find long down day did get come made may part over "
+    "new sound take only little work know place year live me back give most very after thing our just name good "
+    "sentence man think say great where help through much before line right too mean old any same tell boy "
+    "follow came want show also around form three small set put end does another well large must big even such "
+    "because turn here why ask went men read need land different home us move try kind hand picture again "
+    "change off play spell air away animal house point page letter mother answer found study still learn should "
+    "world high every near add food between own below country plant last school father keep tree never start "
+    "city earth eye light thought head under story saw left few while along might close something seem next "
+    "hard open example begin life always those both paper together got group often run important until"
+).split()
 
 
 @dataclass
 class SampleRequest:
     """One request to send: `prompt` is text, or token ids (valid for /v1/completions only)."""
+
     prompt: str | list[int]
-    prompt_len: int          # tokens (exact for token ids, estimated for text)
-    output_len: int          # max_tokens to ask for
-    arrival_s: float = 0.0   # offset from the start of the run
+    prompt_len: int  # tokens (exact for token ids, estimated for text)
+    output_len: int  # max_tokens to ask for
+    arrival_s: float = 0.0  # offset from the start of the run
     phase: int = 0
 
 
 @dataclass
 class DatasetOptions:
     """How to draw prompts. For `synthetic-chat` the lengths are medians of lognormals capped at the max_*."""
+
     name: str = "random"
     path: str | None = None
     random_input_len: int = 1024
@@ -55,13 +68,14 @@ class DatasetOptions:
     synthetic_output_len: int = 150
     synthetic_max_input_len: int = 2048
     synthetic_max_output_len: int = 1024
-    text: bool = False       # the endpoint needs text prompts (chat)
-    tokenizer: Any = None    # optional HF tokenizer: exact token counts and vocabulary size
+    text: bool = False  # the endpoint needs text prompts (chat)
+    tokenizer: Any = None  # optional HF tokenizer: exact token counts and vocabulary size
 
 
 @dataclass
 class Phase:
     """A stretch of the run with its own load: ends after `num_prompts` arrivals or after `duration_s`."""
+
     request_rate: float = math.inf
     burstiness: float = 1.0
     num_prompts: int | None = None
@@ -73,6 +87,7 @@ class Phase:
 @dataclass
 class PhaseWindow:
     """Where a phase sits on the run's clock (seconds from start), for per-phase metrics and the plot."""
+
     index: int
     name: str
     start_s: float
@@ -84,6 +99,7 @@ class PhaseWindow:
 
 
 # --- prompts ---------------------------------------------------------------------------------------------------
+
 
 def _prompt(rng: np.random.Generator, length: int, opts: DatasetOptions) -> str | list[int]:
     if opts.text:
@@ -108,8 +124,9 @@ def synthetic_chat_requests(n: int, opts: DatasetOptions, seed: int) -> list[Sam
     """Chat-like long tail (no real dataset can be downloaded): lognormal lengths, most prompts short, a few long."""
     rng = np.random.default_rng(seed)
     ins = np.clip(np.rint(rng.lognormal(math.log(opts.synthetic_input_len), 1.0, n)), 4, opts.synthetic_max_input_len)
-    outs = np.clip(np.rint(rng.lognormal(math.log(opts.synthetic_output_len), 0.8, n)), 1,
-                   opts.synthetic_max_output_len)
+    outs = np.clip(
+        np.rint(rng.lognormal(math.log(opts.synthetic_output_len), 0.8, n)), 1, opts.synthetic_max_output_len
+    )
     return [SampleRequest(_prompt(rng, int(i), opts), int(i), int(o)) for i, o in zip(ins, outs)]
 
 
@@ -165,6 +182,7 @@ def sample_requests(n: int, opts: DatasetOptions, seed: int) -> list[SampleReque
 
 # --- arrivals --------------------------------------------------------------------------------------------------
 
+
 def intervals(n: int, rate: float, burstiness: float, rng: np.random.Generator) -> np.ndarray:
     """Gaps between arrivals, as vLLM: gamma(shape=burstiness, scale=1/(rate*burstiness)), so the mean rate is
     `rate` and the CV is 1/sqrt(burstiness) (1 = Poisson, <1 burstier, >1 steadier). rate=inf: all at once."""
@@ -195,8 +213,9 @@ def arrivals_for_duration(duration_s: float, rate: float, burstiness: float, rng
             t += gap
 
 
-def parse_phases(spec: str | list, base: DatasetOptions, default_rate: float = math.inf,
-                 default_burstiness: float = 1.0) -> list[Phase]:
+def parse_phases(
+    spec: str | list, base: DatasetOptions, default_rate: float = math.inf, default_burstiness: float = 1.0
+) -> list[Phase]:
     """`spec`: inline JSON, a path to a JSON file, or an already-parsed list of phase dicts."""
     if isinstance(spec, str):
         spec = json.loads(spec if spec.lstrip().startswith("[") else Path(spec).read_text())
@@ -214,8 +233,16 @@ def parse_phases(spec: str | list, base: DatasetOptions, default_rate: float = m
             opts = replace(opts, random_input_len=int(d["input_len"]), synthetic_input_len=int(d["input_len"]))
         if "output_len" in d:
             opts = replace(opts, random_output_len=int(d["output_len"]), synthetic_output_len=int(d["output_len"]))
-        phases.append(Phase(float(d.get("request_rate", default_rate)), float(d.get("burstiness", default_burstiness)),
-                            d.get("num_prompts"), d.get("duration_s"), opts, str(d.get("name", f"phase {k}"))))
+        phases.append(
+            Phase(
+                float(d.get("request_rate", default_rate)),
+                float(d.get("burstiness", default_burstiness)),
+                d.get("num_prompts"),
+                d.get("duration_s"),
+                opts,
+                str(d.get("name", f"phase {k}")),
+            )
+        )
     return phases
 
 
@@ -230,13 +257,25 @@ def plan(phases: list[Phase], seed: int) -> tuple[list[SampleRequest], list[Phas
         if ph.num_prompts is not None:
             offsets, span = arrival_offsets(int(ph.num_prompts), ph.request_rate, ph.burstiness, rng)
         else:
-            offsets, span = arrivals_for_duration(float(ph.duration_s), ph.request_rate, ph.burstiness, rng), \
-                float(ph.duration_s)
+            offsets, span = (
+                arrivals_for_duration(float(ph.duration_s), ph.request_rate, ph.burstiness, rng),
+                float(ph.duration_s),
+            )
         batch = sample_requests(len(offsets), ph.dataset or DatasetOptions(), seed + k)
         for r, off in zip(batch, offsets):
             r.arrival_s, r.phase = start + float(off), k
         requests += batch
-        windows.append(PhaseWindow(k, ph.name or f"phase {k}", start, start + span, len(batch), ph.request_rate,
-                                   ph.burstiness, (ph.dataset or DatasetOptions()).name))
+        windows.append(
+            PhaseWindow(
+                k,
+                ph.name or f"phase {k}",
+                start,
+                start + span,
+                len(batch),
+                ph.request_rate,
+                ph.burstiness,
+                (ph.dataset or DatasetOptions()).name,
+            )
+        )
         start += span
     return requests, windows

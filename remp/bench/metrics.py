@@ -18,6 +18,7 @@ SLO_KEYS = ("ttft", "tpot", "e2el")
 class RequestResult:
     """What one request did. Times in seconds; `send_time` is from the start of the run. With retries, TTFT and
     latency count from the first attempt (what a client waiting on it saw)."""
+
     index: int
     phase: int = 0
     success: bool = False
@@ -69,26 +70,38 @@ def meets_slos(r: RequestResult, slos_ms: dict[str, float]) -> bool:
 def distribution(name: str, values_s: list[float], percentiles: tuple[float, ...]) -> dict[str, float]:
     """mean/median/std/p<P> of `values_s` in ms under vLLM's key names (e.g. p99_ttft_ms); zeros when empty."""
     a = np.asarray(values_s, dtype=float) * 1000
-    out = {f"mean_{name}_ms": float(a.mean()) if a.size else 0.0,
-           f"median_{name}_ms": float(np.median(a)) if a.size else 0.0,
-           f"std_{name}_ms": float(a.std()) if a.size else 0.0}
+    out = {
+        f"mean_{name}_ms": float(a.mean()) if a.size else 0.0,
+        f"median_{name}_ms": float(np.median(a)) if a.size else 0.0,
+        f"std_{name}_ms": float(a.std()) if a.size else 0.0,
+    }
     for p in percentiles:
         out[f"p{p:g}_{name}_ms"] = float(np.percentile(a, p)) if a.size else 0.0
     return out
 
 
-def compute_metrics(results: list[RequestResult], duration_s: float, percentiles: tuple[float, ...] = (90, 99),
-                    slos_ms: dict[str, float] | None = None) -> dict:
+def compute_metrics(
+    results: list[RequestResult],
+    duration_s: float,
+    percentiles: tuple[float, ...] = (90, 99),
+    slos_ms: dict[str, float] | None = None,
+) -> dict:
     """Totals, throughputs and latency distributions over `results`, run over `duration_s` seconds."""
     ok = [r for r in results if r.success]
     dur = max(duration_s, 1e-9)
     tin, tout = sum(r.prompt_tokens for r in ok), sum(r.output_tokens for r in ok)
-    m: dict = {"duration": duration_s, "completed": len(ok), "failed": len(results) - len(ok),
-               "retried_requests": sum(r.retries > 0 for r in results),
-               "total_retries": sum(r.retries for r in results),
-               "total_input_tokens": tin, "total_output_tokens": tout,
-               "request_throughput": len(ok) / dur, "output_throughput": tout / dur,
-               "total_token_throughput": (tin + tout) / dur}
+    m: dict = {
+        "duration": duration_s,
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "retried_requests": sum(r.retries > 0 for r in results),
+        "total_retries": sum(r.retries for r in results),
+        "total_input_tokens": tin,
+        "total_output_tokens": tout,
+        "request_throughput": len(ok) / dur,
+        "output_throughput": tout / dur,
+        "total_token_throughput": (tin + tout) / dur,
+    }
     if slos_ms:
         good = sum(meets_slos(r, slos_ms) for r in ok)
         m.update(goodput_slos_ms=dict(slos_ms), good_requests=good, request_goodput=good / dur)
@@ -99,21 +112,31 @@ def compute_metrics(results: list[RequestResult], duration_s: float, percentiles
     return m
 
 
-def phase_metrics(results: list[RequestResult], num_phases: int, percentiles: tuple[float, ...] = (90, 99),
-                  slos_ms: dict[str, float] | None = None) -> list[dict]:
+def phase_metrics(
+    results: list[RequestResult],
+    num_phases: int,
+    percentiles: tuple[float, ...] = (90, 99),
+    slos_ms: dict[str, float] | None = None,
+) -> list[dict]:
     """compute_metrics per phase; a phase's duration runs from its first send to its last request's end."""
     out = []
     for k in range(num_phases):
         rs = [r for r in results if r.phase == k]
         start = min((r.send_time for r in rs), default=0.0)
         end = max((r.send_time + r.latency for r in rs), default=0.0)
-        out.append({"num_requests": len(rs), "first_send_s": start, "last_end_s": end}
-                   | compute_metrics(rs, end - start, percentiles, slos_ms))
+        out.append(
+            {"num_requests": len(rs), "first_send_s": start, "last_end_s": end}
+            | compute_metrics(rs, end - start, percentiles, slos_ms)
+        )
     return out
 
 
-def format_summary(m: dict, title: str = "Serving Benchmark Result", percentiles: tuple[float, ...] = (90, 99),
-                   max_concurrency: int | None = None) -> str:
+def format_summary(
+    m: dict,
+    title: str = "Serving Benchmark Result",
+    percentiles: tuple[float, ...] = (90, 99),
+    max_concurrency: int | None = None,
+) -> str:
     """vLLM's summary block."""
     w = 50
     lines = [f"{' ' + title + ' ':=^{w}}"]
@@ -136,9 +159,12 @@ def format_summary(m: dict, title: str = "Serving Benchmark Result", percentiles
         row("Request goodput (req/s):", m["request_goodput"])
     row("Output token throughput (tok/s):", m["output_throughput"])
     row("Total Token throughput (tok/s):", m["total_token_throughput"])
-    for key, head, label in (("ttft", "Time to First Token", "TTFT"),
-                             ("tpot", "Time per Output Token (excl. 1st token)", "TPOT"),
-                             ("itl", "Inter-token Latency", "ITL"), ("e2el", "End-to-end Latency", "E2EL")):
+    for key, head, label in (
+        ("ttft", "Time to First Token", "TTFT"),
+        ("tpot", "Time per Output Token (excl. 1st token)", "TPOT"),
+        ("itl", "Inter-token Latency", "ITL"),
+        ("e2el", "End-to-end Latency", "E2EL"),
+    ):
         lines.append(f"{head:-^{w}}")
         row(f"Mean {label} (ms):", m[f"mean_{key}_ms"])
         row(f"Median {label} (ms):", m[f"median_{key}_ms"])

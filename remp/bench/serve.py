@@ -55,10 +55,13 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--request-rate", type=float, default=math.inf, help="req/s; inf sends all at once")
     a.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 Poisson, <1 burstier")
     a.add_argument("--max-concurrency", type=int, default=None)
-    a.add_argument("--phases", default=None,
-                   help="JSON list (inline or a file) of {duration_s|num_prompts, request_rate, input_len, "
-                        "output_len, dataset?, burstiness?, range_ratio?, name?}; replaces --num-prompts and "
-                        "--request-rate")
+    a.add_argument(
+        "--phases",
+        default=None,
+        help="JSON list (inline or a file) of {duration_s|num_prompts, request_rate, input_len, "
+        "output_len, dataset?, burstiness?, range_ratio?, name?}; replaces --num-prompts and "
+        "--request-rate",
+    )
     a.add_argument("--retry-failed", type=int, default=0, help="retries of a failed request (5xx, 429, network)")
     a.add_argument("--timeout-s", type=float, default=3600.0, help="per request")
     o = p.add_argument_group("output")
@@ -76,9 +79,15 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 
 # --- one request ---------------------------------------------------------------------------------------------
 
+
 def build_payload(req: SampleRequest, model: str, chat: bool, ignore_eos: bool, temperature: float) -> dict:
-    body: dict[str, Any] = {"model": model, "temperature": temperature, "stream": True,
-                            "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
+    body: dict[str, Any] = {
+        "model": model,
+        "temperature": temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": ignore_eos,
+    }
     if chat:
         if not isinstance(req.prompt, str):
             raise ValueError("chat endpoints need text prompts")
@@ -102,14 +111,21 @@ class _Retryable(Exception):
     """A failure worth another attempt (server error, overload, network)."""
 
 
-async def _attempt(session: aiohttp.ClientSession, url: str, headers: dict, body: dict, chat: bool,
-                   res: RequestResult, t0: float, timeout_s: float) -> None:
+async def _attempt(
+    session: aiohttp.ClientSession,
+    url: str,
+    headers: dict,
+    body: dict,
+    chat: bool,
+    res: RequestResult,
+    t0: float,
+    timeout_s: float,
+) -> None:
     """Stream one attempt into `res` (times relative to t0, the first attempt's send). Raises on failure."""
     res.ttft, res.itl, res.output_tokens = 0.0, [], 0
     usage: dict | None = None
     chunks, last, done, buf = 0, 0.0, False, b""
-    async with session.post(url, json=body, headers=headers,
-                            timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+    async with session.post(url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
         if resp.status != 200:
             msg = f"HTTP {resp.status}: {(await resp.text())[:300]}"
             raise (_Retryable(msg) if resp.status >= 500 or resp.status == 429 else RuntimeError(msg))
@@ -119,7 +135,7 @@ async def _attempt(session: aiohttp.ClientSession, url: str, headers: dict, body
             for line in lines:
                 line = line.strip()
                 if not line.startswith(b"data:"):
-                    continue                            # blank separators, ": keep-alive" comments, event: lines
+                    continue  # blank separators, ": keep-alive" comments, event: lines
                 payload = line[5:].strip()
                 if payload == b"[DONE]":
                     done = True
@@ -143,15 +159,25 @@ async def _attempt(session: aiohttp.ClientSession, url: str, headers: dict, body
     if usage and "prompt_tokens" in usage:
         res.prompt_tokens = int(usage["prompt_tokens"])
     if not chunks:
-        res.ttft = res.latency                          # nothing visible arrived before the end
+        res.ttft = res.latency  # nothing visible arrived before the end
 
 
-async def send_request(session: aiohttp.ClientSession, url: str, headers: dict, body: dict, chat: bool,
-                       req: SampleRequest, index: int, t_start: float, timeout_s: float,
-                       retries: int = 0) -> RequestResult:
+async def send_request(
+    session: aiohttp.ClientSession,
+    url: str,
+    headers: dict,
+    body: dict,
+    chat: bool,
+    req: SampleRequest,
+    index: int,
+    t_start: float,
+    timeout_s: float,
+    retries: int = 0,
+) -> RequestResult:
     """Send with up to `retries` retries (backoff 0.25 s doubling, max 4 s); never raises."""
-    res = RequestResult(index=index, phase=req.phase, prompt_tokens=req.prompt_len,
-                        expected_output_tokens=req.output_len)
+    res = RequestResult(
+        index=index, phase=req.phase, prompt_tokens=req.prompt_len, expected_output_tokens=req.output_len
+    )
     t0 = time.perf_counter()
     res.send_time = t0 - t_start
     for attempt in range(retries + 1):
@@ -159,7 +185,7 @@ async def send_request(session: aiohttp.ClientSession, url: str, headers: dict, 
             await _attempt(session, url, headers, body, chat, res, t0, timeout_s)
             res.success, res.error = True, ""
             break
-        except Exception as e:                          # noqa: BLE001 - any failure is a result, not a crash
+        except Exception as e:
             retryable = isinstance(e, (_Retryable, aiohttp.ClientError, asyncio.TimeoutError, OSError))
             res.error = f"{type(e).__name__}: {e}" if not isinstance(e, _Retryable) else str(e)
             res.latency = time.perf_counter() - t0
@@ -167,19 +193,21 @@ async def send_request(session: aiohttp.ClientSession, url: str, headers: dict, 
                 break
             res.attempt_errors.append(res.error)
             res.retries += 1
-            await asyncio.sleep(min(4.0, 0.25 * 2 ** attempt))
+            await asyncio.sleep(min(4.0, 0.25 * 2**attempt))
     return res
 
 
 # --- the run -------------------------------------------------------------------------------------------------
+
 
 def _headers(api_key: str | None) -> dict:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 async def fetch_model(session: aiohttp.ClientSession, base_url: str, api_key: str | None) -> str:
-    async with session.get(f"{base_url}/v1/models", headers=_headers(api_key),
-                           timeout=aiohttp.ClientTimeout(total=30)) as resp:
+    async with session.get(
+        f"{base_url}/v1/models", headers=_headers(api_key), timeout=aiohttp.ClientTimeout(total=30)
+    ) as resp:
         resp.raise_for_status()
         data = (await resp.json(content_type=None)).get("data") or []
     if not data:
@@ -198,11 +226,22 @@ def make_phases(args: argparse.Namespace, text: bool) -> list[Phase]:
     tok = None
     if args.tokenizer:
         from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    opts = DatasetOptions(args.dataset_name, args.dataset_path, args.random_input_len, args.random_output_len,
-                          args.random_range_ratio, args.random_vocab_size, args.synthetic_input_len,
-                          args.synthetic_output_len, args.synthetic_max_input_len, args.synthetic_max_output_len,
-                          text, tok)
+    opts = DatasetOptions(
+        args.dataset_name,
+        args.dataset_path,
+        args.random_input_len,
+        args.random_output_len,
+        args.random_range_ratio,
+        args.random_vocab_size,
+        args.synthetic_input_len,
+        args.synthetic_output_len,
+        args.synthetic_max_input_len,
+        args.synthetic_max_output_len,
+        text,
+        tok,
+    )
     if args.phases:
         return parse_phases(args.phases, opts, args.request_rate, args.burstiness)
     return [Phase(args.request_rate, args.burstiness, num_prompts=args.num_prompts, dataset=opts, name="all")]
@@ -217,7 +256,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
     phases = make_phases(args, chat)
     requests, windows = plan(phases, args.seed)
     headers = _headers(args.api_key)
-    connector = aiohttp.TCPConnector(limit=0)          # the semaphore bounds concurrency; polls never queue
+    connector = aiohttp.TCPConnector(limit=0)  # the semaphore bounds concurrency; polls never queue
     async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
         model = args.model or await fetch_model(session, base_url, args.api_key)
         bodies = [build_payload(r, model, chat, args.ignore_eos, args.temperature) for r in requests]
@@ -232,8 +271,18 @@ async def benchmark(args: argparse.Namespace) -> dict:
 
         async def one(i: int, req: SampleRequest) -> RequestResult:
             async with sem or contextlib.nullcontext():
-                r = await send_request(session, base_url + endpoint, headers, bodies[i], chat, req, i, t_start,
-                                       args.timeout_s, args.retry_failed)
+                r = await send_request(
+                    session,
+                    base_url + endpoint,
+                    headers,
+                    bodies[i],
+                    chat,
+                    req,
+                    i,
+                    t_start,
+                    args.timeout_s,
+                    args.retry_failed,
+                )
             bar.update(1)
             return r
 
@@ -251,20 +300,36 @@ async def benchmark(args: argparse.Namespace) -> dict:
 
     metrics = compute_metrics(results, duration, percentiles, slos)
     switches = poller.switches if poller else []
-    timeline = args.timeline and str(plot_timeline(
-        args.timeline, results, duration, switches, windows,
-        f"{model} {endpoint}: {metrics['completed']} ok, {metrics['failed']} failed"))
-    return {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": backend, "base_url": base_url,
-            "endpoint": endpoint, "model": model, "start_time": wall0,
-            "config": {k: v for k, v in vars(args).items() if k not in ("api_key", "admin_token") and not callable(v)},
-            **metrics,
-            "phases": [asdict(w) | m for w, m in zip(windows, phase_metrics(results, len(windows), percentiles, slos))],
-            "topology": poller.to_json() if poller else None, "timeline": timeline or None,
-            # vLLM's flat per-request arrays (seconds), so its plotting scripts read this file too.
-            "input_lens": [r.prompt_tokens for r in results], "output_lens": [r.output_tokens for r in results],
-            "ttfts": [r.ttft for r in results], "itls": [r.itl for r in results],
-            "errors": [r.error for r in results],
-            "requests": [asdict(r) for r in results]}
+    timeline = args.timeline and str(
+        plot_timeline(
+            args.timeline,
+            results,
+            duration,
+            switches,
+            windows,
+            f"{model} {endpoint}: {metrics['completed']} ok, {metrics['failed']} failed",
+        )
+    )
+    return {
+        "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "backend": backend,
+        "base_url": base_url,
+        "endpoint": endpoint,
+        "model": model,
+        "start_time": wall0,
+        "config": {k: v for k, v in vars(args).items() if k not in ("api_key", "admin_token") and not callable(v)},
+        **metrics,
+        "phases": [asdict(w) | m for w, m in zip(windows, phase_metrics(results, len(windows), percentiles, slos))],
+        "topology": poller.to_json() if poller else None,
+        "timeline": timeline or None,
+        # vLLM's flat per-request arrays (seconds), so its plotting scripts read this file too.
+        "input_lens": [r.prompt_tokens for r in results],
+        "output_lens": [r.output_tokens for r in results],
+        "ttfts": [r.ttft for r in results],
+        "itls": [r.itl for r in results],
+        "errors": [r.error for r in results],
+        "requests": [asdict(r) for r in results],
+    }
 
 
 def _json_safe(x: Any) -> Any:
@@ -284,11 +349,12 @@ def report(result: dict, args: argparse.Namespace) -> str:
     out = [format_summary(result, percentiles=ps, max_concurrency=args.max_concurrency)]
     if len(result["phases"]) > 1:
         for ph in result["phases"]:
-            out.append(format_summary(ph, f"Phase {ph['index']}: {ph['name']} @ {ph['request_rate']:g} req/s",
-                                      ps))
+            out.append(format_summary(ph, f"Phase {ph['index']}: {ph['name']} @ {ph['request_rate']:g} req/s", ps))
     if result["topology"] and result["topology"]["switches"]:
-        out.append("Topology switches: " + ", ".join(
-            f"{s.get('from')}->{s.get('to')} at {s['time']:.2f} s" for s in result["topology"]["switches"]))
+        out.append(
+            "Topology switches: "
+            + ", ".join(f"{s.get('from')}->{s.get('to')} at {s['time']:.2f} s" for s in result["topology"]["switches"])
+        )
     errors = list(dict.fromkeys(e for e in result["errors"] if e))[:3]
     if errors:
         out.append("First errors:\n  " + "\n  ".join(errors))
@@ -325,8 +391,10 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"Timeline: {result['timeline']}")
     if args.save_result:
         rate = "phases" if args.phases else "inf" if math.isinf(args.request_rate) else f"{args.request_rate:g}"
-        name = args.result_filename or \
-            f"remp-bench-{result['backend']}-{rate}qps-{Path(result['model']).name}-{result['date']}.json"
+        name = (
+            args.result_filename
+            or f"remp-bench-{result['backend']}-{rate}qps-{Path(result['model']).name}-{result['date']}.json"
+        )
         path = Path(args.result_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(_json_safe(result), indent=1))

@@ -31,21 +31,30 @@ class TopologyPoller:
     Switches come from the server's own switch history when it has one (exact times and pauses), otherwise from
     a topology change between two polls (e.g. after a restart). Times are seconds from the run start `wall0`."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, wall0: float, admin_token: str | None = None,
-                 interval_s: float = 0.5):
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        wall0: float,
+        admin_token: str | None = None,
+        interval_s: float = 0.5,
+    ):
         self.session, self.base_url, self.wall0, self.interval_s = session, base_url.rstrip("/"), wall0, interval_s
         self.headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
-        self.samples: list[tuple[float, str]] = []   # (t, topology) of each successful poll
+        self.samples: list[tuple[float, str]] = []  # (t, topology) of each successful poll
         self.switches: list[dict] = []
-        self.source: str | None = None                 # "admin" or "metrics", whichever answered last
+        self.source: str | None = None  # "admin" or "metrics", whichever answered last
         self._use_admin = True
         self._seen: set[tuple] = set()
 
     async def _get(self, path: str, headers: dict) -> aiohttp.ClientResponse | None:
         try:
-            resp = await self.session.get(self.base_url + path, headers=headers,
-                                          timeout=aiohttp.ClientTimeout(total=max(2.0, self.interval_s * 4)))
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            resp = await self.session.get(
+                self.base_url + path,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=max(2.0, self.interval_s * 4)),
+            )
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return None
         return resp
 
@@ -65,7 +74,7 @@ class TopologyPoller:
                     history = data.get("switches")
                     self.source = "admin"
                 elif resp.status in (401, 403, 404, 405):
-                    self._use_admin = False             # no (usable) admin API: stop asking
+                    self._use_admin = False  # no (usable) admin API: stop asking
         if topo is None and (resp := await self._get("/metrics", {})) is not None:
             async with resp:
                 if resp.status == 200:
@@ -78,12 +87,14 @@ class TopologyPoller:
             key = (sw.get("time"), sw.get("from"), sw.get("to"))
             if key not in self._seen and sw.get("time") is not None and sw["time"] >= self.wall0:
                 self._seen.add(key)
-                self.switches.append({**sw, "time": sw["time"] - self.wall0, "unix_time": sw["time"],
-                                      "source": "admin"})
+                self.switches.append(
+                    {**sw, "time": sw["time"] - self.wall0, "unix_time": sw["time"], "source": "admin"}
+                )
                 added += 1
-        if not added and self.samples and self.samples[-1][1] != topo:   # e.g. a restart that lost the history
-            self.switches.append({"time": now, "unix_time": self.wall0 + now, "from": self.samples[-1][1],
-                                  "to": topo, "source": "poll"})
+        if not added and self.samples and self.samples[-1][1] != topo:  # e.g. a restart that lost the history
+            self.switches.append(
+                {"time": now, "unix_time": self.wall0 + now, "from": self.samples[-1][1], "to": topo, "source": "poll"}
+            )
         self.samples.append((now, topo))
         self.switches.sort(key=lambda s: s["time"])
 
@@ -93,17 +104,21 @@ class TopologyPoller:
             await self.poll_once()
             try:
                 await asyncio.wait_for(stop.wait(), self.interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         await self.poll_once()
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "samples": [{"time": t, "topology": s} for t, s in self.samples],
-                "switches": self.switches}
+        return {
+            "source": self.source,
+            "samples": [{"time": t, "topology": s} for t, s in self.samples],
+            "switches": self.switches,
+        }
 
 
-def tokens_per_second(results: list[RequestResult], duration_s: float,
-                      bin_s: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def tokens_per_second(
+    results: list[RequestResult], duration_s: float, bin_s: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Output tokens delivered per `bin_s` bin, by chunk arrival time (a chunk carries output_tokens/chunks)."""
     nbins = max(1, math.ceil(duration_s / bin_s))
     counts = np.zeros(nbins)
@@ -115,8 +130,14 @@ def tokens_per_second(results: list[RequestResult], duration_s: float,
     return np.arange(nbins) * bin_s, counts / bin_s
 
 
-def plot_timeline(path: str | Path, results: list[RequestResult], duration_s: float, switches: list[dict],
-                  phases: list[PhaseWindow] | None = None, title: str = "") -> Path:
+def plot_timeline(
+    path: str | Path,
+    results: list[RequestResult],
+    duration_s: float,
+    switches: list[dict],
+    phases: list[PhaseWindow] | None = None,
+    title: str = "",
+) -> Path:
     """Two panels sharing the time axis: output tokens/s (1 s bins), and each request's TTFT at its send time
     (failures as red crosses on the axis). Dashed lines at topology switches, shaded bands per phase."""
     try:
@@ -134,23 +155,36 @@ def plot_timeline(path: str | Path, results: list[RequestResult], duration_s: fl
     bad = [r for r in results if not r.success]
     bottom.scatter([r.send_time for r in ok], [r.ttft * 1000 for r in ok], s=8, alpha=0.6, label="TTFT")
     if bad:
-        bottom.scatter([r.send_time for r in bad], [0] * len(bad), marker="x", color="tab:red",
-                       label=f"failed ({len(bad)})")
+        bottom.scatter(
+            [r.send_time for r in bad], [0] * len(bad), marker="x", color="tab:red", label=f"failed ({len(bad)})"
+        )
     bottom.set_ylabel("TTFT (ms)")
     bottom.set_xlabel("time since start (s)")
     bottom.legend(loc="upper right", fontsize=8)
     if phases and len(phases) > 1:
         for ph in phases:
             for ax in (top, bottom):
-                ax.axvspan(ph.start_s, max(ph.end_s, ph.start_s + 1e-3), color="0.5" if ph.index % 2 else "0.8",
-                           alpha=0.12, lw=0)
+                ax.axvspan(
+                    ph.start_s,
+                    max(ph.end_s, ph.start_s + 1e-3),
+                    color="0.5" if ph.index % 2 else "0.8",
+                    alpha=0.12,
+                    lw=0,
+                )
             top.text(ph.start_s, 1.0, f" {ph.name}", transform=top.get_xaxis_transform(), va="top", fontsize=8)
     for sw in switches:
         for ax in (top, bottom):
             ax.axvline(sw["time"], color="tab:red", ls="--", lw=1)
         pause = f" ({sw['pause_s'] * 1000:.0f} ms pause)" if sw.get("pause_s") is not None else ""
-        top.text(sw["time"], 0.92, f" {sw.get('from', '?')}→{sw.get('to', '?')}{pause}", color="tab:red",
-                 transform=top.get_xaxis_transform(), va="top", fontsize=8)
+        top.text(
+            sw["time"],
+            0.92,
+            f" {sw.get('from', '?')}→{sw.get('to', '?')}{pause}",
+            color="tab:red",
+            transform=top.get_xaxis_transform(),
+            va="top",
+            fontsize=8,
+        )
     top.set_xlim(0, max(duration_s, 1e-3))
     top.set_title(title or "remp bench serve")
     path = Path(path)

@@ -10,8 +10,9 @@ import asyncio
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from remp.engine import LLMEngine
 from remp.engine_args import EngineArgs
@@ -58,7 +59,7 @@ class AsyncLLMEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except BaseException as e:  # noqa: BLE001 - a dead worker: fail every stream, keep answering
+            except BaseException as e:
                 self._fail_all(e)
                 continue
             for out in outputs:
@@ -78,7 +79,7 @@ class AsyncLLMEngine:
                 return
             try:
                 result = fn()
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
+            except BaseException as e:
                 if future is not None:
                     loop.call_soon_threadsafe(_set_exception, future, e)
             else:
@@ -99,8 +100,9 @@ class AsyncLLMEngine:
         self._wake.set()
         return await future
 
-    async def add_request(self, prompt: str | list[int] | dict, params: SamplingParams,
-                          request_id: str) -> AsyncIterator[RequestOutput]:
+    async def add_request(
+        self, prompt: str | list[int] | dict, params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
         """Queue a request (raises ValueError for bad input, before anything is streamed) and return the
         iterator of its outputs. Leaving the iterator early (client gone) aborts the request."""
         if self.dead is not None:
@@ -129,18 +131,22 @@ class AsyncLLMEngine:
 
     def abort_nowait(self, request_id: str) -> None:
         """Abort from anywhere, without waiting (safe inside a cancelled task's cleanup)."""
+
         def abort() -> None:
             self._streams.pop(request_id, None)
             self.engine.abort_request(request_id)
+
         self._commands.put((abort, None, None))
         self._wake.set()
 
-    async def reconfigure(self, tp: int, pp: int, layer_split: list[int] | None = None,
-                          mode: str = "switch") -> SwitchReport:
+    async def reconfigure(
+        self, tp: int, pp: int, layer_split: list[int] | None = None, mode: str = "switch"
+    ) -> SwitchReport:
         def switch() -> SwitchReport:
             report = self.engine.reconfigure(tp, pp, layer_split, mode)
             self.switches.append(SwitchEvent(time.time(), report))
             return report
+
         return await self._call(switch)
 
     async def tokenize_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:

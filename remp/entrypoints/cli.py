@@ -24,11 +24,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
-    return dict(model=a.model, dtype=a.dtype, max_model_len=a.max_model_len,
-                tensor_parallel_size=a.tensor_parallel_size, pipeline_parallel_size=a.pipeline_parallel_size,
-                block_size=a.block_size, kv_cache_memory_gb=a.kv_cache_memory_gb, num_kv_blocks=a.num_kv_blocks,
-                max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, seed=a.seed,
-                worker_timeout_s=a.worker_timeout_s, device=a.device)
+    return dict(
+        model=a.model,
+        dtype=a.dtype,
+        max_model_len=a.max_model_len,
+        tensor_parallel_size=a.tensor_parallel_size,
+        pipeline_parallel_size=a.pipeline_parallel_size,
+        block_size=a.block_size,
+        kv_cache_memory_gb=a.kv_cache_memory_gb,
+        num_kv_blocks=a.num_kv_blocks,
+        max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens,
+        seed=a.seed,
+        worker_timeout_s=a.worker_timeout_s,
+        device=a.device,
+    )
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -57,14 +67,20 @@ def cmd_generate(a: argparse.Namespace) -> int:
         gen = time.perf_counter() - t0
     print(out.outputs[0].text)
     n = len(out.outputs[0].token_ids)
-    print(f"[{n} tokens in {gen:.2f} s ({n / gen:.1f} tok/s), load {load:.1f} s, "
-          f"finish_reason={out.outputs[0].finish_reason}]", file=sys.stderr)
+    print(
+        f"[{n} tokens in {gen:.2f} s ({n / gen:.1f} tok/s), load {load:.1f} s, "
+        f"finish_reason={out.outputs[0].finish_reason}]",
+        file=sys.stderr,
+    )
     return 0
 
 
 def _missing_extra(e: ImportError) -> int:
-    print(f"remp bench serve needs the `bench` extra ({e.name} is missing): pip install 'remp[bench]' "
-          "(from a checkout: pip install -e '.[bench]')", file=sys.stderr)
+    print(
+        f"remp bench serve needs the `bench` extra ({e.name} is missing): pip install 'remp[bench]' "
+        "(from a checkout: pip install -e '.[bench]')",
+        file=sys.stderr,
+    )
     return 2
 
 

@@ -8,8 +8,26 @@ from remp.engine import LLMEngine
 from remp.outputs import RequestOutput
 from remp.switch_report import SwitchReport
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-                   40.0, 80.0)
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 
 
 class ServerMetrics:
@@ -18,24 +36,45 @@ class ServerMetrics:
         label = {"labelnames": ["model_name"]}
         self.running = Gauge("remp:num_requests_running", "Requests in the running batch", registry=r, **label)
         self.waiting = Gauge("remp:num_requests_waiting", "Requests waiting to be scheduled", registry=r, **label)
-        self.kv_usage = Gauge("remp:kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full)", registry=r, **label)
+        self.kv_usage = Gauge(
+            "remp:kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full)", registry=r, **label
+        )
         self.preemptions = Gauge("remp:num_preemptions", "Preemptions since start", registry=r, **label)
         self.prompt_tokens = Counter("remp:prompt_tokens", "Prefill tokens processed", registry=r, **label)
         self.generation_tokens = Counter("remp:generation_tokens", "Tokens generated", registry=r, **label)
-        self.success = Counter("remp:request_success", "Finished requests", registry=r,
-                               labelnames=["model_name", "finished_reason"])
-        self.ttft = Histogram("remp:time_to_first_token_seconds", "Time to first token", registry=r,
-                              buckets=LATENCY_BUCKETS, **label)
-        self.tpot = Histogram("remp:time_per_output_token_seconds", "Mean time per output token of a request",
-                              registry=r, buckets=LATENCY_BUCKETS, **label)
-        self.e2e = Histogram("remp:e2e_request_latency_seconds", "Request latency", registry=r,
-                             buckets=LATENCY_BUCKETS, **label)
-        self.switches = Counter("remp:topology_switches", "Topology switches", registry=r,
-                                labelnames=["model_name", "mode"])
-        self.switch_duration = Histogram("remp:topology_switch_duration_seconds", "Wall time of a switch",
-                                         registry=r, buckets=LATENCY_BUCKETS, **label)
-        self.switch_pause = Histogram("remp:topology_switch_pause_seconds", "Time no step ran during a switch",
-                                      registry=r, buckets=LATENCY_BUCKETS, **label)
+        self.success = Counter(
+            "remp:request_success", "Finished requests", registry=r, labelnames=["model_name", "finished_reason"]
+        )
+        self.ttft = Histogram(
+            "remp:time_to_first_token_seconds", "Time to first token", registry=r, buckets=LATENCY_BUCKETS, **label
+        )
+        self.tpot = Histogram(
+            "remp:time_per_output_token_seconds",
+            "Mean time per output token of a request",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+            **label,
+        )
+        self.e2e = Histogram(
+            "remp:e2e_request_latency_seconds", "Request latency", registry=r, buckets=LATENCY_BUCKETS, **label
+        )
+        self.switches = Counter(
+            "remp:topology_switches", "Topology switches", registry=r, labelnames=["model_name", "mode"]
+        )
+        self.switch_duration = Histogram(
+            "remp:topology_switch_duration_seconds",
+            "Wall time of a switch",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+            **label,
+        )
+        self.switch_pause = Histogram(
+            "remp:topology_switch_pause_seconds",
+            "Time no step ran during a switch",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+            **label,
+        )
         self.tp = Gauge("remp:tensor_parallel_size", "Current tensor parallel size", registry=r, **label)
         self.pp = Gauge("remp:pipeline_parallel_size", "Current pipeline parallel size", registry=r, **label)
         self.model = model_name

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,8 +37,13 @@ def _bearer(request: Request) -> str | None:
     return auth[7:].strip() if auth.lower().startswith("bearer ") else None
 
 
-def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = None,
-              admin_token: str | None = None, metrics: ServerMetrics | None = None) -> FastAPI:
+def build_app(
+    engine: AsyncLLMEngine,
+    model_name: str,
+    api_key: str | None = None,
+    admin_token: str | None = None,
+    metrics: ServerMetrics | None = None,
+) -> FastAPI:
     app = FastAPI(title="remp", docs_url=None, redoc_url=None)
     app.state.engine = engine
     metrics = metrics or ServerMetrics(model_name)
@@ -54,8 +60,9 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
         first = errs[0] if errs else {}
         if first.get("type") == "json_invalid":
             return error_response(400, f"malformed JSON body: {first.get('msg')}", "BadRequestError")
-        msg = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ())[1:]) or 'body'}: {err.get('msg')}"
-                        for err in errs)
+        msg = "; ".join(
+            f"{'.'.join(str(x) for x in err.get('loc', ())[1:]) or 'body'}: {err.get('msg')}" for err in errs
+        )
         param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
         return error_response(400, msg, "BadRequestError", param)
 
@@ -66,12 +73,12 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
             return error_response(401, "invalid or missing API key", "AuthenticationError")
         if path.startswith("/admin"):
             if not admin_token:
-                return error_response(404, "the admin API is off: start the server with --admin-token",
-                                      "NotFoundError")
+                return error_response(404, "the admin API is off: start the server with --admin-token", "NotFoundError")
             token = _bearer(request)
             if token is None:
-                return error_response(401, "admin API needs 'Authorization: Bearer <admin token>'",
-                                      "AuthenticationError")
+                return error_response(
+                    401, "admin API needs 'Authorization: Bearer <admin token>'", "AuthenticationError"
+                )
             if token != admin_token:
                 return error_response(403, "wrong admin token", "PermissionDeniedError")
         return await call_next(request)
@@ -102,8 +109,11 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
 
     def usage(out: RequestOutput) -> dict:
         n = len(out.outputs[0].token_ids)
-        return {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": n,
-                "total_tokens": len(out.prompt_token_ids) + n}
+        return {
+            "prompt_tokens": len(out.prompt_token_ids),
+            "completion_tokens": n,
+            "total_tokens": len(out.prompt_token_ids) + n,
+        }
 
     def completion_logprobs(c: CompletionOutput, start: int, text_offset: int) -> dict | None:
         if c.logprobs is None:
@@ -125,17 +135,29 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
         for tid, step in zip(c.token_ids[start:], c.logprobs[start:]):
             chosen = step[tid]
             top = sorted(step.values(), key=lambda lp: lp.rank or 0)
-            content.append({"token": chosen.decoded_token, "logprob": chosen.logprob,
-                            "bytes": list((chosen.decoded_token or "").encode()),
-                            "top_logprobs": [{"token": lp.decoded_token, "logprob": lp.logprob,
-                                              "bytes": list((lp.decoded_token or "").encode())} for lp in top]})
+            content.append(
+                {
+                    "token": chosen.decoded_token,
+                    "logprob": chosen.logprob,
+                    "bytes": list((chosen.decoded_token or "").encode()),
+                    "top_logprobs": [
+                        {
+                            "token": lp.decoded_token,
+                            "logprob": lp.logprob,
+                            "bytes": list((lp.decoded_token or "").encode()),
+                        }
+                        for lp in top
+                    ],
+                }
+            )
         return {"content": content}
 
     def sse(obj: Any) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    async def stream_events(outputs: AsyncIterator[RequestOutput], envelope: dict, choice,
-                            include_usage: bool) -> AsyncIterator[str]:
+    async def stream_events(
+        outputs: AsyncIterator[RequestOutput], envelope: dict, choice, include_usage: bool
+    ) -> AsyncIterator[str]:
         """SSE chunks: `envelope` (id, object, created, model) around choice(output, delta, first token index,
         first text index) for each new piece of text, then the usage chunk if asked, then [DONE]."""
         sent_text, sent_tokens, last = 0, 0, None
@@ -159,8 +181,19 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
     # ---- OpenAI endpoints -----------------------------------------------------------------------------------
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "remp", "root": model_name, "max_model_len": max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_name,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "remp",
+                    "root": model_name,
+                    "max_model_len": max_model_len,
+                }
+            ],
+        }
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -185,23 +218,42 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
             outputs = await start(prompt, params, rid)
 
             def choice(c: CompletionOutput, delta: str, tok0: int, text0: int) -> dict:
-                return {"index": 0, "text": delta, "logprobs": completion_logprobs(c, tok0, text0),
-                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                return {
+                    "index": 0,
+                    "text": delta,
+                    "logprobs": completion_logprobs(c, tok0, text0),
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
 
             envelope = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
             return streaming(req, outputs, envelope, choice)
         choices, total = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         for i, p in enumerate(prompts):
             sub = f"{rid}-{i}"
-            out = await final(await start({"prompt_token_ids": p} if isinstance(p, list) else p, params, sub),
-                              request, sub)
+            out = await final(
+                await start({"prompt_token_ids": p} if isinstance(p, list) else p, params, sub), request, sub
+            )
             c = out.outputs[0]
-            choices.append({"index": i, "text": c.text, "logprobs": completion_logprobs(c, 0, 0),
-                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+            choices.append(
+                {
+                    "index": i,
+                    "text": c.text,
+                    "logprobs": completion_logprobs(c, 0, 0),
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+            )
             for k, v in usage(out).items():
                 total[k] += v
-        return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": choices, "usage": total}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model_name,
+            "choices": choices,
+            "usage": total,
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
@@ -210,11 +262,12 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         try:
             params = req.sampling_params(max_tokens, logprobs, None)
-            ids = await engine.tokenize_chat([{"role": m.role, "content": m.text()} for m in req.messages],
-                                             req.add_generation_prompt)
+            ids = await engine.tokenize_chat(
+                [{"role": m.role, "content": m.text()} for m in req.messages], req.add_generation_prompt
+            )
         except ValueError as e:
             raise APIError(400, str(e)) from None
-        except Exception as e:  # noqa: BLE001 - a template that rejects the conversation
+        except Exception as e:
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         outputs = await start({"prompt_token_ids": ids}, params, rid)
@@ -224,18 +277,34 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
             def choice(c: CompletionOutput, delta: str, tok0: int, _text0: int) -> dict:
                 d = {"role": "assistant", "content": delta} if first[0] else {"content": delta}
                 first[0] = False
-                return {"index": 0, "delta": d, "logprobs": chat_logprobs(c, tok0),
-                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                return {
+                    "index": 0,
+                    "delta": d,
+                    "logprobs": chat_logprobs(c, tok0),
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
 
             envelope = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name}
             return streaming(req, outputs, envelope, choice)
         out = await final(outputs, request, rid)
         c = out.outputs[0]
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                             "logprobs": chat_logprobs(c, 0), "finish_reason": c.finish_reason,
-                             "stop_reason": c.stop_reason}],
-                "usage": usage(out)}
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": chat_logprobs(c, 0),
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+            ],
+            "usage": usage(out),
+        }
 
     # ---- operations -----------------------------------------------------------------------------------------
     @app.get("/health")
@@ -251,17 +320,30 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
     @app.get("/admin/topology")
     async def topology() -> dict:
         t = core.topology
-        return {"topology": str(t), "tensor_parallel_size": t.tp, "pipeline_parallel_size": t.pp,
-                "placement": list(t.placement),
-                "switches": [{"time": ev.time, "from": ev.report.old_topology, "to": ev.report.new_topology,
-                              "mode": ev.report.mode, "wall_s": ev.report.wall_s, "pause_s": ev.report.pause_s}
-                             for ev in engine.switches]}
+        return {
+            "topology": str(t),
+            "tensor_parallel_size": t.tp,
+            "pipeline_parallel_size": t.pp,
+            "placement": list(t.placement),
+            "switches": [
+                {
+                    "time": ev.time,
+                    "from": ev.report.old_topology,
+                    "to": ev.report.new_topology,
+                    "mode": ev.report.mode,
+                    "wall_s": ev.report.wall_s,
+                    "pause_s": ev.report.pause_s,
+                }
+                for ev in engine.switches
+            ],
+        }
 
     @app.post("/admin/reconfigure")
     async def reconfigure(req: ReconfigureRequest) -> dict:
         try:
-            report = await engine.reconfigure(req.tensor_parallel_size, req.pipeline_parallel_size,
-                                              req.layer_split, req.mode)
+            report = await engine.reconfigure(
+                req.tensor_parallel_size, req.pipeline_parallel_size, req.layer_split, req.mode
+            )
         except ValueError as e:
             raise APIError(400, f"switch refused, still serving {core.topology}: {e}") from None
         except WorkerError as e:
@@ -274,8 +356,15 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
     return app
 
 
-def serve(args: EngineArgs, host: str, port: int, served_model_name: str | None, api_key: str | None,
-          admin_token: str | None, log_level: str = "info") -> None:
+def serve(
+    args: EngineArgs,
+    host: str,
+    port: int,
+    served_model_name: str | None,
+    api_key: str | None,
+    admin_token: str | None,
+    log_level: str = "info",
+) -> None:
     import uvicorn
 
     name = served_model_name or args.model or "SmolLM2-135M-Instruct"

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 class SeqChunk(NamedTuple):
     """One sequence's share of a step: tokens to compute now, starting at position `start_pos`."""
+
     token_ids: list[int]
     start_pos: int
     block_table: list[int]
@@ -27,31 +28,33 @@ class SeqChunk(NamedTuple):
 
 @dataclass
 class AttnGroup:
-    token_index: torch.Tensor   # [B*Qmax] flat token feeding each padded query row
-    out_rows: torch.Tensor      # [Tg] padded rows that are real tokens, in order
-    token_rows: torch.Tensor    # [Tg] flat token index of each of those rows
+    token_index: torch.Tensor  # [B*Qmax] flat token feeding each padded query row
+    out_rows: torch.Tensor  # [Tg] padded rows that are real tokens, in order
+    token_rows: torch.Tensor  # [Tg] flat token index of each of those rows
     block_tables: torch.Tensor  # [B, blocks]
-    mask: torch.Tensor          # [B, group*Qmax, blocks*block_size] True = attend
+    mask: torch.Tensor  # [B, group*Qmax, blocks*block_size] True = attend
     batch: int
     qmax: int
 
 
 @dataclass
 class AttnMetadata:
-    positions: torch.Tensor     # [T]
+    positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] cache slot written by each token
     groups: list[AttnGroup]
-    logits_rows: torch.Tensor   # flat token indices whose logits are wanted
+    logits_rows: torch.Tensor  # flat token indices whose logits are wanted
     num_tokens: int
 
-    def to(self, device: torch.device) -> "AttnMetadata":
+    def to(self, device: torch.device) -> AttnMetadata:
         if device.type == "cpu":
             return self
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        groups = [AttnGroup(*(move(x) if isinstance(x, torch.Tensor) else x for x in vars(g).values()))
-                  for g in self.groups]
-        return AttnMetadata(move(self.positions), move(self.slot_mapping), groups, move(self.logits_rows),
-                            self.num_tokens)
+        move = lambda t: t.to(device, non_blocking=True)
+        groups = [
+            AttnGroup(*(move(x) if isinstance(x, torch.Tensor) else x for x in vars(g).values())) for g in self.groups
+        ]
+        return AttnMetadata(
+            move(self.positions), move(self.slot_mapping), groups, move(self.logits_rows), self.num_tokens
+        )
 
 
 def build_metadata(chunks: list[SeqChunk], block_size: int, q_per_kv: int) -> AttnMetadata:
@@ -68,10 +71,18 @@ def build_metadata(chunks: list[SeqChunk], block_size: int, q_per_kv: int) -> At
             logits_rows.append(t - 1)
     decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
     prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
-    groups = [_group([chunks[i] for i in idx], [starts[i] for i in idx], block_size, q_per_kv)
-              for idx in (decode, prefill) if idx]
-    return AttnMetadata(torch.tensor(positions, dtype=torch.long), torch.tensor(slots, dtype=torch.long),
-                        groups, torch.tensor(logits_rows, dtype=torch.long), t)
+    groups = [
+        _group([chunks[i] for i in idx], [starts[i] for i in idx], block_size, q_per_kv)
+        for idx in (decode, prefill)
+        if idx
+    ]
+    return AttnMetadata(
+        torch.tensor(positions, dtype=torch.long),
+        torch.tensor(slots, dtype=torch.long),
+        groups,
+        torch.tensor(logits_rows, dtype=torch.long),
+        t,
+    )
 
 
 def _group(chunks: list[SeqChunk], starts: list[int], block_size: int, q_per_kv: int) -> AttnGroup:
@@ -84,21 +95,28 @@ def _group(chunks: list[SeqChunk], starts: list[int], block_size: int, q_per_kv:
         used = -(-(c.start_pos + len(c.token_ids)) // block_size)
         tables[b, :used] = torch.tensor(c.block_table[:used])
     i = torch.arange(qmax)
-    q_i = torch.minimum(i[None, :], qlens[:, None] - 1)                  # padded rows repeat the last query
+    q_i = torch.minimum(i[None, :], qlens[:, None] - 1)  # padded rows repeat the last query
     token_index = (torch.tensor(starts)[:, None] + q_i).reshape(-1)
-    q_pos = ctx[:, None] - qlens[:, None] + q_i                          # [B, Qmax] absolute positions
+    q_pos = ctx[:, None] - qlens[:, None] + q_i  # [B, Qmax] absolute positions
     keys = torch.arange(nblocks * block_size)
-    mask = keys[None, None, :] <= q_pos[:, :, None]                      # causal, and within the context
+    mask = keys[None, None, :] <= q_pos[:, :, None]  # causal, and within the context
     mask = mask[:, None].expand(batch, q_per_kv, qmax, keys.numel())
     valid = (i[None, :] < qlens[:, None]).reshape(-1)
     out_rows = torch.nonzero(valid).squeeze(1)
-    return AttnGroup(token_index=token_index, out_rows=out_rows, token_rows=token_index[out_rows],
-                     block_tables=tables, mask=mask.reshape(batch, q_per_kv * qmax, -1),
-                     batch=batch, qmax=qmax)
+    return AttnGroup(
+        token_index=token_index,
+        out_rows=out_rows,
+        token_rows=token_index[out_rows],
+        block_tables=tables,
+        mask=mask.reshape(batch, q_per_kv * qmax, -1),
+        batch=batch,
+        qmax=qmax,
+    )
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-             k: torch.Tensor, v: torch.Tensor) -> None:
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
     """k, v: [T, kv_heads, D] -> cache slots. Caches are head-major: [kv_heads, num_blocks, block_size, D]."""
     kvh, D = k_cache.shape[0], k_cache.shape[-1]
     k_cache.view(kvh, -1, D).index_copy_(1, slots, k.transpose(0, 1))
@@ -112,8 +130,7 @@ def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return cache.index_select(1, tables.view(-1)).view(kvh, tables.shape[0], tables.shape[1] * bs, D)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttnMetadata) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
     """q: [T, kv_heads, q_per_kv, D] -> [T, kv_heads * q_per_kv * D]. The new K/V must already be written."""
     T, kvh, group, D = q.shape
     out = q.new_empty(T, kvh * group * D)

@@ -23,10 +23,15 @@ _GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
@@ -48,7 +53,7 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 def _field_value(field: Any) -> Any:
     try:
         return field.contents()
-    except Exception:  # noqa: BLE001 - exotic field types we do not need
+    except Exception:
         return None
 
 
@@ -59,8 +64,11 @@ class GGUFReader:
         self._tensors = {t.name: t for t in self._reader.tensors}
         big = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"}
         meta = {k: _field_value(f) for k, f in self._reader.fields.items() if k not in big}
-        meta["tokenizer.ggml.tokens"] = range(len(self._reader.fields["tokenizer.ggml.tokens"].data)) \
-            if "tokenizer.ggml.tokens" in self._reader.fields else []
+        meta["tokenizer.ggml.tokens"] = (
+            range(len(self._reader.fields["tokenizer.ggml.tokens"].data))
+            if "tokenizer.ggml.tokens" in self._reader.fields
+            else []
+        )
         self.metadata = meta
         self.config = ModelConfig.from_gguf_metadata(meta, set(self._tensors))
         self._by_hf = {hf: name for name in self._tensors if (hf := _hf_name(name)) is not None}
@@ -97,4 +105,5 @@ class GGUFReader:
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)

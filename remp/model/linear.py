@@ -19,8 +19,9 @@ def _can_pack(w: torch.Tensor) -> bool:
 
 
 class FusedLinear:
-    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None,
-                 batch_hint: int = 64):
+    def __init__(
+        self, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None, batch_hint: int = 64
+    ):
         self.splits = [w.shape[0] for w in weights]
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         self.bias = None

@@ -5,15 +5,15 @@ so that loading and resharding are the same operation: putting named pieces in t
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from remp.config import ModelConfig
 from remp.kv_cache import KVCache
-from remp.model.linear import FusedLinear
 from remp.model.attention import AttnMetadata, paged_attention, write_kv
+from remp.model.linear import FusedLinear
 from remp.model.rope import RotaryEmbedding
 from remp.sharding import ShardSpec
 
@@ -26,8 +26,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class LlamaShard:
-    def __init__(self, config: ModelConfig, spec: ShardSpec, weights: dict[str, torch.Tensor],
-                 rope: RotaryEmbedding, all_reduce: Callable[[torch.Tensor], None] | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        spec: ShardSpec,
+        weights: dict[str, torch.Tensor],
+        rope: RotaryEmbedding,
+        all_reduce: Callable[[torch.Tensor], None] | None = None,
+    ):
         self.config, self.spec, self.weights, self.rope = config, spec, weights, rope
         self.all_reduce = all_reduce  # in-place sum over the TP group; None when tp == 1
         self.kv_heads = len(spec.kv_heads)
@@ -38,16 +44,18 @@ class LlamaShard:
         """Derive the fused / packed execution weights from the canonical dict (after loading or resharding)."""
         self.layers = []
         for i in self.spec.layers:
-            w = lambda name: self.weights.get(f"model.layers.{i}.{name}")  # noqa: E731
+            w = lambda name, i=i: self.weights.get(f"model.layers.{i}.{name}")
             attn = [f"self_attn.{p}_proj" for p in "qkv"]
-            self.layers.append((
-                w("input_layernorm.weight"),
-                FusedLinear([w(p + ".weight") for p in attn], [w(p + ".bias") for p in attn]),
-                FusedLinear([w("self_attn.o_proj.weight")]),
-                w("post_attention_layernorm.weight"),
-                FusedLinear([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]),
-                FusedLinear([w("mlp.down_proj.weight")]),
-            ))
+            self.layers.append(
+                (
+                    w("input_layernorm.weight"),
+                    FusedLinear([w(p + ".weight") for p in attn], [w(p + ".bias") for p in attn]),
+                    FusedLinear([w("self_attn.o_proj.weight")]),
+                    w("post_attention_layernorm.weight"),
+                    FusedLinear([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]),
+                    FusedLinear([w("mlp.down_proj.weight")]),
+                )
+            )
         head = self.weights.get("lm_head.weight", self.weights.get("model.embed_tokens.weight"))
         self.lm_head = FusedLinear([head]) if self.spec.is_sampler else None
 

@@ -8,8 +8,9 @@ from remp.model.reader import CheckpointReader
 from remp.sharding import ShardSpec, weight_slices
 
 
-def load_shard_weights(reader: CheckpointReader, spec: ShardSpec, dtype: torch.dtype,
-                       device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_shard_weights(
+    reader: CheckpointReader, spec: ShardSpec, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     available = set(reader.names())
     weights = {}
     for name, slices in weight_slices(reader.config, spec).items():

@@ -50,8 +50,10 @@ def default_model_path() -> Path:
     except ModuleNotFoundError:
         path = None
     if path is None or not path.is_file():
-        raise FileNotFoundError(f"the default model ({DEFAULT_MODEL_FILE}) is not installed; install it with "
-                                f"`{DEFAULT_MODEL_INSTALL}`, or give a model path")
+        raise FileNotFoundError(
+            f"the default model ({DEFAULT_MODEL_FILE}) is not installed; install it with "
+            f"`{DEFAULT_MODEL_INSTALL}`, or give a model path"
+        )
     return path
 
 
@@ -62,7 +64,8 @@ def resolve_model_path(model: str | Path | None) -> Path:
     if not path.exists():
         raise FileNotFoundError(
             f"model path {str(model)!r} does not exist; remp never downloads models: give a local directory "
-            "with config.json and *.safetensors, or a .gguf file (omit it to use the bundled SmolLM2-135M)")
+            "with config.json and *.safetensors, or a .gguf file (omit it to use the bundled SmolLM2-135M)"
+        )
     return path
 
 
@@ -72,6 +75,7 @@ def open_checkpoint(model: str | Path | None) -> CheckpointReader:
     if path.is_dir():
         if (path / "config.json").exists():
             from remp.model.safetensors_reader import SafetensorsReader
+
             return SafetensorsReader(path)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -80,5 +84,6 @@ def open_checkpoint(model: str | Path | None) -> CheckpointReader:
             raise FileNotFoundError(f"{path} holds neither config.json nor exactly one .gguf file")
     if path.suffix == ".gguf":
         from remp.model.gguf_reader import GGUFReader
+
         return GGUFReader(path)
     raise ValueError(f"{path}: not a model directory or a .gguf file")

@@ -9,8 +9,9 @@ import torch
 from remp.config import ModelConfig
 
 
-def inv_frequencies(config: ModelConfig, freq_factors: torch.Tensor | None = None,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def inv_frequencies(
+    config: ModelConfig, freq_factors: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype) / dim))
     scaling = config.rope_scaling or {}
@@ -35,8 +36,9 @@ def inv_frequencies(config: ModelConfig, freq_factors: torch.Tensor | None = Non
 class RotaryEmbedding:
     """cos/sin tables for every position up to max_positions, indexed per token."""
 
-    def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype,
-                 freq_factors: torch.Tensor | None = None):
+    def __init__(
+        self, config: ModelConfig, max_positions: int, dtype: torch.dtype, freq_factors: torch.Tensor | None = None
+    ):
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         inv_freq = inv_frequencies(config, freq_factors, compute)
         freqs = torch.outer(torch.arange(max_positions, dtype=compute), inv_freq)

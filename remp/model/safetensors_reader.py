@@ -54,4 +54,5 @@ class SafetensorsReader:
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(self.path))

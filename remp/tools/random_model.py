@@ -12,17 +12,29 @@ from safetensors.torch import save_file
 
 BYTE_VOCAB = 256
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def tiny_config(**overrides: Any) -> dict[str, Any]:
     cfg = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": BYTE_VOCAB + len(SPECIALS), "hidden_size": 96, "intermediate_size": 160,
-        "num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 16,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
-        "tie_word_embeddings": False, "bos_token_id": BYTE_VOCAB, "eos_token_id": BYTE_VOCAB + 1,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": BYTE_VOCAB + len(SPECIALS),
+        "hidden_size": 96,
+        "intermediate_size": 160,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+        "bos_token_id": BYTE_VOCAB,
+        "eos_token_id": BYTE_VOCAB + 1,
         "torch_dtype": "float32",
     }
     if overrides.get("model_type") == "qwen2":
@@ -79,8 +91,9 @@ def write_tokenizer(path: Path) -> None:
     fast.save_pretrained(str(path))
 
 
-def write_random_llama(path: str | Path, seed: int = 0, num_shards: int = 1,
-                       dtype: torch.dtype = torch.float32, **overrides: Any) -> Path:
+def write_random_llama(
+    path: str | Path, seed: int = 0, num_shards: int = 1, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = tiny_config(**overrides)
