@@ -120,7 +120,7 @@ class ModelConfig:
         p = "llama."
         heads = int(meta[p + "attention.head_count"])
         hidden = int(meta[p + "embedding_length"])
-        vocab = meta.get(p + "vocab_size") or len(meta["tokenizer.ggml.tokens"])
+        vocab = meta.get(p + "vocab_size") or meta["tokenizer.ggml.vocab_size"]  # the vocabulary's length
         rope_scaling = None
         if meta.get(p + "rope.scaling.type") == "linear":
             rope_scaling = {"rope_type": "linear", "factor": float(meta[p + "rope.scaling.factor"])}

@@ -2,6 +2,8 @@
 
 llama.cpp's converter permutes the rows of attn_q / attn_k (interleaved RoPE pairs); we undo it so the
 tensors are in Hugging Face layout and the forward pass is the same as for safetensors checkpoints.
+The file is parsed once per machine: its metadata and tensor table (name -> type, shape, offset) and the
+converted tokenizer are cached (file_cache), and tensors are read from a memory map by offset.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
 from remp.config import ModelConfig
+from remp.model.file_cache import cached_dir, cached_json
 from remp.model.reader import Slices
 
 _GLOBAL_NAMES = {
@@ -53,32 +57,52 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 def _field_value(field: Any) -> Any:
     try:
         return field.contents()
-    except Exception:
+    except Exception:  # exotic field types we do not need
         return None
+
+
+_BIG_FIELDS = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"}
+_PLAIN_TYPES = {
+    GGMLQuantizationType.F32: np.float32,
+    GGMLQuantizationType.F16: np.float16,
+    GGMLQuantizationType.F64: np.float64,
+}
+
+
+def parse_index(path: Path) -> dict[str, Any]:
+    """The metadata we use (JSON values; the vocabulary only as its size) and the tensor table."""
+    reader = gguf.GGUFReader(str(path))
+    meta = {k: _field_value(f) for k, f in reader.fields.items() if k not in _BIG_FIELDS}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    meta["tokenizer.ggml.vocab_size"] = len(tokens.data) if tokens is not None else 0
+    tensors = {
+        t.name: [int(t.tensor_type), [int(d) for d in t.shape], int(t.data_offset), int(t.n_bytes)]
+        for t in reader.tensors
+    }
+    return {"metadata": meta, "tensors": tensors}
 
 
 class GGUFReader:
     def __init__(self, path: Path):
         self.path = path
-        self._reader = gguf.GGUFReader(str(path))
-        self._tensors = {t.name: t for t in self._reader.tensors}
-        big = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"}
-        meta = {k: _field_value(f) for k, f in self._reader.fields.items() if k not in big}
-        meta["tokenizer.ggml.tokens"] = (
-            range(len(self._reader.fields["tokenizer.ggml.tokens"].data))
-            if "tokenizer.ggml.tokens" in self._reader.fields
-            else []
-        )
-        self.metadata = meta
-        self.config = ModelConfig.from_gguf_metadata(meta, set(self._tensors))
+        index = cached_json(path, "gguf_index.json", lambda: parse_index(path))
+        self.metadata = index["metadata"]
+        self._tensors = {
+            name: (GGMLQuantizationType(t), tuple(shape), off, n)
+            for name, (t, shape, off, n) in index["tensors"].items()
+        }
+        self.config = ModelConfig.from_gguf_metadata(self.metadata, set(self._tensors))
         self._by_hf = {hf: name for name in self._tensors if (hf := _hf_name(name)) is not None}
+        self._map: np.memmap | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_map": None}  # the memory map is reopened where the reader lands
 
     def names(self) -> list[str]:
         return list(self._by_hf)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        t = self._tensors[self._gguf_name(name)]
-        return tuple(int(d) for d in reversed(t.shape))  # ggml lists dims innermost first
+        return tuple(reversed(self._tensors[self._gguf_name(name)][1]))  # ggml lists dims innermost first
 
     def _gguf_name(self, name: str) -> str:
         try:
@@ -86,10 +110,20 @@ class GGUFReader:
         except KeyError:
             raise KeyError(f"tensor {name!r} is not in the checkpoint {self.path}") from None
 
+    def _dequantize(self, gguf_name: str) -> np.ndarray:
+        qtype, shape, offset, n_bytes = self._tensors[gguf_name]
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        raw, dims = self._map[offset : offset + n_bytes], tuple(reversed(shape))
+        if qtype in _PLAIN_TYPES:
+            data = raw.view(_PLAIN_TYPES[qtype]).reshape(dims)
+        else:
+            data = raw.reshape(gguf.quant_shape_to_byte_shape(dims, qtype))
+        return gguf.dequantize(data, qtype).reshape(dims)
+
     def read(self, name: str, slices: Slices = ()) -> torch.Tensor:
-        t = self._tensors[self._gguf_name(name)]
         # Quantized blocks run along rows, so the whole tensor is dequantized, then sliced (one tensor at a time).
-        w = gguf.dequantize(t.data, t.tensor_type).reshape(self.shape(name))
+        w = self._dequantize(self._gguf_name(name))
         cfg = self.config
         if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
             w = unpermute_rows(w, cfg.num_attention_heads)
@@ -100,10 +134,18 @@ class GGUFReader:
 
     def rope_freq_factors(self) -> torch.Tensor | None:
         """Llama-3 GGUFs store the RoPE frequency divisors as a tensor instead of rope_scaling metadata."""
-        t = self._tensors.get("rope_freqs.weight")
-        return None if t is None else torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy())
+        if "rope_freqs.weight" not in self._tensors:
+            return None
+        return torch.from_numpy(np.array(self._dequantize("rope_freqs.weight"), copy=True))
 
     def load_tokenizer(self):
+        """transformers converts the GGUF vocabulary (seconds); the converted tokenizer is cached."""
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        def convert(out: Path) -> None:
+            AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name).save_pretrained(out)
+
+        saved = cached_dir(self.path, "tokenizer", convert)
+        if saved is None:
+            return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        return AutoTokenizer.from_pretrained(str(saved))
