@@ -1,6 +1,6 @@
 """Driver-side executors: run steps on the shard(s) and hand back sampled tokens.
 
-LocalExecutor runs the single shard of a TP1xPP1 engine in-process. MultiprocExecutor spawns one worker
+LocalExecutor runs the single shard of a TP1xPP1 engine in-process. MultiprocExecutor starts one worker
 process per device/core slice and keeps up to `pp` steps in flight, so with pipeline parallelism every stage
 works on a different micro-batch at once. Any worker failure (exception, death, silence past the timeout)
 becomes a WorkerError here; the executor then stops every worker.
@@ -30,13 +30,13 @@ class WorkerError(RuntimeError):
     """A worker died, failed or stopped answering; the engine cannot continue in this topology."""
 
 
-# Workers are spawned: each imports the script that started the engine. A script that creates an engine at
-# import time (no `if __name__ == "__main__":`) would start one inside every worker; such a worker exits with
-# this code instead (see exit_if_spawning_worker), and the driver says what to fix.
+# Each worker imports the script that started the engine (multiprocessing does, for spawn and forkserver). A
+# script that creates an engine at import time (no `if __name__ == "__main__":`) would start one inside every
+# worker; such a worker exits with this code instead (see exit_if_spawning_worker), and the driver says why.
 EXIT_UNGUARDED_MAIN = 86
 UNGUARDED_MAIN_MESSAGE = (
-    "the worker processes re-ran the script that created the engine: remp starts workers with multiprocessing "
-    "'spawn', which imports the main module in each of them. Put the code that creates the engine under "
+    "the worker processes re-ran the script that created the engine: multiprocessing imports the main module "
+    "in each worker it starts. Put the code that creates the engine under "
     "`if __name__ == \"__main__\":` (needed whenever tp*pp > 1 or distributed_executor_backend='mp')"
 )
 
@@ -45,7 +45,7 @@ def exit_if_spawning_worker() -> None:
     """Called first when an engine is created: inside a worker that is still importing the main module (the
     state in which multiprocessing forbids starting processes), leave quietly with EXIT_UNGUARDED_MAIN."""
     if getattr(mp.current_process(), "_inheriting", False):
-        raise SystemExit(EXIT_UNGUARDED_MAIN)
+        os._exit(EXIT_UNGUARDED_MAIN)  # not SystemExit: the fork server maps that to exit code 1
 
 
 class LocalExecutor:
@@ -99,12 +99,26 @@ def _stop(procs: list, conns: list, segment: ShmSegment | None = None, grace_s: 
         segment.close(unlink=True)
 
 
+# Workers fork from multiprocessing's fork server, which imports these once (torch alone takes seconds per
+# process): a worker starts in a fraction of a second, which matters for restarts and replacements as much as
+# for start-up. The fork server is single-threaded and never touches a device, so forking it is safe; being
+# started once per driver, it passes its environment (not the driver's current one) to every worker.
+WORKER_MODULES = [
+    "remp.worker",
+    "remp.comm",
+    "remp.model_runner",
+    "remp.model.gguf_reader",
+    "remp.model.safetensors_reader",
+]
+
+
 class MultiprocExecutor:
     def __init__(self, topology: Topology, cfg: WorkerConfig, startup_timeout_s: float = 300.0):
         self.topology = topology
         self.timeout_s = cfg.timeout_s
         self.max_in_flight = topology.pp
-        ctx = mp.get_context("spawn")
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(WORKER_MODULES)
         self.procs, self.conns = [], []
         self.segment = None
         if cfg.device == "cpu" and cfg.shm_elems and cfg.world_size > 1:  # one worker never all-reduces

@@ -5,9 +5,20 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
+
+
+def worker_pids(server_pid: int) -> list[int]:
+    """The server's worker processes, by rank: children of its multiprocessing fork server, in start order."""
+
+    def children(pid: int, pattern: str = "") -> list[int]:
+        args = ["pgrep", "-P", str(pid)] + (["-f", pattern] if pattern else [])
+        return sorted(int(p) for p in subprocess.run(args, capture_output=True, text=True).stdout.split())
+
+    return [w for fs in children(server_pid, "forkserver") for w in children(fs)]
 
 
 def free_port() -> int:
@@ -16,17 +27,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def session_processes(sid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-s", str(sid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
 @contextmanager
 def remp_server(*args: str, timeout: float = 180.0):
+    """The server in its own session; on exit it gets SIGINT, and no process of its session may outlive it."""
     port = free_port()
     cmd = [sys.executable, "-m", "remp", "serve", *args, "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty server never blocks on a full pipe
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stdout.read()}")
+                log.seek(0)
+                raise RuntimeError(f"server exited: {log.read()}")
             try:
                 with urllib.request.urlopen(url + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -45,3 +64,10 @@ def remp_server(*args: str, timeout: float = 180.0):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        deadline = time.monotonic() + 10
+        while (left := session_processes(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if left:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    assert not left, f"processes of the server's session outlived it: {left}"

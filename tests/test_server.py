@@ -2,6 +2,7 @@
 equality with the offline LLM, OpenAI-style errors, auth, and a live topology switch under streaming load."""
 
 import json
+import re
 import threading
 import urllib.request
 
@@ -9,7 +10,7 @@ import openai
 import pytest
 
 from remp import LLM, SamplingParams
-from tests.server_utils import remp_server
+from tests.server_utils import remp_server, worker_pids
 
 PROMPTS = ["hello world", "abc", "The quick brown fox", "1 2 3 4"]
 
@@ -281,7 +282,8 @@ def test_bench_serve_against_live_server(server, tmp_path):
     import time
 
     deadline = time.monotonic() + 60
-    while "remp:num_requests_running 0.0" in get(server, "/metrics")[1] and time.monotonic() < deadline:
+    running = re.compile(r"^remp:num_requests_running\{[^}]*\} ([1-9]\d*)\.0$", re.M)
+    while not running.search(get(server, "/metrics")[1]) and time.monotonic() < deadline:
         time.sleep(0.05)  # switch once the load is running, so that the switch falls inside the run
     code, rep = post(server, "/admin/reconfigure", {"tensor_parallel_size": 4, "pipeline_parallel_size": 1}, "adm")
     out, _ = proc.communicate(timeout=240)
@@ -300,12 +302,9 @@ def test_health_503_after_a_worker_dies(tiny_llama):
     """A dead worker turns into clear errors and an unhealthy /health; the server process keeps answering."""
     import os
     import signal
-    import subprocess
 
     with remp_server(str(tiny_llama), "--dtype", "float64", "-tp", "2", "--worker-timeout-s", "10") as (url, proc):
-        children = subprocess.run(
-            ["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True, text=True
-        ).stdout.split()
+        children = worker_pids(proc.pid)
         assert len(children) == 2
         os.kill(int(children[1]), signal.SIGKILL)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
