@@ -16,7 +16,7 @@ $(VENV)/.test: $(VENV)/.run
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
-.PHONY: run test test-all lint bench
+.PHONY: run test lint bench
 run: $(VENV)/.run
 	$(VENV)/bin/remp serve $(ARGS)
 
@@ -26,9 +26,6 @@ lint: $(VENV)/.test
 
 test: lint
 	$(PY) -m pytest -q
-
-test-all: lint
-	$(PY) -m pytest -q -m ''
 
 bench: $(VENV)/.test
 	$(PY) bench/throughput.py

@@ -1,6 +1,7 @@
 """Offline throughput and single-stream decode latency of remp on the default model (or --model).
 
-    python bench/throughput.py [--dtype bfloat16] [--num-prompts 64 --input-len 128 --output-len 64] [--hf-baseline]
+    python bench/throughput.py [--dtype auto] [--num-prompts 64 --input-len 128 --output-len 64] [--hf-baseline]
+    python bench/throughput.py --dtype float32,bfloat16   # dtypes side by side in one run
     python bench/throughput.py -tp 2 -pp 2          # one topology
     python bench/throughput.py --all-topologies     # TP1..4, PP2..4, TP2xPP2 in one run
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from remp import LLM, SamplingParams
+from remp.cpu_features import cpu_features
 from remp.model.reader import open_checkpoint
 
 
@@ -73,9 +75,9 @@ def hf_single_stream(model_path, dtype: torch.dtype, prompt: dict, tokens: int) 
     return {"tpot_ms": ((t2 - t1) - (t1 - t0)) / (tokens - 1) * 1e3}
 
 
-def run_one(a: argparse.Namespace, tp: int, pp: int) -> dict:
+def run_one(a: argparse.Namespace, tp: int, pp: int, dtype: str) -> dict:
     t0 = time.perf_counter()
-    llm = LLM(a.model, dtype=a.dtype, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    llm = LLM(a.model, dtype=dtype, tensor_parallel_size=tp, pipeline_parallel_size=pp)
     load_s = time.perf_counter() - t0
     vocab = llm.llm_engine.model_config.vocab_size
     prompts = random_prompts(a.num_prompts, a.input_len, vocab)
@@ -86,10 +88,11 @@ def run_one(a: argparse.Namespace, tp: int, pp: int) -> dict:
     elapsed = time.perf_counter() - t0
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     single = single_stream(llm, prompts[0], a.single_tokens, a.repeats)
-    topo = str(llm.llm_engine.topology)
+    topo, resolved = str(llm.llm_engine.topology), str(llm.llm_engine.dtype).removeprefix("torch.")
     llm.shutdown()
     return {
         "topology": topo,
+        "dtype": f"{resolved} ({dtype})" if dtype == "auto" else resolved,
         "load_s": round(load_s, 2),
         "batch": {
             "num_prompts": a.num_prompts,
@@ -110,7 +113,7 @@ ALL_TOPOLOGIES = [(1, 1), (2, 1), (3, 1), (4, 1), (1, 2), (1, 3), (1, 4), (2, 2)
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto", help="one dtype, or several comma-separated to run side by side")
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1)
     p.add_argument("--num-prompts", type=int, default=64)
@@ -126,12 +129,13 @@ def main() -> None:
 
     topologies = ALL_TOPOLOGIES if a.all_topologies else [(a.tensor_parallel_size, a.pipeline_parallel_size)]
     runs = []
-    for tp, pp in topologies:
-        runs.append(run_one(a, tp, pp))
-        print(json.dumps(runs[-1]), flush=True)
+    for dtype in a.dtype.split(","):
+        for tp, pp in topologies:
+            runs.append(run_one(a, tp, pp, dtype))
+            print(json.dumps(runs[-1]), flush=True)
     result = {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()} {os.cpu_count()} cores",
+        "machine": f"{platform.node()} {os.cpu_count()} cores, {cpu_features().describe()}",
         "model": a.model or "default (SmolLM2-135M-Instruct Q4_1 GGUF)",
         "dtype": a.dtype,
         "runs": runs,
@@ -146,20 +150,20 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     print(table(runs))
     name = "all" if a.all_topologies else runs[0]["topology"]
-    out = Path(a.out or Path(__file__).parent / "results" / f"throughput-{name}-{a.dtype}.json")
+    out = Path(a.out or Path(__file__).parent / "results" / f"throughput-{name}-{a.dtype.replace(',', '-')}.json")
     out.write_text(json.dumps(result, indent=2))
     print(f"saved {out}")
 
 
 def table(runs: list[dict]) -> str:
     rows = [
-        "| topology | load s | req/s | output tok/s | single-stream ms/token | control overhead ms/step |",
-        "|---|---|---|---|---|---|",
+        "| topology | dtype | load s | req/s | output tok/s | single-stream ms/token | control overhead ms/step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         b, s = r["batch"], r["single_stream"]
         rows.append(
-            f"| {r['topology']} | {r['load_s']} | {b['requests_per_s']} | {b['output_tokens_per_s']} | "
+            f"| {r['topology']} | {r['dtype']} | {r['load_s']} | {b['requests_per_s']} | {b['output_tokens_per_s']} | "
             f"{s['tpot_ms']:.1f} | {s['control_overhead_ms']:.3f} |"
         )
     return "\n".join(rows)
