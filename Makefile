@@ -25,7 +25,7 @@ lint: $(VENV)/.test
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: $(VENV)/.test
 	$(PY) bench/throughput.py
