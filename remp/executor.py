@@ -16,6 +16,7 @@ import socket
 import time
 import weakref
 from collections import deque
+from multiprocessing import forkserver
 from multiprocessing.connection import wait as wait_ready
 
 from remp.model.reader import CheckpointReader
@@ -70,7 +71,7 @@ class LocalExecutor:
     def wait(self) -> StepResult:
         return self._results.popleft()
 
-    def shutdown(self) -> None:
+    def shutdown(self, grace_s: float = 5.0) -> None:
         self._results.clear()
 
 
@@ -117,8 +118,7 @@ class MultiprocExecutor:
         self.topology = topology
         self.timeout_s = cfg.timeout_s
         self.max_in_flight = topology.pp
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(WORKER_MODULES)
+        ctx = self.prestart()
         self.procs, self.conns = [], []
         self.segment = None
         if cfg.device == "cpu" and cfg.shm_elems and cfg.world_size > 1:  # one worker never all-reduces
@@ -139,6 +139,15 @@ class MultiprocExecutor:
         except BaseException:
             self.shutdown()
             raise
+
+    @staticmethod
+    def prestart() -> mp.context.BaseContext:
+        """Start the fork server now (it imports torch in the background while the driver reads the checkpoint
+        and the tokenizer); idempotent."""
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(WORKER_MODULES)
+        forkserver.ensure_running()
+        return ctx
 
     @staticmethod
     def worker_config(world_size: int, **kwargs) -> WorkerConfig:
@@ -251,5 +260,8 @@ class MultiprocExecutor:
         self.max_in_flight = plan.new.pp
         return [stats[r] for r in range(len(self.conns))]
 
-    def shutdown(self) -> None:
-        self._finalizer()
+    def shutdown(self, grace_s: float = 5.0) -> None:
+        """Ask every worker to stop; kill those still running after grace_s. Idempotent."""
+        state = self._finalizer.detach()
+        if state is not None:
+            _stop(*state[2], grace_s=grace_s)
