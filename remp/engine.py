@@ -51,6 +51,8 @@ class LLMEngine:
     def __init__(self, args: EngineArgs | None = None, **kwargs: Any):
         exit_if_spawning_worker()
         self.args = args = args or EngineArgs.from_kwargs(**kwargs)
+        if args.tensor_parallel_size * args.pipeline_parallel_size > 1 or args.distributed_executor_backend == "mp":
+            MultiprocExecutor.prestart()
         reader = open_checkpoint(args.model)
         self.model_config: ModelConfig = reader.config
         cfg = self.model_config
@@ -135,16 +137,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = sampling_params or SamplingParams()
         text, ids = self._tokenize(prompt, prompt_token_ids)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens, which leaves no room to generate within "
-                f"max_model_len={self.max_model_len}"
-            )
-        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids out of the vocabulary (size {self.model_config.vocab_size}): {bad[:5]}")
+        self.check_prompt(ids)
         room = self.max_model_len - len(ids)
         req = Request(
             request_id=request_id,
@@ -165,6 +158,19 @@ class LLMEngine:
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
+
+    def check_prompt(self, ids: list[int]) -> None:
+        """ValueError unless `ids` is a prompt this engine can run: non-empty, room to generate, in the vocabulary."""
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens, which leaves no room to generate within "
+                f"max_model_len={self.max_model_len}"
+            )
+        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of the vocabulary (size {self.model_config.vocab_size}): {bad[:5]}")
 
     def _tokenize(self, prompt, prompt_token_ids) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -231,7 +237,7 @@ class LLMEngine:
             yield
         except WorkerError as e:
             self.error = e
-            self.executor.shutdown()
+            self.executor.shutdown(grace_s=1.0)  # survivors may be stuck in a collective with the lost worker
             raise
 
     def _busy(self) -> set[Request]:

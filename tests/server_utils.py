@@ -1,5 +1,6 @@
 """Start `remp serve` as a subprocess for tests; always stopped, never orphaned."""
 
+import json
 import os
 import signal
 import socket
@@ -71,3 +72,26 @@ def remp_server(*args: str, timeout: float = 180.0):
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
     assert not left, f"processes of the server's session outlived it: {left}"
+
+
+def post(url, path, body, token=None, raw=None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method="POST", headers={"content-type": "application/json"})
+    if token:
+        req.add_header("authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def get(url, path, token=None):
+    req = urllib.request.Request(url + path)
+    if token:
+        req.add_header("authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()

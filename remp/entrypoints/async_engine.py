@@ -1,7 +1,7 @@
 """AsyncLLMEngine: the LLMEngine driven by one background thread, so an asyncio server stays responsive while the
 model runs. Requests, aborts and topology switches are commands the engine thread applies between steps (a
 switch pauses stepping; requests that arrive meanwhile queue and start after it). Each request's outputs are
-delivered to its own asyncio queue.
+delivered to its own asyncio queue; an abort (client gone, shutdown) takes effect before the next step.
 """
 
 from __future__ import annotations
@@ -27,20 +27,39 @@ class SwitchEvent:
     report: SwitchReport
 
 
+class SwitchInProgress(RuntimeError):
+    """A topology switch is already running; carries its target."""
+
+
+class EngineStopped(RuntimeError):
+    """The request was ended because the server is shutting down."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     def put(self, item: Any) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
 
 
 class AsyncLLMEngine:
-    def __init__(self, args: EngineArgs, on_step: Callable[[LLMEngine, list[RequestOutput]], None] | None = None):
+    def __init__(
+        self,
+        args: EngineArgs,
+        on_step: Callable[[LLMEngine, list[RequestOutput]], None] | None = None,
+        on_abort: Callable[[str], None] | None = None,
+    ):
         self.engine = LLMEngine(args)
         self.on_step = on_step  # called on the engine thread after every step (metrics)
+        self.on_abort = on_abort  # called with the reason of every abort (metrics)
         self.switches: list[SwitchEvent] = []
+        self.switching: str | None = None  # the target of the switch in progress
+        self.stopping: str | None = None  # set by end_all: why no request is taken any more
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
@@ -105,22 +124,40 @@ class AsyncLLMEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request (raises ValueError for bad input, before anything is streamed) and return the
         iterator of its outputs. Leaving the iterator early (client gone) aborts the request."""
+        return (await self.add_requests([(request_id, prompt, params)]))[0]
+
+    async def add_requests(
+        self, requests: list[tuple[str, str | list[int] | dict, SamplingParams]]
+    ) -> list[AsyncIterator[RequestOutput]]:
+        """Queue several requests at once: all of them, or (ValueError) none."""
         if self.dead is not None:
             raise RuntimeError(f"the engine is dead: {self.dead}")
-        stream = _Stream(asyncio.get_running_loop())
+        if self.stopping is not None:
+            raise EngineStopped(self.stopping)
+        loop = asyncio.get_running_loop()
+        streams = [_Stream(loop) for _ in requests]
 
         def add() -> None:
-            self.engine.add_request(request_id, prompt, params)
-            self._streams[request_id] = stream
+            added = []
+            try:
+                for request_id, prompt, params in requests:
+                    self.engine.add_request(request_id, prompt, params)
+                    added.append(request_id)
+            except BaseException:
+                self.engine.abort_request(added)
+                raise
+            self._streams.update(zip(added, streams))
 
         await self._call(add)
-        return self._outputs(request_id, stream)
+        return [self._outputs(r[0], s) for r, s in zip(requests, streams)]
 
     async def _outputs(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
                 item = await stream.queue.get()
+                if isinstance(item, EngineStopped):
+                    raise item
                 if isinstance(item, BaseException):
                     raise RuntimeError(f"the engine failed: {item}")
                 finished = item.finished
@@ -129,32 +166,55 @@ class AsyncLLMEngine:
             if not finished:
                 self.abort_nowait(request_id)
 
-    def abort_nowait(self, request_id: str) -> None:
+    def abort_nowait(self, request_id: str, reason: str = "client_disconnected") -> None:
         """Abort from anywhere, without waiting (safe inside a cancelled task's cleanup)."""
 
         def abort() -> None:
-            self._streams.pop(request_id, None)
+            if self._streams.pop(request_id, None) is not None and self.on_abort:
+                self.on_abort(reason)
             self.engine.abort_request(request_id)
 
         self._commands.put((abort, None, None))
         self._wake.set()
 
+    def num_open_streams(self) -> int:
+        return len(self._streams)
+
+    def end_all(self, message: str) -> None:
+        """Shutdown: end every open stream with EngineStopped(message), abort its request, take no new one."""
+        self.stopping = message
+
+        def end() -> None:
+            for request_id, stream in list(self._streams.items()):
+                stream.put(EngineStopped(message))
+                del self._streams[request_id]
+                if self.on_abort:
+                    self.on_abort("shutdown")
+                self.engine.abort_request(request_id)
+
+        self._commands.put((end, None, None))
+        self._wake.set()
+
     async def reconfigure(
         self, tp: int, pp: int, layer_split: list[int] | None = None, mode: str = "switch"
     ) -> SwitchReport:
+        """One switch at a time: a second one while the first runs gets SwitchInProgress (its target)."""
+        if self.switching is not None:
+            raise SwitchInProgress(self.switching)
+        self.switching = f"TP{tp}xPP{pp}"
+
         def switch() -> SwitchReport:
             report = self.engine.reconfigure(tp, pp, layer_split, mode)
             self.switches.append(SwitchEvent(time.time(), report))
             return report
 
-        return await self._call(switch)
-
-    async def tokenize_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        tok = self.engine.tokenizer
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        return tok.encode(text, add_special_tokens=False)
+        try:
+            return await self._call(switch)
+        finally:
+            self.switching = None
 
     def shutdown(self) -> None:
+        """Stop the engine thread, then the workers. Idempotent."""
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=30)

@@ -43,12 +43,23 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     from remp.engine_args import EngineArgs
-    from remp.entrypoints.server import serve
+    from remp.entrypoints.serve import serve
 
     kwargs = engine_kwargs(a)
     kwargs["model"] = a.model_pos or a.model
     kwargs["distributed_executor_backend"] = "mp"  # keep the model out of the HTTP server's process
-    serve(EngineArgs.from_kwargs(**kwargs), a.host, a.port, a.served_model_name, a.api_key, a.admin_token)
+    if a.max_request_bytes < 1 or a.shutdown_timeout < 0:
+        raise ValueError("--max-request-bytes must be positive and --shutdown-timeout non-negative")
+    serve(
+        EngineArgs.from_kwargs(**kwargs),
+        a.host,
+        a.port,
+        a.served_model_name,
+        a.api_key,
+        a.admin_token,
+        a.max_request_bytes,
+        a.shutdown_timeout,
+    )
     return 0
 
 
@@ -104,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     s.add_argument("--admin-token", default=None, help="enable /admin (reconfigure, topology) with this token")
+    s.add_argument(
+        "--max-request-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413 (default 4 MiB)"
+    )
+    s.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="seconds running requests get to finish after SIGINT/SIGTERM before their streams are ended",
+    )
     s.set_defaults(func=cmd_serve)
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bs = b.add_parser("serve", help="load generator for any OpenAI-compatible server (like `vllm bench serve`)")

@@ -75,17 +75,30 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             **label,
         )
+        self.aborted = Counter(
+            "remp:request_aborted",
+            "Requests ended before they finished: the client went away, or the server shut down",
+            registry=r,
+            labelnames=["model_name", "reason"],
+        )
         self.tp = Gauge("remp:tensor_parallel_size", "Current tensor parallel size", registry=r, **label)
         self.pp = Gauge("remp:pipeline_parallel_size", "Current pipeline parallel size", registry=r, **label)
         self.model = model_name
 
+    def watch(self, engine: LLMEngine) -> None:
+        """Scheduler gauges are read at scrape time, so they are current even when no step runs (after aborts)."""
+        m = self.model
+        self.running.labels(m).set_function(lambda: len(engine.scheduler.running))
+        self.waiting.labels(m).set_function(lambda: len(engine.scheduler.waiting))
+        self.kv_usage.labels(m).set_function(lambda: engine.scheduler.pool.usage)
+        self.preemptions.labels(m).set_function(lambda: engine.scheduler.num_preemptions)
+
+    def on_abort(self, reason: str) -> None:
+        self.aborted.labels(self.model, reason).inc()
+
     def on_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
         """Called on the engine thread after every step."""
-        m, s = self.model, engine.scheduler
-        self.running.labels(m).set(len(s.running))
-        self.waiting.labels(m).set(len(s.waiting))
-        self.kv_usage.labels(m).set(s.pool.usage)
-        self.preemptions.labels(m).set(s.num_preemptions)
+        m = self.model
         self.generation_tokens.labels(m).inc(len(outputs))
         for out in outputs:
             met = out.metrics

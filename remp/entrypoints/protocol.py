@@ -1,34 +1,38 @@
-"""OpenAI API request bodies (the fields vLLM accepts that remp implements), validated by pydantic so a
-field of the wrong type is a 400 that names it."""
+"""OpenAI API request bodies (the fields vLLM accepts that remp implements), validated strictly by pydantic: a
+field of the wrong type is a 400 that names it, and nothing is coerced (no "yes" -> true, no true -> 1)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from remp.sampling_params import SamplingParams
 
+INT64 = {"ge": -(2**63), "le": 2**63 - 1}  # bounds of integers that reach torch or numpy
+TOKEN_COUNT = {"ge": 0, "le": 2**31 - 1}
+STRICT = ConfigDict(strict=True, extra="ignore")  # unknown fields are ignored: clients send many
+
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    # Unknown fields are ignored (clients send many); known fields must have the right type.
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: int | None = Field(None, **INT64)
     min_p: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, **INT64)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Field(**INT64)]] | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
-    n: int = 1
+    min_tokens: int = Field(0, **TOKEN_COUNT)
+    n: int = Field(1, **INT64)
     stream: bool = False
     stream_options: StreamOptions | None = None
     include_stop_str_in_output: bool = False
@@ -61,36 +65,48 @@ class _Sampling(BaseModel):
         )
 
 
+TokenId = Annotated[int, Field(**INT64)]
+
+
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
+    max_tokens: int | None = Field(16, **TOKEN_COUNT)
+    logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
 
+class ContentPart(BaseModel):
+    model_config = STRICT
+    type: str
+    text: str = ""
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict] | None = ""
+    content: str | list[ContentPart] | None = ""
 
     def text(self) -> str:
         if isinstance(self.content, list):  # OpenAI content parts: keep the text ones
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+            return "".join(p.text for p in self.content if p.type == "text")
         return self.content or ""
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(None, **TOKEN_COUNT)
+    max_completion_tokens: int | None = Field(None, **TOKEN_COUNT)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
 
 
+PARALLEL_SIZE = {"ge": 1, "le": 1024}
+
+
 class ReconfigureRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    tensor_parallel_size: int
-    pipeline_parallel_size: int
-    layer_split: list[int] | None = None
+    model_config = ConfigDict(strict=True, extra="forbid")
+    tensor_parallel_size: int = Field(**PARALLEL_SIZE)
+    pipeline_parallel_size: int = Field(**PARALLEL_SIZE)
+    layer_split: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = None
     mode: Literal["switch", "restart"] = "switch"

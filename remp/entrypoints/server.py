@@ -1,40 +1,63 @@
 """OpenAI-compatible HTTP server (FastAPI + uvicorn), as vLLM serves it, plus an admin API to switch topology
-live. Streams are server-sent events; a topology switch only pauses them."""
+live. Streams are server-sent events; a topology switch only pauses them. A request whose client goes away is
+aborted, streaming or not; prompts are tokenized off the engine thread (prompts.py); every error is
+OpenAI-shaped JSON (errors.py); SIGINT/SIGTERM drain, then end open streams cleanly (shutdown.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from remp.engine_args import EngineArgs
-from remp.entrypoints.async_engine import AsyncLLMEngine
+from remp.entrypoints.async_engine import AsyncLLMEngine, EngineStopped, SwitchInProgress
+from remp.entrypoints.errors import (
+    APIError,
+    BodySizeLimit,
+    Gate,
+    error_body,
+    error_response,
+    install_error_handlers,
+)
 from remp.entrypoints.metrics import ServerMetrics
-from remp.entrypoints.protocol import ChatCompletionRequest, CompletionRequest, ReconfigureRequest
+from remp.entrypoints.prompts import PromptProcessor
+from remp.entrypoints.protocol import ChatCompletionRequest, CompletionRequest, ReconfigureRequest, _Sampling
 from remp.executor import WorkerError
 from remp.outputs import CompletionOutput, RequestOutput
+from remp.sampling_params import SamplingParams
+
+DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "BadRequestError", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
+def _same(given: str | None, expected: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
-def error_response(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}}, status)
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
-def _bearer(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    last = None
+    async for out in outputs:
+        last = out
+    return last
+
+
+def _sampling(req: _Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    try:
+        return req.sampling_params(max_tokens, logprobs, None)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
 
 
 def build_app(
@@ -43,69 +66,68 @@ def build_app(
     api_key: str | None = None,
     admin_token: str | None = None,
     metrics: ServerMetrics | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
     app = FastAPI(title="remp", docs_url=None, redoc_url=None)
     app.state.engine = engine
+    app.state.draining = False
     metrics = metrics or ServerMetrics(model_name)
     core = engine.engine
     max_model_len = core.max_model_len
+    prompts = PromptProcessor(core)
+    install_error_handlers(app)
 
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError) -> JSONResponse:
-        return error_response(e.status, e.message, e.type, e.param)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
-        errs = e.errors()
-        first = errs[0] if errs else {}
-        if first.get("type") == "json_invalid":
-            return error_response(400, f"malformed JSON body: {first.get('msg')}", "BadRequestError")
-        msg = "; ".join(
-            f"{'.'.join(str(x) for x in err.get('loc', ())[1:]) or 'body'}: {err.get('msg')}" for err in errs
-        )
-        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-        return error_response(400, msg, "BadRequestError", param)
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        path = request.url.path
-        if path.startswith("/v1") and api_key and _bearer(request) != api_key:
-            return error_response(401, "invalid or missing API key", "AuthenticationError")
+    def gate(path: str, authorization: str) -> JSONResponse | None:
+        """Refuse before routing: shutting down, API key, admin token (compared in constant time)."""
+        if app.state.draining and path.startswith(("/v1", "/admin")):
+            return error_response(503, "the server is shutting down")
+        token = authorization[7:].strip() if authorization.lower().startswith("bearer ") else None
+        if path.startswith("/v1") and api_key and not _same(token, api_key):
+            return error_response(401, "invalid or missing API key")
         if path.startswith("/admin"):
             if not admin_token:
-                return error_response(404, "the admin API is off: start the server with --admin-token", "NotFoundError")
-            token = _bearer(request)
+                return error_response(404, "the admin API is off: start the server with --admin-token")
             if token is None:
-                return error_response(
-                    401, "admin API needs 'Authorization: Bearer <admin token>'", "AuthenticationError"
-                )
-            if token != admin_token:
-                return error_response(403, "wrong admin token", "PermissionDeniedError")
-        return await call_next(request)
+                return error_response(401, "admin API needs 'Authorization: Bearer <admin token>'")
+            if not _same(token, admin_token):
+                return error_response(403, "wrong admin token")
+        return None
+
+    app.add_middleware(Gate, check=gate)
+    app.add_middleware(BodySizeLimit, limit=max_request_bytes)  # outermost: refuses before anything reads
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
-            raise APIError(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
+            raise APIError(404, f"The model `{name}` does not exist.", param="model")
 
-    async def start(prompt: Any, params, request_id: str) -> AsyncIterator[RequestOutput]:
+    async def start(items: list[tuple[str, list[int], SamplingParams]]) -> list[AsyncIterator[RequestOutput]]:
         if engine.dead is not None:
-            raise APIError(503, f"the engine is not serving: {engine.dead}", "ServiceUnavailableError")
+            raise APIError(503, f"the engine is not serving: {engine.dead}")
         try:
-            return await engine.add_request(prompt, params, request_id)
+            return await engine.add_requests([(rid, {"prompt_token_ids": ids}, p) for rid, ids, p in items])
+        except EngineStopped as e:
+            raise APIError(503, str(e)) from None
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
-    async def final(outputs: AsyncIterator[RequestOutput], request: Request, request_id: str) -> RequestOutput:
-        last = None
+    async def collect(streams: list[AsyncIterator[RequestOutput]], request: Request) -> list[RequestOutput]:
+        """The final outputs; a client that goes away meanwhile aborts them all within a step."""
+        work = asyncio.ensure_future(asyncio.gather(*(_last(s) for s in streams)))
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
-            async for out in outputs:
-                last = out
-                if await request.is_disconnected():
-                    engine.abort_nowait(request_id)
-                    raise APIError(499, "client disconnected", "ClientClosedRequest")
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not work.done():
+            work.cancel()  # each output iterator's cleanup aborts its request
+            await asyncio.gather(work, return_exceptions=True)
+            raise APIError(499, "client disconnected")
+        try:
+            return work.result()
+        except EngineStopped as e:
+            raise APIError(503, str(e)) from None
         except RuntimeError as e:
-            raise APIError(500, str(e), "InternalServerError") from None
-        return last
+            raise APIError(500, str(e)) from None
 
     def usage(out: RequestOutput) -> dict:
         n = len(out.outputs[0].token_ids)
@@ -156,10 +178,11 @@ def build_app(
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     async def stream_events(
-        outputs: AsyncIterator[RequestOutput], envelope: dict, choice, include_usage: bool
+        outputs: AsyncIterator[RequestOutput], envelope: dict, choice: Callable, include_usage: bool
     ) -> AsyncIterator[str]:
         """SSE chunks: `envelope` (id, object, created, model) around choice(output, delta, first token index,
-        first text index) for each new piece of text, then the usage chunk if asked, then [DONE]."""
+        first text index) for each new piece of text, then the usage chunk if asked, then [DONE]. An engine
+        failure or a shutdown ends the stream in-band with an error event, as vLLM does."""
         sent_text, sent_tokens, last = 0, 0, None
         try:
             async for out in outputs:
@@ -168,8 +191,10 @@ def build_app(
                 if delta or c.finish_reason is not None:
                     yield sse({**envelope, "choices": [choice(c, delta, sent_tokens, sent_text)]})
                     sent_text, sent_tokens = len(c.text), len(c.token_ids)
-        except RuntimeError as e:  # the engine failed mid-stream: say so in-band, as vLLM does
-            yield sse({"error": {"message": str(e), "type": "InternalServerError", "code": 500}})
+        except EngineStopped as e:
+            yield sse(error_body(503, str(e)))
+        except RuntimeError as e:
+            yield sse(error_body(500, str(e)))
         if include_usage and last is not None:
             yield sse({**envelope, "choices": [], "usage": usage(last)})
         yield "data: [DONE]\n\n"
@@ -198,24 +223,23 @@ def build_app(
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        prompts = req.prompt
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not prompts:
+        batch = req.prompt
+        if isinstance(batch, str) or (batch and isinstance(batch[0], int)):
+            batch = [batch]
+        if not batch:
             raise APIError(400, "prompt is empty", param="prompt")
-        if req.stream and len(prompts) > 1:
+        if req.stream and len(batch) > 1:
             raise APIError(400, "streaming supports one prompt per request", param="prompt")
         if req.echo:
             raise APIError(400, "echo is not supported", param="echo")
-        try:
-            params = req.sampling_params(req.max_tokens, req.logprobs, None)
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
+        params = _sampling(req, req.max_tokens, req.logprobs)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        p0 = prompts[0]
-        prompt = {"prompt_token_ids": p0} if isinstance(p0, list) else p0
+        ids = [
+            await prompts.prompt_ids(p, params, "prompt" if len(batch) == 1 else f"prompt.{i}")
+            for i, p in enumerate(batch)
+        ]  # every prompt is checked before any is queued
+        streams = await start([(f"{rid}-{i}", p, params) for i, p in enumerate(ids)])
         if req.stream:
-            outputs = await start(prompt, params, rid)
 
             def choice(c: CompletionOutput, delta: str, tok0: int, text0: int) -> dict:
                 return {
@@ -227,25 +251,22 @@ def build_app(
                 }
 
             envelope = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
-            return streaming(req, outputs, envelope, choice)
-        choices, total = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        for i, p in enumerate(prompts):
-            sub = f"{rid}-{i}"
-            out = await final(
-                await start({"prompt_token_ids": p} if isinstance(p, list) else p, params, sub), request, sub
-            )
-            c = out.outputs[0]
-            choices.append(
-                {
-                    "index": i,
-                    "text": c.text,
-                    "logprobs": completion_logprobs(c, 0, 0),
-                    "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason,
-                }
-            )
+            return streaming(req, streams[0], envelope, choice)
+        outs = await collect(streams, request)
+        total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        for out in outs:
             for k, v in usage(out).items():
                 total[k] += v
+        choices = [
+            {
+                "index": i,
+                "text": out.outputs[0].text,
+                "logprobs": completion_logprobs(out.outputs[0], 0, 0),
+                "finish_reason": out.outputs[0].finish_reason,
+                "stop_reason": out.outputs[0].stop_reason,
+            }
+            for i, out in enumerate(outs)
+        ]
         return {
             "id": rid,
             "object": "text_completion",
@@ -259,18 +280,11 @@ def build_app(
     async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        try:
-            params = req.sampling_params(max_tokens, logprobs, None)
-            ids = await engine.tokenize_chat(
-                [{"role": m.role, "content": m.text()} for m in req.messages], req.add_generation_prompt
-            )
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
-        except Exception as e:
-            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
+        params = _sampling(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        ids = await prompts.chat_ids(messages, req.add_generation_prompt, params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        outputs = await start({"prompt_token_ids": ids}, params, rid)
+        (outputs,) = await start([(rid, ids, params)])
         if req.stream:
             first = [True]
 
@@ -287,7 +301,7 @@ def build_app(
 
             envelope = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name}
             return streaming(req, outputs, envelope, choice)
-        out = await final(outputs, request, rid)
+        (out,) = await collect([outputs], request)
         c = out.outputs[0]
         return {
             "id": rid,
@@ -310,7 +324,9 @@ def build_app(
     @app.get("/health")
     async def health() -> Response:
         if engine.dead is not None:
-            return error_response(503, f"the engine is not serving: {engine.dead}", "ServiceUnavailableError")
+            return error_response(503, f"the engine is not serving: {engine.dead}")
+        if app.state.draining:
+            return error_response(503, "the server is shutting down")
         return Response(status_code=200)
 
     @app.get("/metrics")
@@ -325,6 +341,7 @@ def build_app(
             "tensor_parallel_size": t.tp,
             "pipeline_parallel_size": t.pp,
             "placement": list(t.placement),
+            "switching_to": engine.switching,
             "switches": [
                 {
                     "time": ev.time,
@@ -344,35 +361,17 @@ def build_app(
             report = await engine.reconfigure(
                 req.tensor_parallel_size, req.pipeline_parallel_size, req.layer_split, req.mode
             )
-        except ValueError as e:
+        except SwitchInProgress as e:
+            raise APIError(409, f"a switch to {e} is in progress; try again when it is done") from None
+        except (ValueError, OverflowError) as e:
             raise APIError(400, f"switch refused, still serving {core.topology}: {e}") from None
         except WorkerError as e:
-            raise APIError(500, f"switch failed: {e}", "InternalServerError") from None
+            raise APIError(500, f"switch failed: {e}") from None
         t = core.topology
         metrics.on_topology(t.tp, t.pp, report)
         return report.to_dict()
 
     metrics.on_topology(core.topology.tp, core.topology.pp)
+    metrics.watch(core)
+    app.state.prompts = prompts
     return app
-
-
-def serve(
-    args: EngineArgs,
-    host: str,
-    port: int,
-    served_model_name: str | None,
-    api_key: str | None,
-    admin_token: str | None,
-    log_level: str = "info",
-) -> None:
-    import uvicorn
-
-    name = served_model_name or args.model or "SmolLM2-135M-Instruct"
-    metrics = ServerMetrics(name)
-    engine = AsyncLLMEngine(args, on_step=metrics.on_step)
-    try:
-        app = build_app(engine, name, api_key, admin_token, metrics)
-        print(f"remp: serving {name} as {engine.engine.topology} on http://{host}:{port}", flush=True)
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
-    finally:
-        engine.shutdown()
