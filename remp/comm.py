@@ -31,18 +31,26 @@ class WorkerComm:
         dist.init_process_group(
             backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
         )
+        self.world_size = world_size
         self._groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+        self.switch_group: dist.ProcessGroup | None = None
         self._sends: deque = deque()  # in-flight isends (work, tensor kept alive until done)
         self.tp_group = None
         self.prev = self.next = None
 
-    def set_topology(self, topology: Topology, hidden_size: int, dtype: torch.dtype) -> None:
-        """Every worker calls this with the same topology: new_group is collective over the whole world and
-        the groups are created in the same order everywhere."""
+    def prepare_topology(self, topology: Topology) -> None:
+        """Create the process groups a topology needs (cached), and once the group switches move pieces on.
+        Collective over the whole world: every worker calls it, with the same topology, in the same order."""
         for stage in range(topology.pp):
             key = tuple(sorted(topology.stage_workers(stage)))
             if len(key) > 1 and key not in self._groups:
                 self._groups[key] = dist.new_group(list(key))
+        if self.switch_group is None:
+            # its own group: pre-copy runs in a thread while steps use the default group
+            self.switch_group = dist.new_group(list(range(self.world_size)))
+
+    def use_topology(self, topology: Topology, hidden_size: int, dtype: torch.dtype) -> None:
+        """Route steps by this topology (its groups prepared): TP group, previous and next stage."""
         self.hidden_size, self.dtype = hidden_size, dtype
         self.epoch += 1
         coord = topology.coordinate(self.rank)

@@ -6,7 +6,7 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,16 +20,16 @@ from remp.engine_args import EngineArgs
 from remp.executor import LocalExecutor, MultiprocExecutor, WorkerError, exit_if_spawning_worker
 from remp.kv_cache import kv_bytes_per_block
 from remp.logger import init_logger
+from remp.messages import StepMsg, StepResult
 from remp.model.attention import SeqChunk
 from remp.model.reader import open_checkpoint
 from remp.outputs import CompletionOutput, Logprob, RequestOutput
-from remp.plan import PieceSizer, best_placement, make_plan
 from remp.request import Request, Status
 from remp.sampler import SampleRow
 from remp.sampling_params import SamplingParams
 from remp.scheduler import ScheduledBatch, Scheduler
-from remp.step import StepMsg, StepResult
-from remp.switch_report import SwitchReport
+from remp.switch.on_driver import SwitchDriver, SwitchInProgress
+from remp.switch.report import SwitchReport
 from remp.topology import Topology
 
 logger = init_logger(__name__)
@@ -87,6 +87,9 @@ class LLMEngine:
         self._in_flight: deque[tuple[ScheduledBatch, list[Request], float]] = deque()
         self.stats = EngineStats()
         self._drained_outputs: list[RequestOutput] = []
+        self.num_steps = 0  # steps completed
+        self._step_log: deque[tuple[float, int]] = deque(maxlen=20000)  # (finished at, outputs): switch reports
+        self.switcher = SwitchDriver(self, args.switch_staging_gb, args.switch_precopy_duty, args.switch_timeout_s)
 
     def _block_bytes(self, topology: Topology) -> int:
         """KV bytes of one logical block summed over every worker (replicated KV heads count each time)."""
@@ -211,12 +214,18 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one step and return the outputs of the requests that progressed. With pipeline parallelism up
-        to `pp` micro-batches are in flight: this submits until the pipeline is full, then completes the oldest."""
+        to `pp` micro-batches are in flight: this submits until the pipeline is full, then completes the oldest.
+        A switch in progress moves on here too (its cut-over happens between two steps)."""
         if self._drained_outputs:
             out, self._drained_outputs = self._drained_outputs, []
             return out
+        return self._step_once()
+
+    @torch.inference_mode()
+    def _step_once(self) -> list[RequestOutput]:
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped after a worker failure: {self.error}")
+        self.advance_switch()
         with self._fatal_worker_errors():
             while len(self._in_flight) < self.executor.max_in_flight and self._submit_next():
                 pass
@@ -228,7 +237,14 @@ class LLMEngine:
             if alone:
                 self.stats.control_overhead_s.append(time.perf_counter() - submitted - result.worker_s)
         self._in_flight.popleft()
-        return self._process(batch, sampled, result)
+        outputs = self._process(batch, sampled, result)
+        self._step_log.append((time.perf_counter(), len(outputs)))
+        self.num_steps += 1
+        return outputs
+
+    def fatal_worker_errors(self):
+        """Context in which a worker failure ends this engine (the switch driver's commit runs in it)."""
+        return self._fatal_worker_errors()
 
     @contextmanager
     def _fatal_worker_errors(self) -> Iterator[None]:
@@ -332,26 +348,54 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], req.finished, req.metrics)
 
     # ---- topology switches --------------------------------------------------------------------------------
+    MODES = ("live", "stop", "restart")
+
     def reconfigure(
         self,
         tensor_parallel_size: int,
         pipeline_parallel_size: int,
         layer_split: list[int] | None = None,
-        mode: str = "switch",
+        mode: str = "live",
     ) -> SwitchReport:
-        """Change TP/PP between steps with requests in flight. mode="switch" moves weights and the KV cache of
-        in-flight requests peer to peer; mode="restart" is the baseline a user has today (stop the workers,
-        start new ones from the checkpoint, re-submit in-flight requests to recompute their KV).
-        An impossible target raises ValueError before anything moves; the old topology keeps serving."""
+        """Change TP/PP with requests in flight and return when the new topology serves. mode="live" moves the
+        weights while this engine keeps stepping (their outputs come from the next step() calls) and pauses only
+        to move the KV cache and swap shards; mode="stop" moves everything in the pause; mode="restart" is the
+        baseline a user has today (stop the workers, start new ones from the checkpoint, recompute the KV).
+        An impossible target raises ValueError before anything moves; a switch called off before the cut-over
+        raises SwitchAborted; in both cases the old topology keeps serving."""
+        done: dict = {}
+        self.start_reconfigure(
+            tensor_parallel_size, pipeline_parallel_size, layer_split, mode, lambda r, e: done.update(r=r, e=e)
+        )
+        while not done:
+            if self.scheduler.has_unfinished():
+                self._drained_outputs += self._step_once()  # keep serving; step() hands these out later
+            else:
+                self.advance_switch(wait_s=0.05)
+        if done["e"] is not None:
+            raise done["e"]
+        return done["r"]
+
+    def start_reconfigure(
+        self,
+        tensor_parallel_size: int,
+        pipeline_parallel_size: int,
+        layer_split: list[int] | None = None,
+        mode: str = "live",
+        on_done: Callable[[SwitchReport | None, BaseException | None], None] | None = None,
+    ) -> None:
+        """Begin a switch and return: it completes during later step() / advance_switch() calls, which then
+        call on_done(report, None), or on_done(None, error) if it was called off. Raises ValueError for an
+        impossible target and SwitchInProgress while another switch runs (a restart completes at once)."""
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped after a worker failure: {self.error}")
-        if mode not in ("switch", "restart"):
-            raise ValueError(f"mode must be 'switch' or 'restart', not {mode!r}")
-        t0 = time.perf_counter()
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {', '.join(self.MODES)}, not {mode!r}")
+        if self.switching is not None:
+            raise SwitchInProgress(str(self.switching.target))
         old = self.topology
-        target = Topology(
-            tensor_parallel_size, pipeline_parallel_size, None, tuple(layer_split) if layer_split else None
-        )
+        split = tuple(layer_split) if layer_split else None
+        target = Topology(tensor_parallel_size, pipeline_parallel_size, None, split)
         target.validate(self.model_config, num_workers=old.size)
         num_blocks = self.args.num_kv_blocks or int(self.args.kv_cache_memory_gb * 2**30 // self._block_bytes(target))
         if num_blocks * self.args.block_size < self.max_model_len:
@@ -361,15 +405,29 @@ class LLMEngine:
             )
         if old.size == 1:
             raise ValueError("a single-worker engine has no pool to reshard; start it with tp*pp > 1")
-        self._drain()
-        t_pause = time.perf_counter()
-        report = (self._switch if mode == "switch" else self._restart)(old, target, num_blocks)
-        report.pause_s = time.perf_counter() - t_pause
-        report.wall_s = time.perf_counter() - t0
-        self.stats.switches.append(report)
-        return report
 
-    def _drain(self) -> None:
+        def finish(report: SwitchReport | None, error: BaseException | None) -> None:
+            if report is not None:
+                self.stats.switches.append(report)
+            if on_done is not None:
+                on_done(report, error)
+
+        if mode == "restart":
+            finish(self._restart(old, target, num_blocks), None)
+        else:
+            self.switcher.start(target, num_blocks, mode, finish)
+
+    @property
+    def switching(self):
+        """The switch in progress (its target and mode), or None."""
+        return self.switcher.pending
+
+    def advance_switch(self, wait_s: float = 0.0) -> None:
+        """Move a switch in progress on (cut over when the workers are ready); step() does this every time."""
+        with self._fatal_worker_errors():
+            self.switcher.advance(wait_s)
+
+    def drain(self) -> None:
         """Finish the micro-batches in flight; their outputs are returned by the next step()."""
         while self._in_flight:
             batch, sampled, _ = self._in_flight.popleft()
@@ -377,48 +435,34 @@ class LLMEngine:
                 result = self.executor.wait()
             self._drained_outputs += self._process(batch, sampled, result)
 
-    def _fit_blocks(self, num_blocks: int) -> list[str]:
-        """Preempt the youngest running requests until the blocks in use fit a pool of num_blocks."""
-        preempted = []
-        while sum(len(r.block_ids) for r in self.scheduler.running) > num_blocks:
-            victim = self.scheduler.running[-1]
-            self.scheduler.preempt(victim)
-            preempted.append(victim.request_id)
-        return preempted
+    def last_step_time(self) -> float | None:
+        return self._step_log[-1][0] if self._step_log else None
 
-    def _switch(self, old: Topology, target: Topology, num_blocks: int) -> SwitchReport:
-        preempted = self._fit_blocks(num_blocks)
-        used = sorted(b for r in self.scheduler.running for b in r.block_ids)
-        new_ids = used if not used or used[-1] < num_blocks else list(range(len(used)))
-        sizer = PieceSizer(self.model_config, self.dtype.itemsize, len(used), self.args.block_size)
-        new = best_placement(self.model_config, old, target.tp, target.pp, sizer, target.layers_per_stage)
-        plan = make_plan(self.model_config, old, new, sizer)
-        with self._fatal_worker_errors():
-            stats = self.executor.reconfigure(plan, used, new_ids, num_blocks)
-        self.scheduler.resize(num_blocks, dict(zip(used, new_ids)))
-        return SwitchReport(
-            "switch",
-            str(old),
-            str(new),
-            0.0,
-            0.0,
-            bytes_moved={"weights": plan.moved.weights, "kv": plan.moved.kv},
-            min_bytes={"weights": plan.minimum.weights, "kv": plan.minimum.kv},
-            bytes_kept={"weights": plan.kept.weights, "kv": plan.kept.kv},
-            peak_extra_bytes=max(s.peak_extra_bytes for s in stats),
-            preempted=preempted,
-            kv_blocks_moved=len(used),
-            num_kv_blocks=num_blocks,
-            executor_bytes_received=sum(s.bytes_received for s in stats),
-            worker_seconds={
-                k: round(max(s.seconds.get(k, 0.0) for s in stats), 4)
-                for k in ("groups", "transfers", "execute", "install")
-            },
-        )
+    def throughput(self, start: float, end: float | None) -> tuple[float | None, float | None]:
+        """Output tokens/s in [start, end], and in a window as long just before start (None without steps)."""
+        if end is None or end <= start:
+            return None, None
+        width = end - start
+
+        def rate(a: float, b: float) -> float | None:
+            if not self._step_log or self._step_log[0][0] > a:
+                return None
+            return round(sum(n for t, n in self._step_log if a <= t < b) / (b - a), 2)
+
+        return rate(start - width, start), rate(start, end)
+
+    def longest_step_gap(self, start: float, end: float, last_before: float | None) -> float:
+        """Longest time without a finished step within [start, end] (the resume at `end` counts as one)."""
+        times = [t for t, _ in self._step_log if start <= t <= end]
+        times = ([last_before] if last_before is not None and last_before < start else [start]) + times + [end]
+        return round(max(b - a for a, b in zip(times, times[1:])), 4)
 
     def _restart(self, old: Topology, target: Topology, num_blocks: int) -> SwitchReport:
         """What a user does today: stop the engine's workers, start new ones from the checkpoint, re-submit
         every in-flight request (prompt + tokens so far) so its KV is recomputed."""
+        t0 = time.perf_counter()
+        self.drain()
+        t_pause = time.perf_counter()
         recompute = sum(r.num_computed_tokens for r in self.scheduler.running)
         for req in list(self.scheduler.running):
             self.scheduler.preempt(req)
@@ -429,15 +473,18 @@ class LLMEngine:
         self.executor = self._start_executor(reader, target)
         self.scheduler.resize(num_blocks, {})
         weight_bytes = sum(math.prod(reader.shape(n)) for n in reader.names()) * self.dtype.itemsize
+        t_end = time.perf_counter()
         return SwitchReport(
             "restart",
             str(old),
             str(target),
-            0.0,
-            0.0,
+            wall_s=t_end - t0,
+            pause_s=t_end - t_pause,
             bytes_moved={"weights": weight_bytes, "kv": 0},
+            bytes_moved_in_pause={"weights": weight_bytes, "kv": 0},
             recomputed_tokens=recompute,
             num_kv_blocks=num_blocks,
+            longest_step_gap_s=round(t_end - (self.last_step_time() or t0), 4),
         )
 
     def shutdown(self) -> None:

@@ -23,6 +23,11 @@ class EngineArgs:
     # "uni" for one worker. A server wants "mp" so the model does not compete with HTTP for this process.
     distributed_executor_backend: str | None = None
     worker_timeout_s: float = 120.0  # a worker silent this long (or a collective stuck this long) is an error
+    # live switches: extra memory a worker may use to stage the new shard while the old one serves (over it:
+    # stop-the-world instead), the share of time the background copy may take, and how long it may run
+    switch_staging_gb: float = 2.0
+    switch_precopy_duty: float = 0.3
+    switch_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -42,6 +47,11 @@ class EngineArgs:
         if self.distributed_executor_backend not in (None, "uni", "mp"):
             raise ValueError(
                 f"distributed_executor_backend must be 'uni' or 'mp', got {self.distributed_executor_backend!r}"
+            )
+        if self.switch_staging_gb < 0 or not 0 < self.switch_precopy_duty <= 1 or self.switch_timeout_s <= 0:
+            raise ValueError(
+                "switch_staging_gb must be >= 0, switch_precopy_duty in (0, 1] and switch_timeout_s positive, got "
+                f"{self.switch_staging_gb}, {self.switch_precopy_duty}, {self.switch_timeout_s}"
             )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")

@@ -19,10 +19,10 @@ from collections import deque
 from multiprocessing import forkserver
 from multiprocessing.connection import wait as wait_ready
 
+from remp.messages import Ready, Shutdown, StepMsg, StepResult, SwitchProgress, WorkerFailed
 from remp.model.reader import CheckpointReader
 from remp.model_runner import ModelRunner
 from remp.shm_allreduce import ShmSegment
-from remp.step import StepMsg, StepResult
 from remp.topology import Topology
 from remp.worker import WorkerConfig, worker_main
 
@@ -84,7 +84,7 @@ def _free_port() -> int:
 def _stop(procs: list, conns: list, segment: ShmSegment | None = None, grace_s: float = 5.0) -> None:
     for c in conns:
         try:
-            c.send_bytes(pickle.dumps(("shutdown", None)))
+            c.send_bytes(pickle.dumps(Shutdown()))
         except OSError:
             pass
     deadline = time.monotonic() + grace_s
@@ -110,6 +110,7 @@ WORKER_MODULES = [
     "remp.model_runner",
     "remp.model.gguf_reader",
     "remp.model.safetensors_reader",
+    "remp.switch.on_worker",
 ]
 
 
@@ -118,6 +119,9 @@ class MultiprocExecutor:
         self.topology = topology
         self.timeout_s = cfg.timeout_s
         self.max_in_flight = topology.pp
+        self._results: deque[StepResult] = deque()
+        self._progress: dict[int, dict[int, SwitchProgress]] = {}  # switch id -> rank -> latest progress
+        self._ready: set[int] = set()
         ctx = self.prestart()
         self.procs, self.conns = [], []
         self.segment = None
@@ -170,95 +174,85 @@ class MultiprocExecutor:
             return WorkerError(UNGUARDED_MAIN_MESSAGE)
         return WorkerError(f"{self._describe(rank)} died (exit code {code})")
 
-    def _recv(self, rank: int) -> tuple:
-        """The next message from a worker; an error report or a closed pipe becomes WorkerError."""
-        try:
-            msg = self.conns[rank].recv()
-        except (EOFError, OSError):
-            raise self._died(rank) from None
-        if msg[0] == "error":
-            raise WorkerError(f"{self._describe(msg[1])} failed:\n{msg[2]}")
-        return msg
-
-    def _raise_for(self, ready: list) -> None:
-        """Something other than the awaited message woke us: turn it into the WorkerError it means."""
+    def _pump(self, timeout_s: float) -> bool:
+        """Read what the workers have sent within timeout_s into the result and progress queues; a failure
+        report, a closed pipe or a dead process becomes WorkerError. False if nothing came."""
+        ready = wait_ready(self.conns + [p.sentinel for p in self.procs], max(timeout_s, 0))
         for rank, c in enumerate(self.conns):
-            if c in ready:
-                msg = self._recv(rank)
-                raise WorkerError(f"unexpected message {msg[0]!r} from {self._describe(rank)}")
+            if c not in ready:
+                continue
+            try:
+                msg = pickle.loads(c.recv_bytes())
+            except (EOFError, OSError):
+                raise self._died(rank) from None
+            if isinstance(msg, StepResult):
+                self._results.append(msg)
+            elif isinstance(msg, SwitchProgress):
+                self._progress.setdefault(msg.switch_id, {})[msg.rank] = msg
+            elif isinstance(msg, Ready):
+                self._ready.add(msg.rank)
+            elif isinstance(msg, WorkerFailed):
+                raise WorkerError(f"{self._describe(msg.rank)} failed:\n{msg.traceback}")
         for rank, p in enumerate(self.procs):
             if p.sentinel in ready:
                 raise self._died(rank)
+        return bool(ready)
 
     def _await_ready(self, timeout_s: float) -> None:
-        waiting = set(range(len(self.procs)))
         deadline = time.monotonic() + timeout_s
-        while waiting:
-            left = deadline - time.monotonic()
-            ready = wait_ready([self.conns[r] for r in waiting] + [p.sentinel for p in self.procs], max(left, 0))
-            if not ready:
-                raise WorkerError(f"workers {sorted(waiting)} did not start within {timeout_s:.0f} s")
-            for rank in list(waiting):
-                if self.conns[rank] in ready:
-                    msg = self._recv(rank)
-                    if msg[0] != "ready":
-                        raise WorkerError(f"unexpected message {msg[0]!r} from {self._describe(rank)}")
-                    waiting.discard(rank)
-            dead = [r for r in ready if r not in self.conns]
-            if dead:
-                self._raise_for(dead)
+        while len(self._ready) < len(self.procs):
+            if not self._pump(deadline - time.monotonic()) and time.monotonic() >= deadline:
+                waiting = sorted(set(range(len(self.procs))) - self._ready)
+                raise WorkerError(f"workers {waiting} did not start within {timeout_s:.0f} s")
 
-    def submit(self, msg: StepMsg) -> None:
-        data = pickle.dumps(("step", msg), protocol=pickle.HIGHEST_PROTOCOL)
+    def broadcast(self, msg: object) -> None:
+        """The same command to every worker (pickled once)."""
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
         for rank, c in enumerate(self.conns):
             try:
                 c.send_bytes(data)
             except OSError as e:
                 raise WorkerError(f"{self._describe(rank)} is unreachable: {e}") from None
+
+    def submit(self, msg: StepMsg) -> None:
+        self.broadcast(msg)
 
     def wait(self) -> StepResult:
         """The oldest in-flight step's result (results come back in submission order)."""
-        rank = self.topology.sampler_worker
-        ready = wait_ready(self.conns + [p.sentinel for p in self.procs], self.timeout_s)
-        if not ready:
-            raise WorkerError(f"no result from {self._describe(rank)} within {self.timeout_s:.0f} s: a worker hangs")
-        if self.conns[rank] in ready:
-            msg = self._recv(rank)
-            if msg[0] == "result":
-                return msg[1]
-            raise WorkerError(f"unexpected message {msg[0]!r} from {self._describe(rank)}")
-        self._raise_for(ready)
-        raise WorkerError("woken without a result or an error")  # not reached
-
-    def reconfigure(self, plan, used_blocks: list[int], new_block_ids: list[int], new_num_blocks: int) -> list:
-        """Every worker executes its part of the plan; returns their ReshardStats (by rank). The old topology is
-        consumed as the workers go: a failure here leaves the engine in an error state, never half-switched."""
-        payload = ("reconfigure", (plan, used_blocks, new_block_ids, new_num_blocks))
-        data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
-        for rank, c in enumerate(self.conns):
-            try:
-                c.send_bytes(data)
-            except OSError as e:
-                raise WorkerError(f"{self._describe(rank)} is unreachable: {e}") from None
-        stats: dict[int, object] = {}
         deadline = time.monotonic() + self.timeout_s
-        while len(stats) < len(self.conns):
-            ready = wait_ready(self.conns + [p.sentinel for p in self.procs], max(0, deadline - time.monotonic()))
-            if not ready:
-                missing = sorted(set(range(len(self.conns))) - set(stats))
-                raise WorkerError(f"workers {missing} did not finish the switch within {self.timeout_s:.0f} s")
-            for rank, c in enumerate(self.conns):
-                if c in ready:
-                    msg = self._recv(rank)
-                    if msg[0] != "reconfigured":
-                        raise WorkerError(f"unexpected message {msg[0]!r} from {self._describe(rank)}")
-                    stats[rank] = msg[2]
-            dead = [p.sentinel for p in self.procs if p.sentinel in ready and not p.is_alive()]
-            if dead:
-                self._raise_for(dead)
-        self.topology = plan.new
-        self.max_in_flight = plan.new.pp
-        return [stats[r] for r in range(len(self.conns))]
+        while not self._results:
+            if not self._pump(deadline - time.monotonic()) and time.monotonic() >= deadline:
+                rank = self.topology.sampler_worker
+                raise WorkerError(
+                    f"no result from {self._describe(rank)} within {self.timeout_s:.0f} s: a worker hangs"
+                )
+        return self._results.popleft()
+
+    def switch_progress(self, switch_id: int, wait_s: float = 0.0) -> dict[int, SwitchProgress]:
+        """The latest progress of each worker in a switch, after reading what arrived within wait_s."""
+        self._pump(wait_s)
+        while self._pump(0):
+            pass
+        return dict(self._progress.get(switch_id, {}))
+
+    def await_switch(self, switch_id: int, stages: set[str], timeout_s: float) -> dict[int, SwitchProgress]:
+        """Block until every worker reports one of `stages` (or "failed") for this switch."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            progress = self.switch_progress(switch_id)
+            if len(progress) == len(self.procs) and all(p.stage in stages | {"failed"} for p in progress.values()):
+                return progress
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(
+                    r for r in range(len(self.procs)) if r not in progress or progress[r].stage not in stages
+                )
+                raise WorkerError(f"workers {missing} did not finish the switch within {timeout_s:.0f} s")
+            self._pump(min(left, 0.5))
+
+    def use_topology(self, topology: Topology) -> None:
+        self.topology = topology
+        self.max_in_flight = topology.pp
 
     def shutdown(self, grace_s: float = 5.0) -> None:
         """Ask every worker to stop; kill those still running after grace_s. Idempotent."""

@@ -13,16 +13,15 @@ from typing import Protocol
 import torch
 
 from remp.kv_cache import KVCache
+from remp.messages import StepMsg, StepResult
 from remp.model.attention import build_metadata
 from remp.model.llama import LlamaShard
 from remp.model.loader import load_shard_weights
 from remp.model.reader import CheckpointReader
 from remp.model.rope import RotaryEmbedding
-from remp.plan import Plan
-from remp.reshard import ReshardStats, ShardState, execute_plan
 from remp.sampler import SamplerOutput, sample_rows
 from remp.sharding import ShardSpec
-from remp.step import StepMsg, StepResult
+from remp.switch.execute import ShardState
 
 
 class StageComm(Protocol):
@@ -45,6 +44,7 @@ class ModelRunner:
     ):
         cfg = reader.config
         self.reader, self.block_size, self.dtype, self.comm = reader, block_size, dtype, comm
+        self.model: LlamaShard | None = None
         self.device = torch.device(device)
         self.rope = RotaryEmbedding(cfg, max_model_len, dtype, reader.rope_freq_factors())
         kv = KVCache.allocate(len(spec.layers), num_blocks, block_size, len(spec.kv_heads), cfg.head_dim, dtype, device)
@@ -52,42 +52,29 @@ class ModelRunner:
             ShardState(spec, load_shard_weights(reader, spec, dtype, device), dict(zip(spec.layers, kv.layers)))
         )
 
-    def install(self, state: ShardState) -> None:
-        """Run with this shard from now on (after loading or resharding)."""
+    def install(self, state: ShardState, shard: LlamaShard | None = None) -> None:
+        """Run with this shard from now on (after loading or a switch); `shard` if it was built already."""
         spec = self.spec = state.spec
-        all_reduce = self.comm.all_reduce if self.comm is not None and spec.tp_size > 1 else None
-        self.model = LlamaShard(self.reader.config, spec, state.weights, self.rope, all_reduce)
+        shard = shard or self.build_shard(spec, state.weights)
+        shard.all_reduce = self.comm.all_reduce if self.comm is not None and spec.tp_size > 1 else None
+        self.model = shard
         self.kv = KVCache([state.kv_layers[i] for i in spec.layers], self.block_size)
+
+    def build_shard(self, spec: ShardSpec, weights: dict[str, torch.Tensor], reuse: dict | None = None) -> LlamaShard:
+        """The execution form of a shard; layers of the running shard built from the same tensors are reused."""
+        if reuse is None:
+            reuse = self.model.execution_layers() if self.model is not None else {}
+        return LlamaShard(self.reader.config, spec, weights, self.rope, None, reuse)
 
     def state(self) -> ShardState:
         return ShardState(self.spec, dict(self.model.weights), dict(zip(self.spec.layers, self.kv.layers)))
 
-    def reshard(
-        self, rank: int, plan: Plan, used_blocks: list[int], new_block_ids: list[int], new_num_blocks: int
-    ) -> ReshardStats:
-        """Execute this worker's part of a plan and switch to the new shard. The old one is consumed."""
-        old = self.state()
-        self.model = self.kv = None  # the executor frees old pieces as it goes
-        new_spec = plan.new.spec(self.reader.config, rank)
-        t0 = time.perf_counter()
-        state, stats = execute_plan(
-            rank,
-            plan,
-            self.reader.config,
-            old,
-            new_spec,
-            used_blocks,
-            new_block_ids,
-            new_num_blocks,
-            self.block_size,
-            self.dtype,
-            self.device,
-            self.reader,
-        )
-        t1 = time.perf_counter()
-        self.install(state)
-        stats.seconds.update(execute=t1 - t0, install=time.perf_counter() - t1)
-        return stats
+    def detach(self, keep_layers: set[int]) -> tuple[ShardState, dict]:
+        """Hand the shard over to a switch that consumes it as it goes: the state, and the execution form of
+        the layers in `keep_layers` (to reuse). This runner holds nothing until install()."""
+        state, layers = self.state(), self.model.execution_layers()
+        self.model = self.kv = None
+        return state, {i: layers[i] for i in keep_layers if i in layers}
 
     @torch.inference_mode()
     def run(self, msg: StepMsg) -> StepResult | None:

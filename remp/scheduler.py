@@ -87,6 +87,19 @@ class Scheduler:
         self.pool.release(req.block_ids)
         req.block_ids = []
 
+    def blocks_in_use(self) -> list[int]:
+        """The KV blocks running requests hold, sorted."""
+        return sorted(b for r in self.running for b in r.block_ids)
+
+    def fit(self, num_blocks: int) -> list[Request]:
+        """Preempt the youngest running requests until the blocks in use fit a pool of num_blocks."""
+        preempted = []
+        while sum(len(r.block_ids) for r in self.running) > num_blocks:
+            victim = self.running[-1]
+            self.preempt(victim)
+            preempted.append(victim)
+        return preempted
+
     def resize(self, num_blocks: int, block_map: dict[int, int]) -> None:
         """A new pool of num_blocks after a topology switch; running requests' blocks renamed by block_map
         (identity for ids not in it). Waiting requests hold no blocks."""

@@ -93,38 +93,3 @@ def shard_spec(
         kv_heads=kv,
         ffn=split_evenly(config.intermediate_size, tp)[tp_rank],
     )
-
-
-def weight_slices(config: ModelConfig, spec: ShardSpec) -> dict[str, tuple[slice, ...]]:
-    """Every checkpoint tensor this shard holds, with the slice of it (empty tuple: the whole tensor).
-
-    Column-parallel (q/k/v, gate/up) weights are sliced by rows, row-parallel (o, down) by columns. The embedding
-    is replicated on the first stage's ranks; the final norm and the whole lm-head live on the sampler rank.
-    """
-    D = config.head_dim
-    q = slice(spec.q_heads.start * D, spec.q_heads.stop * D)
-    kv = slice(spec.kv_heads.start * D, spec.kv_heads.stop * D)
-    ffn = slice(spec.ffn.start, spec.ffn.stop)
-    out: dict[str, tuple[slice, ...]] = {}
-    for i in spec.layers:
-        p = f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = ()
-        out[p + "post_attention_layernorm.weight"] = ()
-        out[p + "self_attn.q_proj.weight"] = (q,)
-        out[p + "self_attn.k_proj.weight"] = (kv,)
-        out[p + "self_attn.v_proj.weight"] = (kv,)
-        if config.attention_bias:
-            out[p + "self_attn.q_proj.bias"] = (q,)
-            out[p + "self_attn.k_proj.bias"] = (kv,)
-            out[p + "self_attn.v_proj.bias"] = (kv,)
-        out[p + "self_attn.o_proj.weight"] = (slice(None), q)
-        out[p + "mlp.gate_proj.weight"] = (ffn,)
-        out[p + "mlp.up_proj.weight"] = (ffn,)
-        out[p + "mlp.down_proj.weight"] = (slice(None), ffn)
-    if spec.is_first_stage or (spec.is_sampler and config.tie_word_embeddings):
-        out["model.embed_tokens.weight"] = ()
-    if spec.is_sampler:
-        out["model.norm.weight"] = ()
-        if not config.tie_word_embeddings:
-            out["lm_head.weight"] = ()
-    return out

@@ -1,7 +1,7 @@
-"""The worker process: holds one shard and its KV slice, runs its part of each step, executes plans.
+"""The worker process: holds one shard and its KV slice, runs its part of each step, takes part in switches.
 
-It outlives any one topology. It talks to the driver through a pipe (pickled StepMsgs in, StepResults or
-errors out) and to the other workers through torch.distributed.
+It outlives any one topology. It talks to the driver through a pipe (the typed messages of messages.py) and to
+the other workers through torch.distributed.
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ import ctypes
 import os
 import pickle
 import signal
-import time
+import threading
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import torch
 
+from remp.messages import AbortSwitch, CommitSwitch, PrepareSwitch, Ready, Shutdown, StepMsg, WorkerFailed
 from remp.topology import Topology
 
 
@@ -57,17 +58,26 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology, conn: Connecti
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it shuts us down
     torch.set_num_threads(cfg.threads)
     comm = None
+    lock = threading.Lock()  # the pre-copy thread reports through the same pipe
+
+    def send(msg: object) -> None:
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        with lock:
+            conn.send_bytes(data)
+
     try:
         from remp.comm import WorkerComm
         from remp.model.reader import open_checkpoint
         from remp.model_runner import ModelRunner
         from remp.shm_allreduce import ShmSegment
+        from remp.switch.on_worker import WorkerSwitch
 
         device = _device(cfg, rank)
         shm = ShmSegment(cfg.world_size, cfg.shm_elems, cfg.shm_name) if cfg.shm_name else None
         comm = WorkerComm(rank, cfg.world_size, cfg.init_method, cfg.timeout_s, device, shm)
         reader = open_checkpoint(cfg.model)
-        comm.set_topology(topology, reader.config.hidden_size, cfg.dtype)
+        comm.prepare_topology(topology)
+        comm.use_topology(topology, reader.config.hidden_size, cfg.dtype)
         runner = ModelRunner(
             reader,
             topology.spec(reader.config, rank),
@@ -78,33 +88,33 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology, conn: Connecti
             str(device),
             comm,
         )
-        conn.send(("ready", rank, os.getpid()))
+        switch = WorkerSwitch(rank, runner, comm, send)
+        handlers = {
+            PrepareSwitch: switch.prepare,
+            CommitSwitch: switch.commit,
+            AbortSwitch: switch.abort,
+        }
+        send(Ready(rank, os.getpid()))
         while True:
-            kind, payload = pickle.loads(conn.recv_bytes())
-            if kind == "step":
-                result = runner.run(payload)
+            msg = pickle.loads(conn.recv_bytes())
+            if isinstance(msg, StepMsg):
+                result = runner.run(msg)
                 if result is not None:
-                    conn.send(("result", result))
-            elif kind == "reconfigure":
-                plan, used, new_ids, num_blocks = payload
-                t0 = time.perf_counter()
-                comm.set_topology(plan.new, reader.config.hidden_size, cfg.dtype)
-                groups_s = time.perf_counter() - t0
-                stats = runner.reshard(rank, plan, used, new_ids, num_blocks)
-                stats.seconds["groups"] = groups_s
-                conn.send(("reconfigured", rank, stats))
-            elif kind == "shutdown":
+                    send(result)
+            elif isinstance(msg, Shutdown):
                 break
+            else:
+                handlers[type(msg)](msg)
     except EOFError:
         pass  # the driver went away
-    except BaseException:
+    except BaseException:  # report anything, then exit
         try:
-            conn.send(("error", rank, traceback.format_exc()))
+            send(WorkerFailed(rank, traceback.format_exc()))
         except OSError:
             pass
     finally:
         if comm is not None:
             try:
                 comm.close()
-            except Exception:
+            except Exception:  # peers may already be gone
                 pass

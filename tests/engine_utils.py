@@ -4,18 +4,19 @@ from remp import LLMEngine
 from remp.outputs import CompletionOutput
 
 
-def run_with_switches(engine: LLMEngine, switches: dict, mode: str = "switch") -> tuple[dict, list]:
-    """Step until done, calling reconfigure(*switches[n], mode=mode) after step n. Returns the finished
-    outputs by request id and the switch reports. Always shuts the engine down."""
-    outs, reports, step = {}, [], 0
+def run_with_switches(engine: LLMEngine, switches: dict, mode: str = "live") -> tuple[dict, list]:
+    """Step until done, calling reconfigure(*switches[n], mode=mode) once the engine has run n steps (a live
+    switch runs steps of its own while it pre-copies). Returns the finished outputs by request id and the switch
+    reports. Always shuts the engine down."""
+    outs, reports, pending = {}, [], sorted(switches)
     try:
         while engine.has_unfinished_requests():
             for o in engine.step():
                 if o.finished:
                     outs[o.request_id] = o.outputs[0]
-            step += 1
-            if step in switches:
-                reports.append(engine.reconfigure(*switches[step], mode=mode))
+            while pending and engine.num_steps >= pending[0]:
+                reports.append(engine.reconfigure(*switches[pending.pop(0)], mode=mode))
+        assert not pending, f"the run ended before the switches at steps {pending}"
         assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_blocks
     finally:
         engine.shutdown()

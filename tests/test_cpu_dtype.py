@@ -12,7 +12,6 @@ import torch
 from remp import LLM, SamplingParams
 from remp.config import ModelConfig, resolve_dtype
 from remp.cpu_features import CpuFeatures, cpu_features
-from remp.model.linear import FusedLinear
 from tests.server_utils import remp_server
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -59,7 +58,7 @@ def test_feature_rules():
 
 def packed_flags(llm: LLM) -> set[bool]:
     model = llm.llm_engine.executor.runner.model
-    linears = [x for layer in model.layers for x in layer if isinstance(x, FusedLinear)] + [model.lm_head]
+    linears = [x for layer in model.layers for x in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [model.lm_head]
     return {lin.packed for lin in linears}
 
 

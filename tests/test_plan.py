@@ -6,7 +6,16 @@ import itertools
 import pytest
 
 from remp.config import ModelConfig
-from remp.plan import CHECKPOINT, ByteCounts, KVPiece, PieceSizer, WeightPiece, best_placement, make_plan, worker_pieces
+from remp.switch.plan import (
+    CHECKPOINT,
+    ByteCounts,
+    KVPiece,
+    PieceSizer,
+    WeightPiece,
+    best_placement,
+    make_plan,
+    worker_pieces,
+)
 from remp.tools.random_model import tiny_config
 from remp.topology import Topology
 

@@ -18,11 +18,11 @@ ENGINE = dict(dtype="float64", block_size=8, max_model_len=128, max_num_batched_
 
 def params(i):
     if i % 3 == 2:
-        return SamplingParams(max_tokens=18, temperature=0.9, top_p=0.95, seed=5 + i, ignore_eos=True, logprobs=2)
-    return SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2)
+        return SamplingParams(max_tokens=36, temperature=0.9, top_p=0.95, seed=5 + i, ignore_eos=True, logprobs=2)
+    return SamplingParams(max_tokens=44, temperature=0, ignore_eos=True, logprobs=2)
 
 
-def run(path, switches, tp=4, pp=1, mode="switch", **kw):
+def run(path, switches, tp=4, pp=1, mode="live", **kw):
     engine = LLMEngine(model=str(path), tensor_parallel_size=tp, pipeline_parallel_size=pp, **{**ENGINE, **kw})
     for i, p in enumerate(PROMPTS):
         engine.add_request(str(i), {"prompt_token_ids": p}, params(i))

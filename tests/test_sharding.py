@@ -3,7 +3,8 @@
 import pytest
 
 from remp.config import ModelConfig
-from remp.sharding import head_split, layer_split, split_evenly, weight_slices
+from remp.model.schema import shard_tensors, slices, tensor
+from remp.sharding import head_split, layer_split, split_evenly
 from remp.tools.random_model import tiny_config
 from remp.topology import Topology
 
@@ -66,28 +67,44 @@ def test_split_evenly():
 
 
 @pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (3, 1), (4, 1), (1, 3), (2, 2), (5, 1), (6, 1)])
-def test_weight_slices_tile_every_tensor_exactly(tp, pp):
+def test_shard_tensors_tile_every_tensor_exactly(tp, pp):
+    """Per stage, the ranks' ranges of a split tensor tile its shard axis (KV heads replicated when tp > kv
+    heads: then they cover it); unsplit tensors are whole; every layer's tensors live on exactly one stage."""
     c = cfg()  # 6 heads / 2 kv heads / 4 layers
     topo = Topology(tp, pp)
-    per_worker = [weight_slices(c, topo.spec(c, w)) for w in range(topo.size)]
-    layer = "model.layers.1."
-    q_rows = sorted(
-        r
-        for s in per_worker
-        if layer + "self_attn.q_proj.weight" in s
-        for r in range(*s[layer + "self_attn.q_proj.weight"][0].indices(c.num_attention_heads * 16))
-    )
-    assert q_rows == list(range(c.num_attention_heads * c.head_dim))
-    ffn_cols = sorted(
-        r
-        for s in per_worker
-        if layer + "mlp.down_proj.weight" in s
-        for r in range(*s[layer + "mlp.down_proj.weight"][1].indices(c.intermediate_size))
-    )
-    assert ffn_cols == list(range(c.intermediate_size))
+    for stage in range(pp):
+        held = [shard_tensors(c, topo.spec(c, w)) for w in topo.stage_workers(stage)]
+        for name in set().union(*held):
+            t = tensor(c, name)
+            ranges = sorted(h[name] for h in held if name in h)
+            size = t.shape[t.axis]
+            if t.split is None:
+                assert all(r == (0, size) for r in ranges), name
+            elif t.split == "kv" and tp > c.num_key_value_heads:
+                assert {i for lo, hi in ranges for i in range(lo, hi)} == set(range(size)), name
+            else:
+                assert ranges[0][0] == 0 and ranges[-1][1] == size, name
+                assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), (name, ranges)
+    per_worker = [shard_tensors(c, topo.spec(c, w)) for w in range(topo.size)]
+    for layer in range(c.num_hidden_layers):
+        name = f"model.layers.{layer}.mlp.down_proj.weight"
+        assert len({topo.coordinate(w)[0] for w, s in enumerate(per_worker) if name in s}) == 1
     holders = [w for w, s in enumerate(per_worker) if "lm_head.weight" in s]
     assert holders == [topo.sampler_worker]
     assert sum("model.embed_tokens.weight" in s for s in per_worker) == tp  # replicated on the first stage
+
+
+def test_schema_shapes_match_a_checkpoint(tiny_qwen2):
+    """The schema's shapes and shard axes are those of a real checkpoint (q/k/v biases included)."""
+    from safetensors.torch import load_file
+
+    c = ModelConfig.from_hf_dir(tiny_qwen2)
+    weights = load_file(str(tiny_qwen2 / "model.safetensors"))
+    held = shard_tensors(c, Topology(1, 1).spec(c, 0))
+    assert set(held) == set(weights)
+    for name, w in weights.items():
+        assert tensor(c, name).shape == tuple(w.shape), name
+        assert w[slices(c, name, *held[name])].shape == w.shape
 
 
 def test_topology_validation():

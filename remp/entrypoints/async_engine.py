@@ -18,17 +18,14 @@ from remp.engine import LLMEngine
 from remp.engine_args import EngineArgs
 from remp.outputs import RequestOutput
 from remp.sampling_params import SamplingParams
-from remp.switch_report import SwitchReport
+from remp.switch.on_driver import SwitchInProgress
+from remp.switch.report import SwitchReport
 
 
 @dataclass
 class SwitchEvent:
     time: float
     report: SwitchReport
-
-
-class SwitchInProgress(RuntimeError):
-    """A topology switch is already running; carries its target."""
 
 
 class EngineStopped(RuntimeError):
@@ -72,6 +69,12 @@ class AsyncLLMEngine:
     def _loop(self) -> None:
         while not self._stop:
             self._apply_commands()
+            if self.dead is None and not self.engine.has_unfinished_requests() and self.engine.switching:
+                try:
+                    self.engine.advance_switch(wait_s=0.02)  # nothing to step: wait for the workers instead
+                except BaseException as e:
+                    self._fail_all(e)
+                continue
             if self.dead is not None or not self.engine.has_unfinished_requests():
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -196,20 +199,24 @@ class AsyncLLMEngine:
         self._wake.set()
 
     async def reconfigure(
-        self, tp: int, pp: int, layer_split: list[int] | None = None, mode: str = "switch"
+        self, tp: int, pp: int, layer_split: list[int] | None = None, mode: str = "live"
     ) -> SwitchReport:
-        """One switch at a time: a second one while the first runs gets SwitchInProgress (its target)."""
+        """One switch at a time: a second one while the first runs gets SwitchInProgress (its target). Steps go
+        on while a live switch pre-copies; this returns once the new topology serves."""
         if self.switching is not None:
             raise SwitchInProgress(self.switching)
         self.switching = f"TP{tp}xPP{pp}"
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
 
-        def switch() -> SwitchReport:
-            report = self.engine.reconfigure(tp, pp, layer_split, mode)
-            self.switches.append(SwitchEvent(time.time(), report))
-            return report
+        def on_done(report: SwitchReport | None, error: BaseException | None) -> None:
+            if report is not None:
+                self.switches.append(SwitchEvent(time.time(), report))
+            loop.call_soon_threadsafe(_set_exception if error else _set_result, done, error or report)
 
         try:
-            return await self._call(switch)
+            await self._call(lambda: self.engine.start_reconfigure(tp, pp, layer_split, mode, on_done))
+            return await done
         finally:
             self.switching = None
 

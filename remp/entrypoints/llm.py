@@ -87,7 +87,7 @@ class LLM:
         tensor_parallel_size: int,
         pipeline_parallel_size: int,
         layer_split: list[int] | None = None,
-        mode: str = "switch",
+        mode: str = "live",
     ):
         """Switch the running engine's topology; see LLMEngine.reconfigure. Returns a SwitchReport."""
         return self.llm_engine.reconfigure(tensor_parallel_size, pipeline_parallel_size, layer_split, mode)

@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from remp.engine import LLMEngine
 from remp.outputs import RequestOutput
-from remp.switch_report import SwitchReport
+from remp.switch.report import SwitchReport
 
 LATENCY_BUCKETS = (
     0.005,

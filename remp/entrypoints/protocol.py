@@ -109,4 +109,4 @@ class ReconfigureRequest(BaseModel):
     tensor_parallel_size: int = Field(**PARALLEL_SIZE)
     pipeline_parallel_size: int = Field(**PARALLEL_SIZE)
     layer_split: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = None
-    mode: Literal["switch", "restart"] = "switch"
+    mode: Literal["live", "stop", "restart"] = "live"

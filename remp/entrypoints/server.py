@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from remp.entrypoints.async_engine import AsyncLLMEngine, EngineStopped, SwitchInProgress
+from remp.entrypoints.async_engine import AsyncLLMEngine, EngineStopped
 from remp.entrypoints.errors import (
     APIError,
     BodySizeLimit,
@@ -32,6 +32,7 @@ from remp.entrypoints.protocol import ChatCompletionRequest, CompletionRequest, 
 from remp.executor import WorkerError
 from remp.outputs import CompletionOutput, RequestOutput
 from remp.sampling_params import SamplingParams
+from remp.switch.on_driver import SwitchAborted, SwitchInProgress
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
 
@@ -365,6 +366,8 @@ def build_app(
             raise APIError(409, f"a switch to {e} is in progress; try again when it is done") from None
         except (ValueError, OverflowError) as e:
             raise APIError(400, f"switch refused, still serving {core.topology}: {e}") from None
+        except SwitchAborted as e:
+            raise APIError(503, str(e)) from None
         except WorkerError as e:
             raise APIError(500, f"switch failed: {e}") from None
         t = core.topology

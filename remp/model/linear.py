@@ -22,6 +22,7 @@ class FusedLinear:
     def __init__(
         self, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None, batch_hint: int = 64
     ):
+        self.source = weights[0]  # to tell whether a rebuilt shard still has the same weights
         self.splits = [w.shape[0] for w in weights]
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         self.bias = None

@@ -6,6 +6,7 @@ so that loading and resharding are the same operation: putting named pieces in t
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from remp.kv_cache import KVCache
 from remp.model.attention import AttnMetadata, paged_attention, write_kv
 from remp.model.linear import FusedLinear
 from remp.model.rope import RotaryEmbedding
+from remp.model.schema import EMBED, LM_HEAD, NORM, layer_names
 from remp.sharding import ShardSpec
 
 
@@ -25,6 +27,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+@dataclass
+class Layer:
+    """Execution form of one decoder layer, and the canonical tensors it was built from."""
+
+    sources: dict[str, torch.Tensor | None]
+    ln1: torch.Tensor
+    qkv: FusedLinear
+    o: FusedLinear
+    ln2: torch.Tensor
+    gate_up: FusedLinear
+    down: FusedLinear
+
+    @classmethod
+    def build(cls, w: dict[str, torch.Tensor | None]) -> Layer:
+        return cls(
+            w,
+            w["input_norm"],
+            FusedLinear([w["q"], w["k"], w["v"]], [w["q_bias"], w["k_bias"], w["v_bias"]]),
+            FusedLinear([w["o"]]),
+            w["post_norm"],
+            FusedLinear([w["gate"], w["up"]]),
+            FusedLinear([w["down"]]),
+        )
+
+
 class LlamaShard:
     def __init__(
         self,
@@ -33,54 +60,58 @@ class LlamaShard:
         weights: dict[str, torch.Tensor],
         rope: RotaryEmbedding,
         all_reduce: Callable[[torch.Tensor], None] | None = None,
+        reuse: dict[int, Layer | FusedLinear] | None = None,
     ):
+        """The fused / packed execution weights are derived from the canonical dict; a layer in `reuse` (by
+        global index; -1 for the lm-head) built from the very tensors given here is taken over as it is, so a
+        switch re-packs only what changed."""
         self.config, self.spec, self.weights, self.rope = config, spec, weights, rope
         self.all_reduce = all_reduce  # in-place sum over the TP group; None when tp == 1
         self.kv_heads = len(spec.kv_heads)
         self.q_per_kv = len(spec.q_heads) // self.kv_heads
-        self.rebuild()
-
-    def rebuild(self) -> None:
-        """Derive the fused / packed execution weights from the canonical dict (after loading or resharding)."""
+        reuse = reuse or {}
         self.layers = []
-        for i in self.spec.layers:
-            w = lambda name, i=i: self.weights.get(f"model.layers.{i}.{name}")
-            attn = [f"self_attn.{p}_proj" for p in "qkv"]
-            self.layers.append(
-                (
-                    w("input_layernorm.weight"),
-                    FusedLinear([w(p + ".weight") for p in attn], [w(p + ".bias") for p in attn]),
-                    FusedLinear([w("self_attn.o_proj.weight")]),
-                    w("post_attention_layernorm.weight"),
-                    FusedLinear([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]),
-                    FusedLinear([w("mlp.down_proj.weight")]),
-                )
-            )
-        head = self.weights.get("lm_head.weight", self.weights.get("model.embed_tokens.weight"))
-        self.lm_head = FusedLinear([head]) if self.spec.is_sampler else None
+        for i in spec.layers:
+            w = {role: weights.get(name) for role, name in layer_names(i).items()}
+            layer = reuse.get(i)
+            if layer is None or any(layer.sources[r] is not t for r, t in w.items()):
+                layer = Layer.build(w)
+            self.layers.append(layer)
+        self.lm_head = None
+        if spec.is_sampler:
+            head = weights.get(LM_HEAD, weights.get(EMBED))
+            old = reuse.get(-1)
+            self.lm_head = old if old is not None and old.source is head else FusedLinear([head])
+
+    def execution_layers(self) -> dict[int, Layer | FusedLinear]:
+        """This shard's execution form by global layer (-1: the lm-head), for a successor to reuse."""
+        out: dict[int, Layer | FusedLinear] = dict(zip(self.spec.layers, self.layers))
+        if self.lm_head is not None:
+            out[-1] = self.lm_head
+        return out
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weights["model.embed_tokens.weight"])
+        return F.embedding(input_ids, self.weights[EMBED])
 
     def forward(self, hidden: torch.Tensor, meta: AttnMetadata, kv: KVCache) -> torch.Tensor:
         """hidden: [T, hidden] -> [T, hidden] after this shard's layers (before the final norm)."""
         cfg, D = self.config, self.config.head_dim
-        for local, (ln1, qkv_proj, o_proj, ln2, gate_up_proj, down_proj) in enumerate(self.layers):
-            x = rms_norm(hidden, ln1, cfg.rms_norm_eps)
-            q, k, v = qkv_proj.split(qkv_proj(x))
+        for local, layer in enumerate(self.layers):
+            x = rms_norm(hidden, layer.ln1, cfg.rms_norm_eps)
+            q, k, v = layer.qkv.split(layer.qkv(x))
             T = x.shape[0]
             q = self.rope.apply(q.view(T, -1, D), meta.positions)
             k = self.rope.apply(k.view(T, self.kv_heads, D), meta.positions)
             k_cache, v_cache = kv.layer(local)
             write_kv(k_cache, v_cache, meta.slot_mapping, k, v.view(T, self.kv_heads, D))
             attn = paged_attention(q.view(T, self.kv_heads, self.q_per_kv, D), k_cache, v_cache, meta)
-            o = o_proj(attn)
+            o = layer.o(attn)
             if self.all_reduce:
                 self.all_reduce(o)
             hidden = hidden + o
-            x = rms_norm(hidden, ln2, cfg.rms_norm_eps)
-            gate, up = gate_up_proj.split(gate_up_proj(x))
-            m = down_proj(F.silu(gate) * up)
+            x = rms_norm(hidden, layer.ln2, cfg.rms_norm_eps)
+            gate, up = layer.gate_up.split(layer.gate_up(x))
+            m = layer.down(F.silu(gate) * up)
             if self.all_reduce:
                 self.all_reduce(m)
             hidden = hidden + m
@@ -88,4 +119,4 @@ class LlamaShard:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and lm-head of the rows given: [N, hidden] -> [N, vocab]."""
-        return self.lm_head(rms_norm(hidden, self.weights["model.norm.weight"], self.config.rms_norm_eps))
+        return self.lm_head(rms_norm(hidden, self.weights[NORM], self.config.rms_norm_eps))

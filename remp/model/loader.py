@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from remp.model.reader import CheckpointReader
-from remp.sharding import ShardSpec, weight_slices
+from remp.model.schema import shard_tensors, slices
+from remp.sharding import ShardSpec
 
 
 def load_shard_weights(
@@ -13,8 +14,10 @@ def load_shard_weights(
 ) -> dict[str, torch.Tensor]:
     available = set(reader.names())
     weights = {}
-    for name, slices in weight_slices(reader.config, spec).items():
+    for name, (lo, hi) in shard_tensors(reader.config, spec).items():
         if name not in available:
             raise KeyError(f"checkpoint {reader.path} lacks tensor {name!r}")
-        weights[name] = reader.read(name, slices).to(device=device, dtype=dtype).contiguous()
+        weights[name] = (
+            reader.read(name, slices(reader.config, name, lo, hi)).to(device=device, dtype=dtype).contiguous()
+        )
     return weights

@@ -7,21 +7,31 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class SwitchReport:
-    mode: str  # "switch" (in place, peer to peer) or "restart" (stop, reload from the checkpoint, recompute)
+    # "live" (weights pre-copied while serving, KV in the pause), "stop" (everything in the pause) or "restart"
+    # (stop the workers, reload from the checkpoint, recompute the KV)
+    mode: str
     old_topology: str
     new_topology: str
-    wall_s: float  # the whole reconfigure() call
-    pause_s: float  # time no step could run (after in-flight micro-batches drained)
+    wall_s: float  # from the request to the resumed serving
+    pause_s: float  # the cut-over alone: time no step could run (in-flight micro-batches drained first)
+    precopy_s: float = 0.0  # live: from the request until every worker had the new shard ready
     bytes_moved: dict[str, int] = field(default_factory=dict)  # per kind: weights, kv (restart: checkpoint bytes read)
+    bytes_moved_in_pause: dict[str, int] = field(default_factory=dict)
     min_bytes: dict[str, int] = field(default_factory=dict)  # the least any plan must move
     bytes_kept: dict[str, int] = field(default_factory=dict)
     peak_extra_bytes: int = 0  # largest extra memory on one worker during the switch
+    peak_extra_bytes_per_worker: list[int] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)  # request ids preempted for lack of KV blocks
     recomputed_tokens: int = 0  # tokens whose KV must be computed again (restart: every in-flight token)
     kv_blocks_moved: int = 0
     num_kv_blocks: int = 0  # logical KV blocks of the new topology
     executor_bytes_received: int = 0  # what the workers actually received from peers (equals the plan's moved)
     worker_seconds: dict = field(default_factory=dict)  # slowest worker's time per part of the switch
+    # serving while it ran: output tokens/s in the pre-copy window and in as long a window just before it
+    tokens_per_s_before: float | None = None
+    tokens_per_s_during: float | None = None
+    longest_step_gap_s: float = 0.0  # longest time between two finished steps, the pause included
+    fallback: str | None = None  # why a live switch ran as stop-the-world (e.g. the staging budget)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,52 +16,23 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from remp.config import ModelConfig
-from remp.sharding import ShardSpec, weight_slices
+from remp.model.schema import shard_tensors, tensor, tensor_layer
+from remp.sharding import ShardSpec
 from remp.topology import Topology
 
 CHECKPOINT = -1  # source id of pieces read from the checkpoint
-ROW_PARALLEL = ("self_attn.o_proj.weight", "mlp.down_proj.weight")  # sliced by columns
-
-
-def shard_axis(name: str) -> int:
-    return 1 if name.endswith(ROW_PARALLEL) else 0
-
-
-def tensor_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
-    H, D, I, V = config.hidden_size, config.head_dim, config.intermediate_size, config.vocab_size
-    q, kv = config.num_attention_heads * D, config.num_key_value_heads * D
-    last = name.rsplit(".", 2)
-    kind = ".".join(last[-2:])
-    shapes = {
-        "q_proj.weight": (q, H),
-        "k_proj.weight": (kv, H),
-        "v_proj.weight": (kv, H),
-        "q_proj.bias": (q,),
-        "k_proj.bias": (kv,),
-        "v_proj.bias": (kv,),
-        "o_proj.weight": (H, q),
-        "gate_proj.weight": (I, H),
-        "up_proj.weight": (I, H),
-        "down_proj.weight": (H, I),
-        "input_layernorm.weight": (H,),
-        "post_attention_layernorm.weight": (H,),
-        "norm.weight": (H,),
-        "embed_tokens.weight": (V, H),
-        "lm_head.weight": (V, H),
-    }
-    return shapes[kind]
 
 
 @dataclass(frozen=True, order=True)
 class WeightPiece:
     name: str
-    start: int  # range along shard_axis(name)
+    start: int  # range along the tensor's shard axis (model/schema.py)
     stop: int
 
     @property
     def layer(self) -> int:
         """Layer index, or -1 for the embedding, final norm and lm-head (moved first)."""
-        return int(self.name.split(".")[2]) if self.name.startswith("model.layers.") else -1
+        return tensor_layer(self.name)
 
 
 @dataclass(frozen=True, order=True)
@@ -116,8 +87,7 @@ class PieceSizer:
         self.kv_piece_bytes = 2 * kv_blocks_used * block_size * config.head_dim * itemsize
 
     def row_bytes(self, name: str) -> int:
-        shape = tensor_shape(self.config, name)
-        return int(np.prod(shape)) // shape[shard_axis(name)] * self.itemsize
+        return tensor(self.config, name).rows_per_unit * self.itemsize
 
     def bytes(self, piece: Piece) -> int:
         if isinstance(piece, KVPiece):
@@ -127,14 +97,7 @@ class PieceSizer:
 
 def weight_ranges(config: ModelConfig, spec: ShardSpec | None) -> dict[str, tuple[int, int]]:
     """Each checkpoint tensor a shard holds, as the range it holds along the tensor's shard axis."""
-    if spec is None:
-        return {}
-    out = {}
-    for name, slices in weight_slices(config, spec).items():
-        axis = shard_axis(name)
-        s = slices[axis] if len(slices) > axis else slice(None)
-        out[name] = s.indices(tensor_shape(config, name)[axis])[:2]
-    return out
+    return {} if spec is None else shard_tensors(config, spec)
 
 
 def worker_pieces(config: ModelConfig, topology: Topology, worker: int, with_kv: bool) -> list[Piece]:
@@ -289,4 +252,28 @@ def _minimum(
         weights, kv = _index(held)
         for p in worker_pieces(config, best, w, with_kv):
             out.add(p, sizer.bytes(p) - _held_bytes(sizer, p, weights, kv))
+    return out
+
+
+def staging_bytes(
+    config: ModelConfig, plan: Plan, sizer: PieceSizer, num_blocks: int, block_size: int, same_blocks: bool
+) -> dict[int, int]:
+    """Extra bytes each worker holds at the peak of a live switch: the new tensors it assembles (for every
+    changed range) and the pieces it receives for them, and the KV layers it cannot keep (other heads, or a
+    pool of another size). The old shard serves until the cut-over, so none of this replaces anything yet."""
+    kv_head_bytes = 2 * num_blocks * block_size * config.head_dim * sizer.itemsize
+    out = {}
+    for w in plan.new.placement:
+        new_spec = plan.new.spec(config, w)
+        old_spec = plan.old.spec(config, w) if plan.old is not None and plan.old.coordinate(w) is not None else None
+        old, new = weight_ranges(config, old_spec), weight_ranges(config, new_spec)
+        total = sum((hi - lo) * sizer.row_bytes(n) for n, (lo, hi) in new.items() if old.get(n) != (lo, hi))
+        total += sum(sizer.bytes(t.piece) for t in plan.transfers if t.dst == w and isinstance(t.piece, WeightPiece))
+        kept = same_blocks and old_spec is not None and old_spec.kv_heads == new_spec.kv_heads
+        total += sum(
+            len(new_spec.kv_heads) * kv_head_bytes
+            for layer in new_spec.layers
+            if not (kept and layer in old_spec.layers)
+        )
+        out[w] = total
     return out

@@ -1,0 +1,79 @@
+"""What the driver and the workers say to each other over their pipes: one type per command and per reply.
+
+Steps go to every worker and the sampler worker answers; a switch is three commands (prepare, commit or
+abort) that every worker answers with its progress. Pickled, so keep what travels every step small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from remp.model.attention import SeqChunk
+from remp.sampler import SamplerOutput, SampleRow
+
+
+# ---- driver -> workers -------------------------------------------------------------------------------------
+class StepMsg(NamedTuple):
+    step_id: int
+    chunks: list[SeqChunk]
+    rows: list[SampleRow]  # one per chunk with sample=True, in order
+
+
+@dataclass
+class PrepareSwitch:
+    """Create the new topology's process groups; with `precopy`, also start moving and assembling the weights in
+    the background while steps go on (live mode). Answered by SwitchProgress("precopied" or "prepared")."""
+
+    switch_id: int
+    plan: Any  # switch.plan.Plan
+    num_blocks: int  # KV blocks of the new pool
+    precopy: bool
+    precopy_duty: float = 0.3  # the share of wall time the background copy may keep busy
+
+
+@dataclass
+class CommitSwitch:
+    """The pause: move what is left (all of it in stop mode, the KV in live mode), install the new shard."""
+
+    switch_id: int
+    used_blocks: list[int]  # KV blocks in use, in this order ...
+    new_block_ids: list[int]  # ... become these in the new pool
+
+
+@dataclass
+class AbortSwitch:
+    switch_id: int
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+# ---- workers -> driver -------------------------------------------------------------------------------------
+class StepResult(NamedTuple):
+    step_id: int
+    sampled: SamplerOutput
+    worker_s: float  # sampler worker: message received -> result ready (includes waiting for upstream stages)
+
+
+@dataclass
+class Ready:
+    rank: int
+    pid: int
+
+
+@dataclass
+class SwitchProgress:
+    rank: int
+    switch_id: int
+    stage: str  # "prepared", "precopied", "committed", "aborted", or "failed" (then `error` says why)
+    stats: Any = None  # switch.execute.SwitchStats
+    error: str | None = None
+
+
+@dataclass
+class WorkerFailed:
+    rank: int
+    traceback: str

@@ -1,0 +1,173 @@
+"""The driver's side of a switch, as a state machine the engine advances between its steps.
+
+start: plan (placement, pieces) and send PrepareSwitch; the workers create the new groups and, in live mode,
+pre-copy the weights while the engine keeps stepping. advance (each step): once every worker is "precopied"
+(live) or "prepared" (stop), cut over: drain the in-flight micro-batches (the pause starts), fit the blocks in
+use into the new pool, CommitSwitch, wait, swap the scheduler's block table, report. A worker that reports a
+failure before the cut-over, or a pre-copy that outlives `timeout_s`, aborts the switch: the workers drop
+what they staged and the old topology goes on serving. A worker that dies is an engine failure, as always.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from remp.executor import WorkerError
+from remp.messages import AbortSwitch, CommitSwitch, PrepareSwitch, SwitchProgress
+from remp.switch.plan import KVPiece, PieceSizer, Plan, best_placement, make_plan, staging_bytes
+from remp.switch.report import SwitchReport
+from remp.topology import Topology
+
+
+class SwitchInProgress(RuntimeError):
+    """A switch is already running; its message names the topology it switches to."""
+
+
+class SwitchAborted(RuntimeError):
+    """The switch was called off before the cut-over; the old topology kept serving."""
+
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class PendingSwitch:
+    mode: str  # "live" or "stop"
+    old: Topology
+    target: Topology  # as asked for (the plan's topology adds the placement)
+    plan: Plan
+    num_blocks: int
+    on_done: Callable[[SwitchReport | None, BaseException | None], None]
+    fallback: str | None = None
+    switch_id: int = field(default_factory=lambda: next(_ids))
+    t_start: float = field(default_factory=time.perf_counter)
+    t_ready: float | None = None
+    abort_reason: str | None = None
+
+    @property
+    def ready_stage(self) -> str:
+        return "precopied" if self.mode == "live" else "prepared"
+
+
+class SwitchDriver:
+    """Owned by the engine; `engine` supplies the executor, the scheduler, drain() and the step log."""
+
+    def __init__(self, engine, staging_gb: float, precopy_duty: float, timeout_s: float):
+        self.engine, self.staging_gb, self.precopy_duty, self.timeout_s = engine, staging_gb, precopy_duty, timeout_s
+        self.pending: PendingSwitch | None = None
+
+    def start(
+        self,
+        target: Topology,
+        num_blocks: int,
+        mode: str,
+        on_done: Callable[[SwitchReport | None, BaseException | None], None],
+    ) -> None:
+        if self.pending is not None:
+            raise SwitchInProgress(str(self.pending.target))
+        eng = self.engine
+        old, cfg = eng.topology, eng.model_config
+        sizer = PieceSizer(cfg, eng.dtype.itemsize, len(eng.scheduler.blocks_in_use()), eng.args.block_size)
+        new = best_placement(cfg, old, target.tp, target.pp, sizer, target.layers_per_stage)
+        plan = make_plan(cfg, old, new, sizer)
+        fallback = None
+        if mode == "live":
+            same_blocks = num_blocks == eng.num_kv_blocks
+            staging = staging_bytes(cfg, plan, sizer, num_blocks, eng.args.block_size, same_blocks)
+            if max(staging.values()) > self.staging_gb * 2**30:
+                worst = max(staging, key=staging.get)
+                fallback = (
+                    f"live staging needs {staging[worst] / 2**20:.0f} MiB on worker {worst}, over the "
+                    f"switch_staging_gb budget ({self.staging_gb:g} GiB): stop-the-world instead"
+                )
+                mode = "stop"
+        self.pending = PendingSwitch(mode, old, target, plan, num_blocks, on_done, fallback)
+        eng.executor.broadcast(
+            PrepareSwitch(self.pending.switch_id, plan, num_blocks, mode == "live", self.precopy_duty)
+        )
+
+    def advance(self, wait_s: float = 0.0) -> None:
+        """Called between steps: cut over once the workers are ready, or finish an abort."""
+        sw = self.pending
+        if sw is None:
+            return
+        progress = self.engine.executor.switch_progress(sw.switch_id, wait_s)
+        n = len(self.engine.executor.procs)
+        if sw.abort_reason is None:
+            failed = [p for p in progress.values() if p.stage == "failed"]
+            if failed:
+                self._abort(sw, f"worker {failed[0].rank} failed during pre-copy:\n{failed[0].error}")
+            elif time.perf_counter() - sw.t_start > self.timeout_s:
+                self._abort(sw, f"the workers were not ready to cut over within {self.timeout_s:g} s")
+            elif len(progress) == n and all(p.stage == sw.ready_stage for p in progress.values()):
+                sw.t_ready = time.perf_counter()
+                self._cut_over(sw)
+        elif len(progress) == n and all(p.stage == "aborted" for p in progress.values()):
+            self.pending = None
+            sw.on_done(
+                None, SwitchAborted(f"switch to {sw.plan.new} called off, still serving {sw.old}: {sw.abort_reason}")
+            )
+
+    def _abort(self, sw: PendingSwitch, reason: str) -> None:
+        sw.abort_reason = reason
+        self.engine.executor.broadcast(AbortSwitch(sw.switch_id))
+
+    def _cut_over(self, sw: PendingSwitch) -> None:
+        eng = self.engine
+        t_pause = time.perf_counter()
+        last_step = eng.last_step_time()
+        eng.drain()
+        preempted = eng.scheduler.fit(sw.num_blocks)
+        used = eng.scheduler.blocks_in_use()
+        new_ids = used if not used or used[-1] < sw.num_blocks else list(range(len(used)))
+        with eng.fatal_worker_errors():  # past this point the old shards are consumed: failure ends the engine
+            eng.executor.broadcast(CommitSwitch(sw.switch_id, used, new_ids))
+            progress = eng.executor.await_switch(sw.switch_id, {"committed"}, eng.args.worker_timeout_s)
+            failed = [p for p in progress.values() if p.stage == "failed"]
+            if failed:
+                raise WorkerError(f"worker {failed[0].rank} failed to commit the switch:\n{failed[0].error}")
+        eng.executor.use_topology(sw.plan.new)
+        eng.scheduler.resize(sw.num_blocks, dict(zip(used, new_ids)))
+        eng.num_kv_blocks = sw.num_blocks
+        t_end = time.perf_counter()
+        self.pending = None
+        sw.on_done(self._report(sw, progress, used, preempted, t_pause, t_end, last_step), None)
+
+    def _report(self, sw, progress: dict[int, SwitchProgress], used, preempted, t_pause, t_end, last_step):
+        eng, plan = self.engine, sw.plan
+        stats = [progress[r].stats for r in sorted(progress)]
+        # KV bytes depend on the blocks in use at the cut-over, not at planning: count with that sizer
+        sizer = PieceSizer(eng.model_config, eng.dtype.itemsize, len(used), eng.args.block_size)
+        final = make_plan(eng.model_config, sw.old, plan.new, sizer)
+        kv_moved = sum(sizer.bytes(t.piece) for t in plan.transfers if isinstance(t.piece, KVPiece) and t.src >= 0)
+        weights_in_pause = plan.moved.weights if sw.mode == "stop" else 0
+        before, during = eng.throughput(sw.t_start, sw.t_ready)
+        return SwitchReport(
+            sw.mode,
+            str(sw.old),
+            str(plan.new),
+            wall_s=t_end - sw.t_start,
+            pause_s=t_end - t_pause,
+            precopy_s=(sw.t_ready - sw.t_start) if sw.mode == "live" else 0.0,
+            bytes_moved={"weights": plan.moved.weights, "kv": kv_moved},
+            bytes_moved_in_pause={"weights": weights_in_pause, "kv": kv_moved},
+            min_bytes={"weights": final.minimum.weights, "kv": final.minimum.kv},
+            bytes_kept={"weights": final.kept.weights, "kv": final.kept.kv},
+            peak_extra_bytes=max(s.peak_extra_bytes for s in stats),
+            peak_extra_bytes_per_worker=[s.peak_extra_bytes for s in stats],
+            preempted=[r.request_id for r in preempted],
+            kv_blocks_moved=len(used),
+            num_kv_blocks=sw.num_blocks,
+            executor_bytes_received=sum(s.bytes_received for s in stats),
+            worker_seconds={
+                k: round(max(s.seconds.get(k, 0.0) for s in stats), 4)
+                for k in sorted({k for s in stats for k in s.seconds})
+            },
+            tokens_per_s_before=before,
+            tokens_per_s_during=during,
+            longest_step_gap_s=eng.longest_step_gap(sw.t_start, t_end, last_step),
+            fallback=sw.fallback,
+        )

@@ -1,0 +1,91 @@
+"""A worker's side of a switch: the driver's three commands (prepare, commit, abort), for either strategy.
+
+prepare: create the new topology's process groups (steps go on around it); in live mode start the pre-copy
+(live.py), which answers "precopied" when the new shard is ready, else answer "prepared".
+commit (the pause): live mode moves the KV and swaps in the shard built during pre-copy; stop mode runs the
+whole plan now, chunk by chunk (execute.stop_the_world). Then steps route by the new topology.
+abort: drop whatever was staged; the old shard never stopped serving.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from remp.messages import AbortSwitch, CommitSwitch, PrepareSwitch, SwitchProgress
+from remp.model.schema import tensor_layer
+from remp.switch.execute import Memory, PieceIO, SwitchStats, stop_the_world
+from remp.switch.live import LiveSwitch
+from remp.switch.plan import weight_ranges
+
+
+class WorkerSwitch:
+    def __init__(self, rank: int, runner, comm, send: Callable[[object], None]):
+        self.rank, self.runner, self.comm, self.send = rank, runner, comm, send
+        self.pending: PrepareSwitch | None = None
+        self.live: LiveSwitch | None = None
+        self.groups_s = 0.0
+
+    def _progress(self, stage: str, stats: SwitchStats | None = None, error: str | None = None) -> None:
+        self.send(SwitchProgress(self.rank, self.pending.switch_id, stage, stats, error))
+
+    def prepare(self, msg: PrepareSwitch) -> None:
+        t0 = time.perf_counter()
+        self.comm.prepare_topology(msg.plan.new)
+        self.groups_s = time.perf_counter() - t0
+        self.pending = msg
+        if msg.precopy:
+            self.live = LiveSwitch(
+                self.rank,
+                msg,
+                self.runner,
+                self.comm.switch_group,
+                lambda stats, error: self._progress("failed" if error else "precopied", stats, error),
+            )
+            self.live.start()
+        else:
+            self._progress("prepared")
+
+    def commit(self, msg: CommitSwitch) -> None:
+        plan, runner = self.pending.plan, self.runner
+        config = runner.reader.config
+        new_spec = plan.new.spec(config, self.rank) if plan.new.coordinate(self.rank) is not None else None
+        if self.live is not None:
+            state, shard, stats = self.live.commit(msg.used_blocks, msg.new_block_ids)
+        else:
+            stats = SwitchStats()
+            t0 = time.perf_counter()
+            old, reuse = runner.detach(self._unchanged_layers(new_spec))
+            io = PieceIO(
+                self.rank, config, old, msg.used_blocks, runner.block_size, runner.dtype, runner.device,
+                self.comm.switch_group, stats, Memory(stats), runner.reader,
+            )  # fmt: skip
+            state = stop_the_world(io, plan, new_spec, msg.new_block_ids, self.pending.num_blocks)
+            stats.bytes_received_in_pause = stats.bytes_received
+            stats.add_time("execute", time.perf_counter() - t0)
+            shard = runner.build_shard(new_spec, state.weights, reuse) if new_spec is not None else None
+        t0 = time.perf_counter()
+        self.comm.use_topology(plan.new, config.hidden_size, runner.dtype)
+        runner.install(state, shard)
+        stats.add_time("install", time.perf_counter() - t0)
+        stats.seconds["groups"] = self.groups_s
+        self._progress("committed", stats)
+        self.pending = self.live = None
+
+    def abort(self, msg: AbortSwitch) -> None:
+        if self.pending is None or msg.switch_id != self.pending.switch_id:
+            return
+        if self.live is not None:
+            self.live.abort()
+        self._progress("aborted")
+        self.pending = self.live = None
+
+    def _unchanged_layers(self, new_spec) -> set[int]:
+        """Layers (and -1, the lm-head) whose every tensor this worker holds with the same range before and after:
+        their execution form can be taken over as it is."""
+        if new_spec is None:
+            return set()
+        config = self.runner.reader.config
+        old, new = weight_ranges(config, self.runner.spec), weight_ranges(config, new_spec)
+        changed = {tensor_layer(n) for n in new if old.get(n) != new[n]}
+        return {i for i in {*new_spec.layers, -1} if i not in changed}
