@@ -1,13 +1,14 @@
-"""Topology switches against the restart baseline, side by side in one run, with requests in flight.
+"""Live and stop-the-world switches against the restart baseline, side by side in one run, with requests in flight.
 
-    python bench/reconfig.py                      # default model (SmolLM2-135M), bf16, 4 workers
+    python bench/reconfig.py [--dtype auto]       # default model (SmolLM2-135M), 4 workers
     python bench/reconfig.py --model random-1b    # a random ~1.1B Llama (TinyLlama shape) written as safetensors
 
-For every ordered pair of topologies over 4 workers (TP4, TP2xPP2, PP4): the in-place switch (wall time, pause,
-bytes moved per kind, minimum bytes, peak extra memory, time until every in-flight request has its next token)
-next to the restart baseline (stop the workers, start new ones from the checkpoint, recompute the in-flight KV).
-Also the measured point-to-point bandwidth between two worker processes, to compare the switch time with
-bytes / bandwidth. Writes bench/results/reconfig-<model>.json and prints a markdown table.
+For every ordered pair of topologies over 4 workers (TP4, TP2xPP2, PP4), each mode in turn: wall time, pause
+(the cut-over alone), pre-copy time, bytes moved before and in the pause beside the minimum, peak extra memory,
+serving throughput during pre-copy against before it, and the interruption: the longest time any in-flight
+request went without a token during the switch (for a restart: until it resumed, its KV recomputed). Also the
+median decode step before each switch and the measured point-to-point bandwidth, so the pause can be compared
+with a step plus the pause's bytes / bandwidth. Writes bench/results/reconfig-<model>.json, prints a table.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import torch
 import torch.distributed as dist
 
 from remp import LLMEngine, SamplingParams
+from remp.cpu_features import cpu_features
 
 TOPOLOGIES = [(4, 1), (2, 2), (1, 4)]
+MODES = ("live", "stop", "restart")
 ONE_B = dict(
     hidden_size=2048,
     intermediate_size=5632,
@@ -87,23 +90,46 @@ def fill(engine: LLMEngine, n: int, prompt_len: int, tag: str) -> None:
         engine.step()
 
 
-def measure(engine: LLMEngine, tp: int, pp: int, mode: str) -> dict:
-    """Switch, then step until every in-flight request has its next token: resume_s is the whole interruption
-    a streaming client sees (for a restart it includes recomputing the in-flight KV)."""
-    target = {rid: r.num_output_tokens + 1 for rid, r in engine.requests.items()}
-    t0 = time.perf_counter()
-    report = engine.reconfigure(tp, pp, mode=mode)
-    while any(engine.requests[rid].num_output_tokens < n for rid, n in target.items()):
+def median_step_s(engine: LLMEngine, steps: int = 8) -> float:
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
         engine.step()
-    d = report.to_dict()
-    d["resume_s"] = time.perf_counter() - t0
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(engine: LLMEngine, tp: int, pp: int, mode: str) -> dict:
+    """Switch while stepping; the interruption is the longest time an in-flight request went without a token,
+    from the last step before the switch until each has had one after it."""
+    step_s = median_step_s(engine)
+    done: dict = {}
+    t_last = engine.last_step_time()
+    last_token = {rid: t_last for rid in engine.requests}
+    gap = {rid: 0.0 for rid in engine.requests}
+    t0 = time.perf_counter()
+    engine.start_reconfigure(tp, pp, mode=mode, on_done=lambda r, e: done.update(r=r, e=e, t=time.perf_counter()))
+    resumed: set[str] = set()
+    while not done or resumed != set(last_token):
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            if o.request_id in last_token:
+                gap[o.request_id] = max(gap[o.request_id], now - last_token[o.request_id])
+                last_token[o.request_id] = now
+                if done:
+                    resumed.add(o.request_id)
+    if done["e"] is not None:
+        raise done["e"]
+    d = done["r"].to_dict()
+    d.update(interruption_s=max(gap.values()), median_step_s=step_s, done_s=done["t"] - t0)
     return d
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None, help="path, or random-1b")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto")
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
@@ -137,40 +163,24 @@ def main() -> None:
             for dst in TOPOLOGIES:
                 if src == dst:
                     continue
-                if (engine.topology.tp, engine.topology.pp) != src:
-                    engine.reconfigure(*src)
-                switch = measure(engine, *dst, "switch")
-                engine.reconfigure(*src)
-                restart = measure(engine, *dst, "restart")
-                row = {
-                    "from": f"TP{src[0]}xPP{src[1]}",
-                    "to": f"TP{dst[0]}xPP{dst[1]}",
-                    "switch": switch,
-                    "restart": restart,
-                    "speedup_wall": restart["wall_s"] / switch["wall_s"],
-                    "speedup_resume": restart["resume_s"] / switch["resume_s"],
-                    "bytes_over_bandwidth_s": sum(switch["bytes_moved"].values()) / bw,
-                }
+                row = {"from": f"TP{src[0]}xPP{src[1]}", "to": f"TP{dst[0]}xPP{dst[1]}"}
+                for mode in MODES:
+                    if (engine.topology.tp, engine.topology.pp) != src:
+                        engine.reconfigure(*src, mode="stop")
+                    row[mode] = measure(engine, *dst, mode)
+                row["bytes_over_bandwidth_s"] = sum(row["live"]["bytes_moved"].values()) / bw
+                row["pause_kv_over_bandwidth_s"] = row["live"]["bytes_moved_in_pause"]["kv"] / bw
                 rows.append(row)
-                print(
-                    json.dumps(
-                        {
-                            k: (round(v, 4) if isinstance(v, float) else v)
-                            for k, v in row.items()
-                            if k not in ("switch", "restart")
-                        }
-                    ),
-                    flush=True,
-                )
+                print(json.dumps(summary(row)), flush=True)
     finally:
         engine.shutdown()
         if tmp:
             tmp.cleanup()
     result = {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{os.cpu_count()} cores",
+        "machine": f"{os.cpu_count()} cores, {cpu_features().describe()}",
         "model": label,
-        "dtype": a.dtype,
+        "dtype": str(engine.dtype).removeprefix("torch."),
         "requests_in_flight": a.requests,
         "prompt_len": a.prompt_len,
         "p2p_bandwidth_Bps": bw,
@@ -182,25 +192,41 @@ def main() -> None:
     print(f"saved {out}")
 
 
+def summary(row: dict) -> dict:
+    ms = lambda x: round(x * 1e3, 1)
+    out = {"pair": f"{row['from']} -> {row['to']}"}
+    for mode in MODES:
+        r = row[mode]
+        out[mode] = {
+            "wall_ms": ms(r["wall_s"]),
+            "pause_ms": ms(r["pause_s"]),
+            "interruption_ms": ms(r["interruption_s"]),
+        }
+    return out
+
+
 def table(result: dict) -> str:
-    mb = lambda d: sum(d.values()) / 1e6
+    mb = lambda x: x / 1e6
     lines = [
         f"{result['model']} ({result['dtype']}), {result['requests_in_flight']} requests in flight, "
-        f"p2p {result['p2p_bandwidth_Bps'] / 1e9:.2f} GB/s",
+        f"p2p {result['p2p_bandwidth_Bps'] / 1e9:.2f} GB/s, {result['machine']}",
         "",
-        "| switch | wall ms | pause ms | resume ms | MB moved (w+kv) | min MB | bytes/bw ms | peak extra MB "
-        "| restart wall s | restart resume s | speedup (wall) | speedup (resume) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| switch | median step ms | live: pre-copy ms / pause ms / interruption ms | pause KV MB (KV/bw ms) "
+        "| tok/s before -> during | stop: pause ms / interruption ms | MB moved (min) | bytes/bw ms "
+        "| restart: interruption ms | live vs restart |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["pairs"]:
-        s, rs = r["switch"], r["restart"]
+        lv, st, rs = r["live"], r["stop"], r["restart"]
+        moved, least = sum(lv["bytes_moved"].values()), sum(lv["min_bytes"].values())
         lines.append(
-            f"| {r['from']} -> {r['to']} | {s['wall_s'] * 1e3:.0f} | {s['pause_s'] * 1e3:.0f} | "
-            f"{s['resume_s'] * 1e3:.0f} | {mb(s['bytes_moved']):.1f} ({s['bytes_moved']['weights'] / 1e6:.1f}"
-            f"+{s['bytes_moved']['kv'] / 1e6:.1f}) | {mb(s['min_bytes']):.1f} | "
-            f"{r['bytes_over_bandwidth_s'] * 1e3:.0f} | {s['peak_extra_bytes'] / 1e6:.1f} | "
-            f"{rs['wall_s']:.1f} | {rs['resume_s']:.1f} | {r['speedup_wall']:.0f}x | "
-            f"{r['speedup_resume']:.0f}x |"
+            f"| {r['from']} -> {r['to']} | {lv['median_step_s'] * 1e3:.0f} "
+            f"| {lv['precopy_s'] * 1e3:.0f} / {lv['pause_s'] * 1e3:.0f} / {lv['interruption_s'] * 1e3:.0f} "
+            f"| {mb(lv['bytes_moved_in_pause']['kv']):.1f} ({r['pause_kv_over_bandwidth_s'] * 1e3:.0f}) "
+            f"| {lv['tokens_per_s_before']} -> {lv['tokens_per_s_during']} "
+            f"| {st['pause_s'] * 1e3:.0f} / {st['interruption_s'] * 1e3:.0f} | {mb(moved):.1f} ({mb(least):.1f}) "
+            f"| {r['bytes_over_bandwidth_s'] * 1e3:.0f} | {rs['interruption_s'] * 1e3:.0f} "
+            f"| {rs['interruption_s'] / lv['interruption_s']:.0f}x |"
         )
     return "\n".join(lines)
 

@@ -194,7 +194,7 @@ class LLMEngine:
         return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
 
     def abort_request(self, request_id: str | list[str]) -> None:
-        busy = self._busy()
+        busy = self.busy_requests()
         for rid in [request_id] if isinstance(request_id, str) else request_id:
             req = self.requests.pop(rid, None)
             if req is not None and not req.finished:
@@ -256,12 +256,12 @@ class LLMEngine:
             self.executor.shutdown(grace_s=1.0)  # survivors may be stuck in a collective with the lost worker
             raise
 
-    def _busy(self) -> set[Request]:
+    def busy_requests(self) -> set[Request]:
         """Requests in a micro-batch still in the pipeline."""
         return {r for b, *_ in self._in_flight for r, _ in b.scheduled}
 
     def _submit_next(self) -> bool:
-        batch = self.scheduler.schedule(self._busy())
+        batch = self.scheduler.schedule(self.busy_requests())
         if not batch.scheduled:
             return False
         now = time.time()

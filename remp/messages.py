@@ -6,7 +6,7 @@ abort) that every worker answers with its progress. Pickled, so keep what travel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from remp.model.attention import SeqChunk
@@ -33,12 +33,24 @@ class PrepareSwitch:
 
 
 @dataclass
+class PrecopyKV:
+    """Live mode, after the weights: copy these KV blocks (full, so never written again while their request
+    holds them) into the new layout in the background. Answered by SwitchProgress("kv_precopied")."""
+
+    switch_id: int
+    blocks: list[int]
+    new_ids: list[int]  # where each goes in the new pool
+
+
+@dataclass
 class CommitSwitch:
-    """The pause: move what is left (all of it in stop mode, the KV in live mode), install the new shard."""
+    """The pause: move what is left (all of it in stop mode; in live mode the KV blocks not pre-copied, or
+    written or reassigned since), install the new shard."""
 
     switch_id: int
     used_blocks: list[int]  # KV blocks in use, in this order ...
     new_block_ids: list[int]  # ... become these in the new pool
+    clean_blocks: list[int] = field(default_factory=list)  # pre-copied and unchanged since: not moved again
 
 
 @dataclass
@@ -68,7 +80,8 @@ class Ready:
 class SwitchProgress:
     rank: int
     switch_id: int
-    stage: str  # "prepared", "precopied", "committed", "aborted", or "failed" (then `error` says why)
+    # "prepared", "precopied", "kv_precopied", "committed", "aborted", or "failed" (then `error` says why)
+    stage: str
     stats: Any = None  # switch.execute.SwitchStats
     error: str | None = None
 

@@ -17,7 +17,16 @@ from multiprocessing.connection import Connection
 
 import torch
 
-from remp.messages import AbortSwitch, CommitSwitch, PrepareSwitch, Ready, Shutdown, StepMsg, WorkerFailed
+from remp.messages import (
+    AbortSwitch,
+    CommitSwitch,
+    PrecopyKV,
+    PrepareSwitch,
+    Ready,
+    Shutdown,
+    StepMsg,
+    WorkerFailed,
+)
 from remp.topology import Topology
 
 
@@ -91,6 +100,7 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology, conn: Connecti
         switch = WorkerSwitch(rank, runner, comm, send)
         handlers = {
             PrepareSwitch: switch.prepare,
+            PrecopyKV: switch.precopy_kv,
             CommitSwitch: switch.commit,
             AbortSwitch: switch.abort,
         }

@@ -19,14 +19,15 @@ from tests.test_reconfigure import ENGINE, PROMPTS, assert_same, params
 from tests.test_worker_failures import wait_dead
 
 LATE = [[256] + [(7 * i + 3) % 256 for i in range(n)] for n in (9, 30)]  # arrive during the pre-copy
-LONG = SamplingParams(max_tokens=90, temperature=0, ignore_eos=True, logprobs=2)  # still running at the cut-over
+LONG = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True, logprobs=2)  # still running at the cut-over
 
 
 def scripted_run(path, switch_at: int | None, target=(1, 4), duty=1.0, **kw):
     """Requests from the start, two more arriving and one aborted a few steps later; a live switch started
     (not awaited) at step `switch_at`, throttled to `duty` so that it spans those steps. Returns the outputs
     and whether the arrivals and the abort happened while the switch was in pre-copy."""
-    engine = LLMEngine(model=str(path), tensor_parallel_size=2, pipeline_parallel_size=2, **{**ENGINE, **kw})
+    kw = {**ENGINE, "max_model_len": 512, "num_kv_blocks": 256, **kw}
+    engine = LLMEngine(model=str(path), tensor_parallel_size=2, pipeline_parallel_size=2, **kw)
     engine.switcher.precopy_duty = duty
     for i, p in enumerate(PROMPTS):
         engine.add_request(str(i), {"prompt_token_ids": p}, params(i))
@@ -66,8 +67,9 @@ def test_live_switch_with_arrivals_and_aborts_during_precopy(model, target, requ
     assert error is None and report.mode == "live" and report.new_topology.startswith(f"TP{target[0]}xPP{target[1]}")
     assert all(during), "the arrivals and the abort should fall inside the pre-copy"
     assert report.precopy_s > 0 and report.bytes_moved_in_pause["weights"] == 0
-    assert report.bytes_moved_in_pause["kv"] == report.bytes_moved["kv"] > 0
-    assert report.executor_bytes_received == sum(report.bytes_moved.values()) == sum(report.min_bytes.values())
+    assert 0 < report.bytes_moved_in_pause["kv"] < report.bytes_moved["kv"]  # most KV moved before the pause
+    assert sum(report.bytes_moved.values()) == sum(report.min_bytes.values())
+    assert report.executor_bytes_received == sum(report.bytes_moved.values()) + report.kv_bytes_stale
     assert report.tokens_per_s_during is not None and report.longest_step_gap_s > 0
 
 
@@ -107,10 +109,8 @@ def test_stop_mode_and_staging_fallback_give_the_same_tokens(tiny_llama):
 
 
 def test_timed_out_precopy_is_called_off_and_the_old_topology_serves(tiny_llama):
-    engine = LLMEngine(
-        model=str(tiny_llama), tensor_parallel_size=2, pipeline_parallel_size=2, switch_timeout_s=0.3,
-        switch_precopy_duty=0.001, **ENGINE,
-    )  # fmt: skip
+    slow = {**ENGINE, "switch_timeout_s": 0.3, "switch_precopy_duty": 0.001}
+    engine = LLMEngine(model=str(tiny_llama), tensor_parallel_size=2, pipeline_parallel_size=2, **slow)
     try:
         for i, p in enumerate(PROMPTS):
             engine.add_request(str(i), {"prompt_token_ids": p}, params(i))
@@ -135,9 +135,8 @@ def test_timed_out_precopy_is_called_off_and_the_old_topology_serves(tiny_llama)
 
 
 def test_worker_killed_during_precopy_is_a_clear_engine_failure(tiny_llama):
-    engine = LLMEngine(
-        model=str(tiny_llama), tensor_parallel_size=4, switch_precopy_duty=0.001, **{**ENGINE, "worker_timeout_s": 10}
-    )
+    slow = {**ENGINE, "worker_timeout_s": 10, "switch_precopy_duty": 0.001}
+    engine = LLMEngine(model=str(tiny_llama), tensor_parallel_size=4, **slow)
     pids = [p.pid for p in engine.executor.procs]
     try:
         engine.add_request("a", {"prompt_token_ids": PROMPTS[1]}, SamplingParams(max_tokens=100, ignore_eos=True))

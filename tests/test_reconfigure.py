@@ -13,7 +13,14 @@ from remp.executor import WorkerError
 from tests.engine_utils import run_with_switches
 
 PROMPTS = [[256] + [(i * 37 + k * 11) % 256 for k in range(n)] for i, n in enumerate([5, 40, 17, 70, 3, 52, 33])]
-ENGINE = dict(dtype="float64", block_size=8, max_model_len=128, max_num_batched_tokens=40, worker_timeout_s=60)
+ENGINE = dict(
+    dtype="float64",
+    block_size=8,
+    max_model_len=128,
+    max_num_batched_tokens=40,
+    worker_timeout_s=60,
+    switch_precopy_duty=1.0,  # unthrottled: switches finish within a few steps of these short runs
+)
 
 
 def params(i):
@@ -58,9 +65,11 @@ def test_switch_sequence_matches_unswitched(model, request):
         "TP4xPP1",
     ]
     for r in reports:
-        assert r.executor_bytes_received == sum(r.bytes_moved.values())
+        assert r.executor_bytes_received == sum(r.bytes_moved.values()) + r.kv_bytes_stale
         assert sum(r.bytes_moved.values()) == sum(r.min_bytes.values())
-        assert r.kv_blocks_moved > 0 and r.peak_extra_bytes > 0 and not r.preempted
+        assert r.peak_extra_bytes > 0 and not r.preempted
+    # live switches run steps of their own: the last ones may find every request done
+    assert sum(r.kv_blocks_moved > 0 for r in reports) >= 3
 
 
 def test_switch_with_preempted_requests_in_a_tight_pool(tiny_llama):

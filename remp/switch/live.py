@@ -1,13 +1,17 @@
-"""Worker side of a live switch: the weights move while this worker keeps running steps; the pause only moves
-the KV cache and swaps the shard.
+"""Worker side of a live switch: the weights, and most of the KV cache, move while this worker keeps running
+steps; the pause only moves the KV blocks written since and swaps the shard.
 
 Pre-copy runs in a background thread, on the switch's own process group (so its messages never mix with the
-steps' hidden states and all-reduces): the weight pieces of the plan move in chunks, every worker agreeing
-before each chunk whether to go on (an abort or a local error on any worker stops them all at the same
-point); the thread then assembles the new weight tensors, allocates the KV layers that cannot be kept, and
-builds the new shard's execution form (fused / packed linears), so none of that is left for the pause. It
-keeps itself to `duty` of the wall time, sleeping between chunks, so that serving slows down only a little.
-The old shard is only read, never changed, until the cut-over.
+steps' hidden states and all-reduces), in two rounds:
+1. weights: the weight pieces of the plan move in chunks, every worker agreeing before each chunk whether to
+   go on (an abort or a local error on any worker stops them all at the same point); the thread then
+   assembles the new weight tensors, allocates the KV layers that cannot be kept, and builds the new shard's
+   execution form (fused / packed linears), so none of that is left for the pause;
+2. KV: the driver names blocks that are full (append-only: never written again while their request holds
+   them); their slices move into the new layers, by layer, with the same agreement.
+At the cut-over the driver says which of those blocks are still clean (same request, same place); only the
+others move. The old shard is only read, never changed, until then. The thread keeps itself to `duty` of the
+time, resting between chunks, so that serving slows down only a little.
 """
 
 from __future__ import annotations
@@ -38,10 +42,6 @@ from remp.switch.plan import KVPiece, weight_ranges
 PRECOPY_CHUNK_BYTES = 16 << 20  # small chunks: short bursts of copying between serving steps
 
 
-class Cancelled(Exception):
-    pass
-
-
 class LiveSwitch:
     def __init__(
         self,
@@ -49,11 +49,11 @@ class LiveSwitch:
         msg: PrepareSwitch,
         runner,
         group,
-        on_precopied: Callable[[SwitchStats | None, str | None], None],
+        report: Callable[[str, SwitchStats | None, str | None], None],
     ):
         self.rank, self.msg, self.runner, self.group = rank, msg, runner, group
         self.config = runner.reader.config
-        self.on_precopied = on_precopied  # (stats, None) when done; (None, error) when this worker failed
+        self.report = report  # (stage, stats, error) when a round is done or failed on this worker
         self.stats = SwitchStats()
         self.memory = Memory(self.stats)
         self.io = PieceIO(
@@ -64,88 +64,107 @@ class LiveSwitch:
         self.new_spec = plan.new.spec(self.config, rank) if plan.new.coordinate(rank) is not None else None
         old_kv = next(iter(self.io.old.kv_layers.values()), None)
         self.same_blocks = old_kv is not None and old_kv.shape[2] == msg.num_blocks
+        self.kv_transfers = [t for t in plan.transfers if isinstance(t.piece, KVPiece)]
         self.cancel = threading.Event()
         self.weights: dict[str, torch.Tensor] = {}
         self.kv_targets: dict[int, torch.Tensor] = {}
         self.shard = None
-        self.thread = threading.Thread(target=self._precopy, name="remp-precopy", daemon=True)
+        self.thread: threading.Thread | None = None
 
+    # ---- rounds (each in a background thread) ------------------------------------------------------------------
     def start(self) -> None:
+        self._background(self._precopy_weights, "precopied")
+
+    def precopy_kv(self, blocks: list[int], new_ids: list[int]) -> None:
+        self.thread.join()
+        self._background(lambda: self._copy_kv(blocks, new_ids), "kv_precopied")
+
+    def _background(self, work: Callable[[], bool], stage: str) -> None:
+        def run() -> None:
+            t0, error, finished = time.perf_counter(), None, False
+            # The main thread holds the GIL between its torch calls; with the default 5 ms switch interval each
+            # of this thread's many small Python steps could wait that long for it.
+            interval = sys.getswitchinterval()
+            sys.setswitchinterval(1e-4)
+            try:
+                finished = work()
+            except Exception:  # a failure here must not end the worker: the old shard keeps serving
+                error = traceback.format_exc()
+            finally:
+                sys.setswitchinterval(interval)
+            self.stats.add_time("precopy", time.perf_counter() - t0)
+            if self.cancel.is_set():
+                return  # the main thread answers the abort
+            if error is not None or not finished:
+                self.report("failed", None, error or "pre-copy stopped: another worker failed")
+            else:
+                self.report(stage, self.stats, None)
+
+        self.thread = threading.Thread(target=run, name="remp-precopy", daemon=True)
         self.thread.start()
 
-    # ---- background -------------------------------------------------------------------------------------
     def _agree(self, ok: bool) -> bool:
         """Every worker says whether it can go on; all go on only if all can (and nobody was told to abort)."""
         flag = torch.tensor([int(ok and not self.cancel.is_set())], dtype=torch.int32, device=self.runner.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return bool(flag.item())
 
-    def _rest(self, cpu_s: float) -> None:
-        """Sleep so that this thread's CPU time stays `duty` of the wall time (CPU, not wall time, is what
-        it takes from the steps; on a busy machine its wall time is mostly waiting for a core)."""
+    def _rest(self, busy_s: float) -> None:
         duty = self.msg.precopy_duty
         if 0 < duty < 1:
-            self.cancel.wait(cpu_s * (1 / duty - 1))
+            self.cancel.wait(busy_s * (1 / duty - 1))
 
-    def _precopy(self) -> None:
-        t0, error = time.perf_counter(), None
-        # The main thread holds the GIL between its torch calls; with the default 5 ms switch interval each of
-        # this thread's many small Python steps could wait that long for it.
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(1e-4)
-        try:
-            received = self._move_weights()
-            if received is not None:
-                self._assemble(received)
-        except Exception:  # a failure here must not end the worker: the old shard keeps serving
-            error = traceback.format_exc()
-        finally:
-            sys.setswitchinterval(interval)
-        self.stats.add_time("precopy", time.perf_counter() - t0)
-        if self.cancel.is_set():
-            return  # the main thread answers the abort
-        if error is not None or self.shard is None and self.new_spec is not None:
-            self.on_precopied(None, error or "pre-copy stopped: another worker failed")
-        else:
-            self.on_precopied(self.stats, None)
-
-    def _move_weights(self) -> dict | None:
-        """Every weight piece of the plan into this worker's staging buffers; None if the workers stopped."""
-        plan, io = self.msg.plan, self.io
-        weight_transfers = [t for t in plan.transfers if not isinstance(t.piece, KVPiece)]
-        received: dict = {}
-        for phases in phase_groups(plan, self.config, io.piece_bytes, PRECOPY_CHUNK_BYTES, weights_only=True):
-            t0, failure = time.thread_time(), None
+    def _chunks(self, transfers_of_chunks: list[list], on_chunk: Callable[[dict], None]) -> bool:
+        """Move the chunks in turn (agreeing before each), handing each chunk's received buffers to on_chunk.
+        Busy time counts this thread's CPU time for local work (on a busy machine its wall time is mostly
+        waiting for a core) and the wall time of the transfers (their copies run on gloo's threads)."""
+        io = self.io
+        for transfers in transfers_of_chunks:
+            cpu0, failure = time.thread_time(), None
             try:
-                posts, chunk, sent = io.prepare([t for t in weight_transfers if t.piece.layer in phases])
+                posts, received, sent = io.prepare(transfers)
             except Exception:
-                posts, chunk, sent, failure = [], {}, [], traceback.format_exc()
+                posts, received, sent, failure = [], {}, [], traceback.format_exc()
             if not self._agree(failure is None):
-                io.release(chunk, sent)
-                io.release(received, [])
+                io.release(received, sent)
                 if failure is not None:
                     raise RuntimeError(failure)
-                return None
+                return False
+            wall0 = time.perf_counter()
             io.run(posts)
+            wall = time.perf_counter() - wall0
             io.release({}, sent)
+            on_chunk(received)
+            self._rest(time.thread_time() - cpu0 + wall)
+        return True
+
+    def _precopy_weights(self) -> bool:
+        plan, io = self.msg.plan, self.io
+        weight_transfers = [t for t in plan.transfers if not isinstance(t.piece, KVPiece)]
+        groups = phase_groups(plan, self.config, io.piece_bytes, PRECOPY_CHUNK_BYTES, weights_only=True)
+        received: dict = {}
+
+        def keep(chunk: dict) -> None:
             for key, parts in chunk.items():
                 received.setdefault(key, []).extend(parts)
-            self._rest(time.thread_time() - t0)
-        return received
 
-    def _assemble(self, received: dict) -> None:
+        if not self._chunks([[t for t in weight_transfers if t.piece.layer in g] for g in groups], keep):
+            io.release(received, [])
+            return False
+        return self._assemble(received)
+
+    def _assemble(self, received: dict) -> bool:
         """New weight tensors, new KV layers, the new shard's execution form: all before the pause."""
         if self.new_spec is None:
-            return
+            return True
         io = self.io
         for name, (lo, hi) in weight_ranges(self.config, self.new_spec).items():
             if self.cancel.is_set():
-                return
+                return False
             t0 = time.thread_time()
             parts = received.pop(name, [])
             self.weights[name] = assemble_weight(io, name, lo, hi, parts)
-            for _, buf in parts:
-                io.memory.release(buf)
+            io.release({name: parts}, [])
             self._rest(time.thread_time() - t0)
         for layer in self.new_spec.layers:
             if not can_keep_kv_layer(io, layer, self.new_spec.kv_heads, self.same_blocks):
@@ -162,34 +181,59 @@ class LiveSwitch:
         t0 = time.perf_counter()
         self.shard = self.runner.build_shard(self.new_spec, self.weights)
         self.stats.add_time("build", time.perf_counter() - t0)
+        return True
+
+    def _copy_kv(self, blocks: list[int], new_ids: list[int]) -> bool:
+        """The KV of `blocks` into the new layers at `new_ids`: kept heads copied locally, the others received;
+        a chunk of layers at a time (chunks sized from the plan, so every worker cuts them the same)."""
+        io = self.io
+        io.use_blocks(blocks)
+        ids = torch.tensor(new_ids, dtype=torch.long, device=io.device)
+        num_layers = self.config.num_hidden_layers
+        total = len(self.kv_transfers) * io.piece_bytes(KVPiece(0, 0))
+        per_chunk = max(1, num_layers * PRECOPY_CHUNK_BYTES // max(1, total))
+        chunks = [range(i, min(i + per_chunk, num_layers)) for i in range(0, num_layers, per_chunk)]
+        order = iter(chunks)
+
+        def fill(received: dict) -> None:
+            for layer in next(order):
+                if layer in self.kv_targets:
+                    assemble_kv_layer(io, layer, self.new_spec.kv_heads, self.kv_targets[layer], ids, received)
+            io.release(received, [])
+
+        return self._chunks([[t for t in self.kv_transfers if t.piece.layer in c] for c in chunks], fill)
 
     # ---- main thread ------------------------------------------------------------------------------------------
-    def commit(self, used_blocks: list[int], new_block_ids: list[int]) -> tuple[ShardState, object, SwitchStats]:
-        """The pause: the KV of the blocks in use moves, the new KV layers are filled. Returns the new state and
-        the shard built during pre-copy."""
+    def commit(
+        self, used_blocks: list[int], new_block_ids: list[int], clean: list[int]
+    ) -> tuple[ShardState, object, SwitchStats]:
+        """The pause: the KV of the blocks in use that were not pre-copied (or changed since) moves into the
+        new layers. Returns the new state and the shard built during pre-copy."""
         self.thread.join()
         io, stats = self.io, self.stats
-        io.use_blocks(used_blocks)
         received_before = stats.bytes_received
         t0 = time.perf_counter()
-        received, sent = io.exchange([t for t in self.msg.plan.transfers if isinstance(t.piece, KVPiece)])
-        stats.bytes_received_in_pause = stats.bytes_received - received_before
+        clean = set(clean)  # already at their new ids (the driver kept the ids it chose for the pre-copy)
+        dirty = [(b, n) for b, n in zip(used_blocks, new_block_ids) if b not in clean]
+        io.use_blocks([b for b, _ in dirty])
+        received, sent = io.exchange(self.kv_transfers)
         kv_layers = {}
         if self.new_spec is not None:
-            new_ids = torch.tensor(new_block_ids, dtype=torch.long, device=io.device)
+            ids = torch.tensor([n for _, n in dirty], dtype=torch.long, device=io.device)
             for layer in self.new_spec.layers:
                 target = self.kv_targets.get(layer)
-                kv_layers[layer] = (
-                    io.old.kv_layers[layer]
-                    if target is None
-                    else assemble_kv_layer(io, layer, self.new_spec.kv_heads, target, new_ids, received)
-                )
+                if target is None:
+                    kv_layers[layer] = io.old.kv_layers[layer]
+                else:
+                    kv_layers[layer] = assemble_kv_layer(io, layer, self.new_spec.kv_heads, target, ids, received)
         io.release(received, sent)
+        stats.bytes_received_in_pause = stats.bytes_received - received_before
         stats.add_time("kv", time.perf_counter() - t0)
         return ShardState(self.new_spec, self.weights, kv_layers), self.shard, stats
 
     def abort(self) -> None:
         """Stop pre-copy (all workers stop at the same chunk) and drop everything staged."""
         self.cancel.set()
-        self.thread.join()
+        if self.thread is not None:
+            self.thread.join()
         self.weights, self.kv_targets, self.shard = {}, {}, None

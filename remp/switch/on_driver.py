@@ -1,9 +1,11 @@
 """The driver's side of a switch, as a state machine the engine advances between its steps.
 
 start: plan (placement, pieces) and send PrepareSwitch; the workers create the new groups and, in live mode,
-pre-copy the weights while the engine keeps stepping. advance (each step): once every worker is "precopied"
-(live) or "prepared" (stop), cut over: drain the in-flight micro-batches (the pause starts), fit the blocks in
-use into the new pool, CommitSwitch, wait, swap the scheduler's block table, report. A worker that reports a
+pre-copy the weights while the engine keeps stepping. advance (each step): once every worker is "precopied",
+name the KV blocks that are full now (with their owner, to tell later whether they stayed put) and let the
+workers copy them too; once they are "kv_precopied" (live) or "prepared" (stop), cut over: drain the in-flight
+micro-batches (the pause starts), fit the blocks in use into the new pool, CommitSwitch with the blocks still
+clean, wait, swap the scheduler's block table, report. A worker that reports a
 failure before the cut-over, or a pre-copy that outlives `timeout_s`, aborts the switch: the workers drop
 what they staged and the old topology goes on serving. A worker that dies is an engine failure, as always.
 """
@@ -11,12 +13,13 @@ what they staged and the old topology goes on serving. A worker that dies is an 
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from remp.executor import WorkerError
-from remp.messages import AbortSwitch, CommitSwitch, PrepareSwitch, SwitchProgress
+from remp.messages import AbortSwitch, CommitSwitch, PrecopyKV, PrepareSwitch, SwitchProgress
 from remp.switch.plan import KVPiece, PieceSizer, Plan, best_placement, make_plan, staging_bytes
 from remp.switch.report import SwitchReport
 from remp.topology import Topology
@@ -46,10 +49,30 @@ class PendingSwitch:
     t_start: float = field(default_factory=time.perf_counter)
     t_ready: float | None = None
     abort_reason: str | None = None
+    kv_snapshot: dict[int, tuple] | None = None  # pre-copied block -> (request id, index in it, preemptions)
+    kv_new_ids: dict[int, int] = field(default_factory=dict)  # pre-copied block -> its id in the new pool
 
-    @property
-    def ready_stage(self) -> str:
-        return "precopied" if self.mode == "live" else "prepared"
+    def __post_init__(self) -> None:
+        self.expect = "precopied" if self.mode == "live" else "prepared"  # the stage that lets it move on
+
+
+def new_block_ids(blocks: list[int], num_blocks: int, fixed: dict[int, int], scheduler) -> dict[int, int]:
+    """Ids in a pool of num_blocks for `blocks` (each used once): those in `fixed` keep theirs, the others
+    their own where it fits and is free, else the lowest free ids, avoiding ids other blocks in use hold now
+    where possible (so those can keep theirs later)."""
+    taken = set(fixed.values())
+    out = dict(fixed)
+    rest = [b for b in blocks if b not in out]
+    for b in rest:
+        if b < num_blocks and b not in taken:
+            out[b] = b
+            taken.add(b)
+    in_use = set(scheduler.blocks_in_use())
+    free = (i for i in sorted(range(num_blocks), key=lambda i: i in in_use) if i not in taken)
+    for b in rest:
+        if b not in out:
+            out[b] = next(free)
+    return out
 
 
 class SwitchDriver:
@@ -85,9 +108,10 @@ class SwitchDriver:
                 )
                 mode = "stop"
         self.pending = PendingSwitch(mode, old, target, plan, num_blocks, on_done, fallback)
-        eng.executor.broadcast(
-            PrepareSwitch(self.pending.switch_id, plan, num_blocks, mode == "live", self.precopy_duty)
-        )
+        duty = self.precopy_duty
+        if eng.args.device == "cpu":  # workers sharing cores: the duty is of the machine, not of each worker
+            duty *= min(1.0, (os.cpu_count() or 1) / old.size)
+        eng.executor.broadcast(PrepareSwitch(self.pending.switch_id, plan, num_blocks, mode == "live", duty))
 
     def advance(self, wait_s: float = 0.0) -> None:
         """Called between steps: cut over once the workers are ready, or finish an abort."""
@@ -102,14 +126,41 @@ class SwitchDriver:
                 self._abort(sw, f"worker {failed[0].rank} failed during pre-copy:\n{failed[0].error}")
             elif time.perf_counter() - sw.t_start > self.timeout_s:
                 self._abort(sw, f"the workers were not ready to cut over within {self.timeout_s:g} s")
-            elif len(progress) == n and all(p.stage == sw.ready_stage for p in progress.values()):
-                sw.t_ready = time.perf_counter()
-                self._cut_over(sw)
+            elif len(progress) == n and all(p.stage == sw.expect for p in progress.values()):
+                if sw.expect == "precopied" and (snapshot := self._full_blocks()):
+                    sw.kv_snapshot, sw.expect = snapshot, "kv_precopied"
+                    sw.kv_new_ids = new_block_ids(sorted(snapshot), sw.num_blocks, {}, self.engine.scheduler)
+                    blocks = sorted(snapshot)
+                    self.engine.executor.broadcast(PrecopyKV(sw.switch_id, blocks, [sw.kv_new_ids[b] for b in blocks]))
+                else:
+                    sw.t_ready = time.perf_counter()
+                    self._cut_over(sw)
         elif len(progress) == n and all(p.stage == "aborted" for p in progress.values()):
             self.pending = None
             sw.on_done(
                 None, SwitchAborted(f"switch to {sw.plan.new} called off, still serving {sw.old}: {sw.abort_reason}")
             )
+
+    def _full_blocks(self) -> dict[int, tuple]:
+        """Blocks that hold a full block_size of computed tokens of a request not in flight: append-only, so
+        unchanged until their request lets them go."""
+        eng, size = self.engine, self.engine.args.block_size
+        busy = eng.busy_requests()
+        out = {}
+        for r in eng.scheduler.running:
+            if r not in busy:
+                for i, b in enumerate(r.block_ids[: r.num_computed_tokens // size]):
+                    out[b] = (r.request_id, i, r.num_preemptions)
+        return out
+
+    def _still_clean(self, sw: PendingSwitch) -> list[int]:
+        snap = sw.kv_snapshot or {}
+        return [
+            b
+            for r in self.engine.scheduler.running
+            for i, b in enumerate(r.block_ids)
+            if snap.get(b) == (r.request_id, i, r.num_preemptions)
+        ]
 
     def _abort(self, sw: PendingSwitch, reason: str) -> None:
         sw.abort_reason = reason
@@ -122,27 +173,31 @@ class SwitchDriver:
         eng.drain()
         preempted = eng.scheduler.fit(sw.num_blocks)
         used = eng.scheduler.blocks_in_use()
-        new_ids = used if not used or used[-1] < sw.num_blocks else list(range(len(used)))
+        clean = self._still_clean(sw)
+        mapping = new_block_ids(used, sw.num_blocks, {b: sw.kv_new_ids[b] for b in clean}, eng.scheduler)
+        new_ids = [mapping[b] for b in used]
         with eng.fatal_worker_errors():  # past this point the old shards are consumed: failure ends the engine
-            eng.executor.broadcast(CommitSwitch(sw.switch_id, used, new_ids))
+            eng.executor.broadcast(CommitSwitch(sw.switch_id, used, new_ids, clean))
             progress = eng.executor.await_switch(sw.switch_id, {"committed"}, eng.args.worker_timeout_s)
             failed = [p for p in progress.values() if p.stage == "failed"]
             if failed:
                 raise WorkerError(f"worker {failed[0].rank} failed to commit the switch:\n{failed[0].error}")
         eng.executor.use_topology(sw.plan.new)
-        eng.scheduler.resize(sw.num_blocks, dict(zip(used, new_ids)))
+        eng.scheduler.resize(sw.num_blocks, mapping)
         eng.num_kv_blocks = sw.num_blocks
         t_end = time.perf_counter()
         self.pending = None
-        sw.on_done(self._report(sw, progress, used, preempted, t_pause, t_end, last_step), None)
+        sw.on_done(self._report(sw, progress, used, clean, preempted, t_pause, t_end, last_step), None)
 
-    def _report(self, sw, progress: dict[int, SwitchProgress], used, preempted, t_pause, t_end, last_step):
+    def _report(self, sw, progress: dict[int, SwitchProgress], used, clean, preempted, t_pause, t_end, last_step):
         eng, plan = self.engine, sw.plan
         stats = [progress[r].stats for r in sorted(progress)]
         # KV bytes depend on the blocks in use at the cut-over, not at planning: count with that sizer
         sizer = PieceSizer(eng.model_config, eng.dtype.itemsize, len(used), eng.args.block_size)
         final = make_plan(eng.model_config, sw.old, plan.new, sizer)
-        kv_moved = sum(sizer.bytes(t.piece) for t in plan.transfers if isinstance(t.piece, KVPiece) and t.src >= 0)
+        per_block = PieceSizer(eng.model_config, eng.dtype.itemsize, 1, eng.args.block_size).kv_piece_bytes
+        kv_pieces = sum(isinstance(t.piece, KVPiece) and t.src >= 0 for t in plan.transfers)
+        precopied = sw.kv_snapshot or {}
         weights_in_pause = plan.moved.weights if sw.mode == "stop" else 0
         before, during = eng.throughput(sw.t_start, sw.t_ready)
         return SwitchReport(
@@ -152,8 +207,9 @@ class SwitchDriver:
             wall_s=t_end - sw.t_start,
             pause_s=t_end - t_pause,
             precopy_s=(sw.t_ready - sw.t_start) if sw.mode == "live" else 0.0,
-            bytes_moved={"weights": plan.moved.weights, "kv": kv_moved},
-            bytes_moved_in_pause={"weights": weights_in_pause, "kv": kv_moved},
+            bytes_moved={"weights": plan.moved.weights, "kv": kv_pieces * len(used) * per_block},
+            bytes_moved_in_pause={"weights": weights_in_pause, "kv": kv_pieces * (len(used) - len(clean)) * per_block},
+            kv_bytes_stale=kv_pieces * (len(precopied) - len(clean)) * per_block,
             min_bytes={"weights": final.minimum.weights, "kv": final.minimum.kv},
             bytes_kept={"weights": final.kept.weights, "kv": final.kept.kv},
             peak_extra_bytes=max(s.peak_extra_bytes for s in stats),

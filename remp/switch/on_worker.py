@@ -1,7 +1,8 @@
 """A worker's side of a switch: the driver's three commands (prepare, commit, abort), for either strategy.
 
 prepare: create the new topology's process groups (steps go on around it); in live mode start the pre-copy
-(live.py), which answers "precopied" when the new shard is ready, else answer "prepared".
+(live.py), which answers "precopied" when the new shard is ready, else answer "prepared". precopy_kv (live):
+copy the full KV blocks named, answered "kv_precopied".
 commit (the pause): live mode moves the KV and swaps in the shard built during pre-copy; stop mode runs the
 whole plan now, chunk by chunk (execute.stop_the_world). Then steps route by the new topology.
 abort: drop whatever was staged; the old shard never stopped serving.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from remp.messages import AbortSwitch, CommitSwitch, PrepareSwitch, SwitchProgress
+from remp.messages import AbortSwitch, CommitSwitch, PrecopyKV, PrepareSwitch, SwitchProgress
 from remp.model.schema import tensor_layer
 from remp.switch.execute import Memory, PieceIO, SwitchStats, stop_the_world
 from remp.switch.live import LiveSwitch
@@ -35,13 +36,7 @@ class WorkerSwitch:
         self.groups_s = time.perf_counter() - t0
         self.pending = msg
         if msg.precopy:
-            self.live = LiveSwitch(
-                self.rank,
-                msg,
-                self.runner,
-                self.comm.switch_group,
-                lambda stats, error: self._progress("failed" if error else "precopied", stats, error),
-            )
+            self.live = LiveSwitch(self.rank, msg, self.runner, self.comm.switch_group, self._progress)
             self.live.start()
         else:
             self._progress("prepared")
@@ -51,7 +46,7 @@ class WorkerSwitch:
         config = runner.reader.config
         new_spec = plan.new.spec(config, self.rank) if plan.new.coordinate(self.rank) is not None else None
         if self.live is not None:
-            state, shard, stats = self.live.commit(msg.used_blocks, msg.new_block_ids)
+            state, shard, stats = self.live.commit(msg.used_blocks, msg.new_block_ids, msg.clean_blocks)
         else:
             stats = SwitchStats()
             t0 = time.perf_counter()
@@ -71,6 +66,10 @@ class WorkerSwitch:
         stats.seconds["groups"] = self.groups_s
         self._progress("committed", stats)
         self.pending = self.live = None
+
+    def precopy_kv(self, msg: PrecopyKV) -> None:
+        if self.live is not None and msg.switch_id == self.pending.switch_id:
+            self.live.precopy_kv(msg.blocks, msg.new_ids)
 
     def abort(self, msg: AbortSwitch) -> None:
         if self.pending is None or msg.switch_id != self.pending.switch_id:

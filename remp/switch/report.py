@@ -17,6 +17,8 @@ class SwitchReport:
     precopy_s: float = 0.0  # live: from the request until every worker had the new shard ready
     bytes_moved: dict[str, int] = field(default_factory=dict)  # per kind: weights, kv (restart: checkpoint bytes read)
     bytes_moved_in_pause: dict[str, int] = field(default_factory=dict)
+    # KV blocks pre-copied, then freed or reassigned before the cut-over: moved for nothing (not in bytes_moved)
+    kv_bytes_stale: int = 0
     min_bytes: dict[str, int] = field(default_factory=dict)  # the least any plan must move
     bytes_kept: dict[str, int] = field(default_factory=dict)
     peak_extra_bytes: int = 0  # largest extra memory on one worker during the switch
@@ -25,7 +27,7 @@ class SwitchReport:
     recomputed_tokens: int = 0  # tokens whose KV must be computed again (restart: every in-flight token)
     kv_blocks_moved: int = 0
     num_kv_blocks: int = 0  # logical KV blocks of the new topology
-    executor_bytes_received: int = 0  # what the workers actually received from peers (equals the plan's moved)
+    executor_bytes_received: int = 0  # what the workers received from peers: bytes_moved + kv_bytes_stale
     worker_seconds: dict = field(default_factory=dict)  # slowest worker's time per part of the switch
     # serving while it ran: output tokens/s in the pre-copy window and in as long a window just before it
     tokens_per_s_before: float | None = None
