@@ -256,6 +256,14 @@ class LLMEngine:
             self.executor.shutdown(grace_s=1.0)  # survivors may be stuck in a collective with the lost worker
             raise
 
+    def tokens_in_flight(self) -> dict[Request, int]:
+        """Tokens of each request in micro-batches still in the pipeline (counted as computed already)."""
+        out: dict[Request, int] = {}
+        for batch, *_ in self._in_flight:
+            for r, n in batch.scheduled:
+                out[r] = out.get(r, 0) + n
+        return out
+
     def busy_requests(self) -> set[Request]:
         """Requests in a micro-batch still in the pipeline."""
         return {r for b, *_ in self._in_flight for r, _ in b.scheduled}
@@ -438,18 +446,17 @@ class LLMEngine:
     def last_step_time(self) -> float | None:
         return self._step_log[-1][0] if self._step_log else None
 
-    def throughput(self, start: float, end: float | None) -> tuple[float | None, float | None]:
-        """Output tokens/s in [start, end], and in a window as long just before start (None without steps)."""
+    def throughput(self, start: float, end: float | None, before_steps: int = 32) -> tuple[float | None, float | None]:
+        """Output tokens/s over the last `before_steps` steps before `start`, and over the steps in [start, end]
+        (None where there were none)."""
         if end is None or end <= start:
             return None, None
-        width = end - start
 
-        def rate(a: float, b: float) -> float | None:
-            if not self._step_log or self._step_log[0][0] > a:
-                return None
-            return round(sum(n for t, n in self._step_log if a <= t < b) / (b - a), 2)
-
-        return rate(start - width, start), rate(start, end)
+        before = [x for x in self._step_log if x[0] < start][-(before_steps + 1) :]
+        during = [x for x in self._step_log if start <= x[0] <= end]
+        span = before[-1][0] - before[0][0] if len(before) > 1 else 0.0
+        rate_before = round(sum(n for _, n in before[1:]) / span, 2) if span > 0 else None
+        return rate_before, round(sum(n for _, n in during) / (end - start), 2) if during else None
 
     def longest_step_gap(self, start: float, end: float, last_before: float | None) -> float:
         """Longest time without a finished step within [start, end] (the resume at `end` counts as one)."""

@@ -9,7 +9,9 @@ PROMPTS = ["The capital of France is", "Write a haiku about the sea:", "def quic
 
 
 def run(switches):
-    engine = LLMEngine(dtype="float32", tensor_parallel_size=4, max_model_len=256, kv_cache_memory_gb=0.2)
+    engine = LLMEngine(
+        dtype="float32", tensor_parallel_size=4, max_model_len=256, kv_cache_memory_gb=0.2, switch_precopy_duty=1.0
+    )
     for i, p in enumerate(PROMPTS):
         engine.add_request(str(i), p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2))
     return run_with_switches(engine, switches)[0]

@@ -20,6 +20,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker-timeout-s", type=float, default=120.0)
+    p.add_argument("--switch-staging-gb", type=float, default=2.0, help="live switch: extra memory per worker")
+    p.add_argument("--switch-precopy-duty", type=float, default=0.3, help="live switch: share of time to copy")
+    p.add_argument("--switch-timeout-s", type=float, default=300.0, help="a switch not ready by then is called off")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per worker, NCCL")
 
 
@@ -37,6 +40,9 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
         max_num_batched_tokens=a.max_num_batched_tokens,
         seed=a.seed,
         worker_timeout_s=a.worker_timeout_s,
+        switch_staging_gb=a.switch_staging_gb,
+        switch_precopy_duty=a.switch_precopy_duty,
+        switch_timeout_s=a.switch_timeout_s,
         device=a.device,
     )
 

@@ -40,6 +40,14 @@ class Layer:
     down: FusedLinear
 
     @classmethod
+    def of(cls, weights: dict[str, torch.Tensor], layer: int, reuse: Layer | None = None) -> Layer:
+        """Layer `layer` from a shard's canonical weights; `reuse` itself if it was built from the same tensors."""
+        w = {role: weights.get(name) for role, name in layer_names(layer).items()}
+        if reuse is not None and all(reuse.sources[r] is t for r, t in w.items()):
+            return reuse
+        return cls.build(w)
+
+    @classmethod
     def build(cls, w: dict[str, torch.Tensor | None]) -> Layer:
         return cls(
             w,
@@ -70,13 +78,7 @@ class LlamaShard:
         self.kv_heads = len(spec.kv_heads)
         self.q_per_kv = len(spec.q_heads) // self.kv_heads
         reuse = reuse or {}
-        self.layers = []
-        for i in spec.layers:
-            w = {role: weights.get(name) for role, name in layer_names(i).items()}
-            layer = reuse.get(i)
-            if layer is None or any(layer.sources[r] is not t for r, t in w.items()):
-                layer = Layer.build(w)
-            self.layers.append(layer)
+        self.layers = [Layer.of(weights, i, reuse.get(i)) for i in spec.layers]
         self.lm_head = None
         if spec.is_sampler:
             head = weights.get(LM_HEAD, weights.get(EMBED))

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from remp.kv_cache import new_kv_layer
 from remp.messages import PrepareSwitch
+from remp.model.llama import Layer
 from remp.switch.execute import (
     Memory,
     PieceIO,
@@ -178,9 +179,16 @@ class LiveSwitch:
                         io.device,
                     )  # fmt: skip
                 )
-        t0 = time.perf_counter()
-        self.shard = self.runner.build_shard(self.new_spec, self.weights)
-        self.stats.add_time("build", time.perf_counter() - t0)
+        # the execution form layer by layer (fused copies, packing), resting in between; unchanged layers reused
+        t_build, built = time.perf_counter(), self.runner.model.execution_layers()
+        for layer in self.new_spec.layers:
+            if self.cancel.is_set():
+                return False
+            t0 = time.thread_time()
+            built[layer] = Layer.of(self.weights, layer, built.get(layer))
+            self._rest(time.thread_time() - t0)
+        self.shard = self.runner.build_shard(self.new_spec, self.weights, built)
+        self.stats.add_time("build", time.perf_counter() - t_build)
         return True
 
     def _copy_kv(self, blocks: list[int], new_ids: list[int]) -> bool:
@@ -217,6 +225,7 @@ class LiveSwitch:
         dirty = [(b, n) for b, n in zip(used_blocks, new_block_ids) if b not in clean]
         io.use_blocks([b for b, _ in dirty])
         received, sent = io.exchange(self.kv_transfers)
+        t1 = time.perf_counter()
         kv_layers = {}
         if self.new_spec is not None:
             ids = torch.tensor([n for _, n in dirty], dtype=torch.long, device=io.device)
@@ -228,7 +237,8 @@ class LiveSwitch:
                     kv_layers[layer] = assemble_kv_layer(io, layer, self.new_spec.kv_heads, target, ids, received)
         io.release(received, sent)
         stats.bytes_received_in_pause = stats.bytes_received - received_before
-        stats.add_time("kv", time.perf_counter() - t0)
+        stats.add_time("kv_transfer", t1 - t0)
+        stats.add_time("kv_assemble", time.perf_counter() - t1)
         return ShardState(self.new_spec, self.weights, kv_layers), self.shard, stats
 
     def abort(self) -> None:

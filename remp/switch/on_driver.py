@@ -127,7 +127,7 @@ class SwitchDriver:
             elif time.perf_counter() - sw.t_start > self.timeout_s:
                 self._abort(sw, f"the workers were not ready to cut over within {self.timeout_s:g} s")
             elif len(progress) == n and all(p.stage == sw.expect for p in progress.values()):
-                if sw.expect == "precopied" and (snapshot := self._full_blocks()):
+                if sw.expect == "precopied" and (snapshot := self._full_blocks(sw.num_blocks)):
                     sw.kv_snapshot, sw.expect = snapshot, "kv_precopied"
                     sw.kv_new_ids = new_block_ids(sorted(snapshot), sw.num_blocks, {}, self.engine.scheduler)
                     blocks = sorted(snapshot)
@@ -141,16 +141,18 @@ class SwitchDriver:
                 None, SwitchAborted(f"switch to {sw.plan.new} called off, still serving {sw.old}: {sw.abort_reason}")
             )
 
-    def _full_blocks(self) -> dict[int, tuple]:
-        """Blocks that hold a full block_size of computed tokens of a request not in flight: append-only, so
-        unchanged until their request lets them go."""
+    def _full_blocks(self, num_blocks: int) -> dict[int, tuple]:
+        """Blocks full of tokens whose KV is written (steps done): append-only, so unchanged until their request
+        lets them go."""
         eng, size = self.engine, self.engine.args.block_size
-        busy = eng.busy_requests()
-        out = {}
-        for r in eng.scheduler.running:
-            if r not in busy:
-                for i, b in enumerate(r.block_ids[: r.num_computed_tokens // size]):
-                    out[b] = (r.request_id, i, r.num_preemptions)
+        in_flight = eng.tokens_in_flight()  # being written now: not full yet for this purpose
+        out, held = {}, 0
+        for r in eng.scheduler.running:  # oldest first: a smaller pool keeps them, scheduler.fit preempts the rest
+            held += len(r.block_ids)
+            if held > num_blocks:
+                break
+            for i, b in enumerate(r.block_ids[: (r.num_computed_tokens - in_flight.get(r, 0)) // size]):
+                out[b] = (r.request_id, i, r.num_preemptions)
         return out
 
     def _still_clean(self, sw: PendingSwitch) -> list[int]:
