@@ -90,7 +90,9 @@ def fill(engine: LLMEngine, n: int, prompt_len: int, tag: str) -> None:
         engine.step()
 
 
-def median_step_s(engine: LLMEngine, steps: int = 8) -> float:
+def median_step_s(engine: LLMEngine, steps: int = 32) -> float:
+    """Steps as usual (after a previous switch: decode again, not recompute), timed; also the window the
+    switch report's `tokens_per_s_before` covers."""
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
