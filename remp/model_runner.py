@@ -46,7 +46,7 @@ class ModelRunner:
         self.reader, self.block_size, self.dtype, self.comm = reader, block_size, dtype, comm
         self.model: LlamaShard | None = None
         self.device = torch.device(device)
-        self.rope = RotaryEmbedding(cfg, max_model_len, dtype, reader.rope_freq_factors())
+        self.rope = RotaryEmbedding(cfg, max_model_len, dtype, reader.rope_freq_factors(), device)
         kv = KVCache.allocate(len(spec.layers), num_blocks, block_size, len(spec.kv_heads), cfg.head_dim, dtype, device)
         self.install(
             ShardState(spec, load_shard_weights(reader, spec, dtype, device), dict(zip(spec.layers, kv.layers)))

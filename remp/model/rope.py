@@ -37,13 +37,18 @@ class RotaryEmbedding:
     """cos/sin tables for every position up to max_positions, indexed per token."""
 
     def __init__(
-        self, config: ModelConfig, max_positions: int, dtype: torch.dtype, freq_factors: torch.Tensor | None = None
+        self,
+        config: ModelConfig,
+        max_positions: int,
+        dtype: torch.dtype,
+        freq_factors: torch.Tensor | None = None,
+        device: str | torch.device = "cpu",
     ):
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         inv_freq = inv_frequencies(config, freq_factors, compute)
         freqs = torch.outer(torch.arange(max_positions, dtype=compute), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        self.cos, self.sin = emb.cos().to(device, dtype), emb.sin().to(device, dtype)
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [tokens, heads, head_dim]."""
