@@ -93,6 +93,9 @@ def fill(engine: LLMEngine, n: int, prompt_len: int, tag: str) -> None:
 def median_step_s(engine: LLMEngine, steps: int = 32) -> float:
     """Steps as usual (after a previous switch: decode again, not recompute), timed; also the window the
     switch report's `tokens_per_s_before` covers."""
+    # after a restart the requests recompute their KV first: those steps are not the decode rate
+    while engine.scheduler.waiting or any(r.num_uncomputed_tokens > 1 for r in engine.scheduler.running):
+        engine.step()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()

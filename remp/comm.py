@@ -22,11 +22,12 @@ class WorkerComm:
         timeout_s: float,
         device: torch.device,
         shm: ShmSegment | None = None,
+        epoch: int = 0,
     ):
         self.rank, self.device = rank, device
         # Same-machine CPU workers sum through shared memory: gloo costs ~1 ms per call over loopback.
         self.shm_all_reduce = ShmAllReduce(shm, rank) if shm is not None and device.type == "cpu" else None
-        self.epoch = 0
+        self.epoch = epoch
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)

@@ -51,7 +51,8 @@ class LLMEngine:
     def __init__(self, args: EngineArgs | None = None, **kwargs: Any):
         exit_if_spawning_worker()
         self.args = args = args or EngineArgs.from_kwargs(**kwargs)
-        if args.tensor_parallel_size * args.pipeline_parallel_size > 1 or args.distributed_executor_backend == "mp":
+        self.max_workers = args.max_workers or args.tensor_parallel_size * args.pipeline_parallel_size
+        if self.max_workers > 1 or args.distributed_executor_backend == "mp":
             MultiprocExecutor.prestart()
         reader = open_checkpoint(args.model)
         self.model_config: ModelConfig = reader.config
@@ -111,8 +112,9 @@ class LLMEngine:
             device=args.device,
             timeout_s=args.worker_timeout_s,
             shm_elems=args.max_num_batched_tokens * self.model_config.hidden_size,
+            shm_slots=self.max_workers,
         )
-        if topology.size == 1 and args.distributed_executor_backend != "mp":
+        if self.max_workers == 1 and args.distributed_executor_backend != "mp":
             return LocalExecutor(reader, topology, MultiprocExecutor.worker_config(1, **kwargs))
         return MultiprocExecutor(topology, MultiprocExecutor.worker_config(topology.size, **kwargs))
 
@@ -404,15 +406,23 @@ class LLMEngine:
         old = self.topology
         split = tuple(layer_split) if layer_split else None
         target = Topology(tensor_parallel_size, pipeline_parallel_size, None, split)
-        target.validate(self.model_config, num_workers=old.size)
+        if target.size > self.max_workers:
+            raise ValueError(
+                f"{target} needs tp*pp = {target.size} workers, but the pool has at most {self.max_workers}: start "
+                f"the engine with max_workers (--max-workers) of at least {target.size}"
+            )
+        target.validate(self.model_config)
         num_blocks = self.args.num_kv_blocks or int(self.args.kv_cache_memory_gb * 2**30 // self._block_bytes(target))
         if num_blocks * self.args.block_size < self.max_model_len:
             raise ValueError(
                 f"{target} leaves room for {num_blocks * self.args.block_size} KV tokens, fewer than "
                 f"max_model_len={self.max_model_len}"
             )
-        if old.size == 1:
-            raise ValueError("a single-worker engine has no pool to reshard; start it with tp*pp > 1")
+        if not isinstance(self.executor, MultiprocExecutor):
+            raise ValueError(
+                "a single-worker engine in this process has no pool to reshard; start it with tp*pp > 1 or "
+                "max_workers > 1"
+            )
 
         def finish(report: SwitchReport | None, error: BaseException | None) -> None:
             if report is not None:

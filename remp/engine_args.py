@@ -12,6 +12,7 @@ class EngineArgs:
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    max_workers: int | None = None  # the most workers a switch may grow the pool to (None: tp*pp at start)
     block_size: int = 16
     kv_cache_memory_gb: float = 1.0  # KV cache budget of the whole engine (all workers together)
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb
@@ -40,6 +41,14 @@ class EngineArgs:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_workers is not None and (
+            not isinstance(self.max_workers, int)
+            or self.max_workers < self.tensor_parallel_size * self.pipeline_parallel_size
+        ):
+            raise ValueError(
+                f"max_workers must be an integer of at least tp*pp = "
+                f"{self.tensor_parallel_size * self.pipeline_parallel_size}, got {self.max_workers!r}"
+            )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
         if self.kv_cache_memory_gb <= 0:

@@ -1,9 +1,10 @@
 """Driver-side executors: run steps on the shard(s) and hand back sampled tokens.
 
-LocalExecutor runs the single shard of a TP1xPP1 engine in-process. MultiprocExecutor starts one worker
-process per device/core slice and keeps up to `pp` steps in flight, so with pipeline parallelism every stage
-works on a different micro-batch at once. Any worker failure (exception, death, silence past the timeout)
-becomes a WorkerError here; the executor then stops every worker.
+LocalExecutor runs the single shard of a TP1xPP1 engine in-process. MultiprocExecutor runs a pool of worker
+processes (one per device/core slice) and keeps up to `pp` steps in flight, so with pipeline parallelism every
+stage works on a different micro-batch at once. The pool can grow and shrink: each change of size is a new
+generation of the torch.distributed world (a new rendezvous; ranks stay dense, 0..n-1). Any worker failure
+(exception, death, silence past the timeout) becomes a WorkerError here; the executor then stops every worker.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections import deque
 from multiprocessing import forkserver
 from multiprocessing.connection import wait as wait_ready
 
-from remp.messages import Ready, Shutdown, StepMsg, StepResult, SwitchProgress, WorkerFailed
+from remp.messages import Ready, Regroup, Shutdown, StepMsg, StepResult, SwitchProgress, WorkerFailed
 from remp.model.reader import CheckpointReader
 from remp.model_runner import ModelRunner
 from remp.shm_allreduce import ShmSegment
@@ -119,30 +120,86 @@ class MultiprocExecutor:
         self.topology = topology
         self.timeout_s = cfg.timeout_s
         self.max_in_flight = topology.pp
+        self.generation = 0
         self._results: deque[StepResult] = deque()
         self._progress: dict[int, dict[int, SwitchProgress]] = {}  # switch id -> rank -> latest progress
-        self._ready: set[int] = set()
-        ctx = self.prestart()
+        self._ready: dict[int, set[int]] = {}  # generation (-1: started, waiting to join) -> ranks
         self.procs, self.conns = [], []
         self.segment = None
-        if cfg.device == "cpu" and cfg.shm_elems and cfg.world_size > 1:  # one worker never all-reduces
-            self.segment = ShmSegment(cfg.world_size, cfg.shm_elems)
-            cfg = dataclasses.replace(cfg, shm_name=self.segment.name)
-        for rank in range(cfg.world_size):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(
-                target=worker_main, args=(rank, cfg, topology, child), daemon=True, name=f"remp-worker-{rank}"
-            )
-            p.start()
-            child.close()
-            self.procs.append(p)
-            self.conns.append(parent)
+        slots = max(cfg.world_size, cfg.shm_slots)
+        if cfg.device == "cpu" and cfg.shm_elems and slots > 1:  # one worker never all-reduces
+            self.segment = ShmSegment(slots, cfg.shm_elems)  # a slot for every worker the pool may have
+            cfg = dataclasses.replace(cfg, shm_name=self.segment.name, shm_slots=slots)
+        self.cfg = cfg
         self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns, self.segment)
         try:
-            self._await_ready(startup_timeout_s)
+            for rank in range(cfg.world_size):
+                self._spawn(rank, topology)
+            self._await_ready(0, startup_timeout_s)
         except BaseException:
             self.shutdown()
             raise
+
+    def _spawn(self, rank: int, topology: Topology | None) -> None:
+        parent, child = self.prestart().Pipe()
+        p = self.prestart().Process(
+            target=worker_main, args=(rank, self.cfg, topology, child), daemon=True, name=f"remp-worker-{rank}"
+        )
+        p.start()
+        child.close()
+        self.procs.append(p)
+        self.conns.append(parent)
+
+    @property
+    def pool_size(self) -> int:
+        return len(self.procs)
+
+    # ---- the pool grows and shrinks ---------------------------------------------------------------------
+    def add_workers(self, n: int) -> None:
+        """Start n workers that hold nothing; they join the world at the next regroup() (steps go on)."""
+        for _ in range(n):
+            self._spawn(len(self.procs), None)
+
+    def joining_started(self) -> bool:
+        """Whether every worker added since the last regroup has started (and can join)."""
+        waiting = set(range(len(self.procs))) - self._ready.get(self.generation, set())
+        self._pump(0)
+        return waiting <= self._ready.get(-1, set())
+
+    def regroup(self, topology: Topology) -> None:
+        """A new generation of the world with every worker in the pool, ranks 0..n-1 as now; queued behind the
+        steps already sent. `topology` is the current one, in these ranks."""
+        self.generation += 1
+        self._ready.pop(-1, None)  # those that waited to join are in now; ranks may be reused later
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        threads = max(1, (os.cpu_count() or 1) // len(self.procs))
+        for rank in range(len(self.procs)):
+            self._send(rank, Regroup(self.generation, rank, len(self.procs), init_method, topology, threads))
+        self.topology = topology
+
+    def remove_idle(self, topology: Topology) -> Topology:
+        """Stop the workers `topology` leaves idle and regroup the others with dense ranks; returns `topology`
+        in the new ranks. Called in a switch's pause, after the idle workers handed over what they held."""
+        keep = sorted(topology.placement)
+        if len(keep) == len(self.procs):
+            return topology
+        leaving = [r for r in range(len(self.procs)) if r not in keep]
+        for r in leaving:
+            self._send(r, Shutdown())
+        rank_of = {old: new for new, old in enumerate(keep)}
+        gone = [(self.procs[r], self.conns[r]) for r in leaving]
+        self.procs[:] = [self.procs[r] for r in keep]
+        self.conns[:] = [self.conns[r] for r in keep]
+        renumbered = dataclasses.replace(topology, placement=tuple(rank_of[w] for w in topology.placement))
+        self.regroup(renumbered)
+        for p, c in gone:  # they left the old world: no peer waits for them
+            p.join(self.timeout_s)
+            if p.is_alive():
+                p.kill()
+                p.join(2.0)
+            c.close()
+        self._await_ready(self.generation, self.timeout_s)
+        return renumbered
 
     @staticmethod
     def prestart() -> mp.context.BaseContext:
@@ -155,6 +212,7 @@ class MultiprocExecutor:
 
     @staticmethod
     def worker_config(world_size: int, **kwargs) -> WorkerConfig:
+        """`shm_slots` in kwargs: the most workers the pool may grow to."""
         return WorkerConfig(
             world_size=world_size,
             init_method=f"tcp://127.0.0.1:{_free_port()}",
@@ -190,7 +248,7 @@ class MultiprocExecutor:
             elif isinstance(msg, SwitchProgress):
                 self._progress.setdefault(msg.switch_id, {})[msg.rank] = msg
             elif isinstance(msg, Ready):
-                self._ready.add(msg.rank)
+                self._ready.setdefault(msg.generation, set()).add(msg.rank)
             elif isinstance(msg, WorkerFailed):
                 raise WorkerError(f"{self._describe(msg.rank)} failed:\n{msg.traceback}")
         for rank, p in enumerate(self.procs):
@@ -198,21 +256,24 @@ class MultiprocExecutor:
                 raise self._died(rank)
         return bool(ready)
 
-    def _await_ready(self, timeout_s: float) -> None:
+    def _await_ready(self, generation: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while len(self._ready) < len(self.procs):
+        while len(self._ready.get(generation, ())) < len(self.procs):
             if not self._pump(deadline - time.monotonic()) and time.monotonic() >= deadline:
-                waiting = sorted(set(range(len(self.procs))) - self._ready)
+                waiting = sorted(set(range(len(self.procs))) - self._ready.get(generation, set()))
                 raise WorkerError(f"workers {waiting} did not start within {timeout_s:.0f} s")
+
+    def _send(self, rank: int, msg: object, data: bytes | None = None) -> None:
+        try:
+            self.conns[rank].send_bytes(data or pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError as e:
+            raise WorkerError(f"{self._describe(rank)} is unreachable: {e}") from None
 
     def broadcast(self, msg: object) -> None:
         """The same command to every worker (pickled once)."""
         data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-        for rank, c in enumerate(self.conns):
-            try:
-                c.send_bytes(data)
-            except OSError as e:
-                raise WorkerError(f"{self._describe(rank)} is unreachable: {e}") from None
+        for rank in range(len(self.conns)):
+            self._send(rank, msg, data)
 
     def submit(self, msg: StepMsg) -> None:
         self.broadcast(msg)

@@ -59,6 +59,20 @@ class AbortSwitch:
 
 
 @dataclass
+class Regroup:
+    """The pool changed size: leave the current process groups and join generation `generation`'s world as
+    `rank` of `world_size`, routing steps by `topology` (the current one, in the new ranks). Queued behind the
+    steps already sent, so those finish in the old world; answered by Ready."""
+
+    generation: int
+    rank: int
+    world_size: int
+    init_method: str
+    topology: Any  # topology.Topology
+    threads: int  # torch threads for this worker in a pool of this size
+
+
+@dataclass
 class Shutdown:
     pass
 
@@ -72,8 +86,11 @@ class StepResult(NamedTuple):
 
 @dataclass
 class Ready:
+    """Started (generation -1: a new worker waiting to join), or joined a generation's world."""
+
     rank: int
     pid: int
+    generation: int = 0
 
 
 @dataclass

@@ -34,7 +34,7 @@ class ModelRunner:
     def __init__(
         self,
         reader: CheckpointReader,
-        spec: ShardSpec,
+        spec: ShardSpec | None,
         dtype: torch.dtype,
         num_blocks: int,
         block_size: int,
@@ -47,18 +47,30 @@ class ModelRunner:
         self.model: LlamaShard | None = None
         self.device = torch.device(device)
         self.rope = RotaryEmbedding(cfg, max_model_len, dtype, reader.rope_freq_factors(), device)
+        if spec is None:  # a worker that joins a running pool: it gets its shard from a switch
+            self.install(ShardState(None, {}, {}))
+            return
         kv = KVCache.allocate(len(spec.layers), num_blocks, block_size, len(spec.kv_heads), cfg.head_dim, dtype, device)
         self.install(
             ShardState(spec, load_shard_weights(reader, spec, dtype, device), dict(zip(spec.layers, kv.layers)))
         )
 
     def install(self, state: ShardState, shard: LlamaShard | None = None) -> None:
-        """Run with this shard from now on (after loading or a switch); `shard` if it was built already."""
+        """Run with this shard from now on (after loading or a switch; spec None: hold nothing, take no part in
+        steps); `shard` if it was built already."""
         spec = self.spec = state.spec
-        shard = shard or self.build_shard(spec, state.weights)
-        shard.all_reduce = self.comm.all_reduce if self.comm is not None and spec.tp_size > 1 else None
-        self.model = shard
+        if spec is None:
+            self.model = self.kv = None
+            return
+        self.model = shard or self.build_shard(spec, state.weights)
+        self.set_comm(self.comm)
         self.kv = KVCache([state.kv_layers[i] for i in spec.layers], self.block_size)
+
+    def set_comm(self, comm: StageComm | None) -> None:
+        """Talk to the other workers through `comm` from now on (the pool changed size)."""
+        self.comm = comm
+        if self.model is not None:
+            self.model.all_reduce = comm.all_reduce if comm is not None and self.spec.tp_size > 1 else None
 
     def build_shard(self, spec: ShardSpec, weights: dict[str, torch.Tensor], reuse: dict | None = None) -> LlamaShard:
         """The execution form of a shard; layers of the running shard built from the same tensors are reused."""
@@ -67,12 +79,14 @@ class ModelRunner:
         return LlamaShard(self.reader.config, spec, weights, self.rope, None, reuse)
 
     def state(self) -> ShardState:
+        if self.spec is None:
+            return ShardState(None, {}, {})
         return ShardState(self.spec, dict(self.model.weights), dict(zip(self.spec.layers, self.kv.layers)))
 
     def detach(self, keep_layers: set[int]) -> tuple[ShardState, dict]:
         """Hand the shard over to a switch that consumes it as it goes: the state, and the execution form of
         the layers in `keep_layers` (to reuse). This runner holds nothing until install()."""
-        state, layers = self.state(), self.model.execution_layers()
+        state, layers = self.state(), self.model.execution_layers() if self.model is not None else {}
         self.model = self.kv = None
         return state, {i: layers[i] for i in keep_layers if i in layers}
 

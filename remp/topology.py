@@ -56,9 +56,10 @@ class Topology:
         return self.worker(self.pp - 1, 0)
 
     def validate(self, config: ModelConfig, num_workers: int | None = None) -> None:
-        """Raise ValueError with the reason if this topology cannot run the model on the pool."""
-        if num_workers is not None and self.size != num_workers:
-            raise ValueError(f"{self} needs tp*pp = {self.size} workers, but the pool has {num_workers}")
+        """Raise ValueError with the reason if this topology cannot run the model on a pool of up to
+        num_workers workers."""
+        if num_workers is not None and self.size > num_workers:
+            raise ValueError(f"{self} needs tp*pp = {self.size} workers, but the pool has at most {num_workers}")
         if num_workers is not None and max(self.placement) >= num_workers:
             raise ValueError(f"placement {self.placement} names workers outside the pool of {num_workers}")
         head_split(config.num_attention_heads, config.num_key_value_heads, self.tp)

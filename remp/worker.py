@@ -23,6 +23,7 @@ from remp.messages import (
     PrecopyKV,
     PrepareSwitch,
     Ready,
+    Regroup,
     Shutdown,
     StepMsg,
     WorkerFailed,
@@ -44,6 +45,7 @@ class WorkerConfig:
     threads: int
     shm_name: str | None = None  # shared-memory all-reduce segment (CPU pools on one machine)
     shm_elems: int = 0
+    shm_slots: int = 0  # workers the segment has room for (the most the pool may grow to)
 
 
 def _die_with_parent() -> None:
@@ -62,11 +64,14 @@ def _device(cfg: WorkerConfig, rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def worker_main(rank: int, cfg: WorkerConfig, topology: Topology, conn: Connection) -> None:
+def worker_main(rank: int, cfg: WorkerConfig, topology: Topology | None, conn: Connection) -> None:
+    """topology None: a worker added to a running pool; it holds nothing and joins the world at the Regroup
+    that follows (until then it ignores the steps it is sent)."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it shuts us down
     torch.set_num_threads(cfg.threads)
     comm = None
+    me = [rank]  # this worker's rank changes when the pool does
     lock = threading.Lock()  # the pre-copy thread reports through the same pipe
 
     def send(msg: object) -> None:
@@ -82,20 +87,20 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology, conn: Connecti
         from remp.switch.on_worker import WorkerSwitch
 
         device = _device(cfg, rank)
-        shm = ShmSegment(cfg.world_size, cfg.shm_elems, cfg.shm_name) if cfg.shm_name else None
-        comm = WorkerComm(rank, cfg.world_size, cfg.init_method, cfg.timeout_s, device, shm)
+        shm = ShmSegment(cfg.shm_slots, cfg.shm_elems, cfg.shm_name) if cfg.shm_name else None
         reader = open_checkpoint(cfg.model)
-        comm.prepare_topology(topology)
-        comm.use_topology(topology, reader.config.hidden_size, cfg.dtype)
+
+        def join(rank: int, world_size: int, init_method: str, topology: Topology, epoch: int) -> WorkerComm:
+            comm = WorkerComm(rank, world_size, init_method, cfg.timeout_s, device, shm, epoch)
+            comm.prepare_topology(topology)
+            comm.use_topology(topology, reader.config.hidden_size, cfg.dtype)
+            return comm
+
+        if topology is not None:
+            comm = join(rank, cfg.world_size, cfg.init_method, topology, 0)
+        spec = topology.spec(reader.config, rank) if topology is not None else None
         runner = ModelRunner(
-            reader,
-            topology.spec(reader.config, rank),
-            cfg.dtype,
-            cfg.num_blocks,
-            cfg.block_size,
-            cfg.max_model_len,
-            str(device),
-            comm,
+            reader, spec, cfg.dtype, cfg.num_blocks, cfg.block_size, cfg.max_model_len, str(device), comm
         )
         switch = WorkerSwitch(rank, runner, comm, send)
         handlers = {
@@ -104,13 +109,24 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology, conn: Connecti
             CommitSwitch: switch.commit,
             AbortSwitch: switch.abort,
         }
-        send(Ready(rank, os.getpid()))
+        send(Ready(rank, os.getpid(), 0 if topology is not None else -1))
         while True:
             msg = pickle.loads(conn.recv_bytes())
             if isinstance(msg, StepMsg):
-                result = runner.run(msg)
-                if result is not None:
-                    send(result)
+                if runner.spec is not None:  # an idle worker has no part in steps
+                    result = runner.run(msg)
+                    if result is not None:
+                        send(result)
+            elif isinstance(msg, Regroup):
+                if comm is not None:
+                    comm.close()
+                # epochs grow across generations: shared-memory flags of the old world never match the new one
+                torch.set_num_threads(msg.threads)
+                comm = join(msg.rank, msg.world_size, msg.init_method, msg.topology, msg.generation << 16)
+                me[0] = msg.rank
+                runner.set_comm(comm)
+                switch.rank, switch.comm = msg.rank, comm
+                send(Ready(msg.rank, os.getpid(), msg.generation))
             elif isinstance(msg, Shutdown):
                 break
             else:
@@ -119,7 +135,7 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology, conn: Connecti
         pass  # the driver went away
     except BaseException:  # report anything, then exit
         try:
-            send(WorkerFailed(rank, traceback.format_exc()))
+            send(WorkerFailed(me[0], traceback.format_exc()))
         except OSError:
             pass
     finally:

@@ -143,8 +143,9 @@ def test_admin_auth_and_refused_switch(server, client):
     assert get(server, "/admin/topology", token="wrong")[0] == 403
     code, body = get(server, "/admin/topology", token="adm")
     assert code == 200 and json.loads(body)["topology"] == "TP2xPP2"
-    code, err = post(server, "/admin/reconfigure", {"tensor_parallel_size": 3, "pipeline_parallel_size": 1}, "adm")
+    code, err = post(server, "/admin/reconfigure", {"tensor_parallel_size": 5, "pipeline_parallel_size": 1}, "adm")
     assert code == 400 and "still serving TP2xPP2" in err["error"]["message"]
+    assert "pool has at most 4" in err["error"]["message"]
     code, err = post(server, "/admin/reconfigure", {"tensor_parallel_size": 2}, "adm")
     assert code == 400
     assert post(server, "/admin/reconfigure", {"tensor_parallel_size": 4, "pipeline_parallel_size": 1}, "x")[0] == 403
@@ -175,8 +176,9 @@ def metric_sum(url: str, name: str, **labels: str) -> float:
 
 
 def test_live_switches_while_streaming(server, client, offline):
-    """Six concurrent streams; three live switches while they stream; every stream completes without error
-    and equals a run without switches; /metrics counts the switches and their pauses."""
+    """Six concurrent streams; three live switches while they stream, the second shrinking the pool to two
+    workers and the third growing it back; every stream completes without error and equals a run without
+    switches; /metrics counts the switches and their pauses, and the pool's size and generations."""
     prompts = ["alpha beta", "gamma", "delta epsilon zeta", "eta", "theta iota", "kappa lambda mu"]
     refs = {
         p: o.outputs[0].text
@@ -186,6 +188,7 @@ def test_live_switches_while_streaming(server, client, offline):
     }
     live_before = metric_sum(server, "remp:topology_switches_total", mode="live")
     pauses_before = metric_sum(server, "remp:topology_switch_pause_seconds_count")
+    generation_before = metric_sum(server, "remp:pool_generation")
     results, errors = {}, []
 
     def stream(p):
@@ -200,13 +203,14 @@ def test_live_switches_while_streaming(server, client, offline):
     threads = [threading.Thread(target=stream, args=(p,)) for p in prompts]
     for t in threads:
         t.start()
-    reports = []
-    for tp, pp in [(4, 1), (1, 4), (2, 2)]:
+    reports, pools = [], []
+    for tp, pp in [(4, 1), (1, 2), (2, 2)]:
         code, rep = post(
             server, "/admin/reconfigure", {"tensor_parallel_size": tp, "pipeline_parallel_size": pp}, "adm"
         )
         assert code == 200, rep
         reports.append(rep)
+        pools.append(metric_sum(server, "remp:num_workers"))
     for t in threads:
         t.join(timeout=300)
     assert not errors
@@ -215,8 +219,11 @@ def test_live_switches_while_streaming(server, client, offline):
     assert sum(r["kv_blocks_moved"] > 0 for r in reports) >= 1
     assert metric_sum(server, "remp:topology_switches_total", mode="live") == live_before + 3
     assert metric_sum(server, "remp:topology_switch_pause_seconds_count") == pauses_before + 3
+    assert pools == [4, 2, 4] and [r["pool_size"] for r in reports] == [4, 2, 4]
+    assert metric_sum(server, "remp:pool_generation") == generation_before + 2  # shrink, then grow
     topo = json.loads(get(server, "/admin/topology", token="adm")[1])
     assert len(topo["switches"]) >= 3 and topo["topology"] == "TP2xPP2"
+    assert topo["num_workers"] == topo["max_workers"] == 4
 
 
 def test_bench_serve_against_live_server(server, tmp_path):

@@ -13,6 +13,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1)
+    p.add_argument(
+        "--max-workers", type=int, default=None, help="the most workers a switch may grow the pool to (default tp*pp)"
+    )
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
     p.add_argument("--num-kv-blocks", type=int, default=None)
@@ -33,6 +36,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
         max_model_len=a.max_model_len,
         tensor_parallel_size=a.tensor_parallel_size,
         pipeline_parallel_size=a.pipeline_parallel_size,
+        max_workers=a.max_workers,
         block_size=a.block_size,
         kv_cache_memory_gb=a.kv_cache_memory_gb,
         num_kv_blocks=a.num_kv_blocks,

@@ -83,6 +83,10 @@ class ServerMetrics:
         )
         self.tp = Gauge("remp:tensor_parallel_size", "Current tensor parallel size", registry=r, **label)
         self.pp = Gauge("remp:pipeline_parallel_size", "Current pipeline parallel size", registry=r, **label)
+        self.pool = Gauge("remp:num_workers", "Worker processes in the pool", registry=r, **label)
+        self.generation = Gauge(
+            "remp:pool_generation", "Changes of the pool's size (each a new process-group world)", registry=r, **label
+        )
         self.model = model_name
 
     def watch(self, engine: LLMEngine) -> None:
@@ -92,6 +96,8 @@ class ServerMetrics:
         self.waiting.labels(m).set_function(lambda: len(engine.scheduler.waiting))
         self.kv_usage.labels(m).set_function(lambda: engine.scheduler.pool.usage)
         self.preemptions.labels(m).set_function(lambda: engine.scheduler.num_preemptions)
+        self.pool.labels(m).set_function(lambda: getattr(engine.executor, "pool_size", 1))
+        self.generation.labels(m).set_function(lambda: getattr(engine.executor, "generation", 0))
 
     def on_abort(self, reason: str) -> None:
         self.aborted.labels(self.model, reason).inc()

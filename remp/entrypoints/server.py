@@ -342,6 +342,9 @@ def build_app(
             "tensor_parallel_size": t.tp,
             "pipeline_parallel_size": t.pp,
             "placement": list(t.placement),
+            "num_workers": getattr(core.executor, "pool_size", 1),
+            "max_workers": core.max_workers,
+            "pool_generation": getattr(core.executor, "generation", 0),
             "switching_to": engine.switching,
             "switches": [
                 {

@@ -226,9 +226,10 @@ def phase_groups(plan: Plan, config, piece_bytes, chunk_bytes: int = 64 << 20, w
 
 
 def stop_the_world(
-    io: PieceIO, plan: Plan, new_spec: ShardSpec, new_block_ids: list[int], new_num_blocks: int
+    io: PieceIO, plan: Plan, new_spec: ShardSpec | None, new_block_ids: list[int], new_num_blocks: int
 ) -> ShardState:
-    """The whole plan in the pause, chunk by chunk, freeing each old phase as soon as its chunk is done."""
+    """The whole plan in the pause, chunk by chunk, freeing each old phase as soon as its chunk is done (new_spec
+    None: this worker only sends, and ends holding nothing)."""
     config, old = io.config, io.old
     new_ranges = weight_ranges(config, new_spec)
     new_ids = torch.tensor(new_block_ids, dtype=torch.long, device=io.device)
@@ -241,7 +242,7 @@ def stop_the_world(
             for name, (lo, hi) in new_ranges.items():
                 if WeightPiece(name, lo, hi).layer == phase:
                     new.weights[name] = assemble_weight(io, name, lo, hi, received.get(name, []))
-            if phase >= 0 and phase in new_spec.layers:
+            if new_spec is not None and phase >= 0 and phase in new_spec.layers:
                 if can_keep_kv_layer(io, phase, new_spec.kv_heads, same_blocks):
                     new.kv_layers[phase] = old.kv_layers[phase]
                 else:

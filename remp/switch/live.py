@@ -180,7 +180,8 @@ class LiveSwitch:
                     )  # fmt: skip
                 )
         # the execution form layer by layer (fused copies, packing), resting in between; unchanged layers reused
-        t_build, built = time.perf_counter(), self.runner.model.execution_layers()
+        model = self.runner.model  # None on a worker that joined holding nothing
+        t_build, built = time.perf_counter(), model.execution_layers() if model is not None else {}
         for layer in self.new_spec.layers:
             if self.cancel.is_set():
                 return False

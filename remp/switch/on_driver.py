@@ -51,6 +51,8 @@ class PendingSwitch:
     abort_reason: str | None = None
     kv_snapshot: dict[int, tuple] | None = None  # pre-copied block -> (request id, index in it, preemptions)
     kv_new_ids: dict[int, int] = field(default_factory=dict)  # pre-copied block -> its id in the new pool
+    joining: bool = False  # workers added for this switch have yet to join the world (then PrepareSwitch)
+    duty: float = 1.0
 
     def __post_init__(self) -> None:
         self.expect = "precopied" if self.mode == "live" else "prepared"  # the stage that lets it move on
@@ -91,10 +93,12 @@ class SwitchDriver:
     ) -> None:
         if self.pending is not None:
             raise SwitchInProgress(str(self.pending.target))
-        eng = self.engine
+        eng, executor = self.engine, self.engine.executor
         old, cfg = eng.topology, eng.model_config
         sizer = PieceSizer(cfg, eng.dtype.itemsize, len(eng.scheduler.blocks_in_use()), eng.args.block_size)
-        new = best_placement(cfg, old, target.tp, target.pp, sizer, target.layers_per_stage)
+        grow = target.size - executor.pool_size
+        pool = list(range(max(executor.pool_size, target.size)))
+        new = best_placement(cfg, old, target.tp, target.pp, sizer, target.layers_per_stage, workers=pool)
         plan = make_plan(cfg, old, new, sizer)
         fallback = None
         if mode == "live":
@@ -107,19 +111,38 @@ class SwitchDriver:
                     f"switch_staging_gb budget ({self.staging_gb:g} GiB): stop-the-world instead"
                 )
                 mode = "stop"
-        self.pending = PendingSwitch(mode, old, target, plan, num_blocks, on_done, fallback)
         duty = self.precopy_duty
         if eng.args.device == "cpu":  # workers sharing cores: the duty is of the machine, not of each worker
-            duty *= min(1.0, (os.cpu_count() or 1) / old.size)
-        eng.executor.broadcast(PrepareSwitch(self.pending.switch_id, plan, num_blocks, mode == "live", duty))
+            duty *= min(1.0, (os.cpu_count() or 1) / len(pool))
+        self.pending = PendingSwitch(
+            mode, old, target, plan, num_blocks, on_done, fallback, joining=grow > 0, duty=duty
+        )
+        if grow > 0:  # they start while the pool serves; the switch begins once they can join (advance)
+            executor.add_workers(grow)
+        else:
+            self._prepare(self.pending)
+
+    def _prepare(self, sw: PendingSwitch) -> None:
+        self.engine.executor.broadcast(PrepareSwitch(sw.switch_id, sw.plan, sw.num_blocks, sw.mode == "live", sw.duty))
 
     def advance(self, wait_s: float = 0.0) -> None:
         """Called between steps: cut over once the workers are ready, or finish an abort."""
         sw = self.pending
         if sw is None:
             return
-        progress = self.engine.executor.switch_progress(sw.switch_id, wait_s)
-        n = len(self.engine.executor.procs)
+        executor = self.engine.executor
+        if sw.joining:
+            if executor.joining_started():
+                executor.regroup(executor.topology)  # a world with the new workers; then the switch
+                sw.joining = False
+                self._prepare(sw)
+            elif time.perf_counter() - sw.t_start > self.timeout_s:
+                self.pending = None
+                executor.remove_idle(sw.old)
+                sw.on_done(None, SwitchAborted(f"the added workers did not start within {self.timeout_s:g} s"))
+            return
+        progress = executor.switch_progress(sw.switch_id, wait_s)
+        n = executor.pool_size
         if sw.abort_reason is None:
             failed = [p for p in progress.values() if p.stage == "failed"]
             if failed:
@@ -137,6 +160,7 @@ class SwitchDriver:
                     self._cut_over(sw)
         elif len(progress) == n and all(p.stage == "aborted" for p in progress.values()):
             self.pending = None
+            executor.remove_idle(sw.old)  # workers added for the switch leave again
             sw.on_done(
                 None, SwitchAborted(f"switch to {sw.plan.new} called off, still serving {sw.old}: {sw.abort_reason}")
             )
@@ -187,9 +211,11 @@ class SwitchDriver:
         eng.executor.use_topology(sw.plan.new)
         eng.scheduler.resize(sw.num_blocks, mapping)
         eng.num_kv_blocks = sw.num_blocks
-        t_end = time.perf_counter()
+        with eng.fatal_worker_errors():
+            eng.executor.remove_idle(sw.plan.new)  # workers the new topology leaves idle hold nothing now: stop
+        report = self._report(sw, progress, used, clean, preempted, t_pause, time.perf_counter(), last_step)
         self.pending = None
-        sw.on_done(self._report(sw, progress, used, clean, preempted, t_pause, t_end, last_step), None)
+        sw.on_done(report, None)
 
     def _report(self, sw, progress: dict[int, SwitchProgress], used, clean, preempted, t_pause, t_end, last_step):
         eng, plan = self.engine, sw.plan
@@ -228,4 +254,5 @@ class SwitchDriver:
             tokens_per_s_during=during,
             longest_step_gap_s=eng.longest_step_gap(sw.t_start, t_end, last_step),
             fallback=sw.fallback,
+            pool_size=eng.executor.pool_size,
         )

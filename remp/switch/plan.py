@@ -148,11 +148,13 @@ def best_placement(
     sizer: PieceSizer,
     layers_per_stage: tuple[int, ...] | None = None,
     with_kv: bool = True,
+    workers: list[int] | None = None,
 ) -> Topology:
-    """The placement of the new coordinates on old's workers that keeps the most bytes in place."""
-    workers = sorted(old.placement)
+    """The placement of the new coordinates on the pool's workers (default: old's) that keeps the most bytes in
+    place. A pool larger than the topology leaves the workers that would keep the least idle."""
+    workers = sorted(old.placement if workers is None else workers)
     draft = Topology(tp, pp, tuple(range(tp * pp)), layers_per_stage)
-    if draft.size != len(workers):
+    if draft.size > len(workers):
         raise ValueError(f"{draft} needs {draft.size} workers, but the pool has {len(workers)}")
     held = {w: worker_pieces(config, old, w, with_kv) for w in workers}
     gain = np.zeros((draft.size, len(workers)))
@@ -246,7 +248,8 @@ def _minimum(
     out = ByteCounts()
     if old is None:
         return out
-    best = best_placement(config, old, new.tp, new.pp, sizer, new.layers_per_stage, with_kv) if not lost else new
+    pool = sorted(set(old.placement) | set(new.placement))
+    best = best_placement(config, old, new.tp, new.pp, sizer, new.layers_per_stage, with_kv, pool) if not lost else new
     for w in best.placement:
         held = [] if w in lost else worker_pieces(config, old, w, with_kv)
         weights, kv = _index(held)

@@ -34,6 +34,7 @@ class SwitchReport:
     tokens_per_s_during: float | None = None
     longest_step_gap_s: float = 0.0  # longest time between two finished steps, the pause included
     fallback: str | None = None  # why a live switch ran as stop-the-world (e.g. the staging budget)
+    pool_size: int = 0  # workers in the pool afterwards (a switch grows or shrinks it to tp*pp)
 
     def to_dict(self) -> dict:
         return asdict(self)
