@@ -90,7 +90,13 @@ class WorkerComm:
 
     def close(self) -> None:
         for work, _ in self._sends:
-            work.wait()
+            try:
+                work.wait()
+            except Exception:  # the receiver is gone (a lost worker): nothing to finish
+                pass
         self._sends.clear()
+        # drop every reference to the groups, so that their connections close (peers waiting on them error out)
+        self._groups.clear()
+        self.switch_group = self.tp_group = None
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -29,6 +29,7 @@ from remp.sampler import SampleRow
 from remp.sampling_params import SamplingParams
 from remp.scheduler import ScheduledBatch, Scheduler
 from remp.switch.on_driver import SwitchDriver, SwitchInProgress
+from remp.switch.recovery import recover
 from remp.switch.report import SwitchReport
 from remp.topology import Topology
 
@@ -45,6 +46,11 @@ class EngineStats:
     # worker's own time (pickling, pipes, scheduling handoff); recent steps only
     control_overhead_s: deque = field(default_factory=lambda: deque(maxlen=4096))
     switches: list = field(default_factory=list)
+
+
+@dataclass
+class WorkerFailureGuard:
+    recovered: bool = False
 
 
 class LLMEngine:
@@ -76,6 +82,7 @@ class LLMEngine:
             )
         torch.manual_seed(args.seed)
         self.error: Exception | None = None
+        self.recovering = False  # a lost worker's recovery is under way (the server reports "degraded")
         self.tokenizer = reader.load_tokenizer()
         self.eos_token_ids = frozenset(
             cfg.eos_token_ids or ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
@@ -228,7 +235,7 @@ class LLMEngine:
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped after a worker failure: {self.error}")
         self.advance_switch()
-        with self._fatal_worker_errors():
+        with self._fatal_worker_errors() as guard:
             while len(self._in_flight) < self.executor.max_in_flight and self._submit_next():
                 pass
             if not self._in_flight:
@@ -238,6 +245,8 @@ class LLMEngine:
             result = self.executor.wait()
             if alone:
                 self.stats.control_overhead_s.append(time.perf_counter() - submitted - result.worker_s)
+        if guard.recovered:  # the requests go on after recomputing their KV
+            return []
         self._in_flight.popleft()
         outputs = self._process(batch, sampled, result)
         self._step_log.append((time.perf_counter(), len(outputs)))
@@ -245,18 +254,28 @@ class LLMEngine:
         return outputs
 
     def fatal_worker_errors(self):
-        """Context in which a worker failure ends this engine (the switch driver's commit runs in it)."""
+        """Context in which a worker failure is recovered from or ends this engine (the switch driver's commit
+        runs in it); `.recovered` says the block was cut short by a recovery."""
         return self._fatal_worker_errors()
 
     @contextmanager
-    def _fatal_worker_errors(self) -> Iterator[None]:
-        """A worker failure ends this engine: remember why, stop the remaining workers, re-raise."""
+    def _fatal_worker_errors(self) -> Iterator[WorkerFailureGuard]:
+        """A lost worker is recovered from (switch/recovery.py) and the block is cut short; any other worker
+        failure, or a recovery that fails, ends this engine: remember why, stop the workers, re-raise."""
+        guard = WorkerFailureGuard()
         try:
-            yield
+            yield guard
         except WorkerError as e:
-            self.error = e
-            self.executor.shutdown(grace_s=1.0)  # survivors may be stuck in a collective with the lost worker
-            raise
+            try:
+                report = None if self.recovering else recover(self, e)
+            except WorkerError as failed:
+                e = failed
+                report = None
+            if report is None:
+                self.error = e
+                self.executor.shutdown(grace_s=1.0)  # survivors may be stuck in a collective with the lost worker
+                raise e from None
+            guard.recovered = True
 
     def tokens_in_flight(self) -> dict[Request, int]:
         """Tokens of each request in micro-batches still in the pipeline (counted as computed already)."""
@@ -412,12 +431,7 @@ class LLMEngine:
                 f"the engine with max_workers (--max-workers) of at least {target.size}"
             )
         target.validate(self.model_config)
-        num_blocks = self.args.num_kv_blocks or int(self.args.kv_cache_memory_gb * 2**30 // self._block_bytes(target))
-        if num_blocks * self.args.block_size < self.max_model_len:
-            raise ValueError(
-                f"{target} leaves room for {num_blocks * self.args.block_size} KV tokens, fewer than "
-                f"max_model_len={self.max_model_len}"
-            )
+        num_blocks = self.kv_blocks_for(target)
         if not isinstance(self.executor, MultiprocExecutor):
             raise ValueError(
                 "a single-worker engine in this process has no pool to reshard; start it with tp*pp > 1 or "
@@ -435,6 +449,37 @@ class LLMEngine:
         else:
             self.switcher.start(target, num_blocks, mode, finish)
 
+    def check_workers(self) -> None:
+        """Notice a worker lost while nothing runs (and recover): called by a server's idle loop."""
+        if self.error is None and isinstance(self.executor, MultiprocExecutor):
+            with self._fatal_worker_errors():
+                self.executor.poll()
+
+    def kv_blocks_for(self, target: Topology) -> int:
+        """KV blocks the memory budget buys under `target`; ValueError if they cannot hold max_model_len."""
+        num_blocks = self.args.num_kv_blocks or int(self.args.kv_cache_memory_gb * 2**30 // self._block_bytes(target))
+        if num_blocks * self.args.block_size < self.max_model_len:
+            raise ValueError(
+                f"{target} leaves room for {num_blocks * self.args.block_size} KV tokens, fewer than "
+                f"max_model_len={self.max_model_len}"
+            )
+        return num_blocks
+
+    def requeue_all(self) -> tuple[list[str], int]:
+        """A lost worker took KV of every running request with it: forget the micro-batches in flight (their
+        results will not come), and send every running request back to the queue to recompute its KV, oldest
+        first. Returns their ids and the tokens to recompute."""
+        for batch, *_ in self._in_flight:
+            for req, _ in batch.scheduled:
+                if req.finished and req.block_ids:  # aborted while in flight: its blocks were kept until now
+                    self.scheduler.free(req)
+        self._in_flight.clear()
+        running = list(self.scheduler.running)
+        recompute = sum(r.num_computed_tokens for r in running)
+        for req in reversed(running):  # preempt puts each at the front of the queue
+            self.scheduler.preempt(req)
+        return [r.request_id for r in running], recompute
+
     @property
     def switching(self):
         """The switch in progress (its target and mode), or None."""
@@ -448,9 +493,11 @@ class LLMEngine:
     def drain(self) -> None:
         """Finish the micro-batches in flight; their outputs are returned by the next step()."""
         while self._in_flight:
-            batch, sampled, _ = self._in_flight.popleft()
-            with self._fatal_worker_errors():
+            with self._fatal_worker_errors() as guard:
                 result = self.executor.wait()
+            if guard.recovered:  # nothing left in flight
+                return
+            batch, sampled, _ = self._in_flight.popleft()
             self._drained_outputs += self._process(batch, sampled, result)
 
     def last_step_time(self) -> float | None:

@@ -26,6 +26,10 @@ class EngineArgs:
     worker_timeout_s: float = 120.0  # a worker silent this long (or a collective stuck this long) is an error
     # live switches: extra memory a worker may use to stage the new shard while the old one serves (over it:
     # stop-the-world instead), the share of time the background copy may take, and how long it may run
+    # a worker that dies: go on with the survivors (a switch onto the best topology they can hold), or with
+    # `respawn`, start a replacement and keep the topology; off: the engine stops, as vLLM does
+    worker_recovery: bool = True
+    respawn: bool = False
     switch_staging_gb: float = 2.0
     switch_precopy_duty: float = 0.3
     switch_timeout_s: float = 300.0

@@ -20,7 +20,7 @@ from collections import deque
 from multiprocessing import forkserver
 from multiprocessing.connection import wait as wait_ready
 
-from remp.messages import Ready, Regroup, Shutdown, StepMsg, StepResult, SwitchProgress, WorkerFailed
+from remp.messages import Ready, Regroup, Shutdown, StepFailed, StepMsg, StepResult, SwitchProgress, WorkerFailed
 from remp.model.reader import CheckpointReader
 from remp.model_runner import ModelRunner
 from remp.shm_allreduce import ShmSegment
@@ -121,6 +121,7 @@ class MultiprocExecutor:
         self.timeout_s = cfg.timeout_s
         self.max_in_flight = topology.pp
         self.generation = 0
+        self._recovering = False  # steps failing because of a lost worker are expected, not new failures
         self._results: deque[StepResult] = deque()
         self._progress: dict[int, dict[int, SwitchProgress]] = {}  # switch id -> rank -> latest progress
         self._ready: dict[int, set[int]] = {}  # generation (-1: started, waiting to join) -> ranks
@@ -166,16 +167,60 @@ class MultiprocExecutor:
         self._pump(0)
         return waiting <= self._ready.get(-1, set())
 
-    def regroup(self, topology: Topology) -> None:
+    def regroup(self, topology: Topology | None, drop_shards: bool = False) -> None:
         """A new generation of the world with every worker in the pool, ranks 0..n-1 as now; queued behind the
-        steps already sent. `topology` is the current one, in these ranks."""
+        steps already sent. `topology` is the current one, in these ranks (None: none yet, after a loss)."""
         self.generation += 1
         self._ready.pop(-1, None)  # those that waited to join are in now; ranks may be reused later
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         threads = max(1, (os.cpu_count() or 1) // len(self.procs))
         for rank in range(len(self.procs)):
-            self._send(rank, Regroup(self.generation, rank, len(self.procs), init_method, topology, threads))
-        self.topology = topology
+            self._send(
+                rank, Regroup(self.generation, rank, len(self.procs), init_method, topology, threads, drop_shards)
+            )
+        if topology is not None:
+            self.topology = topology
+
+    # ---- a worker lost -------------------------------------------------------------------------------------
+    def lost_workers(self, wait_s: float) -> list[int]:
+        """Ranks whose process has exited, waiting up to wait_s for one (a survivor's report of a failed step
+        can arrive before the death is seen)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            lost = [r for r, p in enumerate(self.procs) if p.exitcode is not None]
+            if lost or time.monotonic() >= deadline:
+                return lost
+            wait_ready([p.sentinel for p in self.procs], min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def drop_lost(self, lost: list[int], respawn: bool, timeout_s: float, drop_shards: bool) -> dict[int, int]:
+        """Forget the lost workers, free the survivors from any wait on them, optionally start replacements,
+        and regroup: a new world of survivors (ranks renumbered in order; replacements last) with no routing
+        until a switch installs a topology; with drop_shards they also let go of what they hold. Returns old
+        rank -> new rank of the survivors."""
+        self._recovering = True
+        try:
+            if self.segment is not None:
+                self.segment.peer_lost()  # survivors spinning in a shared-memory all-reduce give up
+            survivors = [r for r in range(len(self.procs)) if r not in lost]
+            for r in lost:
+                self.procs[r].join(1.0)
+                self.conns[r].close()
+            self.procs[:] = [self.procs[r] for r in survivors]
+            self.conns[:] = [self.conns[r] for r in survivors]
+            if respawn:
+                self.add_workers(len(lost))
+                deadline = time.monotonic() + timeout_s
+                while not self.joining_started():
+                    if time.monotonic() > deadline:
+                        raise WorkerError(f"replacement workers did not start within {timeout_s:.0f} s")
+                    self._pump(0.05)
+            self.regroup(None, drop_shards)
+            self._await_ready(self.generation, timeout_s)  # reads what survivors sent before: stale now
+            self._results.clear()
+            self._progress.clear()
+        finally:
+            self._recovering = False
+        return {old: new for new, old in enumerate(survivors)}
 
     def remove_idle(self, topology: Topology) -> Topology:
         """Stop the workers `topology` leaves idle and regroup the others with dense ranks; returns `topology`
@@ -251,10 +296,17 @@ class MultiprocExecutor:
                 self._ready.setdefault(msg.generation, set()).add(msg.rank)
             elif isinstance(msg, WorkerFailed):
                 raise WorkerError(f"{self._describe(msg.rank)} failed:\n{msg.traceback}")
+            elif isinstance(msg, StepFailed) and not self._recovering:  # while recovering: the known loss
+                raise WorkerError(f"{self._describe(msg.rank)} failed in step {msg.step_id}:\n{msg.traceback}")
         for rank, p in enumerate(self.procs):
             if p.sentinel in ready:
                 raise self._died(rank)
         return bool(ready)
+
+    def poll(self) -> None:
+        """Read what has arrived; a lost worker raises WorkerError."""
+        while self._pump(0):
+            pass
 
     def _await_ready(self, generation: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

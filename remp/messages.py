@@ -70,6 +70,7 @@ class Regroup:
     init_method: str
     topology: Any  # topology.Topology
     threads: int  # torch threads for this worker in a pool of this size
+    drop_shard: bool = False  # a loss cut a commit short: what each worker holds is unknown, hold nothing
 
 
 @dataclass
@@ -105,5 +106,17 @@ class SwitchProgress:
 
 @dataclass
 class WorkerFailed:
+    """The worker hit an error and is exiting."""
+
     rank: int
+    traceback: str
+
+
+@dataclass
+class StepFailed:
+    """A step failed on this worker (often: a peer died mid-step). It stays up, holding its shard, and takes no
+    part in steps until the next Regroup: the driver decides between recovery and shutdown."""
+
+    rank: int
+    step_id: int
     traceback: str

@@ -19,12 +19,16 @@ import torch
 _EPOCH = 1 << 32
 
 
+class PeerLost(RuntimeError):
+    """A worker of the group died while this one waited for it."""
+
+
 class ShmSegment:
     """Created by the driver; attached by name in each worker."""
 
     def __init__(self, world_size: int, max_elems: int, name: str | None = None):
         self.world_size, self.max_elems = world_size, max_elems
-        self.flag_bytes = 8 * world_size
+        self.flag_bytes = 8 * (world_size + 1)  # a flag per worker, then the driver's count of workers lost
         size = self.flag_bytes + world_size * 2 * max_elems * 8  # float64 room: exact for float64 models
         if name is None:
             self.shm = shared_memory.SharedMemory(create=True, size=size)
@@ -32,6 +36,11 @@ class ShmSegment:
         else:
             self.shm = shared_memory.SharedMemory(name=name)
         self.name = self.shm.name
+
+    def peer_lost(self) -> None:
+        """Driver: a worker died; workers waiting in an all-reduce give up (PeerLost) instead of spinning."""
+        lost = torch.frombuffer(self.shm.buf, dtype=torch.int64, count=self.world_size + 1)
+        lost[self.world_size] += 1
 
     def close(self, unlink: bool = False) -> None:
         self.shm.close()
@@ -42,7 +51,9 @@ class ShmSegment:
 class ShmAllReduce:
     def __init__(self, segment: ShmSegment, rank: int):
         self.seg, self.rank = segment, rank
-        self.flags = torch.frombuffer(segment.shm.buf, dtype=torch.int64, count=segment.world_size)
+        words = torch.frombuffer(segment.shm.buf, dtype=torch.int64, count=segment.world_size + 1)
+        self.flags, self.lost = words[: segment.world_size], words[segment.world_size :]
+        self.lost_seen = int(self.lost[0])  # workers lost before this world began
         self.data = torch.frombuffer(
             segment.shm.buf,
             dtype=torch.uint8,
@@ -80,6 +91,8 @@ class ShmAllReduce:
                     os.sched_yield()
                 else:
                     time.sleep(0.00002)  # peers may share this core: stop competing for it
+                    if int(self.lost[0]) != self.lost_seen:
+                        raise PeerLost(f"worker {peer} of this all-reduce was lost")
         total = self._slot(self.members[0], parity, acc, n).clone()
         for peer in self.members[1:]:
             total += self._slot(peer, parity, acc, n)

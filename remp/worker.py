@@ -25,7 +25,9 @@ from remp.messages import (
     Ready,
     Regroup,
     Shutdown,
+    StepFailed,
     StepMsg,
+    SwitchProgress,
     WorkerFailed,
 )
 from remp.topology import Topology
@@ -84,16 +86,19 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology | None, conn: C
         from remp.model.reader import open_checkpoint
         from remp.model_runner import ModelRunner
         from remp.shm_allreduce import ShmSegment
+        from remp.switch.execute import ShardState
         from remp.switch.on_worker import WorkerSwitch
 
         device = _device(cfg, rank)
         shm = ShmSegment(cfg.shm_slots, cfg.shm_elems, cfg.shm_name) if cfg.shm_name else None
         reader = open_checkpoint(cfg.model)
 
-        def join(rank: int, world_size: int, init_method: str, topology: Topology, epoch: int) -> WorkerComm:
+        def join(rank: int, world_size: int, init_method: str, topology: Topology | None, epoch: int) -> WorkerComm:
+            """topology None (recovery): no routing until the switch that follows installs one."""
             comm = WorkerComm(rank, world_size, init_method, cfg.timeout_s, device, shm, epoch)
-            comm.prepare_topology(topology)
-            comm.use_topology(topology, reader.config.hidden_size, cfg.dtype)
+            if topology is not None:
+                comm.prepare_topology(topology)
+                comm.use_topology(topology, reader.config.hidden_size, cfg.dtype)
             return comm
 
         if topology is not None:
@@ -109,28 +114,42 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology | None, conn: C
             CommitSwitch: switch.commit,
             AbortSwitch: switch.abort,
         }
+        broken = False  # a step failed here: no part in steps until the driver's Regroup
         send(Ready(rank, os.getpid(), 0 if topology is not None else -1))
         while True:
             msg = pickle.loads(conn.recv_bytes())
             if isinstance(msg, StepMsg):
-                if runner.spec is not None:  # an idle worker has no part in steps
+                if runner.spec is None or broken:  # an idle worker has no part in steps
+                    continue
+                try:
                     result = runner.run(msg)
-                    if result is not None:
-                        send(result)
+                except Exception:  # often a peer lost mid-step: keep the shard, the driver decides
+                    broken = True
+                    send(StepFailed(me[0], msg.step_id, traceback.format_exc()))
+                    continue
+                if result is not None:
+                    send(result)
             elif isinstance(msg, Regroup):
+                switch.reset()  # a switch cut short by a lost worker: drop what it staged
                 if comm is not None:
                     comm.close()
-                # epochs grow across generations: shared-memory flags of the old world never match the new one
                 torch.set_num_threads(msg.threads)
+                # epochs grow across generations: shared-memory flags of the old world never match the new one
                 comm = join(msg.rank, msg.world_size, msg.init_method, msg.topology, msg.generation << 16)
-                me[0] = msg.rank
+                me[0], broken = msg.rank, False
+                if msg.drop_shard:
+                    runner.install(ShardState(None, {}, {}))
                 runner.set_comm(comm)
                 switch.rank, switch.comm = msg.rank, comm
                 send(Ready(msg.rank, os.getpid(), msg.generation))
             elif isinstance(msg, Shutdown):
                 break
             else:
-                handlers[type(msg)](msg)
+                try:
+                    handlers[type(msg)](msg)
+                except Exception:  # often a peer lost mid-switch: stay up, the driver decides
+                    broken = True
+                    send(SwitchProgress(me[0], msg.switch_id, "failed", None, traceback.format_exc()))
     except EOFError:
         pass  # the driver went away
     except BaseException:  # report anything, then exit

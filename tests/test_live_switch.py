@@ -135,7 +135,8 @@ def test_timed_out_precopy_is_called_off_and_the_old_topology_serves(tiny_llama)
 
 
 def test_worker_killed_during_precopy_is_a_clear_engine_failure(tiny_llama):
-    slow = {**ENGINE, "worker_timeout_s": 10, "switch_precopy_duty": 0.001}
+    """With recovery off (test_recovery.py has it on)."""
+    slow = {**ENGINE, "worker_timeout_s": 10, "switch_precopy_duty": 0.001, "worker_recovery": False}
     engine = LLMEngine(model=str(tiny_llama), tensor_parallel_size=4, **slow)
     pids = [p.pid for p in engine.executor.procs]
     try:

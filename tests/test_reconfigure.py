@@ -118,7 +118,9 @@ def test_invalid_target_refused_and_old_topology_keeps_serving(tiny_llama):
 
 
 def test_worker_death_during_switch_is_a_clear_error(tiny_llama):
-    engine = LLMEngine(model=str(tiny_llama), tensor_parallel_size=4, **{**ENGINE, "worker_timeout_s": 10})
+    """With recovery off (test_recovery.py has it on)."""
+    kw = {**ENGINE, "worker_timeout_s": 10, "worker_recovery": False}
+    engine = LLMEngine(model=str(tiny_llama), tensor_parallel_size=4, **kw)
     pids = [p.pid for p in engine.executor.procs]
     try:
         engine.add_request("a", {"prompt_token_ids": PROMPTS[1]}, params(0))

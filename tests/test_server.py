@@ -282,12 +282,14 @@ def test_bench_serve_against_live_server(server, tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 0
 
 
-def test_health_503_after_a_worker_dies(tiny_llama):
-    """A dead worker turns into clear errors and an unhealthy /health; the server process keeps answering."""
+def test_health_503_after_a_worker_dies_without_recovery(tiny_llama):
+    """With recovery off, a dead worker turns into clear errors and an unhealthy /health; the server process
+    keeps answering."""
     import os
     import signal
 
-    with remp_server(str(tiny_llama), "--dtype", "float64", "-tp", "2", "--worker-timeout-s", "10") as (url, proc):
+    args = str(tiny_llama), "--dtype", "float64", "-tp", "2", "--worker-timeout-s", "10", "--no-worker-recovery"
+    with remp_server(*args) as (url, proc):
         children = worker_pids(proc.pid)
         assert len(children) == 2
         os.kill(int(children[1]), signal.SIGKILL)

@@ -74,8 +74,8 @@ def _engine(path, **kw):
     return engine, [p.pid for p in engine.executor.procs]
 
 
-def test_worker_killed_mid_run(tiny_llama):
-    engine, pids = _engine(tiny_llama)
+def test_worker_killed_mid_run_without_recovery(tiny_llama):
+    engine, pids = _engine(tiny_llama, worker_recovery=False)
     os.kill(pids[1], signal.SIGKILL)
     t0 = time.monotonic()
     with pytest.raises(WorkerError, match=r"worker 1 .*(died|failed)"):

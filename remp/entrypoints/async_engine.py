@@ -78,6 +78,11 @@ class AsyncLLMEngine:
             if self.dead is not None or not self.engine.has_unfinished_requests():
                 self._wake.wait(0.05)
                 self._wake.clear()
+                if self.dead is None:
+                    try:
+                        self.engine.check_workers()  # a worker lost while idle is recovered from now
+                    except BaseException as e:
+                        self._fail_all(e)
                 continue
             try:
                 outputs = self.engine.step()

@@ -23,6 +23,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker-timeout-s", type=float, default=120.0)
+    p.add_argument("--no-worker-recovery", dest="worker_recovery", action="store_false", help="stop when a worker dies")
+    p.add_argument("--respawn", action="store_true", help="replace a worker that dies and keep the topology")
     p.add_argument("--switch-staging-gb", type=float, default=2.0, help="live switch: extra memory per worker")
     p.add_argument("--switch-precopy-duty", type=float, default=0.3, help="live switch: share of time to copy")
     p.add_argument("--switch-timeout-s", type=float, default=300.0, help="a switch not ready by then is called off")
@@ -44,6 +46,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
         max_num_batched_tokens=a.max_num_batched_tokens,
         seed=a.seed,
         worker_timeout_s=a.worker_timeout_s,
+        worker_recovery=a.worker_recovery,
+        respawn=a.respawn,
         switch_staging_gb=a.switch_staging_gb,
         switch_precopy_duty=a.switch_precopy_duty,
         switch_timeout_s=a.switch_timeout_s,

@@ -87,6 +87,26 @@ class ServerMetrics:
         self.generation = Gauge(
             "remp:pool_generation", "Changes of the pool's size (each a new process-group world)", registry=r, **label
         )
+        self.worker_failures = Counter(
+            "remp:worker_failures_total", "Worker processes lost while serving", registry=r, **label
+        )
+        self.recoveries = Counter(
+            "remp:recoveries_total", "Switches onto the surviving (or replacement) workers", registry=r, **label
+        )
+        self.recovery_seconds = Histogram(
+            "remp:recovery_seconds",
+            "From a worker's loss until the engine could step again",
+            registry=r,
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+            **label,
+        )
+        self.requests_recomputed = Counter(
+            "remp:requests_recomputed_total",
+            "Requests whose KV was recomputed after a lost worker",
+            registry=r,
+            **label,
+        )
+        self._reports_seen = 0
         self.model = model_name
 
     def watch(self, engine: LLMEngine) -> None:
@@ -105,6 +125,15 @@ class ServerMetrics:
     def on_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
         """Called on the engine thread after every step."""
         m = self.model
+        reports = engine.stats.switches
+        for report in reports[self._reports_seen :]:
+            if report.cause == "worker_lost":
+                self.worker_failures.labels(m).inc(len(report.lost_workers))
+                self.recoveries.labels(m).inc()
+                self.recovery_seconds.labels(m).observe(report.wall_s)
+                self.requests_recomputed.labels(m).inc(len(report.preempted))
+                self.on_topology(engine.topology.tp, engine.topology.pp)
+        self._reports_seen = len(reports)
         self.generation_tokens.labels(m).inc(len(outputs))
         for out in outputs:
             met = out.metrics

@@ -328,7 +328,9 @@ def build_app(
             return error_response(503, f"the engine is not serving: {engine.dead}")
         if app.state.draining:
             return error_response(503, "the server is shutting down")
-        return Response(status_code=200)
+        if core.recovering:  # requests queue and streams wait: nothing is lost
+            return JSONResponse({"status": "degraded", "reason": "recovering from a lost worker"})
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -198,6 +198,8 @@ def assemble_kv_layer(
 ) -> torch.Tensor:
     """Fill `target` (the new layer, zeroed) with the blocks in use: kept heads from the old layer, the others
     from what was received, each block renamed to its new id."""
+    if not len(new_ids):  # no block in use (e.g. every request recomputes after a lost worker): nothing to copy
+        return target
     old_layer = io.old.kv_layers.get(layer)
     for i, h in enumerate(new_heads):
         if old_layer is not None and h in io.old_heads:

@@ -53,6 +53,8 @@ class PendingSwitch:
     kv_new_ids: dict[int, int] = field(default_factory=dict)  # pre-copied block -> its id in the new pool
     joining: bool = False  # workers added for this switch have yet to join the world (then PrepareSwitch)
     duty: float = 1.0
+    lost: frozenset[int] = frozenset()  # recovery: workers of `old` that are gone
+    committing: bool = False  # the cut-over's commit was sent: the workers' old shards are being consumed
 
     def __post_init__(self) -> None:
         self.expect = "precopied" if self.mode == "live" else "prepared"  # the stage that lets it move on
@@ -90,16 +92,23 @@ class SwitchDriver:
         num_blocks: int,
         mode: str,
         on_done: Callable[[SwitchReport | None, BaseException | None], None],
+        old: Topology | None = None,
+        lost: frozenset[int] = frozenset(),
     ) -> None:
+        """`old` and `lost` (recovery): the topology before the loss, in the new world's ranks, with the lost
+        workers' coordinates on ranks beyond it; their pieces come from the survivors or the checkpoint. Their
+        requests recompute their KV, so no KV moves then."""
         if self.pending is not None:
             raise SwitchInProgress(str(self.pending.target))
         eng, executor = self.engine, self.engine.executor
-        old, cfg = eng.topology, eng.model_config
+        old, cfg = old or eng.topology, eng.model_config
         sizer = PieceSizer(cfg, eng.dtype.itemsize, len(eng.scheduler.blocks_in_use()), eng.args.block_size)
         grow = target.size - executor.pool_size
         pool = list(range(max(executor.pool_size, target.size)))
-        new = best_placement(cfg, old, target.tp, target.pp, sizer, target.layers_per_stage, workers=pool)
-        plan = make_plan(cfg, old, new, sizer)
+        new = best_placement(
+            cfg, old, target.tp, target.pp, sizer, target.layers_per_stage, with_kv=not lost, workers=pool
+        )
+        plan = make_plan(cfg, old, new, sizer, with_kv=not lost, lost=lost)
         fallback = None
         if mode == "live":
             same_blocks = num_blocks == eng.num_kv_blocks
@@ -115,7 +124,7 @@ class SwitchDriver:
         if eng.args.device == "cpu":  # workers sharing cores: the duty is of the machine, not of each worker
             duty *= min(1.0, (os.cpu_count() or 1) / len(pool))
         self.pending = PendingSwitch(
-            mode, old, target, plan, num_blocks, on_done, fallback, joining=grow > 0, duty=duty
+            mode, old, target, plan, num_blocks, on_done, fallback, joining=grow > 0, duty=duty, lost=lost
         )
         if grow > 0:  # they start while the pool serves; the switch begins once they can join (advance)
             executor.add_workers(grow)
@@ -197,22 +206,29 @@ class SwitchDriver:
         t_pause = time.perf_counter()
         last_step = eng.last_step_time()
         eng.drain()
+        if self.pending is not sw:  # a worker was lost meanwhile: the recovery ended this switch
+            return
         preempted = eng.scheduler.fit(sw.num_blocks)
         used = eng.scheduler.blocks_in_use()
         clean = self._still_clean(sw)
         mapping = new_block_ids(used, sw.num_blocks, {b: sw.kv_new_ids[b] for b in clean}, eng.scheduler)
         new_ids = [mapping[b] for b in used]
-        with eng.fatal_worker_errors():  # past this point the old shards are consumed: failure ends the engine
+        sw.committing = True  # from here the old shards are consumed: a failure is a loss or ends the engine
+        with eng.fatal_worker_errors() as guard:
             eng.executor.broadcast(CommitSwitch(sw.switch_id, used, new_ids, clean))
             progress = eng.executor.await_switch(sw.switch_id, {"committed"}, eng.args.worker_timeout_s)
             failed = [p for p in progress.values() if p.stage == "failed"]
             if failed:
                 raise WorkerError(f"worker {failed[0].rank} failed to commit the switch:\n{failed[0].error}")
+        if guard.recovered:
+            return
         eng.executor.use_topology(sw.plan.new)
         eng.scheduler.resize(sw.num_blocks, mapping)
         eng.num_kv_blocks = sw.num_blocks
-        with eng.fatal_worker_errors():
+        with eng.fatal_worker_errors() as guard:
             eng.executor.remove_idle(sw.plan.new)  # workers the new topology leaves idle hold nothing now: stop
+        if guard.recovered:
+            return
         report = self._report(sw, progress, used, clean, preempted, t_pause, time.perf_counter(), last_step)
         self.pending = None
         sw.on_done(report, None)
@@ -222,7 +238,7 @@ class SwitchDriver:
         stats = [progress[r].stats for r in sorted(progress)]
         # KV bytes depend on the blocks in use at the cut-over, not at planning: count with that sizer
         sizer = PieceSizer(eng.model_config, eng.dtype.itemsize, len(used), eng.args.block_size)
-        final = make_plan(eng.model_config, sw.old, plan.new, sizer)
+        final = make_plan(eng.model_config, sw.old, plan.new, sizer, with_kv=not sw.lost, lost=sw.lost)
         per_block = PieceSizer(eng.model_config, eng.dtype.itemsize, 1, eng.args.block_size).kv_piece_bytes
         kv_pieces = sum(isinstance(t.piece, KVPiece) and t.src >= 0 for t in plan.transfers)
         precopied = sw.kv_snapshot or {}
@@ -255,4 +271,5 @@ class SwitchDriver:
             longest_step_gap_s=eng.longest_step_gap(sw.t_start, t_end, last_step),
             fallback=sw.fallback,
             pool_size=eng.executor.pool_size,
+            bytes_from_checkpoint={"weights": plan.from_checkpoint.weights, "kv": plan.from_checkpoint.kv},
         )

@@ -79,6 +79,16 @@ class WorkerSwitch:
         self._progress("aborted")
         self.pending = self.live = None
 
+    def reset(self) -> None:
+        """The pool regroups (a worker was lost, or the pool changed size): a switch still in progress here is
+        over; drop what it staged. A pre-copy thread stuck in a collective with a lost worker gets an error
+        once this worker's old process groups close, and then ends quietly (it was cancelled)."""
+        if self.live is not None:
+            self.live.cancel.set()
+            self.live.thread.join(timeout=1.0)
+            self.live.weights, self.live.kv_targets, self.live.shard = {}, {}, None
+        self.pending = self.live = None
+
     def _unchanged_layers(self, new_spec) -> set[int]:
         """Layers (and -1, the lm-head) whose every tensor this worker holds with the same range before and after:
         their execution form can be taken over as it is."""

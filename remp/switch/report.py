@@ -35,6 +35,9 @@ class SwitchReport:
     longest_step_gap_s: float = 0.0  # longest time between two finished steps, the pause included
     fallback: str | None = None  # why a live switch ran as stop-the-world (e.g. the staging budget)
     pool_size: int = 0  # workers in the pool afterwards (a switch grows or shrinks it to tp*pp)
+    cause: str = "request"  # or "worker_lost": a recovery onto the survivors (or replacements)
+    bytes_from_checkpoint: dict[str, int] = field(default_factory=dict)  # pieces only lost workers held
+    lost_workers: list[int] = field(default_factory=list)  # their ranks in the pool before the loss
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,84 @@
+"""A lost worker becomes a switch onto the survivors (or onto replacements, with respawn).
+
+The engine calls recover() when a step, a switch or a wait fails because a worker process died. Every running
+request loses KV that only the dead worker held (each holds a slice of every request's KV in remp's layouts),
+so all of them are preempted: they recompute from their prompt and the tokens they already have, and greedy
+or seeded sampling gives the same tokens again. The survivors keep their weights: a new world of them
+(executor.drop_lost), the best topology they can hold (choose.py), and a stop-the-world switch whose plan takes
+what only the dead worker held from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from remp.executor import MultiprocExecutor, WorkerError
+from remp.logger import init_logger
+from remp.switch.choose import choose_after_loss
+from remp.switch.on_driver import SwitchAborted
+from remp.switch.plan import PieceSizer
+from remp.switch.report import SwitchReport
+from remp.topology import Topology
+
+logger = init_logger(__name__)
+
+DEATH_WAIT_S = 2.0  # a survivor's failed step can be reported before the dead worker's exit is seen
+
+
+def recover(engine, error: WorkerError) -> SwitchReport | None:
+    """Serve on without the dead worker(s); None if this failure is not a recoverable loss (no dead process,
+    none left, recovery off). Raises WorkerError if the recovery itself fails."""
+    ex = engine.executor
+    if not isinstance(ex, MultiprocExecutor) or not engine.args.worker_recovery:
+        return None
+    lost = ex.lost_workers(DEATH_WAIT_S)
+    if not lost or (len(lost) == ex.pool_size and not engine.args.respawn):
+        return None
+    t0 = time.perf_counter()
+    last_step = engine.last_step_time()
+    engine.recovering = True
+    logger.warning("worker(s) %s lost (%s); recovering", lost, str(error).splitlines()[0])
+    try:
+        old = ex.topology
+        interrupted = engine.switcher.pending
+        engine.switcher.pending = None
+        requeued, recomputed = engine.requeue_all()
+        # a loss during a commit leaves the survivors' shards half consumed: they start over from the checkpoint
+        committing = interrupted is not None and interrupted.committing
+        rank_of = ex.drop_lost(lost, engine.args.respawn, engine.args.worker_timeout_s, committing)
+        # the old topology in the new ranks; the lost coordinates on ranks past the pool, held by nobody
+        beyond = iter(range(ex.pool_size, ex.pool_size + len(lost)))
+        old_here = dataclasses.replace(
+            old, placement=tuple(rank_of[w] if w in rank_of else next(beyond) for w in old.placement)
+        )
+        gone = frozenset(w for w in old_here.placement if w >= ex.pool_size)
+        if committing:
+            gone = frozenset(old_here.placement)
+        cfg = engine.model_config
+        if engine.args.respawn:
+            target = Topology(old.tp, old.pp, None, old.layers_per_stage)
+        else:
+            sizer = PieceSizer(cfg, engine.dtype.itemsize, 0, engine.args.block_size)
+            target = choose_after_loss(cfg, old_here, list(range(ex.pool_size)), sizer, gone)
+        done: dict = {}
+        engine.switcher.start(
+            target, engine.kv_blocks_for(target), "stop", lambda r, e: done.update(r=r, e=e), old_here, gone
+        )
+        while not done:
+            engine.switcher.advance(0.05)
+        if done["e"] is not None:
+            raise WorkerError(f"recovery onto the surviving workers failed: {done['e']}")
+        report: SwitchReport = done["r"]
+    finally:
+        engine.recovering = False
+    report.cause = "worker_lost"
+    report.old_topology = str(old)
+    report.recomputed_tokens, report.preempted, report.lost_workers = recomputed, requeued, lost
+    report.wall_s = report.pause_s = time.perf_counter() - t0
+    report.longest_step_gap_s = round(time.perf_counter() - (last_step or t0), 4)
+    engine.stats.switches.append(report)
+    logger.warning("recovered: %s -> %s in %.2f s", old, engine.topology, report.wall_s)
+    if interrupted is not None:
+        interrupted.on_done(None, SwitchAborted(f"a worker was lost during the switch; recovered onto {target}"))
+    return report
