@@ -20,7 +20,17 @@ from collections import deque
 from multiprocessing import forkserver
 from multiprocessing.connection import wait as wait_ready
 
-from remp.messages import Ready, Regroup, Shutdown, StepFailed, StepMsg, StepResult, SwitchProgress, WorkerFailed
+from remp.messages import (
+    HEARTBEAT_S,
+    Ready,
+    Regroup,
+    Shutdown,
+    StepFailed,
+    StepMsg,
+    StepResult,
+    SwitchProgress,
+    WorkerFailed,
+)
 from remp.model.reader import CheckpointReader
 from remp.model_runner import ModelRunner
 from remp.shm_allreduce import ShmSegment
@@ -122,6 +132,9 @@ class MultiprocExecutor:
         self.max_in_flight = topology.pp
         self.generation = 0
         self._recovering = False  # steps failing because of a lost worker are expected, not new failures
+        # a worker silent this long (no heartbeat, no reply) is hung: it is treated as lost
+        self.hang_s = min(cfg.timeout_s, max(5.0, 4 * HEARTBEAT_S))
+        self._heard: dict = {}  # pipe -> when it last had something to say
         self._results: deque[StepResult] = deque()
         self._progress: dict[int, dict[int, SwitchProgress]] = {}  # switch id -> rank -> latest progress
         self._ready: dict[int, set[int]] = {}  # generation (-1: started, waiting to join) -> ranks
@@ -150,6 +163,7 @@ class MultiprocExecutor:
         child.close()
         self.procs.append(p)
         self.conns.append(parent)
+        self._heard[parent] = float("inf")  # not watched until it has started (the start-up timeout covers that)
 
     @property
     def pool_size(self) -> int:
@@ -184,7 +198,12 @@ class MultiprocExecutor:
     # ---- a worker lost -------------------------------------------------------------------------------------
     def lost_workers(self, wait_s: float) -> list[int]:
         """Ranks whose process has exited, waiting up to wait_s for one (a survivor's report of a failed step
-        can arrive before the death is seen)."""
+        can arrive before the death is seen). Hung workers (silent past hang_s) are killed first: lost too."""
+        now = time.monotonic()
+        for rank, p in enumerate(self.procs):
+            if now - self._heard[self.conns[rank]] > self.hang_s:
+                p.kill()
+                p.join(2.0)
         deadline = time.monotonic() + wait_s
         while True:
             lost = [r for r, p in enumerate(self.procs) if p.exitcode is not None]
@@ -205,6 +224,7 @@ class MultiprocExecutor:
             for r in lost:
                 self.procs[r].join(1.0)
                 self.conns[r].close()
+                self._heard.pop(self.conns[r], None)
             self.procs[:] = [self.procs[r] for r in survivors]
             self.conns[:] = [self.conns[r] for r in survivors]
             if respawn:
@@ -243,6 +263,7 @@ class MultiprocExecutor:
                 p.kill()
                 p.join(2.0)
             c.close()
+            self._heard.pop(c, None)
         self._await_ready(self.generation, self.timeout_s)
         return renumbered
 
@@ -280,20 +301,27 @@ class MultiprocExecutor:
     def _pump(self, timeout_s: float) -> bool:
         """Read what the workers have sent within timeout_s into the result and progress queues; a failure
         report, a closed pipe or a dead process becomes WorkerError. False if nothing came."""
-        ready = wait_ready(self.conns + [p.sentinel for p in self.procs], max(timeout_s, 0))
+        ready = wait_ready(self.conns + [p.sentinel for p in self.procs], min(max(timeout_s, 0), HEARTBEAT_S))
+        now = time.monotonic()
         for rank, c in enumerate(self.conns):
             if c not in ready:
+                if now - self._heard[c] > self.hang_s:
+                    raise WorkerError(
+                        f"{self._describe(rank)} stopped answering ({now - self._heard[c]:.1f} s): it hangs"
+                    )
                 continue
             try:
                 msg = pickle.loads(c.recv_bytes())
             except (EOFError, OSError):
                 raise self._died(rank) from None
+            self._heard[c] = now
             if isinstance(msg, StepResult):
                 self._results.append(msg)
             elif isinstance(msg, SwitchProgress):
                 self._progress.setdefault(msg.switch_id, {})[msg.rank] = msg
             elif isinstance(msg, Ready):
                 self._ready.setdefault(msg.generation, set()).add(msg.rank)
+            # Heartbeat: only that it came (above)
             elif isinstance(msg, WorkerFailed):
                 raise WorkerError(f"{self._describe(msg.rank)} failed:\n{msg.traceback}")
             elif isinstance(msg, StepFailed) and not self._recovering:  # while recovering: the known loss

@@ -105,6 +105,16 @@ class SwitchProgress:
 
 
 @dataclass
+class Heartbeat:
+    """Sent every HEARTBEAT_S by a thread of each worker: one that falls silent is hung (or stopped)."""
+
+    rank: int
+
+
+HEARTBEAT_S = 0.5
+
+
+@dataclass
 class WorkerFailed:
     """The worker hit an error and is exiting."""
 

@@ -11,6 +11,7 @@ import os
 import pickle
 import signal
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -18,8 +19,10 @@ from multiprocessing.connection import Connection
 import torch
 
 from remp.messages import (
+    HEARTBEAT_S,
     AbortSwitch,
     CommitSwitch,
+    Heartbeat,
     PrecopyKV,
     PrepareSwitch,
     Ready,
@@ -64,6 +67,16 @@ def _device(cfg: WorkerConfig, rank: int) -> torch.device:
         torch.cuda.set_device(rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def _heartbeat(send, me: list[int]) -> None:
+    """Runs while the main thread computes or waits in a collective; silent only if the process is stuck."""
+    while True:
+        time.sleep(HEARTBEAT_S)
+        try:
+            send(Heartbeat(me[0]))
+        except OSError:  # the driver went away
+            return
 
 
 def worker_main(rank: int, cfg: WorkerConfig, topology: Topology | None, conn: Connection) -> None:
@@ -116,6 +129,7 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology | None, conn: C
         }
         broken = False  # a step failed here: no part in steps until the driver's Regroup
         send(Ready(rank, os.getpid(), 0 if topology is not None else -1))
+        threading.Thread(target=_heartbeat, args=(send, me), name="remp-heartbeat", daemon=True).start()
         while True:
             msg = pickle.loads(conn.recv_bytes())
             if isinstance(msg, StepMsg):

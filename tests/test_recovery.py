@@ -16,8 +16,8 @@ REQUESTS = PROMPTS + [[256] + [(5 * k + 1) % 256 for k in range(21)]]  # 8 in fl
 
 
 def run(path, tp, pp, kills=(), switch=None, **kw):
-    """Step to the end; at step n of `kills` ((n, rank) pairs, rank in the pool at that moment, or "sampler")
-    SIGKILL that worker; with `switch` (step, tp, pp), start a live switch then. Returns outputs, the recovery
+    """Step to the end; at step n of `kills` ((n, rank) pairs, rank in the pool at that moment, or "sampler",
+    or (rank, signal)) SIGKILL (or signal) that worker; with `switch` (step, tp, pp), start a live switch then. Returns outputs, the recovery
     reports, what the switch's on_done got, and every worker pid the run had."""
     engine = LLMEngine(model=str(path), tensor_parallel_size=tp, pipeline_parallel_size=pp, **{**ENGINE, **kw})
     engine.switcher.precopy_duty = 0.05 if switch else 1.0  # a switch slow enough to be killed in
@@ -32,9 +32,11 @@ def run(path, tp, pp, kills=(), switch=None, **kw):
                 engine.start_reconfigure(*switch[1:], on_done=lambda r, e: switched.append((r, e)))
                 switched.append("started")
             if n in kills:
-                rank = kills.pop(n)
+                rank, sig = kills.pop(n), signal.SIGKILL
+                if isinstance(rank, tuple):
+                    rank, sig = rank
                 rank = engine.topology.sampler_worker if rank == "sampler" else rank
-                os.kill(engine.executor.procs[rank].pid, signal.SIGKILL)
+                os.kill(engine.executor.procs[rank].pid, sig)
             for o in engine.step():
                 if o.finished:
                     outs[o.request_id] = o.outputs[0]
@@ -73,6 +75,14 @@ def test_lost_worker_recovered_onto_survivors(tiny_llama, reference, tp, pp, kil
     assert len(recoveries) == len(kills) and engine.topology.size == after == engine.executor.pool_size
     for r in recoveries:
         assert r.recomputed_tokens > 0 and r.bytes_from_checkpoint["weights"] > 0 and r.pool_size <= tp * pp
+
+
+def test_hung_worker_is_killed_and_recovered_from(tiny_llama, reference):
+    """SIGSTOP: the worker stops answering (no heartbeat); after the hang timeout it is treated as lost."""
+    before = shm_segments()
+    out, recoveries, _, pids, engine = run(tiny_llama, 2, 2, [(3, (1, signal.SIGSTOP))], worker_timeout_s=3)
+    check(reference, out, pids, before)
+    assert len(recoveries) == 1 and engine.topology.size == 3
 
 
 def test_respawn_keeps_the_topology(tiny_llama, reference):

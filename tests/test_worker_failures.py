@@ -88,8 +88,8 @@ def test_worker_killed_mid_run_without_recovery(tiny_llama):
     assert not wait_dead(pids)
 
 
-def test_hung_worker_times_out(tiny_llama):
-    engine, pids = _engine(tiny_llama, worker_timeout_s=3)
+def test_hung_worker_times_out_without_recovery(tiny_llama):
+    engine, pids = _engine(tiny_llama, worker_timeout_s=3, worker_recovery=False)
     os.kill(pids[0], signal.SIGSTOP)
     t0 = time.monotonic()
     try:
