@@ -465,15 +465,23 @@ class LLMEngine:
             )
         return num_blocks
 
+    def forget_in_flight(self) -> None:
+        """The micro-batches in flight will not come back (a worker was lost) but the KV cache survives: their
+        tokens count as not computed again, and are recomputed (their KV rewritten) by the next steps."""
+        for batch, *_ in self._in_flight:
+            for req, n in batch.scheduled:
+                if req.finished:
+                    if req.block_ids:  # aborted while in flight: its blocks were kept until now
+                        self.scheduler.free(req)
+                else:
+                    req.num_computed_tokens -= n
+        self._in_flight.clear()
+
     def requeue_all(self) -> tuple[list[str], int]:
         """A lost worker took KV of every running request with it: forget the micro-batches in flight (their
         results will not come), and send every running request back to the queue to recompute its KV, oldest
         first. Returns their ids and the tokens to recompute."""
-        for batch, *_ in self._in_flight:
-            for req, _ in batch.scheduled:
-                if req.finished and req.block_ids:  # aborted while in flight: its blocks were kept until now
-                    self.scheduler.free(req)
-        self._in_flight.clear()
+        self.forget_in_flight()
         running = list(self.scheduler.running)
         recompute = sum(r.num_computed_tokens for r in running)
         for req in reversed(running):  # preempt puts each at the front of the queue

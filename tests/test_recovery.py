@@ -77,6 +77,18 @@ def test_lost_worker_recovered_onto_survivors(tiny_llama, reference, tp, pp, kil
         assert r.recomputed_tokens > 0 and r.bytes_from_checkpoint["weights"] > 0 and r.pool_size <= tp * pp
 
 
+def test_replicated_kv_survives_the_loss(tiny_llama, reference):
+    """TP4 over 2 KV heads: each KV head is on two workers, so a lost worker's KV has a copy on a survivor; the
+    cache is kept (nothing preempted, only the steps in flight computed again) and moved to the new layout."""
+    before = shm_segments()
+    out, recoveries, _, pids, engine = run(tiny_llama, 4, 1, [(5, 1)])
+    check(reference, out, pids, before)
+    ((r,),) = [recoveries]
+    assert r.preempted == [] and r.recomputed_tokens == 0 and r.bytes_from_checkpoint["kv"] == 0
+    assert r.bytes_moved["kv"] > 0  # the KV in use, moved to the new layout
+    assert engine.topology.size == 3 and engine.scheduler.num_preemptions == 0
+
+
 def test_hung_worker_is_killed_and_recovered_from(tiny_llama, reference):
     """SIGSTOP: the worker stops answering (no heartbeat); after the hang timeout it is treated as lost."""
     before = shm_segments()

@@ -23,16 +23,17 @@ def candidates(config: ModelConfig, num_workers: int) -> list[Topology]:
 
 
 def choose_after_loss(
-    config: ModelConfig, old: Topology, pool: list[int], sizer: PieceSizer, lost: frozenset[int]
+    config: ModelConfig, old: Topology, pool: list[int], sizer: PieceSizer, lost: frozenset[int], with_kv: bool
 ) -> Topology:
     """The topology for the workers in `pool` after `old` lost the workers in `lost`, placed: as many workers
     as the model allows, then the fewest bytes to read from the checkpoint or move between workers (the
-    survivors keep what they hold), then the widest TP (no pipeline bubbles)."""
+    survivors keep what they hold; with_kv: the KV in use moves too), then the widest TP (no pipeline
+    bubbles)."""
     for size in range(len(pool), 0, -1):
         scored = []
         for shape in candidates(config, size):
-            placed = best_placement(config, old, shape.tp, shape.pp, sizer, with_kv=False, workers=pool)
-            plan = make_plan(config, old, placed, sizer, with_kv=False, lost=lost)
+            placed = best_placement(config, old, shape.tp, shape.pp, sizer, with_kv=with_kv, workers=pool)
+            plan = make_plan(config, old, placed, sizer, with_kv=with_kv, lost=lost)
             scored.append((plan.from_checkpoint.total + plan.moved.total, -shape.tp, placed))
         if scored:
             return min(scored, key=lambda s: s[:2])[2]

@@ -54,6 +54,7 @@ class PendingSwitch:
     joining: bool = False  # workers added for this switch have yet to join the world (then PrepareSwitch)
     duty: float = 1.0
     lost: frozenset[int] = frozenset()  # recovery: workers of `old` that are gone
+    with_kv: bool = True  # the KV in use moves (not after a loss of KV that only the lost workers held)
     committing: bool = False  # the cut-over's commit was sent: the workers' old shards are being consumed
 
     def __post_init__(self) -> None:
@@ -94,10 +95,11 @@ class SwitchDriver:
         on_done: Callable[[SwitchReport | None, BaseException | None], None],
         old: Topology | None = None,
         lost: frozenset[int] = frozenset(),
+        with_kv: bool = True,
     ) -> None:
         """`old` and `lost` (recovery): the topology before the loss, in the new world's ranks, with the lost
-        workers' coordinates on ranks beyond it; their pieces come from the survivors or the checkpoint. Their
-        requests recompute their KV, so no KV moves then."""
+        workers' coordinates on ranks beyond it; their pieces come from the survivors or the checkpoint.
+        with_kv False: the KV in use is not moved (every request recomputes it)."""
         if self.pending is not None:
             raise SwitchInProgress(str(self.pending.target))
         eng, executor = self.engine, self.engine.executor
@@ -106,9 +108,9 @@ class SwitchDriver:
         grow = target.size - executor.pool_size
         pool = list(range(max(executor.pool_size, target.size)))
         new = best_placement(
-            cfg, old, target.tp, target.pp, sizer, target.layers_per_stage, with_kv=not lost, workers=pool
+            cfg, old, target.tp, target.pp, sizer, target.layers_per_stage, with_kv=with_kv, workers=pool
         )
-        plan = make_plan(cfg, old, new, sizer, with_kv=not lost, lost=lost)
+        plan = make_plan(cfg, old, new, sizer, with_kv=with_kv, lost=lost)
         fallback = None
         if mode == "live":
             same_blocks = num_blocks == eng.num_kv_blocks
@@ -124,7 +126,17 @@ class SwitchDriver:
         if eng.args.device == "cpu":  # workers sharing cores: the duty is of the machine, not of each worker
             duty *= min(1.0, (os.cpu_count() or 1) / len(pool))
         self.pending = PendingSwitch(
-            mode, old, target, plan, num_blocks, on_done, fallback, joining=grow > 0, duty=duty, lost=lost
+            mode,
+            old,
+            target,
+            plan,
+            num_blocks,
+            on_done,
+            fallback,
+            joining=grow > 0,
+            duty=duty,
+            lost=lost,
+            with_kv=with_kv,
         )
         if grow > 0:  # they start while the pool serves; the switch begins once they can join (advance)
             executor.add_workers(grow)
@@ -238,7 +250,7 @@ class SwitchDriver:
         stats = [progress[r].stats for r in sorted(progress)]
         # KV bytes depend on the blocks in use at the cut-over, not at planning: count with that sizer
         sizer = PieceSizer(eng.model_config, eng.dtype.itemsize, len(used), eng.args.block_size)
-        final = make_plan(eng.model_config, sw.old, plan.new, sizer, with_kv=not sw.lost, lost=sw.lost)
+        final = make_plan(eng.model_config, sw.old, plan.new, sizer, with_kv=sw.with_kv, lost=sw.lost)
         per_block = PieceSizer(eng.model_config, eng.dtype.itemsize, 1, eng.args.block_size).kv_piece_bytes
         kv_pieces = sum(isinstance(t.piece, KVPiece) and t.src >= 0 for t in plan.transfers)
         precopied = sw.kv_snapshot or {}

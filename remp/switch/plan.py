@@ -111,6 +111,17 @@ def worker_pieces(config: ModelConfig, topology: Topology, worker: int, with_kv:
     return pieces
 
 
+def kv_only_on(config: ModelConfig, topology: Topology, workers: set[int]) -> set[KVPiece]:
+    """KV pieces (layer x KV head) that no worker outside `workers` holds: lost with them. Empty when TP
+    replicates every KV head of theirs elsewhere (tp > KV heads)."""
+
+    def kv(w: int) -> set:
+        return {p for p in worker_pieces(config, topology, w, True) if isinstance(p, KVPiece)}
+
+    theirs = set().union(*(kv(w) for w in workers if w in topology.placement))
+    return theirs - set().union(*(kv(w) for w in topology.placement if w not in workers))
+
+
 def _index(pieces: list[Piece]) -> tuple[dict[str, tuple[int, int]], set[KVPiece]]:
     weights = {p.name: (p.start, p.stop) for p in pieces if isinstance(p, WeightPiece)}
     return weights, {p for p in pieces if isinstance(p, KVPiece)}

@@ -1,9 +1,10 @@
 """A lost worker becomes a switch onto the survivors (or onto replacements, with respawn).
 
-The engine calls recover() when a step, a switch or a wait fails because a worker process died. Every running
-request loses KV that only the dead worker held (each holds a slice of every request's KV in remp's layouts),
-so all of them are preempted: they recompute from their prompt and the tokens they already have, and greedy
-or seeded sampling gives the same tokens again. The survivors keep their weights: a new world of them
+The engine calls recover() when a step, a switch or a wait fails because a worker process died (or hung). If
+the dead worker held KV that no survivor holds, every running request lost some (each has a slice on every
+worker in remp's layouts): all are preempted and recompute from their prompt and the tokens they already have;
+greedy or seeded sampling gives the same tokens again. If every KV head it held is replicated on a survivor
+(TP wider than the KV heads), the cache is kept and only the micro-batches in flight are computed again. The survivors keep their weights: a new world of them
 (executor.drop_lost), the best topology they can hold (choose.py), and a stop-the-world switch whose plan takes
 what only the dead worker held from the checkpoint.
 """
@@ -17,7 +18,7 @@ from remp.executor import MultiprocExecutor, WorkerError
 from remp.logger import init_logger
 from remp.switch.choose import choose_after_loss
 from remp.switch.on_driver import SwitchAborted
-from remp.switch.plan import PieceSizer
+from remp.switch.plan import PieceSizer, kv_only_on
 from remp.switch.report import SwitchReport
 from remp.topology import Topology
 
@@ -43,9 +44,15 @@ def recover(engine, error: WorkerError) -> SwitchReport | None:
         old = ex.topology
         interrupted = engine.switcher.pending
         engine.switcher.pending = None
-        requeued, recomputed = engine.requeue_all()
+        cfg = engine.model_config
         # a loss during a commit leaves the survivors' shards half consumed: they start over from the checkpoint
         committing = interrupted is not None and interrupted.committing
+        kv_lost = committing or bool(kv_only_on(cfg, old, set(lost)))
+        if kv_lost:
+            requeued, recomputed = engine.requeue_all()
+        else:  # every KV piece of the lost workers has a copy on a survivor (TP > KV heads): keep the cache
+            engine.forget_in_flight()
+            requeued, recomputed = [], 0
         rank_of = ex.drop_lost(lost, engine.args.respawn, engine.args.worker_timeout_s, committing)
         # the old topology in the new ranks; the lost coordinates on ranks past the pool, held by nobody
         beyond = iter(range(ex.pool_size, ex.pool_size + len(lost)))
@@ -55,15 +62,21 @@ def recover(engine, error: WorkerError) -> SwitchReport | None:
         gone = frozenset(w for w in old_here.placement if w >= ex.pool_size)
         if committing:
             gone = frozenset(old_here.placement)
-        cfg = engine.model_config
         if engine.args.respawn:
             target = Topology(old.tp, old.pp, None, old.layers_per_stage)
         else:
-            sizer = PieceSizer(cfg, engine.dtype.itemsize, 0, engine.args.block_size)
-            target = choose_after_loss(cfg, old_here, list(range(ex.pool_size)), sizer, gone)
+            used = len(engine.scheduler.blocks_in_use())
+            sizer = PieceSizer(cfg, engine.dtype.itemsize, used, engine.args.block_size)
+            target = choose_after_loss(cfg, old_here, list(range(ex.pool_size)), sizer, gone, not kv_lost)
         done: dict = {}
         engine.switcher.start(
-            target, engine.kv_blocks_for(target), "stop", lambda r, e: done.update(r=r, e=e), old_here, gone
+            target,
+            engine.kv_blocks_for(target),
+            "stop",
+            lambda r, e: done.update(r=r, e=e),
+            old_here,
+            gone,
+            with_kv=not kv_lost,
         )
         while not done:
             engine.switcher.advance(0.05)
