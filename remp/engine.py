@@ -268,8 +268,8 @@ class LLMEngine:
         except WorkerError as e:
             try:
                 report = None if self.recovering else recover(self, e)
-            except WorkerError as failed:
-                e = failed
+            except Exception as failed:  # e.g. no topology of the survivors fits: the engine stops, saying why
+                e = failed if isinstance(failed, WorkerError) else WorkerError(f"{e}\nrecovery failed: {failed}")
                 report = None
             if report is None:
                 self.error = e

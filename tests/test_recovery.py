@@ -113,3 +113,31 @@ def test_worker_lost_during_a_live_switch(tiny_llama, reference):
     check(reference, out, pids, before)
     assert len(recoveries) == 1 and engine.topology.size == 3
     assert switched[0] == "started" and switched[1][0] is None and "lost" in str(switched[1][1])
+
+
+def test_failed_recovery_stops_the_engine_with_the_cause(tiny_llama, monkeypatch):
+    """The survivors cannot run the model (here: no topology fits them): a clear error naming the cause, the
+    engine stops, nothing hangs and no process is left."""
+    import remp.switch.recovery as recovery
+    from remp.engine import EngineDeadError
+    from remp.executor import WorkerError
+
+    def no_fit(*a, **k):
+        raise ValueError("no topology fits the survivors' memory")
+
+    monkeypatch.setattr(recovery, "choose_after_loss", no_fit)
+    engine = LLMEngine(model=str(tiny_llama), tensor_parallel_size=2, pipeline_parallel_size=2, **ENGINE)
+    pids = [p.pid for p in engine.executor.procs]
+    try:
+        for i, p in enumerate(REQUESTS):
+            engine.add_request(str(i), {"prompt_token_ids": p}, params(i))
+        engine.step()
+        os.kill(pids[1], signal.SIGKILL)
+        with pytest.raises(WorkerError, match="recovery failed: no topology fits"):
+            for _ in range(100):
+                engine.step()
+        with pytest.raises(EngineDeadError):
+            engine.step()
+    finally:
+        engine.shutdown()
+    assert not wait_dead(pids)

@@ -1,13 +1,16 @@
 """The driver's side of a switch, as a state machine the engine advances between its steps.
 
-start: plan (placement, pieces) and send PrepareSwitch; the workers create the new groups and, in live mode,
+start: plan (placement over the pool, pieces); if the target needs more workers than the pool has, start them
+(they hold nothing) and, once they are up (advance), regroup the pool into a new world with them; then send
+PrepareSwitch; the workers create the new groups and, in live mode,
 pre-copy the weights while the engine keeps stepping. advance (each step): once every worker is "precopied",
 name the KV blocks that are full now (with their owner, to tell later whether they stayed put) and let the
 workers copy them too; once they are "kv_precopied" (live) or "prepared" (stop), cut over: drain the in-flight
 micro-batches (the pause starts), fit the blocks in use into the new pool, CommitSwitch with the blocks still
-clean, wait, swap the scheduler's block table, report. A worker that reports a
+clean, wait, swap the scheduler's block table, stop the workers the new topology leaves idle (the rest
+regroup), report. A worker that reports a
 failure before the cut-over, or a pre-copy that outlives `timeout_s`, aborts the switch: the workers drop
-what they staged and the old topology goes on serving. A worker that dies is an engine failure, as always.
+what they staged and the old topology goes on serving. A worker that dies is a recovery (recovery.py).
 """
 
 from __future__ import annotations
