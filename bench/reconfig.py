@@ -138,7 +138,12 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    p.add_argument("--table", metavar="JSON", help="print the tables of a saved result and exit")
     a = p.parse_args()
+    if a.table:
+        result = json.loads(Path(a.table).read_text())
+        print(table(result) + "\n\n" + pause_shares(result))
+        return
 
     tmp = None
     model, label = a.model, a.model or "smollm2-135m"
@@ -193,7 +198,7 @@ def main() -> None:
     }
     out = Path(__file__).parent / "results" / f"reconfig-{label}.json"
     out.write_text(json.dumps(result, indent=2))
-    print(table(result))
+    print(table(result) + "\n\n" + pause_shares(result))
     print(f"saved {out}")
 
 
@@ -233,6 +238,20 @@ def table(result: dict) -> str:
             f"| {r['bytes_over_bandwidth_s'] * 1e3:.0f} | {rs['interruption_s'] * 1e3:.0f} "
             f"| {rs['interruption_s'] / lv['interruption_s']:.0f}x |"
         )
+    return "\n".join(lines)
+
+
+def pause_shares(result: dict) -> str:
+    """Where each live pause went. Each phase is the slowest worker's time in it; workers run them side by side,
+    so shares can add up past 100%. "other" is what no worker phase covers: the driver's drain, block-table
+    swap and synchronisation."""
+    lines = ["| live switch | pause ms | KV transfer | KV assemble | install | other |", "|---|---|---|---|---|---|"]
+    for r in result["pairs"]:
+        lv = r["live"]
+        ws, pause = lv["worker_seconds"], lv["pause_s"]
+        parts = [ws.get(k, 0.0) for k in ("kv_transfer", "kv_assemble", "install")]
+        shares = [f"{x / pause:.0%}" for x in [*parts, max(pause - sum(parts), 0.0)]]
+        lines.append(f"| {r['from']} -> {r['to']} | {pause * 1e3:.0f} | " + " | ".join(shares) + " |")
     return "\n".join(lines)
 
 
