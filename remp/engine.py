@@ -290,7 +290,7 @@ class LLMEngine:
         return {r for b, *_ in self._in_flight for r, _ in b.scheduled}
 
     def _submit_next(self) -> bool:
-        batch = self.scheduler.schedule(self.busy_requests())
+        batch = self.scheduler.schedule(self.busy_requests(), self.executor.max_in_flight)
         if not batch.scheduled:
             return False
         now = time.time()

@@ -116,13 +116,16 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
 
-    def schedule(self, busy: frozenset[Request] | set[Request] = frozenset()) -> ScheduledBatch:
+    def schedule(self, busy: frozenset[Request] | set[Request] = frozenset(), micro_batches: int = 1) -> ScheduledBatch:
         """The next batch. Requests in `busy` (in a micro-batch still in the pipeline) are neither scheduled
-        nor preempted."""
+        nor preempted. With `micro_batches` > 1 (pipeline parallelism) a batch takes at most its share of the
+        running requests and of the token budget, so the pipeline's micro-batches balance: a stage works on
+        them one after another, and one heavy micro-batch would stall the others behind it at every stage."""
         batch = ScheduledBatch()
-        budget = self.max_num_batched_tokens
+        budget = max(1, self.max_num_batched_tokens // micro_batches)
+        share = -(-len(self.running) // micro_batches)
         for req in list(self.running):
-            if budget <= 0:
+            if budget <= 0 or len(batch.scheduled) >= share:
                 break
             if req in busy or req.status is not Status.RUNNING:
                 continue
