@@ -5,6 +5,7 @@ Everything is drawn from seeded numpy generators so a run can be repeated exactl
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from dataclasses import dataclass, replace
@@ -279,3 +280,52 @@ def plan(phases: list[Phase], seed: int) -> tuple[list[SampleRequest], list[Phas
         )
         start += span
     return requests, windows
+
+
+# --- a production trace ----------------------------------------------------------------------------------------
+
+TRACE_COLUMNS = ("arrived_at", "num_prefill_tokens", "num_decode_tokens")
+
+
+def trace_requests(
+    path: str | Path,
+    time_scale: float = 1.0,
+    duration_s: float | None = None,
+    max_model_len: int | None = None,
+    opts: DatasetOptions | None = None,
+    seed: int = 0,
+) -> list[SampleRequest]:
+    """The requests of an arrival trace (CSV with the columns of TRACE_COLUMNS, as Vidur's processed Azure
+    traces): arrival times multiplied by `time_scale` (0.5 = the same requests in half the time, twice the
+    load), cut at `duration_s` of the scaled clock. A request longer than `max_model_len` keeps its prompt's
+    tail and the output that fits, as a client would have to. Prompts are random tokens when `opts` is given
+    (to send them), else empty (the simulator needs only the lengths)."""
+    if time_scale <= 0:
+        raise ValueError(f"the trace's time scale must be > 0, got {time_scale}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in TRACE_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(
+                f"{path}: the trace lacks the column(s) {', '.join(missing)} (needs {', '.join(TRACE_COLUMNS)})"
+            )
+        rows = list(reader)
+    rng = np.random.default_rng([seed, 7])
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            t, p, o = (
+                float(row["arrived_at"]) * time_scale,
+                int(row["num_prefill_tokens"]),
+                int(row["num_decode_tokens"]),
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: row {i + 2} is not numbers: {e}") from None
+        if duration_s is not None and t >= duration_s:
+            break
+        if max_model_len is not None:
+            p = min(p, max_model_len - 1)
+            o = max(1, min(o, max_model_len - p))
+        prompt = _prompt(rng, p, opts) if opts is not None else []
+        out.append(SampleRequest(prompt, p, max(1, o), arrival_s=t))
+    return out

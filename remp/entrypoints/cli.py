@@ -1,4 +1,4 @@
-"""`remp` command line: `remp serve ...` (OpenAI-compatible server), `remp generate ...` (offline)."""
+"""`remp` command line: `remp serve ...` (OpenAI-compatible server), `remp generate ...` (offline), `remp simulate`."""
 
 from __future__ import annotations
 
@@ -139,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds running requests get to finish after SIGINT/SIGTERM before their streams are ended",
     )
     s.set_defaults(func=cmd_serve)
+    sim = sub.add_parser("simulate", help="replay a workload on a simulated GPU node (scheduler, policy, planner)")
+    from remp.sim.cli import add_cli_args as add_sim_args
+    from remp.sim.cli import run_cli as run_sim
+
+    add_sim_args(sim)
+    sim.set_defaults(func=run_sim)
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bs = b.add_parser("serve", help="load generator for any OpenAI-compatible server (like `vllm bench serve`)")
     try:

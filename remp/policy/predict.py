@@ -1,0 +1,150 @@
+"""What a topology would give the current load, from a performance model: the steady state of continuous
+batching (running requests N, one iteration R in which each advances a token, the prompts arriving during R
+prefilled alongside), its capacity, and its goodput under the SLOs. Pure functions."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+from remp.policy.perf_model import Batch, PerfModel, iteration_s
+
+
+@dataclass(frozen=True)
+class Load:
+    arrival_rate: float  # requests/s
+    prompt_len: float  # mean prompt tokens
+    output_len: float  # mean output tokens
+    queue: int = 0  # requests waiting now
+    running: int = 0
+    rate_stderr: float = 0.0  # standard error of arrival_rate (a Poisson count over the window)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+@dataclass(frozen=True)
+class Slo:
+    ttft_s: float
+    tpot_s: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    topology: str
+    ttft_s: float  # inf when the load exceeds the capacity
+    tpot_s: float
+    capacity_req_s: float
+    slo_capacity_req_s: float  # the highest rate served within the SLOs
+    goodput_req_s: float  # of the current load, within the SLOs
+
+    def to_json(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+
+def _state(model: PerfModel, tp: int, pp: int, load: Load, rate: float, limits: Limits) -> tuple[float, float] | None:
+    """(iteration seconds R, running N) at `rate`, or None where the topology cannot keep up.
+
+    In an iteration every running request advances a token; the prompts that arrived meanwhile (X tokens) are
+    prefilled in chunks of at most C = budget / pp per micro-batch. A micro-batch carrying a chunk is heavier,
+    and in a pipeline the others wait behind it at every stage: such an iteration takes pp heavy stage times.
+    So R mixes heavy and light iterations in the proportion the prefill tokens need."""
+    p, o = max(load.prompt_len, 1.0), max(load.output_len, 1.0)
+    max_running = min(limits.max_num_seqs, model.kv_capacity_tokens(tp, pp) / (p + o))
+    chunk = limits.max_num_batched_tokens / pp
+
+    def iteration(decode: float, prefill: float) -> float:
+        seqs = decode / pp + (math.ceil(prefill / p) if prefill else 0)
+        kv = decode / pp * (p + o / 2) + prefill
+        b = Batch(
+            math.ceil(decode / pp + prefill),
+            math.ceil(seqs),
+            math.ceil(kv),
+            math.ceil(kv - prefill + prefill * min(p, prefill) / 2),
+            math.ceil(seqs),
+        )
+        return iteration_s(model, tp, pp, b)
+
+    r = iteration(1, 0)
+    n = 0.0
+    for _ in range(60):
+        n = rate * r * (o + 1)  # Little's law: each request runs ~o iterations plus its prefill's
+        x = rate * r * p  # prompt tokens arriving per iteration
+        if n > max_running or x + n > limits.max_num_batched_tokens:
+            return None
+        h = min(chunk, p)
+        heavy, share = (h, x / h) if x <= h else (min(chunk, max(h, x / pp)), 1.0)
+        nxt = share * iteration(n, heavy) + (1 - share) * iteration(n, 0)
+        if abs(nxt - r) < 1e-6 * r:
+            break
+        r = 0.5 * (r + nxt)
+    return r, n
+
+
+def _bisect(ok, hi: float) -> float:
+    """The largest rate in [0, hi] for which ok(rate) holds (assumed monotone)."""
+    if ok(hi):
+        return hi
+    lo = 0.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def _latencies(
+    model: PerfModel, tp: int, pp: int, load: Load, rate: float, limits: Limits, capacity: float
+) -> tuple[float, float] | None:
+    """(TTFT, TPOT) at `rate`: the next scheduling point (R/2 on average), the prompt's chunks, queueing behind
+    the others (M/M/1 with the capacity as service rate: arrivals are bursty, and admission waits for a whole
+    request's share of the budget) and the backlog already waiting; None where the topology cannot keep up."""
+    state = _state(model, tp, pp, load, rate, limits)
+    if state is None:
+        return None
+    r, _ = state
+    rho = min(rate / capacity, 0.99) if capacity > 0 else 0.0
+    chunks = math.ceil(load.prompt_len * pp / limits.max_num_batched_tokens)  # a micro-batch's share of the budget
+    ttft = r * (0.5 + chunks) + (rho / (1 - rho) + load.queue) / capacity if capacity > 0 else math.inf
+    return ttft, r
+
+
+@lru_cache(maxsize=4096)
+def _capacities(
+    model: PerfModel, tp: int, pp: int, p: float, o: float, limits: Limits, slo: Slo
+) -> tuple[float, float]:
+    """(capacity, SLO capacity) in requests/s for mean prompt p and output o."""
+    load = Load(0.0, p, o)
+    capacity = _bisect(lambda x: _state(model, tp, pp, load, x, limits) is not None, 1e4)
+    if capacity <= 0:
+        return 0.0, 0.0
+
+    def meets(rate: float) -> bool:
+        lat = _latencies(model, tp, pp, load, rate, limits, capacity)
+        return lat is not None and lat[0] <= slo.ttft_s and lat[1] <= slo.tpot_s
+
+    return capacity, _bisect(meets, capacity)
+
+
+def _bucket(x: float) -> float:
+    """Lengths rounded to 5% steps, so predictions for nearly the same mix are reused."""
+    return round(1.05 ** round(math.log(max(x, 1.0)) / math.log(1.05)), 1)
+
+
+def predict(model: PerfModel, tp: int, pp: int, load: Load, limits: Limits, slo: Slo) -> Prediction:
+    capacity, slo_capacity = _capacities(model, tp, pp, _bucket(load.prompt_len), _bucket(load.output_len), limits, slo)
+    now = _latencies(model, tp, pp, load, min(load.arrival_rate, capacity), limits, capacity) if capacity else None
+    ttft, tpot = now if now is not None else (math.inf, math.inf)
+    if load.arrival_rate > capacity:
+        ttft = math.inf  # the queue grows without bound
+    return Prediction(
+        topology=f"TP{tp}xPP{pp}",
+        ttft_s=ttft,
+        tpot_s=tpot,
+        capacity_req_s=capacity,
+        slo_capacity_req_s=slo_capacity,
+        goodput_req_s=min(load.arrival_rate, slo_capacity),
+    )

@@ -1,0 +1,75 @@
+"""What a switch costs in simulation, from remp's own planner: the bytes each worker receives (weights, and KV
+per block in use) under the minimum-bytes placement, over the link's bandwidth, plus fixed overheads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+from remp.config import ModelConfig
+from remp.policy.decide import SwitchCost
+from remp.switch.plan import KVPiece, PieceSizer, best_placement, make_plan
+from remp.topology import Topology
+
+# The cut-over's fixed part: drain the pipeline, swap process groups and block tables (remp measures ~20 ms of
+# it on CPU workers; a GPU adds a stream sync and a NCCL communicator already made in the prepare phase).
+CUTOVER_S = 0.05
+# A live pre-copy gives half the link to the copy, so serving's own collectives keep the rest; the copy engines
+# and HBM traffic slow serving kernels a little (the throttle keeps it under remp's 30% bound on CPU).
+PRECOPY_LINK_SHARE = 0.5
+PRECOPY_SLOWDOWN = 0.05
+# A restart: load the checkpoint (local NVMe, ~5 GB/s) and start the engine (NCCL init, memory profiling, CUDA
+# graph capture: ~20 s for vLLM on 8 GPUs, its own startup logs); every running request recomputes its KV.
+DISK_BPS = 5e9
+ENGINE_START_S = 20.0
+
+
+@dataclass(frozen=True)
+class Moves:
+    weights_s: float  # the slowest receiver's weight bytes over the bandwidth
+    kv_s_per_block: float  # the slowest receiver's KV bytes per block in use over the bandwidth
+    weight_bytes: int
+    kv_bytes_per_block: int
+
+
+class SwitchCostModel:
+    def __init__(self, config: ModelConfig, bandwidth_Bps: float, block_size: int, itemsize: int = 2):
+        self.config, self.bandwidth, self.block_size = config, bandwidth_Bps, block_size
+        self.sizer = PieceSizer(config, itemsize, kv_blocks_used=1, block_size=block_size)
+        self.restart_s = ENGINE_START_S + self.model_bytes(itemsize) / DISK_BPS
+
+    def model_bytes(self, itemsize: int) -> int:
+        c = self.config
+        layer = c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+        layer += 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
+        heads = 1 if c.tie_word_embeddings else 2
+        return (c.num_hidden_layers * layer + heads * c.vocab_size * c.hidden_size) * itemsize
+
+    @cache  # noqa: B019 (one instance per simulation)
+    def moves(self, old: tuple[int, int], new: tuple[int, int]) -> Moves:
+        src = Topology(*old)
+        placed = best_placement(
+            self.config, src, *new, self.sizer, with_kv=True, workers=list(range(max(src.size, new[0] * new[1])))
+        )
+        plan = make_plan(self.config, src, placed, self.sizer, with_kv=True)
+        weights: dict[int, int] = {}
+        kv: dict[int, int] = {}
+        for t in plan.transfers:
+            into = kv if isinstance(t.piece, KVPiece) else weights
+            into[t.dst] = into.get(t.dst, 0) + self.sizer.bytes(t.piece)
+        w, k = max(weights.values(), default=0), max(kv.values(), default=0)
+        return Moves(w / self.bandwidth, k / self.bandwidth, plan.moved.weights, plan.moved.kv)
+
+    def cost(
+        self, old: tuple[int, int], new: tuple[int, int], mode: str, blocks_in_use: int, dirty_blocks: int | None = None
+    ) -> SwitchCost:
+        """The pause (and, live, the pre-copy) of switching old -> new with `blocks_in_use` KV blocks; a live
+        switch moves `dirty_blocks` (default: one per 16 in use, the partly written ones) in its pause."""
+        if mode == "restart":
+            return SwitchCost(pause_s=self.restart_s)
+        m = self.moves(old, new)
+        if mode == "stop":
+            return SwitchCost(pause_s=CUTOVER_S + m.weights_s + m.kv_s_per_block * blocks_in_use)
+        dirty = blocks_in_use // 16 if dirty_blocks is None else dirty_blocks
+        precopy = (m.weights_s + m.kv_s_per_block * (blocks_in_use - dirty)) / PRECOPY_LINK_SHARE
+        return SwitchCost(pause_s=CUTOVER_S + m.kv_s_per_block * dirty, precopy_s=precopy, slowdown=PRECOPY_SLOWDOWN)

@@ -1,0 +1,152 @@
+"""The simulator: it drives remp's own Scheduler, agrees with the performance model's predictions in steady
+state, is deterministic, follows a phased load with the policy, and refuses bad input clearly."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import remp.scheduler
+from remp.bench.datasets import SampleRequest, trace_requests
+from remp.entrypoints.cli import main
+from remp.policy.decide import PolicyConfig, TopologyPolicy
+from remp.policy.predict import Limits, Load, Slo, predict
+from remp.sim.models import model_config
+from remp.sim.simulator import SimOptions, Simulator
+from remp.sim.switch_cost import SwitchCostModel
+from remp.sim.workload import phased_requests
+from tests.policy_utils import ToyModel
+
+TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "azure_conv_2023.csv"
+CONFIG = model_config("llama-2-7b")
+PHASES = [
+    {"name": "chat", "request_rate": 2, "duration_s": 120, "input_len": 1000, "output_len": 200, "range_ratio": 0.5},
+    {"name": "long prompts", "request_rate": 7, "duration_s": 120, "input_len": 4000, "output_len": 30},
+    {"name": "chat", "request_rate": 2, "duration_s": 120, "input_len": 1000, "output_len": 200, "range_ratio": 0.5},
+]
+
+
+def simulate(requests, topology, policy=None, mode="live"):
+    costs = SwitchCostModel(CONFIG, bandwidth_Bps=100e9, block_size=16)
+    return Simulator(ToyModel(), requests, topology, SimOptions(switch_mode=mode), costs, policy).run()
+
+
+def poisson(rate, n, prompt, output, seed=0):
+    import numpy as np
+
+    t = np.cumsum(np.random.default_rng(seed).exponential(1 / rate, n))
+    return [SampleRequest([], prompt, output, float(x)) for x in t]
+
+
+def test_it_schedules_with_the_engines_scheduler(monkeypatch):
+    calls = []
+    real = remp.scheduler.Scheduler.schedule
+    monkeypatch.setattr(remp.scheduler.Scheduler, "schedule", lambda self, *a: calls.append(a) or real(self, *a))
+    run = simulate(poisson(2.0, 40, 500, 50), (2, 2))
+    assert calls and all(mb == 2 for _, mb in calls)  # pp micro-batches, as the engine asks
+    assert all(r.success and r.output_tokens == 50 for r in run.results)
+
+
+@pytest.mark.parametrize("topology", [(4, 1), (2, 2)])
+def test_steady_state_matches_the_prediction(topology):
+    rate, p, o = 3.0, 800, 100
+    run = simulate(poisson(rate, 600, p, o), topology)
+    steady = [r for r in run.results if 40 < r.send_time < 160]
+    sim_tpot = sorted((r.latency - r.ttft) / (r.output_tokens - 1) for r in steady)[len(steady) // 2]
+    pred = predict(ToyModel(), *topology, Load(rate, p, o), Limits(256, 8192), Slo(2.0, 0.15))
+    assert sim_tpot == pytest.approx(pred.tpot_s, rel=0.25)
+
+
+def test_seeded_simulation_is_deterministic():
+    requests, _ = phased_requests(PHASES, seed=3)
+
+    def once():
+        pol = TopologyPolicy(
+            ToyModel(),
+            [(4, 1), (2, 2), (1, 4)],
+            Limits(256, 8192),
+            PolicyConfig(Slo(2.0, 0.3), min_dwell_s=30.0),
+            lambda a, b: costs.cost(a, b, "live", 0),
+        )
+        return simulate([SampleRequest(**r.__dict__) for r in requests], (4, 1), pol)
+
+    costs = SwitchCostModel(CONFIG, bandwidth_Bps=100e9, block_size=16)
+    a, b = once(), once()
+    assert [(r.ttft, r.latency) for r in a.results] == [(r.ttft, r.latency) for r in b.results]
+    assert a.switches == b.switches
+
+
+def test_policy_follows_the_phases_and_loses_nothing():
+    requests, _ = phased_requests(PHASES, seed=1)
+    costs = SwitchCostModel(CONFIG, bandwidth_Bps=100e9, block_size=16)
+    pol = TopologyPolicy(
+        ToyModel(),
+        [(4, 1), (2, 2), (1, 4)],
+        Limits(256, 8192),
+        PolicyConfig(Slo(2.0, 0.3), min_dwell_s=30.0),
+        lambda a, b: costs.cost(a, b, "live", 0),
+    )
+    run = simulate(requests, (4, 1), pol)
+    assert all(r.success for r in run.results)
+    assert 1 <= len(run.switches) <= 3, run.switches  # at most one per phase
+    first = run.switches[0]
+    assert first["from"] == "TP4xPP1" and 120 <= first["time"] <= 240
+    assert run.topology_timeline[-1][1] == "TP4xPP1"  # back to latency once the long prompts are gone
+
+
+def test_restart_switches_recompute_every_running_request():
+    requests = poisson(4.0, 200, 600, 200)
+    costs = SwitchCostModel(CONFIG, bandwidth_Bps=100e9, block_size=16)
+    sim = Simulator(ToyModel(), requests, (4, 1), SimOptions(switch_mode="restart"), costs)
+    sim.t = 0.0
+    orig = sim._submit
+    done = []
+
+    def submit():
+        if sim.t > 20 and not done:
+            done.append(len(sim.scheduler.running))
+            sim.start_switch((2, 2), "test")
+        orig()
+
+    sim._submit = submit
+    run = sim.run()
+    assert run.switches[0]["pause_s"] == pytest.approx(costs.restart_s, abs=1e-3)
+    assert run.switches[0]["preempted"] == done[0] > 0
+    assert all(r.success for r in run.results)
+
+
+def test_trace_reader_scales_cuts_and_fits_the_context(tmp_path):
+    f = tmp_path / "t.csv"
+    f.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0,100,10\n2,5000,100\n10,20,5\n")
+    reqs = trace_requests(f, time_scale=0.5, duration_s=4.0, max_model_len=4096)
+    assert [r.arrival_s for r in reqs] == [0.0, 1.0]
+    assert (reqs[1].prompt_len, reqs[1].output_len) == (4095, 1)
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("time,prompt\n0,1\n")
+    with pytest.raises(ValueError, match="lacks the column"):
+        trace_requests(bad)
+    assert main(["simulate", "--trace", str(bad)]) == 2
+    assert "lacks the column(s) arrived_at" in capsys.readouterr().err
+    ok = tmp_path / "ok.csv"
+    ok.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0,100,10\n")
+    args = ["simulate", "--trace", str(ok), "--topology-policy", "auto", "--candidates", "TP8xPP1,TP3xPP1"]
+    assert main(args) == 2
+    assert "unknown candidate(s) TP3xPP1" in capsys.readouterr().err
+    assert main(["simulate", "--trace", str(ok), "--candidates", "eight"]) == 2
+    assert "TP<n>xPP<m>" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not TRACE.exists(), reason=f"the Azure trace is not at {TRACE}")
+def test_cli_on_the_azure_trace_with_h100_figures(tmp_path):
+    out = tmp_path / "r.json"
+    args = ["simulate", "--model", "llama-2-7b", "--trace", str(TRACE), "--duration-s", "60", "-tp", "2", "-pp", "4"]
+    assert main([*args, "--save-result", str(out), "--timeline", str(tmp_path / "t.png")]) == 0
+    r = json.loads(out.read_text())
+    assert r["completed"] == r["requests"] > 100 and r["failed"] == 0
+    for key in ("throughput_tok_s", "goodput_req_s"):
+        assert r[key] > 0
+    assert set(r["ttft_ms"]) == set(r["tpot_ms"]) == {"p50", "p99"}
+    assert r["switches"] == [] and (tmp_path / "t.png").stat().st_size > 10_000
