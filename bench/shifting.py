@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -23,14 +22,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from remp.topology import parse_shape
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def parse_topology(s: str) -> tuple[int, int]:
-    m = re.fullmatch(r"TP(\d+)xPP(\d+)", s)
-    if not m:
-        raise ValueError(f"topology {s!r} is not like TP2xPP2")
-    return int(m.group(1)), int(m.group(2))
 
 
 def phases(seconds: float) -> list[dict]:
@@ -190,12 +184,12 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000, help="random prompt token ids below this")
     p.add_argument("--port", type=int, default=8123)
     a = p.parse_args()
-    schedule = [parse_topology(s) for s in a.schedule.split(",")]
+    schedule = [parse_shape(s) for s in a.schedule.split(",")]
     RESULTS.mkdir(exist_ok=True)
     server = Server(a.model, a.dtype, a.port)
     rows = []
     for topo in a.fixed.split(","):
-        rows.append(run_variant(f"fixed-{topo}", server, [parse_topology(topo)], "fixed", a, RESULTS))
+        rows.append(run_variant(f"fixed-{topo}", server, [parse_shape(topo)], "fixed", a, RESULTS))
         print(json.dumps(rows[-1]), flush=True)
     for mode in ("switch", "restart"):
         rows.append(run_variant(f"{mode}-{a.schedule.replace(',', '-')}", server, schedule, mode, a, RESULTS))

@@ -24,6 +24,7 @@ from remp.messages import StepMsg, StepResult
 from remp.model.attention import SeqChunk
 from remp.model.reader import open_checkpoint
 from remp.outputs import CompletionOutput, Logprob, RequestOutput
+from remp.policy.runner import PolicyRunner
 from remp.request import Request, Status
 from remp.sampler import SampleRow
 from remp.sampling_params import SamplingParams
@@ -98,6 +99,16 @@ class LLMEngine:
         self.num_steps = 0  # steps completed
         self._step_log: deque[tuple[float, int]] = deque(maxlen=20000)  # (finished at, outputs): switch reports
         self.switcher = SwitchDriver(self, args.switch_staging_gb, args.switch_precopy_duty, args.switch_timeout_s)
+        self.policy: PolicyRunner | None = None
+        if args.topology_policy == "auto":
+            if not isinstance(self.executor, MultiprocExecutor):
+                self.shutdown()
+                raise ValueError("--topology-policy auto needs a pool to switch: start with max_workers > 1")
+            try:
+                self.policy = PolicyRunner.create(self)
+            except BaseException:
+                self.shutdown()
+                raise
 
     def _block_bytes(self, topology: Topology) -> int:
         """KV bytes of one logical block summed over every worker (replicated KV heads count each time)."""
@@ -169,6 +180,8 @@ class LLMEngine:
         )
         self.requests[request_id] = req
         self.scheduler.add(req)
+        if self.policy is not None:
+            self.policy.arrival(req)
         return request_id
 
     def check_prompt(self, ids: list[int]) -> None:
@@ -235,6 +248,8 @@ class LLMEngine:
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped after a worker failure: {self.error}")
         self.advance_switch()
+        if self.policy is not None:
+            self.policy.tick()
         with self._fatal_worker_errors() as guard:
             while len(self._in_flight) < self.executor.max_in_flight and self._submit_next():
                 pass
@@ -335,6 +350,8 @@ class LLMEngine:
             req.metrics.last_token_time = now
             if req.finished:
                 req.metrics.finished_time = now
+                if self.policy is not None:
+                    self.policy.finished(req)
                 self.scheduler.free(req)
                 self.requests.pop(req.request_id, None)
             outputs.append(self._output(req))
@@ -412,6 +429,7 @@ class LLMEngine:
         layer_split: list[int] | None = None,
         mode: str = "live",
         on_done: Callable[[SwitchReport | None, BaseException | None], None] | None = None,
+        cause: str = "request",
     ) -> None:
         """Begin a switch and return: it completes during later step() / advance_switch() calls, which then
         call on_done(report, None), or on_done(None, error) if it was called off. Raises ValueError for an
@@ -440,6 +458,7 @@ class LLMEngine:
 
         def finish(report: SwitchReport | None, error: BaseException | None) -> None:
             if report is not None:
+                report.cause = cause
                 self.stats.switches.append(report)
             if on_done is not None:
                 on_done(report, error)

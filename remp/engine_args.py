@@ -33,6 +33,15 @@ class EngineArgs:
     switch_staging_gb: float = 2.0
     switch_precopy_duty: float = 0.3
     switch_timeout_s: float = 300.0
+    # "auto": a policy picks the topology from the load (live switches among the candidates, by default every
+    # shape of the whole pool), from a performance profile measured at start (cached) or given as a file
+    topology_policy: str = "manual"
+    topology_candidates: str | None = None  # e.g. "TP2xPP1,TP1xPP2"
+    perf_profile: str | None = None
+    slo_ttft_ms: float | None = None  # None: 5x the fastest candidate's unloaded latency
+    slo_tpot_ms: float | None = None
+    policy_interval_s: float = 5.0
+    policy_min_dwell_s: float = 60.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -66,6 +75,13 @@ class EngineArgs:
                 "switch_staging_gb must be >= 0, switch_precopy_duty in (0, 1] and switch_timeout_s positive, got "
                 f"{self.switch_staging_gb}, {self.switch_precopy_duty}, {self.switch_timeout_s}"
             )
+        if self.topology_policy not in ("manual", "auto"):
+            raise ValueError(f"topology_policy must be 'manual' or 'auto', got {self.topology_policy!r}")
+        if (
+            any(x is not None and x <= 0 for x in (self.slo_ttft_ms, self.slo_tpot_ms))
+            or min(self.policy_interval_s, self.policy_min_dwell_s) < 0
+        ):
+            raise ValueError("SLOs must be positive, and the policy's interval and dwell time non-negative")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
 

@@ -70,3 +70,13 @@ class Topology:
         return shard_spec(
             config, self.tp, self.pp, stage, tp_rank, list(self.layers_per_stage) if self.layers_per_stage else None
         )
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """ "TP4xPP2" (or "tp4xpp2", "TP4") -> (4, 2)."""
+    t = text.strip().upper().removeprefix("TP")
+    try:
+        tp, pp = t.split("XPP") if "XPP" in t else (t, "1")
+        return int(tp), int(pp)
+    except ValueError:
+        raise ValueError(f"cannot read topology {text!r}: write it as TP<n>xPP<m>, e.g. TP4xPP2") from None

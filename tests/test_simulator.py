@@ -11,9 +11,9 @@ from remp.bench.datasets import SampleRequest, trace_requests
 from remp.entrypoints.cli import main
 from remp.policy.decide import PolicyConfig, TopologyPolicy
 from remp.policy.predict import Limits, Load, Slo, predict
+from remp.policy.switch_cost import SwitchCostModel
 from remp.sim.models import model_config
 from remp.sim.simulator import SimOptions, Simulator
-from remp.sim.switch_cost import SwitchCostModel
 from remp.sim.workload import phased_requests
 from tests.policy_utils import ToyModel
 

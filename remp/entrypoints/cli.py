@@ -29,6 +29,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--switch-precopy-duty", type=float, default=0.3, help="live switch: share of time to copy")
     p.add_argument("--switch-timeout-s", type=float, default=300.0, help="a switch not ready by then is called off")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per worker, NCCL")
+    p.add_argument(
+        "--topology-policy", default="manual", choices=["manual", "auto"], help="auto: pick TP x PP from the load"
+    )
+    p.add_argument("--candidates", dest="topology_candidates", default=None, help="topologies auto may pick")
+    p.add_argument("--perf-profile", default=None, help="performance profile for auto (default: measured, cached)")
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="auto's TTFT SLO (default 5x unloaded)")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="auto's TPOT SLO (default 5x unloaded)")
+    p.add_argument("--policy-interval-s", type=float, default=5.0, help="auto decides this often")
+    p.add_argument("--policy-min-dwell-s", type=float, default=60.0, help="auto keeps a topology at least this long")
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
@@ -52,6 +61,13 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
         switch_precopy_duty=a.switch_precopy_duty,
         switch_timeout_s=a.switch_timeout_s,
         device=a.device,
+        topology_policy=a.topology_policy,
+        topology_candidates=a.topology_candidates,
+        perf_profile=a.perf_profile,
+        slo_ttft_ms=a.slo_ttft_ms,
+        slo_tpot_ms=a.slo_tpot_ms,
+        policy_interval_s=a.policy_interval_s,
+        policy_min_dwell_s=a.policy_min_dwell_s,
     )
 
 
@@ -100,6 +116,27 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(a: argparse.Namespace) -> int:
+    from remp import LLMEngine
+    from remp.cpu_features import cpu_features
+    from remp.policy.measured import measure
+    from remp.policy.runner import parse_candidates
+
+    kwargs = engine_kwargs(a) | {"topology_policy": "manual", "distributed_executor_backend": "mp"}
+    t0 = time.perf_counter()
+    engine = LLMEngine(**kwargs)
+    try:
+        start_s = time.perf_counter() - t0
+        shapes = parse_candidates(a.topology_candidates, engine.model_config, engine.max_workers)
+        profile = measure(engine, shapes, cpu_features().describe(), start_s)
+    finally:
+        engine.shutdown()
+    print(f"saved {profile.save(a.output)}")
+    for name, (c0, c1, c2) in profile.fits.items():
+        print(f"{name}: stage = {c0 * 1e3:.2f} ms + {c1 * 1e6:.1f} us/token + {c2 * 1e9:.2f} ns/KV token")
+    return 0
+
+
 def _missing_extra(e: ImportError) -> int:
     print(
         f"remp bench serve needs the `bench` extra ({e.name} is missing): pip install 'remp[bench]' "
@@ -139,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds running requests get to finish after SIGINT/SIGTERM before their streams are ended",
     )
     s.set_defaults(func=cmd_serve)
+    pr = sub.add_parser("profile", help="measure step times of every candidate topology (for --topology-policy auto)")
+    add_engine_args(pr)
+    pr.add_argument("-o", "--output", default="remp-profile.json")
+    pr.set_defaults(func=cmd_profile)
     sim = sub.add_parser("simulate", help="replay a workload on a simulated GPU node (scheduler, policy, planner)")
     from remp.sim.cli import add_cli_args as add_sim_args
     from remp.sim.cli import run_cli as run_sim

@@ -106,7 +106,14 @@ class ServerMetrics:
             registry=r,
             **label,
         )
+        self.policy_decisions = Counter(
+            "remp:topology_policy_decisions",
+            "Decisions of the topology policy (--topology-policy auto): stay or switch",
+            registry=r,
+            labelnames=["model_name", "action"],
+        )
         self._reports_seen = 0
+        self._decisions_seen: dict[str, int] = {}
         self.model = model_name
 
     def watch(self, engine: LLMEngine) -> None:
@@ -118,6 +125,15 @@ class ServerMetrics:
         self.preemptions.labels(m).set_function(lambda: engine.scheduler.num_preemptions)
         self.pool.labels(m).set_function(lambda: getattr(engine.executor, "pool_size", 1))
         self.generation.labels(m).set_function(lambda: getattr(engine.executor, "generation", 0))
+
+    def _count_policy(self, engine: LLMEngine) -> None:
+        if engine.policy is None:
+            return
+        for action, n in engine.policy.policy.counts.items():
+            seen = self._decisions_seen.get(action, 0)
+            if n > seen:
+                self.policy_decisions.labels(self.model, action).inc(n - seen)
+                self._decisions_seen[action] = n
 
     def on_abort(self, reason: str) -> None:
         self.aborted.labels(self.model, reason).inc()
@@ -133,7 +149,10 @@ class ServerMetrics:
                 self.recovery_seconds.labels(m).observe(report.wall_s)
                 self.requests_recomputed.labels(m).inc(len(report.preempted))
                 self.on_topology(engine.topology.tp, engine.topology.pp)
+            elif report.cause == "policy":
+                self.on_topology(engine.topology.tp, engine.topology.pp, report)
         self._reports_seen = len(reports)
+        self._count_policy(engine)
         self.generation_tokens.labels(m).inc(len(outputs))
         for out in outputs:
             met = out.metrics

@@ -359,6 +359,7 @@ def build_app(
                 }
                 for ev in engine.switches
             ],
+            "policy": core.policy.to_json() if core.policy is not None else {"policy": "manual"},
         }
 
     @app.post("/admin/reconfigure")

@@ -10,8 +10,9 @@ from remp.bench.metrics import compute_metrics, format_summary
 from remp.policy.decide import PolicyConfig, TopologyPolicy
 from remp.policy.observe import LoadWindow
 from remp.policy.predict import Limits, Slo
+from remp.policy.switch_cost import SwitchCostModel
 from remp.sim.simulator import MODES, SimOptions, Simulator, name
-from remp.sim.switch_cost import SwitchCostModel
+from remp.topology import parse_shape
 
 # Chat SLOs from DistServe (Zhong et al., OSDI 2024, table 1: chatbot with OPT-66B 2.5 s / 0.15 s, OPT-13B 0.25 s /
 # 0.1 s), for the Llama-2 models of the same sizes.
@@ -52,15 +53,6 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeline", default=None, metavar="FILE.png")
 
 
-def parse_topology(text: str) -> tuple[int, int]:
-    t = text.strip().upper().removeprefix("TP")
-    try:
-        tp, pp = t.split("XPP") if "XPP" in t else (t, "1")
-        return int(tp), int(pp)
-    except ValueError:
-        raise ValueError(f"cannot read topology {text!r}: write it as TP<n>xPP<m>, e.g. TP4xPP2") from None
-
-
 def simulate(a: argparse.Namespace) -> dict:
     from remp.policy.h100 import H100Model
     from remp.sim.models import model_config
@@ -71,7 +63,7 @@ def simulate(a: argparse.Namespace) -> dict:
     perf = H100Model(config, a.model)
     shapes = [(t.tp, t.pp) for t in all_candidates(config, a.num_gpus) if t.tp in (1, 2, 4, 8)]
     if a.candidates:
-        wanted = [parse_topology(c) for c in a.candidates.split(",") if c.strip()]
+        wanted = [parse_shape(c) for c in a.candidates.split(",") if c.strip()]
         if bad := [name(c) for c in wanted if c not in shapes]:
             raise ValueError(
                 f"unknown candidate(s) {', '.join(bad)}; {a.num_gpus} GPUs allow {', '.join(map(name, shapes))}"

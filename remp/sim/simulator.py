@@ -16,10 +16,10 @@ from remp.bench.metrics import RequestResult
 from remp.policy.decide import TopologyPolicy
 from remp.policy.observe import LoadWindow
 from remp.policy.perf_model import Batch, PerfModel
+from remp.policy.switch_cost import SwitchCostModel
 from remp.request import Request, Status
 from remp.sampling_params import SamplingParams
 from remp.scheduler import Scheduler
-from remp.sim.switch_cost import SwitchCostModel
 
 MODES = ("live", "stop", "restart")
 

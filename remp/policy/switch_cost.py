@@ -1,4 +1,4 @@
-"""What a switch costs in simulation, from remp's own planner: the bytes each worker receives (weights, and KV
+"""What a switch costs (for the policy, and in simulation), from remp's own planner: the bytes each worker receives (weights, and KV
 per block in use) under the minimum-bytes placement, over the link's bandwidth, plus fixed overheads."""
 
 from __future__ import annotations
@@ -33,10 +33,23 @@ class Moves:
 
 
 class SwitchCostModel:
-    def __init__(self, config: ModelConfig, bandwidth_Bps: float, block_size: int, itemsize: int = 2):
+    """Defaults describe an H100 node; the engine's policy passes what it measured on its own machine."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        bandwidth_Bps: float,
+        block_size: int,
+        itemsize: int = 2,
+        cutover_s: float = CUTOVER_S,
+        precopy_link_share: float = PRECOPY_LINK_SHARE,
+        precopy_slowdown: float = PRECOPY_SLOWDOWN,
+        restart_s: float | None = None,
+    ):
         self.config, self.bandwidth, self.block_size = config, bandwidth_Bps, block_size
+        self.cutover_s, self.link_share, self.slowdown = cutover_s, precopy_link_share, precopy_slowdown
         self.sizer = PieceSizer(config, itemsize, kv_blocks_used=1, block_size=block_size)
-        self.restart_s = ENGINE_START_S + self.model_bytes(itemsize) / DISK_BPS
+        self.restart_s = restart_s if restart_s is not None else ENGINE_START_S + self.model_bytes(itemsize) / DISK_BPS
 
     def model_bytes(self, itemsize: int) -> int:
         c = self.config
@@ -69,7 +82,7 @@ class SwitchCostModel:
             return SwitchCost(pause_s=self.restart_s)
         m = self.moves(old, new)
         if mode == "stop":
-            return SwitchCost(pause_s=CUTOVER_S + m.weights_s + m.kv_s_per_block * blocks_in_use)
+            return SwitchCost(pause_s=self.cutover_s + m.weights_s + m.kv_s_per_block * blocks_in_use)
         dirty = blocks_in_use // 16 if dirty_blocks is None else dirty_blocks
-        precopy = (m.weights_s + m.kv_s_per_block * (blocks_in_use - dirty)) / PRECOPY_LINK_SHARE
-        return SwitchCost(pause_s=CUTOVER_S + m.kv_s_per_block * dirty, precopy_s=precopy, slowdown=PRECOPY_SLOWDOWN)
+        precopy = (m.weights_s + m.kv_s_per_block * (blocks_in_use - dirty)) / self.link_share
+        return SwitchCost(pause_s=self.cutover_s + m.kv_s_per_block * dirty, precopy_s=precopy, slowdown=self.slowdown)

@@ -1,0 +1,175 @@
+"""A performance model measured on this machine: a short profile of the real engine (decode iterations and
+prefills of a few sizes, on every candidate topology), fitted per topology to stage time = a + b * tokens +
+c * KV tokens. Saved as JSON and reused; `remp profile` makes one, `remp serve --topology-policy auto` makes
+one at start when none is given (or finds it in the cache)."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from remp.logger import init_logger
+from remp.policy.perf_model import Batch
+from remp.sampling_params import SamplingParams
+
+logger = init_logger(__name__)
+
+DECODE_SHAPES = ((1, 128), (4, 128), (8, 384), (16, 256))  # (sequences, context tokens)
+PREFILL_TOKENS = (128, 512)
+DECODE_ITERATIONS = 4
+
+
+@dataclass
+class Profile:
+    model: str
+    dtype: str
+    machine: str
+    max_workers: int
+    block_size: int
+    fits: dict[str, list[float]] = field(default_factory=dict)  # topology -> [a, b per token, c per KV token]
+    kv_capacity_tokens: dict[str, int] = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+    switch_bandwidth_Bps: float = 0.0  # bytes moved / pause of the stop-the-world switches between candidates
+    engine_start_s: float = 0.0
+    date: str = ""
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"cannot read the performance profile {path}: {e}") from None
+
+
+def cache_path(model: str, dtype: str, machine: str, max_workers: int, candidates: list[tuple[int, int]]) -> Path:
+    key = hashlib.sha256(json.dumps([model, dtype, machine, max_workers, sorted(candidates)]).encode()).hexdigest()[:16]
+    return Path.home() / ".cache" / "remp" / "profiles" / f"{key}.json"
+
+
+class MeasuredModel:
+    """PerfModel from a Profile. The fit is per stage; hand-offs are inside the measured stage times."""
+
+    def __init__(self, profile: Profile):
+        self.profile = profile
+        self.name = f"measured:{profile.machine}"
+
+    def _fit(self, tp: int, pp: int) -> list[float]:
+        fit = self.profile.fits.get(f"TP{tp}xPP{pp}")
+        if fit is None:
+            raise ValueError(f"the profile has no TP{tp}xPP{pp} (it has {', '.join(self.profile.fits)})")
+        return fit
+
+    def stage_s(self, tp: int, pp: int, batch: Batch) -> float:
+        if batch.tokens == 0:
+            return 0.0
+        a, b, c = self._fit(tp, pp)
+        return max(a + b * batch.tokens + c * batch.kv_tokens, 1e-4)
+
+    def hop_s(self, tp: int, batch: Batch) -> float:
+        return 0.0
+
+    def kv_capacity_tokens(self, tp: int, pp: int) -> int:
+        self._fit(tp, pp)
+        return self.profile.kv_capacity_tokens[f"TP{tp}xPP{pp}"]
+
+
+def _prompt(n: int, vocab: int, salt: int) -> list[int]:
+    return [(salt * 7919 + k * 104729) % (vocab - 1) + 1 for k in range(n)]
+
+
+def _time_decode(engine, seqs: int, ctx: int) -> float:
+    """Seconds for every one of `seqs` running sequences to advance one token (pp micro-batches)."""
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=DECODE_ITERATIONS + 2, ignore_eos=True, temperature=0.0)
+    ids = [
+        engine.add_request(None, prompt_token_ids=_prompt(ctx, vocab, i), sampling_params=params) for i in range(seqs)
+    ]
+    started: set[str] = set()
+    while len(started) < seqs:  # prefill everybody first
+        started |= {o.request_id for o in engine.step()}
+    produced, t0 = 0, time.perf_counter()
+    while produced < seqs * DECODE_ITERATIONS and engine.has_unfinished_requests():
+        produced += len(engine.step())
+    elapsed = time.perf_counter() - t0
+    engine.abort_request(ids)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return elapsed / max(produced / seqs, 1e-9)
+
+
+def _time_prefill(engine, tokens: int) -> float:
+    params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
+    t0 = time.perf_counter()
+    engine.add_request(
+        None, prompt_token_ids=_prompt(tokens, engine.model_config.vocab_size, 99), sampling_params=params
+    )
+    while engine.has_unfinished_requests():
+        engine.step()
+    return time.perf_counter() - t0
+
+
+def measure(engine, candidates: list[tuple[int, int]], machine: str, engine_start_s: float = 0.0) -> Profile:
+    """Profile `engine` (idle, with a pool of at least every candidate's size) on each candidate, then return
+    it to the topology it had."""
+    from remp.topology import Topology
+
+    if engine.has_unfinished_requests():
+        raise ValueError("profile an idle engine")
+    start = (engine.topology.tp, engine.topology.pp)
+    prof = Profile(
+        model=str(engine.args.model),
+        dtype=str(engine.dtype).removeprefix("torch."),
+        machine=machine,
+        max_workers=engine.max_workers,
+        block_size=engine.args.block_size,
+        engine_start_s=engine_start_s,
+        date=datetime.date.today().isoformat(),
+    )
+    moved, paused = 0, 0.0
+    for tp, pp in candidates:
+        name = f"TP{tp}xPP{pp}"
+        if (engine.topology.tp, engine.topology.pp) != (tp, pp):
+            report = engine.reconfigure(tp, pp, mode="stop")
+            moved, paused = moved + sum(report.bytes_moved.values()), paused + report.pause_s
+        t0 = time.perf_counter()
+        rows = []
+        chunk = engine.args.max_num_batched_tokens // pp
+        longest = engine.max_model_len - DECODE_ITERATIONS - 2
+        for seqs, ctx in DECODE_SHAPES:
+            ctx = min(ctx, longest)
+            r = _time_decode(engine, seqs, ctx)
+            per = math.ceil(seqs / pp)
+            rows.append({"tokens": per, "kv_tokens": per * (ctx + DECODE_ITERATIONS // 2), "stage_s": r / pp})
+        for n in PREFILL_TOKENS:
+            n = min(n, chunk, longest)
+            rows.append({"tokens": n, "kv_tokens": n, "stage_s": _time_prefill(engine, n) / pp})
+        x = np.array([[1.0, r["tokens"], r["kv_tokens"]] for r in rows])
+        y = np.array([r["stage_s"] for r in rows])
+        fit = np.linalg.lstsq(x, y, rcond=None)[0]
+        prof.fits[name] = [float(max(fit[0], 0.0)), float(max(fit[1], 0.0)), float(max(fit[2], 0.0))]
+        prof.kv_capacity_tokens[name] = engine.kv_blocks_for(Topology(tp, pp)) * engine.args.block_size
+        prof.samples += [{"topology": name} | r for r in rows]
+        logger.info(
+            "profiled %s in %.1f s: stage = %.4f + %.2e/token + %.2e/KV token",
+            name,
+            time.perf_counter() - t0,
+            *prof.fits[name],
+        )
+    if (engine.topology.tp, engine.topology.pp) != start:
+        report = engine.reconfigure(*start, mode="stop")
+        moved, paused = moved + sum(report.bytes_moved.values()), paused + report.pause_s
+    prof.switch_bandwidth_Bps = moved / paused if paused > 0 else 0.0
+    return prof
