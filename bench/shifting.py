@@ -46,7 +46,7 @@ class Server:
         self.model, self.dtype, self.port, self.proc = model, dtype, port, None
         self.url = f"http://127.0.0.1:{port}"
 
-    def start(self, tp: int, pp: int) -> float:
+    def start(self, tp: int, pp: int, extra: tuple[str, ...] = ()) -> float:
         t0 = time.perf_counter()
         cmd = [
             sys.executable,
@@ -68,6 +68,7 @@ class Server:
             "m",
             "--max-model-len",
             "2048",
+            *extra,
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         while True:
@@ -102,8 +103,31 @@ class Server:
 
 
 def run_variant(name: str, server: Server, schedule: list[tuple[int, int]], mode: str, a, out_dir: Path) -> dict:
-    """mode: fixed (schedule has one entry), switch or restart (one topology per phase)."""
-    server.start(*schedule[0])
+    """mode: fixed (schedule has one entry), switch or restart (one topology per phase), or policy (the server
+    picks its topology: --topology-policy auto among the fixed ones, from a profile)."""
+    extra = ()
+    if mode == "policy":
+        extra = (
+            "--topology-policy",
+            "auto",
+            "--max-workers",
+            "4",
+            "--candidates",
+            a.fixed,
+            "--perf-profile",
+            a.policy_profile,
+            "--policy-interval-s",
+            "2",
+            "--policy-min-dwell-s",
+            str(a.phase_seconds / 2),
+            "--policy-window-s",
+            str(a.phase_seconds / 2),
+            "--slo-ttft-ms",
+            a.goodput[0].split(":")[1],
+            "--slo-tpot-ms",
+            a.goodput[1].split(":")[1],
+        )
+    server.start(*schedule[0], extra)
     result_file = out_dir / f"shifting-{name}.json"
     cmd = [
         sys.executable,
@@ -135,7 +159,7 @@ def run_variant(name: str, server: Server, schedule: list[tuple[int, int]], mode
         "--timeline",
         str(out_dir / f"shifting-{name}.png"),
     ]
-    if mode == "switch":
+    if mode in ("switch", "policy"):
         cmd += ["--poll-topology", "--admin-token", "bench"]
     bench = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     events = []
@@ -157,6 +181,8 @@ def run_variant(name: str, server: Server, schedule: list[tuple[int, int]], mode
             bench.kill()
         server.stop()
     r = json.loads(result_file.read_text())
+    if mode == "policy":
+        events = (r.get("topology") or {}).get("switches", [])
     return {
         "variant": name,
         "events": events,
@@ -176,23 +202,33 @@ def run_variant(name: str, server: Server, schedule: list[tuple[int, int]], mode
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto")
     p.add_argument("--schedule", default="TP1xPP4,TP4xPP1,TP2xPP2", help="topology per phase (remp and restart)")
     p.add_argument("--fixed", default="TP1xPP4,TP4xPP1,TP2xPP2", help="fixed topologies to compare")
     p.add_argument("--phase-seconds", type=float, default=20.0)
     p.add_argument("--goodput", nargs="+", default=["ttft:3000", "tpot:300"])
     p.add_argument("--vocab", type=int, default=32000, help="random prompt token ids below this")
     p.add_argument("--port", type=int, default=8123)
+    p.add_argument("--variants", default="fixed,switch,restart,policy")
+    p.add_argument("--policy-profile", default=None, help="`remp profile` of the fixed topologies (for policy)")
     a = p.parse_args()
+    variants = a.variants.split(",")
+    if "policy" in variants and not a.policy_profile:
+        raise SystemExit("the policy variant needs --policy-profile (make one: remp profile -tp 4 --candidates ...)")
     schedule = [parse_shape(s) for s in a.schedule.split(",")]
     RESULTS.mkdir(exist_ok=True)
     server = Server(a.model, a.dtype, a.port)
     rows = []
-    for topo in a.fixed.split(","):
+    for topo in a.fixed.split(",") if "fixed" in variants else []:
         rows.append(run_variant(f"fixed-{topo}", server, [parse_shape(topo)], "fixed", a, RESULTS))
         print(json.dumps(rows[-1]), flush=True)
     for mode in ("switch", "restart"):
-        rows.append(run_variant(f"{mode}-{a.schedule.replace(',', '-')}", server, schedule, mode, a, RESULTS))
+        if mode in variants:
+            rows.append(run_variant(f"{mode}-{a.schedule.replace(',', '-')}", server, schedule, mode, a, RESULTS))
+            print(json.dumps(rows[-1]), flush=True)
+    if "policy" in variants:
+        start = max(parse_shape(t) for t in a.fixed.split(","))
+        rows.append(run_variant("policy-auto", server, [start], "policy", a, RESULTS))
         print(json.dumps(rows[-1]), flush=True)
     out = {
         "date": datetime.date.today().isoformat(),

@@ -42,6 +42,7 @@ class EngineArgs:
     slo_tpot_ms: float | None = None
     policy_interval_s: float = 5.0
     policy_min_dwell_s: float = 60.0
+    policy_window_s: float = 30.0  # the load is measured over this window
 
     def __post_init__(self) -> None:
         for name in (

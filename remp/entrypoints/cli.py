@@ -38,6 +38,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="auto's TPOT SLO (default 5x unloaded)")
     p.add_argument("--policy-interval-s", type=float, default=5.0, help="auto decides this often")
     p.add_argument("--policy-min-dwell-s", type=float, default=60.0, help="auto keeps a topology at least this long")
+    p.add_argument("--policy-window-s", type=float, default=30.0, help="auto measures the load over this window")
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
@@ -68,6 +69,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
         slo_tpot_ms=a.slo_tpot_ms,
         policy_interval_s=a.policy_interval_s,
         policy_min_dwell_s=a.policy_min_dwell_s,
+        policy_window_s=a.policy_window_s,
     )
 
 

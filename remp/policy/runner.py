@@ -67,7 +67,7 @@ class PolicyRunner:
         config = PolicyConfig(slo, args.policy_interval_s, args.policy_min_dwell_s)
         limits = Limits(args.max_num_seqs, args.max_num_batched_tokens)
         self.policy = TopologyPolicy(self.model, candidates, limits, config, self._cost)
-        self.window = LoadWindow()
+        self.window = LoadWindow(args.policy_window_s)
         self.last_error: str | None = None
         logger.info(
             "topology policy: candidates %s, SLO TTFT %.0f ms / TPOT %.0f ms",

@@ -10,7 +10,6 @@ from remp.bench.metrics import compute_metrics, format_summary
 from remp.policy.decide import PolicyConfig, TopologyPolicy
 from remp.policy.observe import LoadWindow
 from remp.policy.predict import Limits, Slo
-from remp.policy.switch_cost import SwitchCostModel
 from remp.sim.simulator import MODES, SimOptions, Simulator, name
 from remp.topology import parse_shape
 
@@ -20,8 +19,10 @@ DEFAULT_SLOS_MS = {"llama-2-70b": (2500.0, 150.0), "llama-2-7b": (250.0, 100.0)}
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="llama-2-70b", choices=sorted(DEFAULT_SLOS_MS))
-    p.add_argument("--device", default="h100", choices=["h100"])
+    p.add_argument("--model", default="llama-2-70b", help=f"{', '.join(sorted(DEFAULT_SLOS_MS))}; cpu-here: default")
+    p.add_argument("--device", default="h100", choices=["h100", "cpu-here"], help="cpu-here: --perf-profile's machine")
+    p.add_argument("--perf-profile", default=None, help="cpu-here: a profile from `remp profile`")
+    p.add_argument("--schedule", default=None, help="switches at set times instead of a policy: TP4xPP1@0,TP1xPP4@20")
     p.add_argument("--num-gpus", type=int, default=8)
     w = p.add_mutually_exclusive_group(required=True)
     w.add_argument("--trace", help="CSV with arrived_at, num_prefill_tokens, num_decode_tokens")
@@ -53,33 +54,80 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeline", default=None, metavar="FILE.png")
 
 
-def simulate(a: argparse.Namespace) -> dict:
-    from remp.policy.h100 import H100Model
-    from remp.sim.models import model_config
-    from remp.sim.workload import phased_requests, trace_requests
+def device_setup(a: argparse.Namespace):
+    """(model config, performance model, switch costs, the shapes the device allows, default SLOs in s)."""
+    from remp.policy.perf_model import Batch, iteration_s
+    from remp.policy.switch_cost import SwitchCostModel
     from remp.switch.choose import candidates as all_candidates
 
-    config = model_config(a.model)
-    perf = H100Model(config, a.model)
-    shapes = [(t.tp, t.pp) for t in all_candidates(config, a.num_gpus) if t.tp in (1, 2, 4, 8)]
+    if a.device == "h100":
+        from remp.policy.h100 import H100Model
+        from remp.sim.models import model_config
+
+        config = model_config(a.model)
+        perf = H100Model(config, a.model)
+        # every shape of up to num_gpus GPUs that the figures cover (TP 1, 2, 4, 8); the whole node's first
+        shapes = sorted(
+            ((t.tp, t.pp) for n in range(1, a.num_gpus + 1) for t in all_candidates(config, n) if t.tp in (1, 2, 4, 8)),
+            key=lambda s: (-s[0] * s[1], s),
+        )
+        costs = SwitchCostModel(config, perf.p2p_bandwidth_Bps, a.block_size)
+        ttft, tpot = DEFAULT_SLOS_MS[a.model]
+        return config, perf, costs, shapes, (ttft / 1e3, tpot / 1e3)
+    from remp.model.reader import open_checkpoint
+    from remp.policy.measured import MeasuredModel, Profile
+    from remp.policy.runner import CPU_CUTOVER_S, CPU_PRECOPY_SLOWDOWN, SLO_SCALE_TPOT, SLO_SCALE_TTFT
+
+    if not a.perf_profile:
+        raise ValueError("--device cpu-here needs --perf-profile (make one with `remp profile`)")
+    profile = Profile.load(a.perf_profile)
+    config = open_checkpoint(None if a.model == "default" else a.model).config
+    perf = MeasuredModel(profile)
+    shapes = [parse_shape(n) for n in profile.fits]
+    itemsize = 2 if profile.dtype in ("bfloat16", "float16") else 4
+    costs = SwitchCostModel(
+        config,
+        profile.switch_bandwidth_Bps or 1e9,
+        a.block_size,
+        itemsize,
+        CPU_CUTOVER_S,
+        0.3,
+        CPU_PRECOPY_SLOWDOWN,
+        profile.engine_start_s or None,
+    )
+    fastest = min(shapes, key=lambda c: iteration_s(perf, *c, Batch(1, 1, 512, 0, 1)))
+    ttft = SLO_SCALE_TTFT * iteration_s(perf, *fastest, Batch(512, 1, 512, 512 * 256, 1))
+    tpot = SLO_SCALE_TPOT * iteration_s(perf, *fastest, Batch(1, 1, 512, 512, 1))
+    return config, perf, costs, shapes, (ttft, tpot)
+
+
+def simulate(a: argparse.Namespace) -> dict:
+    from remp.sim.workload import phased_requests, trace_requests
+
+    config, perf, costs, shapes, (ttft_s, tpot_s) = device_setup(a)
+    candidates = [s for s in shapes if s[0] * s[1] == max(x * y for x, y in shapes)]  # the whole node
     if a.candidates:
-        wanted = [parse_shape(c) for c in a.candidates.split(",") if c.strip()]
-        if bad := [name(c) for c in wanted if c not in shapes]:
-            raise ValueError(
-                f"unknown candidate(s) {', '.join(bad)}; {a.num_gpus} GPUs allow {', '.join(map(name, shapes))}"
-            )
-        shapes = wanted
+        candidates = [parse_shape(c) for c in a.candidates.split(",") if c.strip()]
+        if bad := [name(c) for c in candidates if c not in shapes]:
+            raise ValueError(f"unknown candidate(s) {', '.join(bad)}; the device allows {', '.join(map(name, shapes))}")
+    schedule = []
+    for item in (a.schedule or "").split(","):
+        if item.strip():
+            topo, _, at = item.partition("@")
+            schedule.append((float(at or 0), parse_shape(topo)))
     if a.topology_policy == "auto":
         if a.tensor_parallel_size or a.pipeline_parallel_size:
             start = (a.tensor_parallel_size or 1, a.pipeline_parallel_size or 1)
         else:
-            start = max(shapes)  # the widest TP: lowest latency while the policy has seen nothing
+            start = max(candidates)  # the widest TP: lowest latency while the policy has seen nothing
+        if start not in candidates:
+            raise ValueError(f"the starting topology {name(start)} is not among the candidates")
+    elif schedule:
+        start = schedule.pop(0)[1]
     else:
         start = (a.tensor_parallel_size or 1, a.pipeline_parallel_size or 1)
-    if start not in shapes and a.topology_policy == "auto":
-        raise ValueError(f"the starting topology {name(start)} is not among the candidates")
-    if start[0] * start[1] > a.num_gpus:
-        raise ValueError(f"{name(start)} needs {start[0] * start[1]} GPUs, but the node has {a.num_gpus}")
+    if start not in shapes or any(t not in shapes for _, t in schedule):
+        raise ValueError(f"the device runs {', '.join(map(name, shapes))}; {name(start)} is not one of them")
     if a.trace:
         requests = trace_requests(a.trace, a.time_scale, a.duration_s, a.max_model_len)
         windows = None
@@ -87,17 +135,15 @@ def simulate(a: argparse.Namespace) -> dict:
         requests, windows = phased_requests(a.phases, a.seed, max_model_len=a.max_model_len)
     if not requests:
         raise ValueError("the workload has no requests (check --duration-s and the trace)")
-    ttft_ms, tpot_ms = DEFAULT_SLOS_MS[a.model]
-    slo = Slo((a.slo_ttft_ms or ttft_ms) / 1e3, (a.slo_tpot_ms or tpot_ms) / 1e3)
+    slo = Slo(a.slo_ttft_ms / 1e3 if a.slo_ttft_ms else ttft_s, a.slo_tpot_ms / 1e3 if a.slo_tpot_ms else tpot_s)
     mode = "restart" if a.restart_policy else a.switch_mode
     opts = SimOptions(a.block_size, a.max_num_seqs, a.max_num_batched_tokens, mode)
-    costs = SwitchCostModel(config, perf.p2p_bandwidth_Bps, a.block_size)
     policy = None
     if a.topology_policy == "auto":
         cfg = PolicyConfig(slo, a.policy_interval_s, a.min_dwell_s, a.horizon_s)
         limits = Limits(a.max_num_seqs, a.max_num_batched_tokens)
-        policy = TopologyPolicy(perf, shapes, limits, cfg, lambda old, new: costs.cost(old, new, mode, 0))
-    sim = Simulator(perf, requests, start, opts, costs, policy, LoadWindow(a.policy_window_s))
+        policy = TopologyPolicy(perf, candidates, limits, cfg, lambda old, new: costs.cost(old, new, mode, 0))
+    sim = Simulator(perf, requests, start, opts, costs, policy, LoadWindow(a.policy_window_s), schedule)
     run = sim.run()
     slos = {"ttft": slo.ttft_s * 1e3, "tpot": slo.tpot_s * 1e3}
     m = compute_metrics(run.results, run.duration_s, (50, 99), slos)
@@ -111,7 +157,7 @@ def simulate(a: argparse.Namespace) -> dict:
         "topology_policy": a.topology_policy,
         "switch_mode": mode if policy else None,
         "start_topology": name(start),
-        "candidates": [name(c) for c in shapes] if policy else None,
+        "candidates": [name(c) for c in candidates] if policy else None,
         "slo_ms": slos,
         "completed": m["completed"],
         "failed": m["failed"],

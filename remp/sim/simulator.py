@@ -68,11 +68,13 @@ class Simulator:
         costs: SwitchCostModel,
         policy: TopologyPolicy | None = None,
         window: LoadWindow | None = None,
+        schedule: list[tuple[float, tuple[int, int]]] | None = None,
     ):
         if options.switch_mode not in MODES:
             raise ValueError(f"switch mode must be one of {MODES}, got {options.switch_mode!r}")
         self.perf, self.opts, self.costs, self.policy = perf, options, costs, policy
         self.window = window or LoadWindow()
+        self.schedule = sorted(schedule or [])  # (time, topology): switches at set times, as an operator would
         self.arrivals = sorted(requests, key=lambda r: r.arrival_s)
         self.topology = topology
         self.scheduler = Scheduler(
@@ -109,6 +111,10 @@ class Simulator:
             self._advance_switch()
             if self.policy is not None and self.switch is None and self.policy.due(self.t) and self.t >= self.resume_at:
                 self._decide()
+            if self.schedule and self.switch is None and self.schedule[0][0] <= self.t:
+                _, target = self.schedule.pop(0)
+                if target != self.topology:
+                    self.start_switch(target, "scheduled")
             self._submit()
             events = [self.in_flight[0][0]] if self.in_flight else []
             if nxt < len(self.arrivals):
@@ -117,6 +123,8 @@ class Simulator:
                 events.append(self.switch.precopy_end)
             if self.t < self.resume_at:
                 events.append(self.resume_at)
+            if self.schedule:
+                events.append(self.schedule[0][0])
             busy = self.scheduler.has_unfinished() or nxt < len(self.arrivals)
             if self.policy is not None and busy:
                 events.append(self.policy.next_t)

@@ -1,0 +1,72 @@
+"""Does the simulator predict this machine? Replays bench/shifting.py's phases through `remp simulate --device
+cpu-here` (the profile the live policy run used), for each variant that shifting.py measured live: the fixed
+topologies, the scheduled switches, the policy. Prints throughput and median TTFT / TPOT, live vs simulated.
+
+    python bench/sim_fidelity.py --profile bench/results/profile-cpu.json [--shifting bench/results/shifting.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from remp.sim.cli import add_cli_args, simulate
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--profile", required=True)
+    p.add_argument("--shifting", default=str(RESULTS / "shifting.json"))
+    a = p.parse_args()
+    live = json.loads(Path(a.shifting).read_text())
+    phases = json.dumps(live["phases"])
+    slos = dict(x.split(":") for x in live["goodput_slo"])
+    seconds = live["phases"][0]["duration_s"]
+    rows = []
+    for v in live["variants"]:
+        name = v["variant"]
+        argv = ["--device", "cpu-here", "--model", "default", "--perf-profile", a.profile, "--phases", phases]
+        argv += ["--max-num-batched-tokens", "2048", "--max-model-len", "2048", "--seed", "0"]
+        argv += ["--slo-ttft-ms", slos["ttft"], "--slo-tpot-ms", slos["tpot"]]
+        if name.startswith("fixed-"):
+            argv += ["--schedule", name.removeprefix("fixed-")]
+        elif name.startswith("switch-"):
+            shapes = live["schedule"].split(",")
+            argv += ["--schedule", ",".join(f"{s}@{k * seconds}" for k, s in enumerate(shapes))]
+        elif name == "policy-auto":
+            argv += ["--topology-policy", "auto", "--policy-interval-s", "2", "--min-dwell-s", str(seconds / 2)]
+            argv += ["--policy-window-s", str(seconds / 2), "--switch-mode", "live"]
+        else:
+            continue  # restarts: the simulator's restart cost is a model of a GPU server's, not this one's
+        parser = argparse.ArgumentParser()
+        add_cli_args(parser)
+        sim = simulate(parser.parse_args(argv))
+        m = sim["metrics"]
+        rows.append(
+            {
+                "variant": name,
+                "live": {k: v[k] for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms")},
+                "sim": {k: m[k] for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms")},
+                "sim_switches": [(s["time"], s["to"]) for s in sim["switches"]],
+                "live_switches": v["events"],
+            }
+        )
+    out = RESULTS / "sim-fidelity.json"
+    out.write_text(json.dumps({"date": live["date"], "profile": a.profile, "rows": rows}, indent=2))
+    print("| variant | out tok/s live / sim | median TTFT ms live / sim | median TPOT ms live / sim |")
+    print("|---|---|---|---|")
+    for r in rows:
+        lv, sm = r["live"], r["sim"]
+        cells = [
+            f"{lv[k]:.{d}f} / {sm[k]:.{d}f} ({sm[k] / lv[k] - 1:+.0%})"
+            for k, d in (("output_throughput", 1), ("median_ttft_ms", 0), ("median_tpot_ms", 0))
+        ]
+        print(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
