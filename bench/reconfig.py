@@ -231,7 +231,8 @@ def table(result: dict) -> str:
         moved, least = sum(lv["bytes_moved"].values()), sum(lv["min_bytes"].values())
         lines.append(
             f"| {r['from']} -> {r['to']} | {lv['median_step_s'] * 1e3:.0f} "
-            f"| {lv['precopy_s'] * 1e3:.0f} / {lv['pause_s'] * 1e3:.0f} / {lv['interruption_s'] * 1e3:.0f} "
+            f"| {lv['precopy_s'] * 1e3:.0f} / {lv['pause_s'] * 1e3:.0f} / {lv['interruption_s'] * 1e3:.0f}"
+            f"{' (stop: staging over budget)' if lv.get('fallback') else ''} "
             f"| {mb(lv['bytes_moved_in_pause']['kv']):.1f} ({r['pause_kv_over_bandwidth_s'] * 1e3:.0f}) "
             f"| {lv['tokens_per_s_before']} -> {lv['tokens_per_s_during']} "
             f"| {st['pause_s'] * 1e3:.0f} / {st['interruption_s'] * 1e3:.0f} | {mb(moved):.1f} ({mb(least):.1f}) "
@@ -249,6 +250,9 @@ def pause_shares(result: dict) -> str:
     for r in result["pairs"]:
         lv = r["live"]
         ws, pause = lv["worker_seconds"], lv["pause_s"]
+        if lv.get("fallback"):
+            lines.append(f"| {r['from']} -> {r['to']} | {pause * 1e3:.0f} | ran stop-the-world: {lv['fallback']} ||||")
+            continue
         parts = [ws.get(k, 0.0) for k in ("kv_transfer", "kv_assemble", "install")]
         shares = [f"{x / pause:.0%}" for x in [*parts, max(pause - sum(parts), 0.0)]]
         lines.append(f"| {r['from']} -> {r['to']} | {pause * 1e3:.0f} | " + " | ".join(shares) + " |")
