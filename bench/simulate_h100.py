@@ -25,8 +25,8 @@ SCALES = {"llama-2-70b": (1.0, 0.6, 0.45), "llama-2-7b": (0.3, 0.18, 0.13)}
 # chat, then a burst of long prompts (summarisation / RAG), then chat again: the rates sit between the fixed
 # topologies' capacities for each mix (from the performance model), so no fixed topology fits both
 PHASES = {
-    "llama-2-70b": [(3, 1000, 200), (6, 4000, 50), (3, 1000, 200)],
-    "llama-2-7b": [(20, 1000, 200), (40, 4000, 50), (20, 1000, 200)],
+    "llama-2-70b": [(11.5, 1000, 200), (6, 4000, 50), (11.5, 1000, 200)],
+    "llama-2-7b": [(46, 1000, 200), (42, 4000, 50), (46, 1000, 200)],
 }
 SETUPS = {
     "TP8xPP1": ["-tp", "8"],

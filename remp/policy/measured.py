@@ -1,6 +1,6 @@
 """A performance model measured on this machine: a short profile of the real engine (decode iterations and
-prefills of a few sizes, on every candidate topology), fitted per topology to stage time = a + b * tokens +
-c * KV tokens. Saved as JSON and reused; `remp profile` makes one, `remp serve --topology-policy auto` makes
+prefills of a few sizes, on every candidate topology, as they run with the pipeline full), fitted per topology
+to stage time = a + b * tokens + c * KV tokens. Saved as JSON and reused; `remp profile` makes one, `remp serve --topology-policy auto` makes
 one at start when none is given (or finds it in the cache)."""
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class Profile:
     block_size: int
     fits: dict[str, list[float]] = field(default_factory=dict)  # topology -> [a, b per token, c per KV token]
     kv_capacity_tokens: dict[str, int] = field(default_factory=dict)
+    pipeline_contention: dict[str, float] = field(default_factory=dict)  # stage slowdown with every stage busy
     samples: list[dict] = field(default_factory=list)
     switch_bandwidth_Bps: float = 0.0  # bytes moved / pause of the stop-the-world switches between candidates
     engine_start_s: float = 0.0
@@ -148,14 +149,22 @@ def measure(engine, candidates: list[tuple[int, int]], machine: str, engine_star
         rows = []
         chunk = engine.args.max_num_batched_tokens // pp
         longest = engine.max_model_len - DECODE_ITERATIONS - 2
+        # Stages share this machine's cores: a micro-batch alone in the pipeline runs faster than one among pp
+        # (when every stage works at once). Serving under load is the latter, so what ran alone (one sequence,
+        # a prefill) is scaled by the slowdown seen between one sequence alone and one per stage.
+        contention = 1.0
+        if pp > 1:
+            ctx = min(DECODE_SHAPES[0][1], longest)
+            contention = max(1.0, _time_decode(engine, pp, ctx) / _time_decode(engine, 1, ctx))
         for seqs, ctx in DECODE_SHAPES:
             ctx = min(ctx, longest)
-            r = _time_decode(engine, seqs, ctx)
+            r = _time_decode(engine, seqs, ctx) * (contention if seqs < pp else 1.0)
             per = math.ceil(seqs / pp)
             rows.append({"tokens": per, "kv_tokens": per * (ctx + DECODE_ITERATIONS // 2), "stage_s": r / pp})
         for n in PREFILL_TOKENS:
             n = min(n, chunk, longest)
-            rows.append({"tokens": n, "kv_tokens": n, "stage_s": _time_prefill(engine, n) / pp})
+            rows.append({"tokens": n, "kv_tokens": n, "stage_s": _time_prefill(engine, n) * contention / pp})
+        prof.pipeline_contention[name] = contention
         x = np.array([[1.0, r["tokens"], r["kv_tokens"]] for r in rows])
         y = np.array([r["stage_s"] for r in rows])
         fit = np.linalg.lstsq(x, y, rcond=None)[0]
