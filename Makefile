@@ -16,7 +16,7 @@ $(VENV)/.test: $(VENV)/.run
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
-.PHONY: run test lint bench
+.PHONY: run test test-all lint bench
 run: $(VENV)/.run
 	$(VENV)/bin/remp serve $(ARGS)
 
@@ -25,6 +25,9 @@ lint: $(VENV)/.test
 	$(VENV)/bin/ruff format --check .
 
 test: lint
+	$(PY) -m pytest -q --durations=15 -m "not slow"
+
+test-all: lint
 	$(PY) -m pytest -q --durations=15
 
 bench: $(VENV)/.test
