@@ -484,3 +484,16 @@ def test_unreachable_server(tmp_path):
         tmp_path,
     )
     assert rc == 1 and res["failed"] == 3 and all("Connect" in e for e in res["errors"])
+
+
+def test_trace_replay_sends_its_arrivals_and_lengths(tmp_path):
+    trace = tmp_path / "trace.csv"
+    trace.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0,12,3\n0.4,20,5\n0.8,9,2\n5,9,2\n")
+    with FakeServer() as srv:
+        args = ["--base-url", srv.url, "--trace", str(trace), "--trace-time-scale", "0.5", "--trace-duration-s", "1"]
+        rc, res = _run([*args, "--ignore-eos"], tmp_path)
+    assert rc == 0 and res["completed"] == 3  # the 4th arrives at 2.5 s on the scaled clock: cut
+    assert sorted(len(b["prompt"]) for b in srv.bodies) == [9, 12, 20]
+    assert sorted(b["max_tokens"] for b in srv.bodies) == [2, 3, 5]
+    sends = sorted(r["send_time"] for r in res["requests"])
+    assert sends[1] == pytest.approx(0.2, abs=0.1) and sends[2] == pytest.approx(0.4, abs=0.1)

@@ -22,7 +22,16 @@ from typing import Any
 import aiohttp
 from tqdm import tqdm
 
-from remp.bench.datasets import DATASETS, DatasetOptions, Phase, SampleRequest, parse_phases, plan
+from remp.bench.datasets import (
+    DATASETS,
+    DatasetOptions,
+    Phase,
+    PhaseWindow,
+    SampleRequest,
+    parse_phases,
+    plan,
+    trace_requests,
+)
 from remp.bench.metrics import RequestResult, compute_metrics, format_summary, parse_goodput, phase_metrics
 from remp.bench.timeline import TopologyPoller, plot_timeline
 
@@ -62,6 +71,15 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
         "output_len, dataset?, burstiness?, range_ratio?, name?}; replaces --num-prompts and "
         "--request-rate",
     )
+    a.add_argument(
+        "--trace",
+        default=None,
+        help="replay a CSV trace (arrived_at, num_prefill_tokens, num_decode_tokens; e.g. the Azure "
+        "conversation trace): its arrivals and lengths, with random prompts; replaces --num-prompts, --request-rate",
+    )
+    a.add_argument("--trace-time-scale", type=float, default=1.0, help="multiply arrival times (0.5: 2x the load)")
+    a.add_argument("--trace-duration-s", type=float, default=None, help="only the first D seconds (scaled)")
+    a.add_argument("--trace-max-model-len", type=int, default=None, help="cut requests to fit this context")
     a.add_argument("--retry-failed", type=int, default=0, help="retries of a failed request (5xx, 429, network)")
     a.add_argument("--timeout-s", type=float, default=3600.0, help="per request")
     o = p.add_argument_group("output")
@@ -254,7 +272,19 @@ async def benchmark(args: argparse.Namespace) -> dict:
     percentiles = tuple(float(p) for p in str(args.metric_percentiles).split(",") if p.strip())
     slos = parse_goodput(args.goodput)
     phases = make_phases(args, chat)
-    requests, windows = plan(phases, args.seed)
+    if args.trace:
+        requests = trace_requests(
+            args.trace,
+            args.trace_time_scale,
+            args.trace_duration_s,
+            args.trace_max_model_len,
+            phases[0].dataset,
+            args.seed,
+        )
+        end = requests[-1].arrival_s if requests else 0.0
+        windows = [PhaseWindow(0, "trace", 0.0, end, len(requests), len(requests) / max(end, 1e-9), 1.0, "trace")]
+    else:
+        requests, windows = plan(phases, args.seed)
     headers = _headers(args.api_key)
     connector = aiohttp.TCPConnector(limit=0)  # the semaphore bounds concurrency; polls never queue
     async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
