@@ -10,6 +10,7 @@ import remp.scheduler
 from remp.bench.datasets import SampleRequest, trace_requests
 from remp.entrypoints.cli import main
 from remp.policy.decide import PolicyConfig, TopologyPolicy
+from remp.policy.h100 import DATA_DIR
 from remp.policy.predict import Limits, Load, Slo, predict
 from remp.policy.switch_cost import SwitchCostModel
 from remp.sim.models import model_config
@@ -18,6 +19,7 @@ from remp.sim.workload import phased_requests
 from tests.policy_utils import ToyModel
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "azure_conv_2023.csv"
+H100_DATA = DATA_DIR
 CONFIG = model_config("llama-2-7b")
 PHASES = [
     {"name": "chat", "request_rate": 2, "duration_s": 120, "input_len": 1000, "output_len": 200, "range_ratio": 0.5},
@@ -132,6 +134,14 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys):
     assert "lacks the column(s) arrived_at" in capsys.readouterr().err
     ok = tmp_path / "ok.csv"
     ok.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0,100,10\n")
+    assert main(["simulate", "--trace", str(ok), "--h100-data", str(tmp_path / "nowhere")]) == 2
+    assert "the H100 figures are not at" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not H100_DATA.exists(), reason=f"the H100 figures are not at {H100_DATA}")
+def test_bad_candidates_are_clear_errors(tmp_path, capsys):
+    ok = tmp_path / "ok.csv"
+    ok.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0,100,10\n")
     args = ["simulate", "--trace", str(ok), "--topology-policy", "auto", "--candidates", "TP8xPP1,TP3xPP1"]
     assert main(args) == 2
     assert "unknown candidate(s) TP3xPP1" in capsys.readouterr().err
@@ -139,7 +149,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys):
     assert "TP<n>xPP<m>" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not TRACE.exists(), reason=f"the Azure trace is not at {TRACE}")
+@pytest.mark.skipif(not (TRACE.exists() and H100_DATA.exists()), reason=f"no Azure trace at {TRACE} or H100 data")
 def test_cli_on_the_azure_trace_with_h100_figures(tmp_path):
     out = tmp_path / "r.json"
     args = ["simulate", "--model", "llama-2-7b", "--trace", str(TRACE), "--duration-s", "60", "-tp", "2", "-pp", "4"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,7 +37,10 @@ LAYER_OPS = (
     "mlp_down_proj",
 )
 BYTES = 2  # bf16 weights, activations and KV
-DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "vidur-h100"
+# where the data is: $REMP_H100_DATA, else ../shared/data/vidur-h100 beside this checkout (the project's layout)
+DATA_DIR = Path(
+    os.environ.get("REMP_H100_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data" / "vidur-h100"
+)
 VIDUR_NAMES = {"llama-2-7b": "Llama-2-7b-hf", "llama-2-70b": "Llama-2-70b-hf"}
 
 
@@ -59,11 +63,14 @@ def _alpha_beta(points: dict[int, float]) -> tuple[float, float]:
 class H100Model:
     """PerfModel of Llama-2-7B / 70B on an 8x H100 SXM node (NVLink), bf16."""
 
-    def __init__(self, config: ModelConfig, model: str, data_dir: Path = DATA_DIR):
+    def __init__(self, config: ModelConfig, model: str, data_dir: str | Path | None = None):
+        data_dir = Path(data_dir) if data_dir else DATA_DIR
         if model not in VIDUR_NAMES:
             raise ValueError(f"the H100 figures cover {', '.join(VIDUR_NAMES)}, not {model!r}")
         if not data_dir.is_dir():
-            raise ValueError(f"the H100 figures are not at {data_dir} (expected Vidur's profiling data there)")
+            raise ValueError(
+                f"the H100 figures are not at {data_dir} (Vidur's profiling data: give --h100-data or REMP_H100_DATA)"
+            )
         self.name = f"h100:{model}"
         self.config = config
         compute = data_dir / "compute" / VIDUR_NAMES[model] / "mlp.csv"

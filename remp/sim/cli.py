@@ -22,6 +22,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="llama-2-70b", help=f"{', '.join(sorted(DEFAULT_SLOS_MS))}; cpu-here: default")
     p.add_argument("--device", default="h100", choices=["h100", "cpu-here"], help="cpu-here: --perf-profile's machine")
     p.add_argument("--perf-profile", default=None, help="cpu-here: a profile from `remp profile`")
+    p.add_argument(
+        "--h100-data", default=None, help="h100: Vidur's profiling data (default: $REMP_H100_DATA, ../shared)"
+    )
     p.add_argument("--schedule", default=None, help="switches at set times instead of a policy: TP4xPP1@0,TP1xPP4@20")
     p.add_argument("--num-gpus", type=int, default=8)
     w = p.add_mutually_exclusive_group(required=True)
@@ -65,7 +68,7 @@ def device_setup(a: argparse.Namespace):
         from remp.sim.models import model_config
 
         config = model_config(a.model)
-        perf = H100Model(config, a.model)
+        perf = H100Model(config, a.model, a.h100_data)
         # every shape of up to num_gpus GPUs that the figures cover (TP 1, 2, 4, 8); the whole node's first
         shapes = sorted(
             ((t.tp, t.pp) for n in range(1, a.num_gpus + 1) for t in all_candidates(config, n) if t.tp in (1, 2, 4, 8)),
@@ -104,6 +107,13 @@ def device_setup(a: argparse.Namespace):
 def simulate(a: argparse.Namespace) -> dict:
     from remp.sim.workload import phased_requests, trace_requests
 
+    if a.trace:
+        requests = trace_requests(a.trace, a.time_scale, a.duration_s, a.max_model_len)
+        windows = None
+    else:
+        requests, windows = phased_requests(a.phases, a.seed, max_model_len=a.max_model_len)
+    if not requests:
+        raise ValueError("the workload has no requests (check --duration-s and the trace)")
     config, perf, costs, shapes, (ttft_s, tpot_s) = device_setup(a)
     candidates = [s for s in shapes if s[0] * s[1] == max(x * y for x, y in shapes)]  # the whole node
     if a.candidates:
@@ -128,13 +138,6 @@ def simulate(a: argparse.Namespace) -> dict:
         start = (a.tensor_parallel_size or 1, a.pipeline_parallel_size or 1)
     if start not in shapes or any(t not in shapes for _, t in schedule):
         raise ValueError(f"the device runs {', '.join(map(name, shapes))}; {name(start)} is not one of them")
-    if a.trace:
-        requests = trace_requests(a.trace, a.time_scale, a.duration_s, a.max_model_len)
-        windows = None
-    else:
-        requests, windows = phased_requests(a.phases, a.seed, max_model_len=a.max_model_len)
-    if not requests:
-        raise ValueError("the workload has no requests (check --duration-s and the trace)")
     slo = Slo(a.slo_ttft_ms / 1e3 if a.slo_ttft_ms else ttft_s, a.slo_tpot_ms / 1e3 if a.slo_tpot_ms else tpot_s)
     mode = "restart" if a.restart_policy else a.switch_mode
     opts = SimOptions(a.block_size, a.max_num_seqs, a.max_num_batched_tokens, mode)
