@@ -22,9 +22,14 @@ def reference():
     return generate(1, 1)
 
 
-# TP3 / PP3 (uneven splits of 9 heads / 30 layers) are long extras: `make test-all`
+# TP2xPP2 runs in `make test`; the rest (TP alone is also in test_default_model_switch's TP4; TP3 / PP3 split 9
+# heads / 30 layers unevenly) are long extras for `make test-all`
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
-    "tp, pp", [(2, 1), pytest.param(3, 1, marks=pytest.mark.slow), (2, 2), pytest.param(1, 3, marks=pytest.mark.slow)]
+    "tp, pp",
+    [pytest.param(2, 1, marks=SLOW), pytest.param(3, 1, marks=SLOW), (2, 2), pytest.param(1, 3, marks=SLOW)],
 )
 def test_same_greedy_text_as_tp1(reference, tp, pp):
     for ref, out in zip(reference, generate(tp, pp)):

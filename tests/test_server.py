@@ -244,7 +244,7 @@ def test_bench_serve_against_live_server(server, tmp_path):
         "--random-input-len",
         "16",
         "--random-output-len",
-        "40",
+        "80",
         "--random-vocab-size",
         "256",
         "--ignore-eos",
@@ -269,13 +269,15 @@ def test_bench_serve_against_live_server(server, tmp_path):
     running = re.compile(r"^remp:num_requests_running\{[^}]*\} ([1-9]\d*)\.0$", re.M)
     while not running.search(get(server, "/metrics")[1]) and time.monotonic() < deadline:
         time.sleep(0.05)  # switch once the load is running, so that the switch falls inside the run
-    code, rep = post(server, "/admin/reconfigure", {"tensor_parallel_size": 4, "pipeline_parallel_size": 1}, "adm")
+    # stop-the-world: done in a fraction of the run (a live pre-copy could outlast this small load)
+    switch = {"tensor_parallel_size": 4, "pipeline_parallel_size": 1, "mode": "stop"}
+    code, rep = post(server, "/admin/reconfigure", switch, "adm")
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out
     assert code == 200, rep
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["completed"] == 12 and result["failed"] == 0
-    assert result["total_output_tokens"] == 12 * 40
+    assert result["total_output_tokens"] == 12 * 80
     switches = result["topology"]["switches"]
     assert [(s["from"].split("[")[0], s["to"].split("[")[0]) for s in switches] == [("TP2xPP2", "TP4xPP1")]
     assert 0 < switches[0]["time"] < result["duration"] and switches[0]["source"] == "admin"

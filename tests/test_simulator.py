@@ -60,7 +60,7 @@ def test_steady_state_matches_the_prediction(topology):
 
 
 def test_seeded_simulation_is_deterministic():
-    requests, _ = phased_requests([p | {"duration_s": 60} for p in PHASES], seed=3)
+    requests, _ = phased_requests([p | {"duration_s": 40} for p in PHASES], seed=3)
 
     def once():
         pol = TopologyPolicy(
