@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -247,9 +248,14 @@ def parse_phases(
     return phases
 
 
-def plan(phases: list[Phase], seed: int) -> tuple[list[SampleRequest], list[PhaseWindow]]:
+def plan(
+    phases: list[Phase],
+    seed: int,
+    draw: Callable[[int, DatasetOptions, np.random.Generator], list[SampleRequest]] | None = None,
+) -> tuple[list[SampleRequest], list[PhaseWindow]]:
     """Concatenate the phases on one clock: phase k starts when phase k-1's span ends. Each request gets its
-    arrival offset and phase index. Phase k draws from generators seeded with seed + k."""
+    arrival offset and phase index. Phase k draws from generators seeded with seed + k; `draw(n, dataset,
+    rng)` replaces the dataset's prompts (the simulator needs lengths only), drawing from the arrivals' rng."""
     requests: list[SampleRequest] = []
     windows: list[PhaseWindow] = []
     start = 0.0
@@ -262,7 +268,8 @@ def plan(phases: list[Phase], seed: int) -> tuple[list[SampleRequest], list[Phas
                 arrivals_for_duration(float(ph.duration_s), ph.request_rate, ph.burstiness, rng),
                 float(ph.duration_s),
             )
-        batch = sample_requests(len(offsets), ph.dataset or DatasetOptions(), seed + k)
+        opts = ph.dataset or DatasetOptions()
+        batch = draw(len(offsets), opts, rng) if draw else sample_requests(len(offsets), opts, seed + k)
         for r, off in zip(batch, offsets):
             r.arrival_s, r.phase = start + float(off), k
         requests += batch
@@ -275,7 +282,7 @@ def plan(phases: list[Phase], seed: int) -> tuple[list[SampleRequest], list[Phas
                 len(batch),
                 ph.request_rate,
                 ph.burstiness,
-                (ph.dataset or DatasetOptions()).name,
+                opts.name,
             )
         )
         start += span
@@ -323,9 +330,15 @@ def trace_requests(
             raise ValueError(f"{path}: row {i + 2} is not numbers: {e}") from None
         if duration_s is not None and t >= duration_s:
             break
-        if max_model_len is not None:
-            p = min(p, max_model_len - 1)
-            o = max(1, min(o, max_model_len - p))
+        p, o = fit_context(p, o, max_model_len)
         prompt = _prompt(rng, p, opts) if opts is not None else []
-        out.append(SampleRequest(prompt, p, max(1, o), arrival_s=t))
+        out.append(SampleRequest(prompt, p, o, arrival_s=t))
     return out
+
+
+def fit_context(prompt_len: int, output_len: int, max_model_len: int | None) -> tuple[int, int]:
+    """A request cut to fit the context as a client would: the prompt's tail, then the output that fits."""
+    if max_model_len is not None:
+        prompt_len = min(prompt_len, max_model_len - 1)
+        output_len = min(output_len, max_model_len - prompt_len)
+    return prompt_len, max(1, output_len)
