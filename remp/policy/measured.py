@@ -14,9 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from remp.config import ModelConfig
 from remp.logger import init_logger
-from remp.policy.perf_model import Batch
+from remp.policy.perf_model import Batch, PerfModel, iteration_s
+from remp.policy.switch_cost import SwitchCostModel
 from remp.sampling_params import SamplingParams
 
 logger = init_logger(__name__)
@@ -24,6 +27,12 @@ logger = init_logger(__name__)
 DECODE_SHAPES = ((1, 128), (4, 128), (8, 384), (16, 256))  # (sequences, context tokens)
 PREFILL_TOKENS = (128, 512)
 DECODE_ITERATIONS = 4
+# SLOs when none are given: multiples of the fastest candidate's unloaded latency (a 512-token prompt's TTFT,
+# one sequence's TPOT), as DistServe sets its SLO scales; a CPU's absolute figures vary too much for constants
+SLO_SCALE_TTFT, SLO_SCALE_TPOT = 5.0, 5.0
+# a live switch on CPU workers: the cut-over measured by bench/reconfig.py (20-420 ms on 4 workers), and the
+# serving slowdown its pre-copy throttle allows
+CPU_CUTOVER_S, CPU_PRECOPY_SLOWDOWN = 0.3, 0.3
 
 
 @dataclass
@@ -182,3 +191,26 @@ def measure(engine, candidates: list[tuple[int, int]], machine: str, engine_star
         moved, paused = moved + sum(report.bytes_moved.values()), paused + report.pause_s
     prof.switch_bandwidth_Bps = moved / paused if paused > 0 else 0.0
     return prof
+
+
+def default_slo(model: PerfModel, candidates: list[tuple[int, int]]) -> tuple[float, float]:
+    """(TTFT, TPOT) SLOs in seconds: SLO_SCALE_* times the fastest candidate's unloaded latency."""
+    fastest = min(candidates, key=lambda c: iteration_s(model, *c, Batch(1, 1, 512, 0, 1)))
+    ttft = iteration_s(model, *fastest, Batch(512, 1, 512, 512 * 256, 1))
+    tpot = iteration_s(model, *fastest, Batch(1, 1, 512, 512, 1))
+    return SLO_SCALE_TTFT * ttft, SLO_SCALE_TPOT * tpot
+
+
+def switch_costs(profile: Profile, config: ModelConfig, block_size: int, precopy_duty: float = 0.3) -> SwitchCostModel:
+    """What a live switch costs on the profiled machine: its measured bandwidth and start-up, CPU overheads,
+    and the pre-copy's share of the time (the engine's switch_precopy_duty)."""
+    return SwitchCostModel(
+        config,
+        profile.switch_bandwidth_Bps or 1e9,
+        block_size,
+        itemsize=getattr(torch, profile.dtype).itemsize,
+        cutover_s=CPU_CUTOVER_S,
+        precopy_link_share=precopy_duty,
+        precopy_slowdown=CPU_PRECOPY_SLOWDOWN,
+        restart_s=profile.engine_start_s or None,
+    )

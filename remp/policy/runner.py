@@ -9,11 +9,9 @@ from typing import TYPE_CHECKING
 from remp.cpu_features import cpu_features
 from remp.logger import init_logger
 from remp.policy.decide import Decision, PolicyConfig, TopologyPolicy
-from remp.policy.measured import MeasuredModel, Profile, cache_path, measure
+from remp.policy.measured import MeasuredModel, Profile, cache_path, default_slo, measure, switch_costs
 from remp.policy.observe import LoadWindow
-from remp.policy.perf_model import Batch, iteration_s
 from remp.policy.predict import Limits, Slo
-from remp.policy.switch_cost import SwitchCostModel
 from remp.switch.choose import candidates as shapes_of
 from remp.topology import parse_shape
 
@@ -22,13 +20,6 @@ if TYPE_CHECKING:
     from remp.request import Request
 
 logger = init_logger(__name__)
-
-# SLOs when none are given: multiples of the fastest candidate's unloaded latency (a 512-token prompt's TTFT,
-# one sequence's TPOT), as DistServe sets its SLO scales; a CPU's absolute figures vary too much for constants
-SLO_SCALE_TTFT, SLO_SCALE_TPOT = 5.0, 5.0
-# a live switch on CPU workers: the cut-over measured by bench/reconfig.py (20-420 ms on 4 workers), and the
-# serving slowdown its pre-copy throttle allows
-CPU_CUTOVER_S, CPU_PRECOPY_SLOWDOWN = 0.3, 0.3
 
 
 def parse_candidates(text: str | None, config, max_workers: int) -> list[tuple[int, int]]:
@@ -47,23 +38,12 @@ class PolicyRunner:
         args = engine.args
         self.engine = engine
         self.model = MeasuredModel(profile)
-        fastest = min(candidates, key=lambda c: iteration_s(self.model, *c, Batch(1, 1, 512, 0, 1)))
-        ttft = iteration_s(self.model, *fastest, Batch(512, 1, 512, 512 * 256, 1))
-        tpot = iteration_s(self.model, *fastest, Batch(1, 1, 512, 512, 1))
+        ttft_s, tpot_s = default_slo(self.model, candidates)
         slo = Slo(
-            args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else SLO_SCALE_TTFT * ttft,
-            args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else SLO_SCALE_TPOT * tpot,
+            args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else ttft_s,
+            args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else tpot_s,
         )
-        self.costs = SwitchCostModel(
-            engine.model_config,
-            profile.switch_bandwidth_Bps or 1e9,
-            args.block_size,
-            itemsize=engine.dtype.itemsize,
-            cutover_s=CPU_CUTOVER_S,
-            precopy_link_share=args.switch_precopy_duty,
-            precopy_slowdown=CPU_PRECOPY_SLOWDOWN,
-            restart_s=profile.engine_start_s or None,
-        )
+        self.costs = switch_costs(profile, engine.model_config, args.block_size, args.switch_precopy_duty)
         config = PolicyConfig(slo, args.policy_interval_s, args.policy_min_dwell_s)
         limits = Limits(args.max_num_seqs, args.max_num_batched_tokens)
         self.policy = TopologyPolicy(self.model, candidates, limits, config, self._cost)

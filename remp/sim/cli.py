@@ -59,7 +59,6 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 
 def device_setup(a: argparse.Namespace):
     """(model config, performance model, switch costs, the shapes the device allows, default SLOs in s)."""
-    from remp.policy.perf_model import Batch, iteration_s
     from remp.policy.switch_cost import SwitchCostModel
     from remp.switch.choose import candidates as all_candidates
 
@@ -78,8 +77,7 @@ def device_setup(a: argparse.Namespace):
         ttft, tpot = DEFAULT_SLOS_MS[a.model]
         return config, perf, costs, shapes, (ttft / 1e3, tpot / 1e3)
     from remp.model.reader import open_checkpoint
-    from remp.policy.measured import MeasuredModel, Profile
-    from remp.policy.runner import CPU_CUTOVER_S, CPU_PRECOPY_SLOWDOWN, SLO_SCALE_TPOT, SLO_SCALE_TTFT
+    from remp.policy.measured import MeasuredModel, Profile, default_slo, switch_costs
 
     if not a.perf_profile:
         raise ValueError("--device cpu-here needs --perf-profile (make one with `remp profile`)")
@@ -87,20 +85,8 @@ def device_setup(a: argparse.Namespace):
     config = open_checkpoint(None if a.model == "default" else a.model).config
     perf = MeasuredModel(profile)
     shapes = [parse_shape(n) for n in profile.fits]
-    itemsize = 2 if profile.dtype in ("bfloat16", "float16") else 4
-    costs = SwitchCostModel(
-        config,
-        profile.switch_bandwidth_Bps or 1e9,
-        a.block_size,
-        itemsize,
-        CPU_CUTOVER_S,
-        0.3,
-        CPU_PRECOPY_SLOWDOWN,
-        profile.engine_start_s or None,
-    )
-    fastest = min(shapes, key=lambda c: iteration_s(perf, *c, Batch(1, 1, 512, 0, 1)))
-    ttft = SLO_SCALE_TTFT * iteration_s(perf, *fastest, Batch(512, 1, 512, 512 * 256, 1))
-    tpot = SLO_SCALE_TPOT * iteration_s(perf, *fastest, Batch(1, 1, 512, 512, 1))
+    costs = switch_costs(profile, config, a.block_size)
+    ttft, tpot = default_slo(perf, shapes)
     return config, perf, costs, shapes, (ttft, tpot)
 
 
