@@ -72,6 +72,11 @@ class Topology:
         )
 
 
+def shape_name(shape: tuple[int, int]) -> str:
+    """(4, 2) -> "TP4xPP2", as a Topology prints itself."""
+    return f"TP{shape[0]}xPP{shape[1]}"
+
+
 def parse_shape(text: str) -> tuple[int, int]:
     """ "TP4xPP2" (or "tp4xpp2", "TP4") -> (4, 2)."""
     t = text.strip().upper().removeprefix("TP")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from remp.policy.perf_model import PerfModel
 from remp.policy.predict import Limits, Load, Prediction, Slo, predict
+from remp.topology import shape_name
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class TopologyPolicy:
         best = max(self.candidates, key=lambda c: (round(good[c], 3), -latency_score(preds[c], slo)))
         target, reason = self._weigh(now, load, current, best, preds, good)
         if target != current:
-            name = f"TP{target[0]}xPP{target[1]}"
+            name = shape_name(target)
             streak = self._streak[1] + 1 if self._streak[0] == name else 1
             self._streak = (name, streak)
             if streak < self.config.patience:
@@ -117,7 +118,7 @@ class TopologyPolicy:
             time=now,
             action="switch" if target != current else "stay",
             current=cur.topology,
-            target=f"TP{target[0]}xPP{target[1]}",
+            target=shape_name(target),
             reason=reason,
             load=load.__dict__.copy(),
             predictions=[preds[c].to_json() | {"horizon_goodput_req_s": round(good[c], 4)} for c in sorted(preds)],

@@ -21,6 +21,7 @@ from remp.logger import init_logger
 from remp.policy.perf_model import Batch, PerfModel, iteration_s
 from remp.policy.switch_cost import SwitchCostModel
 from remp.sampling_params import SamplingParams
+from remp.topology import Topology, shape_name
 
 logger = init_logger(__name__)
 
@@ -77,7 +78,7 @@ class MeasuredModel:
         self.name = f"measured:{profile.machine}"
 
     def _fit(self, tp: int, pp: int) -> list[float]:
-        fit = self.profile.fits.get(f"TP{tp}xPP{pp}")
+        fit = self.profile.fits.get(shape_name((tp, pp)))
         if fit is None:
             raise ValueError(f"the profile has no TP{tp}xPP{pp} (it has {', '.join(self.profile.fits)})")
         return fit
@@ -93,7 +94,7 @@ class MeasuredModel:
 
     def kv_capacity_tokens(self, tp: int, pp: int) -> int:
         self._fit(tp, pp)
-        return self.profile.kv_capacity_tokens[f"TP{tp}xPP{pp}"]
+        return self.profile.kv_capacity_tokens[shape_name((tp, pp))]
 
 
 def _prompt(n: int, vocab: int, salt: int) -> list[int]:
@@ -134,8 +135,6 @@ def _time_prefill(engine, tokens: int) -> float:
 def measure(engine, candidates: list[tuple[int, int]], machine: str, engine_start_s: float = 0.0) -> Profile:
     """Profile `engine` (idle, with a pool of at least every candidate's size) on each candidate, then return
     it to the topology it had."""
-    from remp.topology import Topology
-
     if engine.has_unfinished_requests():
         raise ValueError("profile an idle engine")
     start = (engine.topology.tp, engine.topology.pp)
@@ -150,7 +149,7 @@ def measure(engine, candidates: list[tuple[int, int]], machine: str, engine_star
     )
     moved, paused = 0, 0.0
     for tp, pp in candidates:
-        name = f"TP{tp}xPP{pp}"
+        name = shape_name((tp, pp))
         if (engine.topology.tp, engine.topology.pp) != (tp, pp):
             report = engine.reconfigure(tp, pp, mode="stop")
             moved, paused = moved + sum(report.bytes_moved.values()), paused + report.pause_s

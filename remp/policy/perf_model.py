@@ -29,12 +29,6 @@ class Batch:
             sampled=sum(s for *_, s in chunks),
         )
 
-    def split(self, parts: int) -> Batch:
-        """One of `parts` equal shares (for predicting a pipeline's micro-batches)."""
-        return Batch(
-            *(max(0, -(-x // parts)) for x in (self.tokens, self.seqs, self.kv_tokens, self.attn_pairs, self.sampled))
-        )
-
 
 class PerfModel(Protocol):
     name: str

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 from remp.policy.perf_model import Batch, PerfModel, iteration_s
+from remp.topology import shape_name
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def predict(model: PerfModel, tp: int, pp: int, load: Load, limits: Limits, slo:
     if load.arrival_rate > capacity:
         ttft = math.inf  # the queue grows without bound
     return Prediction(
-        topology=f"TP{tp}xPP{pp}",
+        topology=shape_name((tp, pp)),
         ttft_s=ttft,
         tpot_s=tpot,
         capacity_req_s=capacity,

@@ -13,7 +13,7 @@ from remp.policy.measured import MeasuredModel, Profile, cache_path, default_slo
 from remp.policy.observe import LoadWindow
 from remp.policy.predict import Limits, Slo
 from remp.switch.choose import candidates as shapes_of
-from remp.topology import parse_shape
+from remp.topology import parse_shape, shape_name
 
 if TYPE_CHECKING:
     from remp.engine import LLMEngine
@@ -28,7 +28,7 @@ def parse_candidates(text: str | None, config, max_workers: int) -> list[tuple[i
     if not text:
         return [(t.tp, t.pp) for t in shapes_of(config, max_workers)]
     wanted = [parse_shape(c) for c in text.split(",") if c.strip()]
-    if bad := [f"TP{tp}xPP{pp}" for tp, pp in wanted if (tp, pp) not in allowed]:
+    if bad := [shape_name(c) for c in wanted if c not in allowed]:
         raise ValueError(f"unknown candidate topolog(ies) {', '.join(bad)} for this model on {max_workers} workers")
     return wanted
 
@@ -51,7 +51,7 @@ class PolicyRunner:
         self.last_error: str | None = None
         logger.info(
             "topology policy: candidates %s, SLO TTFT %.0f ms / TPOT %.0f ms",
-            ", ".join(f"TP{tp}xPP{pp}" for tp, pp in candidates),
+            ", ".join(map(shape_name, candidates)),
             slo.ttft_s * 1e3,
             slo.tpot_s * 1e3,
         )
@@ -72,7 +72,7 @@ class PolicyRunner:
                 logger.info("topology policy: profiling %d topologies (once; cached in %s)", len(candidates), path)
                 profile = measure(engine, candidates, machine)
                 profile.save(path)
-        missing = [f"TP{tp}xPP{pp}" for tp, pp in candidates if f"TP{tp}xPP{pp}" not in profile.fits]
+        missing = [shape_name(c) for c in candidates if shape_name(c) not in profile.fits]
         if missing:
             raise ValueError(f"the performance profile lacks {', '.join(missing)}: profile them (remp profile)")
         return cls(engine, profile, candidates)
@@ -104,7 +104,7 @@ class PolicyRunner:
         current = (engine.topology.tp, engine.topology.pp)
         d = self.policy.decide(now, load, current)
         if d.action == "switch":
-            tp, pp = (int(x) for x in d.target.removeprefix("TP").split("xPP"))
+            tp, pp = parse_shape(d.target)
             logger.info("topology policy: %s -> %s: %s", d.current, d.target, d.reason)
             try:
                 engine.start_reconfigure(tp, pp, mode="live", on_done=self._done, cause="policy")
@@ -126,7 +126,7 @@ class PolicyRunner:
         return {
             "policy": "auto",
             "performance_model": self.model.name,
-            "candidates": [f"TP{tp}xPP{pp}" for tp, pp in p.candidates],
+            "candidates": [shape_name(c) for c in p.candidates],
             "slo_ms": {"ttft": p.config.slo.ttft_s * 1e3, "tpot": p.config.slo.tpot_s * 1e3},
             "decisions_total": dict(p.counts),
             "last_error": self.last_error,

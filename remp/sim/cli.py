@@ -10,8 +10,8 @@ from remp.bench.metrics import compute_metrics, format_summary
 from remp.policy.decide import PolicyConfig, TopologyPolicy
 from remp.policy.observe import LoadWindow
 from remp.policy.predict import Limits, Slo
-from remp.sim.simulator import MODES, SimOptions, Simulator, name
-from remp.topology import parse_shape
+from remp.sim.simulator import MODES, SimOptions, Simulator
+from remp.topology import parse_shape, shape_name
 
 # Chat SLOs from DistServe (Zhong et al., OSDI 2024, table 1: chatbot with OPT-66B 2.5 s / 0.15 s, OPT-13B 0.25 s /
 # 0.1 s), for the Llama-2 models of the same sizes.
@@ -104,8 +104,10 @@ def simulate(a: argparse.Namespace) -> dict:
     candidates = [s for s in shapes if s[0] * s[1] == max(x * y for x, y in shapes)]  # the whole node
     if a.candidates:
         candidates = [parse_shape(c) for c in a.candidates.split(",") if c.strip()]
-        if bad := [name(c) for c in candidates if c not in shapes]:
-            raise ValueError(f"unknown candidate(s) {', '.join(bad)}; the device allows {', '.join(map(name, shapes))}")
+        if bad := [shape_name(c) for c in candidates if c not in shapes]:
+            raise ValueError(
+                f"unknown candidate(s) {', '.join(bad)}; the device allows {', '.join(map(shape_name, shapes))}"
+            )
     schedule = []
     for item in (a.schedule or "").split(","):
         if item.strip():
@@ -117,13 +119,15 @@ def simulate(a: argparse.Namespace) -> dict:
         else:
             start = max(candidates)  # the widest TP: lowest latency while the policy has seen nothing
         if start not in candidates:
-            raise ValueError(f"the starting topology {name(start)} is not among the candidates")
+            raise ValueError(f"the starting topology {shape_name(start)} is not among the candidates")
     elif schedule:
         start = schedule.pop(0)[1]
     else:
         start = (a.tensor_parallel_size or 1, a.pipeline_parallel_size or 1)
     if start not in shapes or any(t not in shapes for _, t in schedule):
-        raise ValueError(f"the device runs {', '.join(map(name, shapes))}; {name(start)} is not one of them")
+        raise ValueError(
+            f"the device runs {', '.join(map(shape_name, shapes))}; {shape_name(start)} is not one of them"
+        )
     slo = Slo(a.slo_ttft_ms / 1e3 if a.slo_ttft_ms else ttft_s, a.slo_tpot_ms / 1e3 if a.slo_tpot_ms else tpot_s)
     mode = "restart" if a.restart_policy else a.switch_mode
     opts = SimOptions(a.block_size, a.max_num_seqs, a.max_num_batched_tokens, mode)
@@ -145,8 +149,8 @@ def simulate(a: argparse.Namespace) -> dict:
         "requests": len(requests),
         "topology_policy": a.topology_policy,
         "switch_mode": mode if policy else None,
-        "start_topology": name(start),
-        "candidates": [name(c) for c in candidates] if policy else None,
+        "start_topology": shape_name(start),
+        "candidates": [shape_name(c) for c in candidates] if policy else None,
         "slo_ms": slos,
         "completed": m["completed"],
         "failed": m["failed"],
@@ -170,7 +174,7 @@ def simulate(a: argparse.Namespace) -> dict:
         from remp.bench.timeline import plot_timeline
 
         title = f"remp simulate: {a.model} on {a.num_gpus}x {a.device}, " + (
-            f"policy ({mode})" if policy else name(start)
+            f"policy ({mode})" if policy else shape_name(start)
         )
         plot_timeline(a.timeline, run.results, run.duration_s, run.switches, windows, title)
     return result

@@ -20,6 +20,7 @@ from remp.policy.switch_cost import SwitchCostModel
 from remp.request import Request, Status
 from remp.sampling_params import SamplingParams
 from remp.scheduler import Scheduler
+from remp.topology import parse_shape, shape_name
 
 MODES = ("live", "stop", "restart")
 
@@ -54,10 +55,6 @@ class SimResult:
     steps: int
 
 
-def name(t: tuple[int, int]) -> str:
-    return f"TP{t[0]}xPP{t[1]}"
-
-
 class Simulator:
     def __init__(
         self,
@@ -89,13 +86,13 @@ class Simulator:
         self.arrival_of: dict[Request, SampleRequest] = {}
         self.finished: list[Request] = []
         self.switches: list[dict] = []
-        self.timeline = [(0.0, name(topology))]
+        self.timeline = [(0.0, shape_name(topology))]
         self.steps = 0
 
     def _num_blocks(self, topology: tuple[int, int]) -> int:
         blocks = self.perf.kv_capacity_tokens(*topology) // self.opts.block_size
         if blocks <= 0:
-            raise ValueError(f"{name(topology)}: the model's weights leave no memory for the KV cache")
+            raise ValueError(f"{shape_name(topology)}: the model's weights leave no memory for the KV cache")
         return blocks
 
     # --- the loop -------------------------------------------------------------------------------------------
@@ -202,8 +199,7 @@ class Simulator:
             return
         d = self.policy.decide(self.t, load, self.topology)
         if d.action == "switch":
-            tp, pp = (int(x) for x in d.target.removeprefix("TP").split("xPP"))
-            self.start_switch((tp, pp), d.reason)
+            self.start_switch(parse_shape(d.target), d.reason)
 
     def start_switch(self, target: tuple[int, int], reason: str = "") -> None:
         mode = self.opts.switch_mode
@@ -222,9 +218,8 @@ class Simulator:
         pause = sw.pause_s
         if mode == "live":  # blocks written since the pre-copy began (and new requests' blocks) move now
             running = self.scheduler.running
-            dirty = sum(len(r.block_ids) for r in running) - sum(sw.clean_blocks.get(r, 0) for r in running)
-            pause = self.costs.cost(old, sw.target, "live", 0, dirty_blocks=0).pause_s
-            pause += self.costs.moves(old, sw.target).kv_s_per_block * max(dirty, 0)
+            dirty = max(0, sum(len(r.block_ids) for r in running) - sum(sw.clean_blocks.get(r, 0) for r in running))
+            pause = self.costs.cost(old, sw.target, "live", dirty, dirty_blocks=dirty).pause_s
         blocks = self._num_blocks(sw.target)
         preempted = self.scheduler.fit(0 if mode == "restart" else blocks)
         self._rename_blocks(blocks)
@@ -234,8 +229,8 @@ class Simulator:
         self.switches.append(
             {
                 "time": round(sw.started, 3),
-                "from": name(old),
-                "to": name(sw.target),
+                "from": shape_name(old),
+                "to": shape_name(sw.target),
                 "mode": mode,
                 "precopy_s": round(sw.precopy_s, 4),
                 "pause_s": round(pause, 4),
@@ -243,7 +238,7 @@ class Simulator:
                 "reason": sw.reason,
             }
         )
-        self.timeline.append((self.t + pause, name(sw.target)))
+        self.timeline.append((self.t + pause, shape_name(sw.target)))
         self.switch = None
         if self.policy is not None:
             self.policy.switched(self.t + pause)
