@@ -28,9 +28,24 @@ PHASES = [
 ]
 
 
+def toy_costs():
+    return SwitchCostModel(CONFIG, bandwidth_Bps=100e9, block_size=16)
+
+
+def toy_policy():
+    """The policy over the toy node's three shapes, switching live."""
+    costs = toy_costs()
+    return TopologyPolicy(
+        ToyModel(),
+        [(4, 1), (2, 2), (1, 4)],
+        Limits(256, 8192),
+        PolicyConfig(Slo(2.0, 0.3), min_dwell_s=30.0),
+        lambda a, b: costs.cost(a, b, "live", 0),
+    )
+
+
 def simulate(requests, topology, policy=None, mode="live"):
-    costs = SwitchCostModel(CONFIG, bandwidth_Bps=100e9, block_size=16)
-    return Simulator(ToyModel(), requests, topology, SimOptions(switch_mode=mode), costs, policy).run()
+    return Simulator(ToyModel(), requests, topology, SimOptions(switch_mode=mode), toy_costs(), policy).run()
 
 
 def poisson(rate, n, prompt, output, seed=0):
@@ -63,16 +78,8 @@ def test_seeded_simulation_is_deterministic():
     requests, _ = phased_requests([p | {"duration_s": 40} for p in PHASES], seed=3)
 
     def once():
-        pol = TopologyPolicy(
-            ToyModel(),
-            [(4, 1), (2, 2), (1, 4)],
-            Limits(256, 8192),
-            PolicyConfig(Slo(2.0, 0.3), min_dwell_s=30.0),
-            lambda a, b: costs.cost(a, b, "live", 0),
-        )
-        return simulate([SampleRequest(**r.__dict__) for r in requests], (4, 1), pol)
+        return simulate([SampleRequest(**r.__dict__) for r in requests], (4, 1), toy_policy())
 
-    costs = SwitchCostModel(CONFIG, bandwidth_Bps=100e9, block_size=16)
     a, b = once(), once()
     assert [(r.ttft, r.latency) for r in a.results] == [(r.ttft, r.latency) for r in b.results]
     assert a.switches == b.switches
@@ -80,15 +87,7 @@ def test_seeded_simulation_is_deterministic():
 
 def test_policy_follows_the_phases_and_loses_nothing():
     requests, _ = phased_requests(PHASES, seed=1)
-    costs = SwitchCostModel(CONFIG, bandwidth_Bps=100e9, block_size=16)
-    pol = TopologyPolicy(
-        ToyModel(),
-        [(4, 1), (2, 2), (1, 4)],
-        Limits(256, 8192),
-        PolicyConfig(Slo(2.0, 0.3), min_dwell_s=30.0),
-        lambda a, b: costs.cost(a, b, "live", 0),
-    )
-    run = simulate(requests, (4, 1), pol)
+    run = simulate(requests, (4, 1), toy_policy())
     assert all(r.success for r in run.results)
     assert 1 <= len(run.switches) <= 3, run.switches  # at most one per phase
     first = run.switches[0]
@@ -98,7 +97,7 @@ def test_policy_follows_the_phases_and_loses_nothing():
 
 def test_restart_switches_recompute_every_running_request():
     requests = poisson(4.0, 200, 600, 200)
-    costs = SwitchCostModel(CONFIG, bandwidth_Bps=100e9, block_size=16)
+    costs = toy_costs()
     sim = Simulator(ToyModel(), requests, (4, 1), SimOptions(switch_mode="restart"), costs)
     sim.t = 0.0
     orig = sim._submit
