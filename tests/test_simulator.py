@@ -11,6 +11,7 @@ from remp.bench.datasets import SampleRequest, trace_requests
 from remp.entrypoints.cli import main
 from remp.policy.decide import PolicyConfig, TopologyPolicy
 from remp.policy.h100 import DATA_DIR
+from remp.policy.perf_model import Batch
 from remp.policy.predict import Limits, Load, Slo, predict
 from remp.policy.switch_cost import SwitchCostModel
 from remp.sim.models import model_config
@@ -159,3 +160,12 @@ def test_cli_on_the_azure_trace_with_h100_figures(tmp_path):
         assert r[key] > 0
     assert set(r["ttft_ms"]) == set(r["tpot_ms"]) == {"p50", "p99"}
     assert r["switches"] == [] and (tmp_path / "t.png").stat().st_size > 10_000
+
+
+def test_a_pipeline_stage_works_on_one_micro_batch_at_a_time():
+    """Four whole prompts arriving together enter PP4 one stage time apart, as in the engine."""
+    budget = 8192 // 4  # each micro-batch's share of the token budget: one prompt each
+    run = simulate([SampleRequest([], budget, 2, 0.0) for _ in range(4)], (1, 4))
+    stage = ToyModel().stage_s(1, 4, Batch.of([(0, budget, True)]))
+    first = sorted(r.ttft for r in run.results)
+    assert [b - a for a, b in zip(first, first[1:])] == pytest.approx([stage] * 3, rel=1e-9)
