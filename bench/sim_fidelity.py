@@ -14,6 +14,7 @@ from pathlib import Path
 from remp.sim.cli import add_cli_args, simulate
 
 RESULTS = Path(__file__).parent / "results"
+KEYS = ("output_throughput", "median_ttft_ms", "median_tpot_ms", "request_goodput")
 
 
 def main() -> None:
@@ -48,22 +49,21 @@ def main() -> None:
         rows.append(
             {
                 "variant": name,
-                "live": {k: v[k] for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms")},
-                "sim": {k: m[k] for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms")},
+                "live": {k: v[k] for k in KEYS},
+                "sim": {k: m[k] for k in KEYS},
                 "sim_switches": [(s["time"], s["to"]) for s in sim["switches"]],
                 "live_switches": v["events"],
             }
         )
     out = RESULTS / "sim-fidelity.json"
     out.write_text(json.dumps({"date": live["date"], "profile": a.profile, "rows": rows}, indent=2))
-    print("| variant | out tok/s live / sim | median TTFT ms live / sim | median TPOT ms live / sim |")
-    print("|---|---|---|---|")
+    print(
+        "| variant | out tok/s live / sim | median TTFT ms live / sim | median TPOT ms live / sim | goodput req/s live / sim |"
+    )
+    print("|---|---|---|---|---|")
     for r in rows:
         lv, sm = r["live"], r["sim"]
-        cells = [
-            f"{lv[k]:.{d}f} / {sm[k]:.{d}f} ({sm[k] / lv[k] - 1:+.0%})"
-            for k, d in (("output_throughput", 1), ("median_ttft_ms", 0), ("median_tpot_ms", 0))
-        ]
+        cells = [f"{lv[k]:.{d}f} / {sm[k]:.{d}f} ({sm[k] / lv[k] - 1:+.0%})" for k, d in zip(KEYS, (1, 0, 0, 2))]
         print(f"| {r['variant']} | " + " | ".join(cells) + " |")
     print(f"saved {out}")
 

@@ -23,5 +23,8 @@ class ToyModel:
     def hop_s(self, tp: int, b: Batch) -> float:
         return 20e-6 + 1e-8 * b.tokens
 
+    def busy_factor(self, tp: int, pp: int, active: int) -> float:
+        return 1.0
+
     def kv_capacity_tokens(self, tp: int, pp: int) -> int:
         return 400_000

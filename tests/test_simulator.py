@@ -11,10 +11,12 @@ from remp.bench.datasets import SampleRequest, trace_requests
 from remp.entrypoints.cli import main
 from remp.policy.decide import PolicyConfig, TopologyPolicy
 from remp.policy.h100 import DATA_DIR
+from remp.policy.measured import MeasuredModel, Profile
 from remp.policy.perf_model import Batch
 from remp.policy.predict import Limits, Load, Slo, predict
 from remp.policy.switch_cost import SwitchCostModel
 from remp.sim.models import model_config
+from remp.sim.pipeline import Pipeline
 from remp.sim.simulator import SimOptions, Simulator
 from remp.sim.workload import phased_requests
 from tests.policy_utils import ToyModel
@@ -169,3 +171,28 @@ def test_a_pipeline_stage_works_on_one_micro_batch_at_a_time():
     stage = ToyModel().stage_s(1, 4, Batch.of([(0, budget, True)]))
     first = sorted(r.ttft for r in run.results)
     assert [b - a for a, b in zip(first, first[1:])] == pytest.approx([stage] * 3, rel=1e-9)
+
+
+def test_stages_sharing_cores_slow_each_other_while_both_work():
+    """Two micro-batches through PP2 where a stage takes twice as long while the other works too: A runs stage 0
+    alone (0-1), then A on stage 1 and B on stage 0 share (1-3), then B runs stage 1 alone (3-4)."""
+    shared = Pipeline(2, lambda active: 2.0 if active == 2 else 1.0)
+    dedicated = Pipeline(2)
+    for p in (shared, dedicated):
+        p.submit("A", 1.0, 0.0, 0.0)
+        p.submit("B", 1.0, 0.0, 0.0)
+    done = {}
+    for name, p in (("shared", shared), ("dedicated", dedicated)):
+        while len(p):
+            t = p.next_event()
+            done |= {(name, x): t for x in p.advance(t)}
+    assert done == pytest.approx(
+        {("shared", "A"): 3.0, ("shared", "B"): 4.0, ("dedicated", "A"): 2.0, ("dedicated", "B"): 3.0}
+    )
+
+
+def test_measured_stages_share_the_profiled_cores():
+    """TP1xPP4 on 2 cores: one or two busy stages run at full speed, four at half (stage_s is the latter)."""
+    model = MeasuredModel(Profile("m", "float32", "cpu", 4, 16, fits={"TP1xPP4": [0.01, 0.0, 0.0]}, cores=2))
+    assert [model.busy_factor(1, 4, k) for k in (1, 2, 3, 4)] == pytest.approx([0.5, 0.5, 0.75, 1.0])
+    assert model.busy_factor(4, 1, 1) == 1.0

@@ -148,6 +148,9 @@ class H100Model:
         a, b = self._send_recv
         return (a + b * batch.tokens * self.config.hidden_size * BYTES) / 1e3
 
+    def busy_factor(self, tp: int, pp: int, active: int) -> float:
+        return 1.0  # a GPU per worker
+
     def weight_bytes_per_gpu(self, tp: int, pp: int) -> float:
         """The largest shard: the last stage's layers and (on TP rank 0) the lm-head."""
         c = self.config

@@ -9,6 +9,7 @@ import datetime
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ class Profile:
     samples: list[dict] = field(default_factory=list)
     switch_bandwidth_Bps: float = 0.0  # bytes moved / pause of the stop-the-world switches between candidates
     engine_start_s: float = 0.0
+    cores: int = 0  # CPU cores the workers shared (0: unknown, stages taken as independent)
     date: str = ""
 
     def save(self, path: str | Path) -> Path:
@@ -91,6 +93,18 @@ class MeasuredModel:
 
     def hop_s(self, tp: int, batch: Batch) -> float:
         return 0.0
+
+    def busy_factor(self, tp: int, pp: int, active: int) -> float:
+        """Workers share the profile's cores: with k stages of tp workers each busy, each runs at
+        min(1, cores / (k * tp)) of its speed alone (processor sharing); stage_s was measured with all pp busy."""
+        cores = self.profile.cores
+        if cores <= 0 or pp == 1:
+            return 1.0
+
+        def slowdown(k: int) -> float:
+            return max(1.0, k * tp / cores) / max(1.0, tp / cores)
+
+        return slowdown(max(active, 1)) / slowdown(pp)
 
     def kv_capacity_tokens(self, tp: int, pp: int) -> int:
         self._fit(tp, pp)
@@ -145,6 +159,7 @@ def measure(engine, candidates: list[tuple[int, int]], machine: str, engine_star
         max_workers=engine.max_workers,
         block_size=engine.args.block_size,
         engine_start_s=engine_start_s,
+        cores=len(os.sched_getaffinity(0)),
         date=datetime.date.today().isoformat(),
     )
     moved, paused = 0, 0.0

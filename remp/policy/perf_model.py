@@ -41,6 +41,11 @@ class PerfModel(Protocol):
         """Seconds to hand `batch`'s hidden states from one stage to the next."""
         ...
 
+    def busy_factor(self, tp: int, pp: int, active: int) -> float:
+        """stage_s is a stage's time with all pp stages working; this scales it when only `active` of them work
+        (below 1 where stages share cores, 1 on dedicated devices)."""
+        ...
+
     def kv_capacity_tokens(self, tp: int, pp: int) -> int:
         """KV tokens the topology's workers can hold after the weights (the scheduler's block pool)."""
         ...

@@ -53,7 +53,8 @@ def _state(model: PerfModel, tp: int, pp: int, load: Load, rate: float, limits: 
     In an iteration every running request advances a token; the prompts that arrived meanwhile (X tokens) are
     prefilled in chunks of at most C = budget / pp per micro-batch. A micro-batch carrying a chunk is heavier,
     and in a pipeline the others wait behind it at every stage: such an iteration takes pp heavy stage times.
-    So R mixes heavy and light iterations in the proportion the prefill tokens need."""
+    So R mixes heavy and light iterations in the proportion the prefill tokens need. With fewer requests than
+    stages the pipeline is partly idle, which on shared cores speeds the stages that work (busy_factor)."""
     p, o = max(load.prompt_len, 1.0), max(load.output_len, 1.0)
     max_running = min(limits.max_num_seqs, model.kv_capacity_tokens(tp, pp) / (p + o))
     chunk = limits.max_num_batched_tokens / pp
@@ -68,7 +69,8 @@ def _state(model: PerfModel, tp: int, pp: int, load: Load, rate: float, limits: 
             math.ceil(kv - prefill + prefill * min(p, prefill) / 2),
             math.ceil(seqs),
         )
-        return iteration_s(model, tp, pp, b)
+        busy = min(pp, max(1, math.ceil(decode) + (1 if prefill else 0)))  # micro-batches, one per stage
+        return iteration_s(model, tp, pp, b) * model.busy_factor(tp, pp, busy)
 
     r = iteration(1, 0)
     n = 0.0

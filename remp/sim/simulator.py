@@ -1,14 +1,12 @@
 """The simulation loop. Requests arrive on a simulated clock; remp's Scheduler batches them exactly as in the
 engine (continuous batching, chunked prefill, KV blocks, preemption, up to pp micro-batches in flight, each
 taking its share of the running requests); a micro-batch occupies each pipeline stage for the performance
-model's stage time, in order (stage j of batch k starts when stage j-1 of batch k and stage j of batch k-1
-are done). A policy, when given, decides between steps as in `remp serve`, and a switch costs what the planner
+model's stage time, in order (pipeline.py; on shared CPU cores a stage slows while others work). A policy, when given, decides between steps as in `remp serve`, and a switch costs what the planner
 says: live (pre-copy while serving slower, then a pause), stop-the-world (one pause), or restart (a cold start,
 every running request recomputed). Deterministic: no randomness beyond the workload's."""
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from remp.bench.datasets import SampleRequest
@@ -20,6 +18,7 @@ from remp.policy.switch_cost import SwitchCostModel
 from remp.request import Request, Status
 from remp.sampling_params import SamplingParams
 from remp.scheduler import Scheduler
+from remp.sim.pipeline import Pipeline
 from remp.topology import parse_shape, shape_name
 
 MODES = ("live", "stop", "restart")
@@ -78,8 +77,7 @@ class Simulator:
             self._num_blocks(topology), options.block_size, options.max_num_seqs, options.max_num_batched_tokens
         )
         self.t = 0.0
-        self.in_flight: deque[tuple[float, list[tuple[Request, int]], list[Request]]] = deque()
-        self.stage_free = [0.0] * topology[1]
+        self.pipeline = self._pipeline(topology, 0.0)  # micro-batches in flight: (scheduled, sampled)
         self.resume_at = 0.0  # no micro-batch starts before (a switch's pause)
         self.switch: _Switch | None = None
         self.token_times: dict[Request, list[float]] = {}
@@ -88,6 +86,10 @@ class Simulator:
         self.switches: list[dict] = []
         self.timeline = [(0.0, shape_name(topology))]
         self.steps = 0
+
+    def _pipeline(self, topology: tuple[int, int], now: float) -> Pipeline:
+        tp, pp = topology
+        return Pipeline(pp, lambda active: self.perf.busy_factor(tp, pp, active), now)
 
     def _num_blocks(self, topology: tuple[int, int]) -> int:
         blocks = self.perf.kv_capacity_tokens(*topology) // self.opts.block_size
@@ -103,8 +105,8 @@ class Simulator:
             while nxt < len(self.arrivals) and self.arrivals[nxt].arrival_s <= self.t:
                 self._admit(self.arrivals[nxt], nxt)
                 nxt += 1
-            while self.in_flight and self.in_flight[0][0] <= self.t:
-                self._complete(*self.in_flight.popleft())
+            for scheduled, sampled in self.pipeline.advance(self.t):
+                self._complete(scheduled, sampled)
             self._advance_switch()
             if self.policy is not None and self.switch is None and self.policy.due(self.t) and self.t >= self.resume_at:
                 self._decide()
@@ -113,7 +115,7 @@ class Simulator:
                 if target != self.topology:
                     self.start_switch(target, "scheduled")
             self._submit()
-            events = [self.in_flight[0][0]] if self.in_flight else []
+            events = [e for e in [self.pipeline.next_event()] if e is not None]
             if nxt < len(self.arrivals):
                 events.append(self.arrivals[nxt].arrival_s)
             if self.switch is not None:
@@ -155,8 +157,8 @@ class Simulator:
     def _submit(self) -> None:
         tp, pp = self.topology
         draining = self.switch is not None and self.t >= self.switch.precopy_end
-        while not draining and len(self.in_flight) < pp:
-            busy = {r for _, sched, _ in self.in_flight for r, _ in sched}
+        while not draining and len(self.pipeline) < pp:
+            busy = {r for sched, _ in self.pipeline.payloads() for r, _ in sched}
             batch = self.scheduler.schedule(busy, pp)
             if not batch.scheduled:
                 return
@@ -170,14 +172,11 @@ class Simulator:
             work = Batch.of(chunks)
             slow = 1.0 + (self.switch.slowdown if self.switch is not None else 0.0)
             stage_s, hop_s = self.perf.stage_s(tp, pp, work) * slow, self.perf.hop_s(tp, work)
-            end = max(self.t, self.resume_at) - hop_s
-            for j in range(pp):
-                start = max(end + hop_s, self.stage_free[j])
-                end = self.stage_free[j] = start + stage_s
-            self.in_flight.append((end, batch.scheduled, sampled))
+            self.pipeline.submit((batch.scheduled, sampled), stage_s, hop_s, max(self.t, self.resume_at))
             self.steps += 1
 
-    def _complete(self, done: float, scheduled: list[tuple[Request, int]], sampled: list[Request]) -> None:
+    def _complete(self, scheduled: list[tuple[Request, int]], sampled: list[Request]) -> None:
+        done = self.t
         for req in sampled:
             req.token_ids.append(0)
             times = self.token_times[req]
@@ -212,7 +211,7 @@ class Simulator:
 
     def _advance_switch(self) -> None:
         sw = self.switch
-        if sw is None or self.t < sw.precopy_end or self.in_flight:
+        if sw is None or self.t < sw.precopy_end or len(self.pipeline):
             return
         mode, old = self.opts.switch_mode, self.topology
         pause = sw.pause_s
@@ -224,7 +223,7 @@ class Simulator:
         preempted = self.scheduler.fit(0 if mode == "restart" else blocks)
         self._rename_blocks(blocks)
         self.topology = sw.target
-        self.stage_free = [self.t + pause] * sw.target[1]
+        self.pipeline = self._pipeline(sw.target, self.t)
         self.resume_at = self.t + pause
         self.switches.append(
             {
