@@ -125,9 +125,14 @@ def write_kv(
 
 def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """[kvh, NB, bs, D] gathered through block tables [B, n] -> [kvh, B, n * bs, D], contiguous.
-    index_select copies whole blocks; advanced indexing is ~10x slower here."""
+    index_select copies whole blocks (advanced indexing is ~10x slower), one head at a time: along the first
+    dimension it is ~2x faster than along the second."""
     kvh, _, bs, D = cache.shape
-    return cache.index_select(1, tables.view(-1)).view(kvh, tables.shape[0], tables.shape[1] * bs, D)
+    idx = tables.view(-1)
+    out = cache.new_empty(kvh, idx.numel(), bs, D)
+    for h in range(kvh):
+        torch.index_select(cache[h], 0, idx, out=out[h])
+    return out.view(kvh, tables.shape[0], tables.shape[1] * bs, D)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:

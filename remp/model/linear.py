@@ -13,6 +13,10 @@ import torch.nn.functional as F
 
 from remp.cpu_features import cpu_features
 
+# A matmul with a very wide output (the lm-head: vocab rows) runs ~1.5x faster on CPU in slices of this many
+# output rows, once there are a few input rows (bench: 64 x 576 -> 49152 fp32 on 2 AVX2 cores, 56 -> 36 ms)
+SLICE_ROWS, SLICE_MIN_ROWS_IN = 2048, 8
+
 
 def _can_pack(w: torch.Tensor) -> bool:
     return w.device.type == "cpu" and w.dtype == torch.bfloat16 and cpu_features().onednn_bf16
@@ -30,10 +34,18 @@ class FusedLinear:
             self.bias = torch.cat([b if b is not None else weight.new_zeros(n) for b, n in zip(biases, self.splits)])
         self.packed = _can_pack(weight)
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint) if self.packed else weight
+        self.slices = None
+        if not self.packed and weight.device.type == "cpu" and weight.shape[0] >= 4 * SLICE_ROWS:
+            biases = (
+                self.bias.split(SLICE_ROWS) if self.bias is not None else [None] * -(-weight.shape[0] // SLICE_ROWS)
+            )
+            self.slices = list(zip(weight.split(SLICE_ROWS), biases))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if self.slices is not None and x.shape[0] >= SLICE_MIN_ROWS_IN:
+            return torch.cat([F.linear(x, w, b) for w, b in self.slices], dim=-1)
         return F.linear(x, self.weight, self.bias)
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -98,15 +98,16 @@ class LlamaShard:
     def forward(self, hidden: torch.Tensor, meta: AttnMetadata, kv: KVCache) -> torch.Tensor:
         """hidden: [T, hidden] -> [T, hidden] after this shard's layers (before the final norm)."""
         cfg, D = self.config, self.config.head_dim
+        T, kvh = hidden.shape[0], self.kv_heads
+        qk_cols, q_heads = (self.q_per_kv + 1) * kvh * D, self.q_per_kv * kvh
+        cos, sin = self.rope.tables(meta.positions)
         for local, layer in enumerate(self.layers):
             x = rms_norm(hidden, layer.ln1, cfg.rms_norm_eps)
-            q, k, v = layer.qkv.split(layer.qkv(x))
-            T = x.shape[0]
-            q = self.rope.apply(q.view(T, -1, D), meta.positions)
-            k = self.rope.apply(k.view(T, self.kv_heads, D), meta.positions)
+            qkv = layer.qkv(x)  # [T, q | k | v]: q and k heads are rotated together
+            qk = self.rope.rotate(qkv[:, :qk_cols].view(T, -1, D), cos, sin)
             k_cache, v_cache = kv.layer(local)
-            write_kv(k_cache, v_cache, meta.slot_mapping, k, v.view(T, self.kv_heads, D))
-            attn = paged_attention(q.view(T, self.kv_heads, self.q_per_kv, D), k_cache, v_cache, meta)
+            write_kv(k_cache, v_cache, meta.slot_mapping, qk[:, q_heads:], qkv[:, qk_cols:].view(T, kvh, D))
+            attn = paged_attention(qk[:, :q_heads].view(T, kvh, self.q_per_kv, D), k_cache, v_cache, meta)
             o = layer.o(attn)
             if self.all_reduce:
                 self.all_reduce(o)
