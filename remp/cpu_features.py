@@ -43,6 +43,13 @@ class CpuFeatures:
             return False
         return "avx_ne_convert" in self.flags or all(f in self.flags for f in ONEDNN_BF16_ALL_OF)
 
+    @property
+    def onednn_fp32(self) -> bool:
+        """oneDNN runs fp32 linears from pre-packed weights here, faster than plain matmuls (x86 with AVX2)."""
+        return (
+            platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available() and "avx2" in self.flags
+        )
+
     def describe(self) -> str:
         """One line for logs and benchmark records: the CPU and the flags that matter for our kernels."""
         shown = [

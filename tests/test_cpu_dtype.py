@@ -4,6 +4,7 @@ end to end on whatever CPU this is."""
 
 import json
 import logging
+import platform
 import urllib.request
 
 import pytest
@@ -51,6 +52,8 @@ def test_explicit_bf16_without_native_support_says_it_is_slow(monkeypatch):
 
 def test_feature_rules():
     assert not AVX2_ONLY.native_bf16 and not AVX2_ONLY.onednn_bf16
+    assert AVX2_ONLY.onednn_fp32 == (platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available())
+    assert not CpuFeatures("no simd", frozenset()).onednn_fp32
     assert AVX512_BF16.native_bf16
     assert not CpuFeatures("x", AVX512_BF16.flags, bf16_disabled=True).native_bf16
     assert "avx512_bf16" in AVX512_BF16.describe() and "avx2" in AVX2_ONLY.describe()
@@ -67,7 +70,8 @@ def test_default_llm_generates_on_this_cpu():
     cpu = cpu_features()
     with LLM() as llm:
         assert llm.llm_engine.dtype == (torch.bfloat16 if cpu.native_bf16 else torch.float32), cpu.describe()
-        assert packed_flags(llm) == {llm.llm_engine.dtype == torch.bfloat16 and cpu.onednn_bf16}
+        dtype = llm.llm_engine.dtype
+        assert packed_flags(llm) == {cpu.onednn_bf16 if dtype == torch.bfloat16 else cpu.onednn_fp32}
         out = llm.chat(CHAT, SamplingParams(max_tokens=24, temperature=0))[0].outputs[0]
     assert "Paris" in out.text
 
