@@ -35,6 +35,7 @@ class AttnGroup:
     mask: torch.Tensor  # [B, group*Qmax, blocks*block_size] True = attend
     batch: int
     qmax: int
+    fresh: bool  # every chunk starts at position 0: causal over its own tokens, nothing read from the cache
 
 
 @dataclass
@@ -70,10 +71,11 @@ def build_metadata(chunks: list[SeqChunk], block_size: int, q_per_kv: int) -> At
         if c.sample:
             logits_rows.append(t - 1)
     decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
-    prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
+    first = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1 and c.start_pos == 0]
+    later = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1 and c.start_pos > 0]
     groups = [
-        _group([chunks[i] for i in idx], [starts[i] for i in idx], block_size, q_per_kv)
-        for idx in (decode, prefill)
+        _group([chunks[i] for i in idx], [starts[i] for i in idx], block_size, q_per_kv, idx is first)
+        for idx in (decode, first, later)
         if idx
     ]
     return AttnMetadata(
@@ -85,7 +87,7 @@ def build_metadata(chunks: list[SeqChunk], block_size: int, q_per_kv: int) -> At
     )
 
 
-def _group(chunks: list[SeqChunk], starts: list[int], block_size: int, q_per_kv: int) -> AttnGroup:
+def _group(chunks: list[SeqChunk], starts: list[int], block_size: int, q_per_kv: int, fresh: bool) -> AttnGroup:
     qlens = torch.tensor([len(c.token_ids) for c in chunks])
     ctx = torch.tensor([c.start_pos + len(c.token_ids) for c in chunks])
     batch, qmax = len(chunks), int(qlens.max())
@@ -111,6 +113,7 @@ def _group(chunks: list[SeqChunk], starts: list[int], block_size: int, q_per_kv:
         mask=mask.reshape(batch, q_per_kv * qmax, -1),
         batch=batch,
         qmax=qmax,
+        fresh=fresh,
     )
 
 
@@ -135,19 +138,27 @@ def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return out.view(kvh, tables.shape[0], tables.shape[1] * bs, D)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
-    """q: [T, kv_heads, q_per_kv, D] -> [T, kv_heads * q_per_kv * D]. The new K/V must already be written."""
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata
+) -> torch.Tensor:
+    """q: [T, kv_heads, q_per_kv, D], this step's k, v: [T, kv_heads, D] -> [T, kv_heads * q_per_kv * D]. The new
+    K/V must already be written to the cache."""
     T, kvh, group, D = q.shape
     out = q.new_empty(T, kvh * group * D)
     for g in meta.groups:
         B, Q = g.batch, g.qmax
+        if g.fresh:  # [B, heads, Q, D]; query head h reads KV head h // group, as enable_gqa does
+            qg, kg, vg = (x.index_select(0, g.token_index).view(B, Q, -1, D).transpose(1, 2) for x in (q, k, v))
+            o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=True)
+            out[g.token_rows] = o.transpose(1, 2).reshape(B * Q, kvh * group * D).index_select(0, g.out_rows)
+            continue
         qg = q.index_select(0, g.token_index).view(B, Q, kvh, group, D).permute(2, 0, 3, 1, 4)
         qg = qg.reshape(kvh, B, group * Q, D)
-        k, v = _gather(k_cache, g.block_tables), _gather(v_cache, g.block_tables)
+        kg, vg = _gather(k_cache, g.block_tables), _gather(v_cache, g.block_tables)
         if Q == 1:
-            o = _small_attention(qg, k, v, g.mask)
+            o = _small_attention(qg, kg, vg, g.mask)
         else:
-            o = F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask)  # [kvh, B, group*Q, D]
+            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask)  # [kvh, B, group*Q, D]
         o = o.view(kvh, B, group, Q, D).permute(1, 3, 0, 2, 4).reshape(B * Q, kvh * group * D)
         out[g.token_rows] = o.index_select(0, g.out_rows)
     return out

@@ -105,9 +105,10 @@ class LlamaShard:
             x = rms_norm(hidden, layer.ln1, cfg.rms_norm_eps)
             qkv = layer.qkv(x)  # [T, q | k | v]: q and k heads are rotated together
             qk = self.rope.rotate(qkv[:, :qk_cols].view(T, -1, D), cos, sin)
+            k, v = qk[:, q_heads:], qkv[:, qk_cols:].view(T, kvh, D)
             k_cache, v_cache = kv.layer(local)
-            write_kv(k_cache, v_cache, meta.slot_mapping, qk[:, q_heads:], qkv[:, qk_cols:].view(T, kvh, D))
-            attn = paged_attention(qk[:, :q_heads].view(T, kvh, self.q_per_kv, D), k_cache, v_cache, meta)
+            write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
+            attn = paged_attention(qk[:, :q_heads].view(T, kvh, self.q_per_kv, D), k, v, k_cache, v_cache, meta)
             o = layer.o(attn)
             if self.all_reduce:
                 self.all_reduce(o)
