@@ -4,6 +4,7 @@
     python bench/throughput.py --dtype float32,bfloat16   # dtypes side by side in one run
     python bench/throughput.py -tp 2 -pp 2          # one topology
     python bench/throughput.py --all-topologies     # TP1..4, PP2..4, TP2xPP2 in one run
+    python bench/throughput.py --topologies TP1,TP2,TP1xPP2,TP2xPP2   # these in one run
 
 Prints a summary and writes bench/results/throughput-<topology|all>-<dtype>.json. With --hf-baseline it also times
 transformers' own generate() on the same model and prompt, in the same run, for a side-by-side ratio.
@@ -25,6 +26,7 @@ import torch
 from remp import LLM, SamplingParams
 from remp.cpu_features import cpu_features
 from remp.model.reader import open_checkpoint
+from remp.topology import parse_shape
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -124,10 +126,13 @@ def main() -> None:
     p.add_argument("--hf-baseline", action="store_true")
     p.add_argument("--hf-dtype", default="float32", help="transformers computes GGUF weights fastest in float32")
     p.add_argument("--all-topologies", action="store_true", help="every TP x PP with tp*pp <= 4, one after another")
+    p.add_argument("--topologies", default=None, help="these, one after another: e.g. TP1,TP2,TP1xPP2,TP2xPP2")
     p.add_argument("--out", default=None)
     a = p.parse_args()
 
     topologies = ALL_TOPOLOGIES if a.all_topologies else [(a.tensor_parallel_size, a.pipeline_parallel_size)]
+    if a.topologies:
+        topologies = [parse_shape(t) for t in a.topologies.split(",")]
     runs = []
     for dtype in a.dtype.split(","):
         for tp, pp in topologies:
@@ -149,7 +154,7 @@ def main() -> None:
         result["single_stream_speedup_vs_transformers"] = round(hf["tpot_ms"] / runs[0]["single_stream"]["tpot_ms"], 2)
     print(json.dumps(result, indent=2))
     print(table(runs))
-    name = "all" if a.all_topologies else runs[0]["topology"]
+    name = "all" if a.all_topologies else "-".join(r["topology"] for r in runs[: len(topologies)])
     out = Path(a.out or Path(__file__).parent / "results" / f"throughput-{name}-{a.dtype.replace(',', '-')}.json")
     out.write_text(json.dumps(result, indent=2))
     print(f"saved {out}")

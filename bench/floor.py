@@ -1,0 +1,83 @@
+"""The compute floor of the serving workload on this CPU: the workload's FLOPs (every prompt and generated token
+through the layers, attention at its context, the lm-head for each sampled row) over the fastest float32 matmul
+this machine runs (oneDNN with pre-packed weights where the CPU allows, a prefill-sized GEMM, best of several).
+
+    python bench/floor.py [--num-prompts 64 --input-len 128 --output-len 64] [--measured-tok-s 116.8]
+
+Prints the FLOPs, the peak, the floor in seconds and output tok/s, and (given a measured throughput) the
+fraction of the floor reached. Saves bench/results/floor.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from remp.cpu_features import cpu_features
+from remp.model.linear import FusedLinear
+from remp.model.reader import open_checkpoint
+
+
+def workload_flops(cfg, prompts: int, input_len: int, output_len: int) -> dict[str, float]:
+    h, d, layers = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size  # weights a token multiplies
+    tokens = prompts * (input_len + output_len - 1)  # the last output token is sampled, never fed back
+    # attention: q.k and p.v, 2 FLOPs each per (query head, key, dim); position i attends to i + 1 keys
+    contexts = prompts * sum(i + 1 for i in range(input_len + output_len - 1))
+    return {
+        "layers": 2.0 * per_layer * layers * tokens,
+        "attention": 4.0 * cfg.num_attention_heads * d * layers * contexts,
+        "lm_head": 2.0 * h * cfg.vocab_size * prompts * output_len,
+    }
+
+
+def peak_flops(repeats: int = 7) -> float:
+    """FLOP/s of the best float32 GEMM of prefill size through remp's own linear (packed where it packs)."""
+    x, w = torch.randn(2048, 576), torch.randn(3072, 576)
+    lin = FusedLinear([w])
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        lin(x)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2048 * 576 * 3072 / best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=None)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--measured-tok-s", type=float, default=None, help="output tok/s a server reached")
+    a = p.parse_args()
+    flops = workload_flops(open_checkpoint(a.model).config, a.num_prompts, a.input_len, a.output_len)
+    total, peak = sum(flops.values()), peak_flops()
+    floor_s = total / peak
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": cpu_features().describe(),
+        "torch_threads": torch.get_num_threads(),
+        "workload": f"{a.num_prompts} x {a.input_len} in / {a.output_len} out",
+        "tflop": {k: round(v / 1e12, 3) for k, v in flops.items()} | {"total": round(total / 1e12, 3)},
+        "peak_gflop_s": round(peak / 1e9, 1),
+        "floor_s": round(floor_s, 2),
+        "floor_output_tok_s": round(a.num_prompts * a.output_len / floor_s, 1),
+    }
+    if a.measured_tok_s:
+        result["measured_output_tok_s"] = a.measured_tok_s
+        result["fraction_of_floor"] = round(a.measured_tok_s / result["floor_output_tok_s"], 3)
+    print(json.dumps(result, indent=1))
+    out = Path(__file__).parent / "results" / "floor.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
