@@ -103,9 +103,10 @@ def test_hung_worker_times_out_without_recovery(tiny_llama):
 
 
 DRIVER = """
-import sys, time
+import faulthandler, sys, time
 from remp import LLMEngine, SamplingParams
 if __name__ == "__main__":
+    faulthandler.dump_traceback_later(40, exit=False)  # if this driver hangs, the test shows where
     e = LLMEngine(model=sys.argv[1], dtype="float64", tensor_parallel_size=2)
     print(" ".join(str(p.pid) for p in e.executor.procs), flush=True)
     e.add_request("a", {"prompt_token_ids": [256, 1, 2]}, SamplingParams(max_tokens=10**6, ignore_eos=True))
@@ -122,14 +123,24 @@ if __name__ == "__main__":
 def test_no_orphans_when_driver_interrupted_or_killed(tmp_path, tiny_llama, sig):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
-    proc = subprocess.Popen([sys.executable, str(script), str(tiny_llama)], stdout=subprocess.PIPE, text=True)
+    err = (tmp_path / "driver.err").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tiny_llama)], stdout=subprocess.PIPE, stderr=err, text=True
+    )
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
         assert len(pids) == 2
         time.sleep(1.0)
         proc.send_signal(sig)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            stacks = (tmp_path / "driver.err").read_text()[-6000:]
+            pytest.fail(f"the driver did not exit after {sig!r}; its stacks:\n{stacks}")
         assert not wait_dead(pids)
     finally:
         proc.kill()
         proc.wait()
+        err.close()
