@@ -175,20 +175,20 @@ def test_a_pipeline_stage_works_on_one_micro_batch_at_a_time():
 
 def test_stages_sharing_cores_slow_each_other_while_both_work():
     """Two micro-batches through PP2 where a stage takes twice as long while the other works too: A runs stage 0
-    alone (0-1), then A on stage 1 and B on stage 0 share (1-3), then B runs stage 1 alone (3-4)."""
-    shared = Pipeline(2, lambda active: 2.0 if active == 2 else 1.0)
-    dedicated = Pipeline(2)
-    for p in (shared, dedicated):
-        p.submit("A", 1.0, 0.0, 0.0)
-        p.submit("B", 1.0, 0.0, 0.0)
-    done = {}
-    for name, p in (("shared", shared), ("dedicated", dedicated)):
-        while len(p):
-            t = p.next_event()
-            done |= {(name, x): t for x in p.advance(t)}
-    assert done == pytest.approx(
-        {("shared", "A"): 3.0, ("shared", "B"): 4.0, ("dedicated", "A"): 2.0, ("dedicated", "B"): 3.0}
-    )
+    alone (0-1), then A on stage 1 and B on stage 0 share (1-3), then B runs stage 1 alone (3-4). The same
+    whether the clock jumps from event to event or ticks in between (work done at the shared rate)."""
+    for tick in (None, 0.25):
+        done = {}
+        for name, factor in (("shared", lambda active: 2.0 if active == 2 else 1.0), ("dedicated", lambda a: 1.0)):
+            p = Pipeline(2, factor)
+            p.submit("A", 1.0, 0.0, 0.0)
+            p.submit("B", 1.0, 0.0, 0.0)
+            while len(p):
+                t = p.next_event() if tick is None else min(p.next_event(), p.now + tick)
+                done |= {(name, x): t for x in p.advance(t)}
+        assert done == pytest.approx(
+            {("shared", "A"): 3.0, ("shared", "B"): 4.0, ("dedicated", "A"): 2.0, ("dedicated", "B"): 3.0}
+        ), f"tick {tick}"
 
 
 def test_measured_stages_share_the_profiled_cores():
