@@ -84,12 +84,14 @@ def run_client(port: int, extra: str, out: Path) -> dict:
 
 
 def stop(proc: subprocess.Popen, group: bool) -> None:
+    """Ctrl-C, then a kill after 60 s; `group`: the whole process group (vLLM's server and its engine)."""
+    send = (lambda sig: os.killpg(proc.pid, sig)) if group else proc.send_signal
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT) if group else proc.send_signal(signal.SIGINT)
+        send(signal.SIGINT)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
+            send(signal.SIGKILL)
             proc.wait()
 
 
