@@ -206,7 +206,8 @@ def test_a_batch_is_checked_whole_before_any_prompt_runs(server):
     assert_openai_error(code, body, 400, "prompt.1")
     time.sleep(0.3)
     assert metric(server, "remp:prompt_tokens_total") == before  # nothing was admitted
-    code, body = post(server, "/v1/completions", {"prompt": ["fine", "also fine"], "max_tokens": 4})
+    # ignore_eos: the tiny model's ~260-token vocabulary samples EOS within 4 tokens a few percent of the time
+    code, body = post(server, "/v1/completions", {"prompt": ["fine", "also fine"], "max_tokens": 4, "ignore_eos": True})
     assert code == 200 and [c["index"] for c in body["choices"]] == [0, 1] and body["usage"]["completion_tokens"] == 8
 
 
