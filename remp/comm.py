@@ -23,15 +23,26 @@ class WorkerComm:
         device: torch.device,
         shm: ShmSegment | None = None,
         epoch: int = 0,
+        nodes: tuple[int, ...] | None = None,
     ):
-        self.rank, self.device = rank, device
+        """init_method: a torch.distributed URL, or store://HOST:PORT/PREFIX (the head node's TCP store, where
+        each generation of a pool on several nodes meets under its own prefix). nodes[rank]: each worker's node."""
+        self.rank, self.device, self.nodes = rank, device, nodes
         # Same-machine CPU workers sum through shared memory: gloo costs ~1 ms per call over loopback.
         self.shm_all_reduce = ShmAllReduce(shm, rank) if shm is not None and device.type == "cpu" else None
+        self._shm_group = False  # this topology's TP group is all on this node: it sums through shared memory
         self.epoch = epoch
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
-        )
+        timeout = timedelta(seconds=timeout_s)
+        if init_method.startswith("store://"):
+            where, prefix = init_method.removeprefix("store://").split("/", 1)
+            host, port = where.rsplit(":", 1)
+            store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+            dist.init_process_group(
+                backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size, timeout=timeout
+            )
+        else:
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
         self.world_size = world_size
         self._groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
         self.switch_group: dist.ProcessGroup | None = None
@@ -59,15 +70,20 @@ class WorkerComm:
             self.tp_group = self.prev = self.next = None
             return
         stage, tp_rank = coord
-        self.tp_group = self._groups.get(tuple(sorted(topology.stage_workers(stage))))
-        if self.shm_all_reduce is not None:
-            self.shm_all_reduce.set_group(topology.stage_workers(stage), self.epoch)
+        group = topology.stage_workers(stage)
+        self.tp_group = self._groups.get(tuple(sorted(group)))
+        # across nodes the TP group sums through the backend; shared memory only joins workers of one machine
+        self._shm_group = self.shm_all_reduce is not None and (
+            self.nodes is None or len({self.nodes[w] for w in group}) == 1
+        )
+        if self._shm_group:
+            self.shm_all_reduce.set_group(group, self.epoch)
         self.prev = topology.worker(stage - 1, tp_rank) if stage > 0 else None
         self.next = topology.worker(stage + 1, tp_rank) if stage < topology.pp - 1 else None
         self._max_sends = topology.pp
 
     def all_reduce(self, t: torch.Tensor) -> None:
-        if self.shm_all_reduce is not None:
+        if self._shm_group:
             self.shm_all_reduce(t)
         elif t.dtype == torch.bfloat16 and self.device.type == "cpu":
             acc = t.float()  # gloo has no bfloat16 sum; reducing in float32 is also the more exact choice

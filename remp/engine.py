@@ -23,6 +23,8 @@ from remp.logger import init_logger
 from remp.messages import StepMsg, StepResult
 from remp.model.attention import SeqChunk
 from remp.model.reader import open_checkpoint
+from remp.multinode.head import ClusterHost
+from remp.multinode.net import bind_gloo_toward
 from remp.outputs import CompletionOutput, Logprob, RequestOutput
 from remp.policy.runner import PolicyRunner
 from remp.request import Request, Status
@@ -59,6 +61,8 @@ class LLMEngine:
         exit_if_spawning_worker()
         self.args = args = args or EngineArgs.from_kwargs(**kwargs)
         self.max_workers = args.max_workers or args.tensor_parallel_size * args.pipeline_parallel_size
+        if args.nnodes > 1:
+            bind_gloo_toward(args.master_addr)  # before the fork server starts: its workers inherit it
         if self.max_workers > 1 or args.distributed_executor_backend == "mp":
             MultiprocExecutor.prestart()
         reader = open_checkpoint(args.model)
@@ -132,9 +136,16 @@ class LLMEngine:
             shm_elems=args.max_num_batched_tokens * self.model_config.hidden_size,
             shm_slots=self.max_workers,
         )
-        if self.max_workers == 1 and args.distributed_executor_backend != "mp":
+        if self.max_workers == 1 and args.distributed_executor_backend != "mp" and args.nnodes == 1:
             return LocalExecutor(reader, topology, MultiprocExecutor.worker_config(1, **kwargs))
-        return MultiprocExecutor(topology, MultiprocExecutor.worker_config(topology.size, **kwargs))
+        link_Bps = (args.intra_node_bandwidth_gbs * 1e9, args.inter_node_bandwidth_gbs * 1e9)
+        cluster = None
+        if args.nnodes > 1:
+            cluster = ClusterHost(
+                args.nnodes, args.master_addr, args.master_port, args.local_workers, args.node_join_timeout_s
+            )
+        cfg = MultiprocExecutor.worker_config(topology.size, **kwargs)
+        return MultiprocExecutor(topology, cfg, cluster=cluster, link_Bps=link_Bps)
 
     @property
     def topology(self) -> Topology:

@@ -43,6 +43,23 @@ class EngineArgs:
     policy_interval_s: float = 5.0
     policy_min_dwell_s: float = 60.0
     policy_window_s: float = 30.0  # the load is measured over this window
+    # several machines (as vLLM's and torchrun's flags): this engine is node 0; the others run
+    # `remp serve --headless --node-rank K` and join through the TCP store at master_addr:master_port
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    workers_per_node: int | None = None  # None: tp*pp / nnodes
+    node_join_timeout_s: float = 300.0
+    # the planner's link figures (GB/s): a byte between two nodes costs intra/inter times one inside a node
+    intra_node_bandwidth_gbs: float = 5.0
+    inter_node_bandwidth_gbs: float = 1.25
+
+    @property
+    def local_workers(self) -> int:
+        """Workers this node runs at start."""
+        size = self.tensor_parallel_size * self.pipeline_parallel_size
+        return self.workers_per_node or size // self.nnodes
 
     def __post_init__(self) -> None:
         for name in (
@@ -76,6 +93,24 @@ class EngineArgs:
                 "switch_staging_gb must be >= 0, switch_precopy_duty in (0, 1] and switch_timeout_s positive, got "
                 f"{self.switch_staging_gb}, {self.switch_precopy_duty}, {self.switch_timeout_s}"
             )
+        if not isinstance(self.nnodes, int) or self.nnodes < 1:
+            raise ValueError(f"nnodes must be a positive integer, got {self.nnodes!r}")
+        if self.node_rank != 0:
+            raise ValueError(
+                f"node_rank {self.node_rank}: the engine runs on node 0; start the other nodes with "
+                "`remp serve --headless --node-rank K ...`"
+            )
+        if self.nnodes > 1 and self.workers_per_node is None:
+            size = self.tensor_parallel_size * self.pipeline_parallel_size
+            if size % self.nnodes:
+                raise ValueError(
+                    f"tp*pp = {size} workers do not divide over {self.nnodes} nodes: give workers_per_node "
+                    "(this node's; each other node gives its own)"
+                )
+        if self.workers_per_node is not None and self.workers_per_node < 1:
+            raise ValueError(f"workers_per_node must be positive, got {self.workers_per_node}")
+        if min(self.intra_node_bandwidth_gbs, self.inter_node_bandwidth_gbs) <= 0:
+            raise ValueError("the link bandwidths must be positive")
         if self.topology_policy not in ("manual", "auto"):
             raise ValueError(f"topology_policy must be 'manual' or 'auto', got {self.topology_policy!r}")
         if (

@@ -33,6 +33,8 @@ from remp.messages import (
 )
 from remp.model.reader import CheckpointReader
 from remp.model_runner import ModelRunner
+from remp.multinode.head import ClusterHost
+from remp.nodes import INTER_NODE_BPS, INTRA_NODE_BPS, Links
 from remp.shm_allreduce import ShmSegment
 from remp.topology import Topology
 from remp.worker import WorkerConfig, worker_main
@@ -92,7 +94,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(procs: list, conns: list, segment: ShmSegment | None = None, grace_s: float = 5.0) -> None:
+def _stop(
+    procs: list,
+    conns: list,
+    segment: ShmSegment | None = None,
+    cluster: ClusterHost | None = None,
+    grace_s: float = 5.0,
+) -> None:
     for c in conns:
         try:
             c.send_bytes(pickle.dumps(Shutdown()))
@@ -109,6 +117,8 @@ def _stop(procs: list, conns: list, segment: ShmSegment | None = None, grace_s: 
         c.close()
     if segment is not None:
         segment.close(unlink=True)
+    if cluster is not None:
+        cluster.shutdown()
 
 
 # Workers fork from multiprocessing's fork server, which imports these once (torch alone takes seconds per
@@ -126,8 +136,20 @@ WORKER_MODULES = [
 
 
 class MultiprocExecutor:
-    def __init__(self, topology: Topology, cfg: WorkerConfig, startup_timeout_s: float = 300.0):
+    def __init__(
+        self,
+        topology: Topology,
+        cfg: WorkerConfig,
+        startup_timeout_s: float = 300.0,
+        cluster: ClusterHost | None = None,
+        link_Bps: tuple[float, float] = (INTRA_NODE_BPS, INTER_NODE_BPS),
+    ):
+        """`cluster`: workers on other nodes too (this node's first, then each node's in node order); the
+        topology's workers are the whole pool. link_Bps: the planner's intra- and inter-node bandwidths."""
         self.topology = topology
+        self.cluster, self.link_Bps = cluster, link_Bps
+        self.nodes: list[int] = []  # nodes[rank]: the node a worker runs on (0: this one)
+        self._wids = 0  # worker ids: fixed for a worker's life (its rank changes with the pool)
         self.timeout_s = cfg.timeout_s
         self.max_in_flight = topology.pp
         self.generation = 0
@@ -144,26 +166,60 @@ class MultiprocExecutor:
         if cfg.device == "cpu" and cfg.shm_elems and slots > 1:  # one worker never all-reduces
             self.segment = ShmSegment(slots, cfg.shm_elems)  # a slot for every worker the pool may have
             cfg = dataclasses.replace(cfg, shm_name=self.segment.name, shm_slots=slots)
+        layout = [0] * cfg.world_size
+        if cluster is not None:
+            layout = [n for n in sorted(cluster.nodes) for _ in range(cluster.nodes[n].workers)]
+            if len(layout) != cfg.world_size:
+                cluster.shutdown()
+                per_node = {n: i.workers for n, i in cluster.nodes.items()}
+                raise ValueError(f"{topology} needs {cfg.world_size} workers; the nodes have {per_node}")
+            cfg = dataclasses.replace(cfg, init_method=cluster.rendezvous(0), nodes=tuple(layout))
         self.cfg = cfg
-        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns, self.segment)
+        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns, self.segment, cluster)
         try:
-            for rank in range(cfg.world_size):
-                self._spawn(rank, topology)
+            for rank, node in enumerate(layout):
+                self._spawn(rank, topology, node)
             self._await_ready(0, startup_timeout_s)
         except BaseException:
             self.shutdown()
             raise
 
-    def _spawn(self, rank: int, topology: Topology | None) -> None:
-        parent, child = self.prestart().Pipe()
-        p = self.prestart().Process(
-            target=worker_main, args=(rank, self.cfg, topology, child), daemon=True, name=f"remp-worker-{rank}"
-        )
-        p.start()
-        child.close()
+    def _spawn(self, rank: int, topology: Topology | None, node: int = 0) -> None:
+        self._wids += 1
+        if node != 0:
+            parent, p = self.cluster.spawn(node, self._wids, rank, self.cfg, topology)
+        else:
+            parent, child = self.prestart().Pipe()
+            p = self.prestart().Process(
+                target=worker_main, args=(rank, self.cfg, topology, child), daemon=True, name=f"remp-worker-{rank}"
+            )
+            p.start()
+            child.close()
         self.procs.append(p)
         self.conns.append(parent)
+        self.nodes.append(node)
         self._heard[parent] = float("inf")  # not watched until it has started (the start-up timeout covers that)
+
+    def links(self, pool_size: int | None = None) -> Links:
+        """The pool's nodes and link bandwidths, for the planner; with pool_size beyond the pool's, the nodes
+        add_workers would start the extra workers on."""
+        nodes = list(self.nodes)
+        while len(nodes) < (pool_size or 0):
+            nodes.append(self._roomiest_node(nodes))
+        return Links(tuple(nodes), *self.link_Bps)
+
+    def _roomiest_node(self, nodes: list[int]) -> int:
+        """Where a new worker goes: the live node furthest below the workers it started with (this node on
+        ties). A node none of whose workers is left counts as lost."""
+        if self.cluster is None:
+            return 0
+        live = ({0} | set(nodes)) & set(self.cluster.nodes)
+        count = {n: nodes.count(n) - self.cluster.nodes[n].workers for n in live}
+        return min(count, key=lambda n: (count[n], n))
+
+    def _threads(self, node: int) -> int:
+        cpus = self.cluster.nodes[node].cpus if self.cluster is not None else (os.cpu_count() or 1)
+        return max(1, cpus // max(1, self.nodes.count(node)))
 
     @property
     def pool_size(self) -> int:
@@ -173,7 +229,7 @@ class MultiprocExecutor:
     def add_workers(self, n: int) -> None:
         """Start n workers that hold nothing; they join the world at the next regroup() (steps go on)."""
         for _ in range(n):
-            self._spawn(len(self.procs), None)
+            self._spawn(len(self.procs), None, self._roomiest_node(self.nodes))
 
     def joining_started(self) -> bool:
         """Whether every worker added since the last regroup has started (and can join)."""
@@ -186,12 +242,15 @@ class MultiprocExecutor:
         steps already sent. `topology` is the current one, in these ranks (None: none yet, after a loss)."""
         self.generation += 1
         self._ready.pop(-1, None)  # those that waited to join are in now; ranks may be reused later
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
-        threads = max(1, (os.cpu_count() or 1) // len(self.procs))
+        if self.cluster is not None:
+            init_method = self.cluster.rendezvous(self.generation)
+        else:
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        nodes = tuple(self.nodes)
         for rank in range(len(self.procs)):
-            self._send(
-                rank, Regroup(self.generation, rank, len(self.procs), init_method, topology, threads, drop_shards)
-            )
+            threads = self._threads(self.nodes[rank])
+            msg = Regroup(self.generation, rank, len(self.procs), init_method, topology, threads, drop_shards, nodes)
+            self._send(rank, msg)
         if topology is not None:
             self.topology = topology
 
@@ -220,6 +279,8 @@ class MultiprocExecutor:
         try:
             if self.segment is not None:
                 self.segment.peer_lost()  # survivors spinning in a shared-memory all-reduce give up
+            if self.cluster is not None:
+                self.cluster.peer_lost()  # and those on the other nodes
             survivors = [r for r in range(len(self.procs)) if r not in lost]
             for r in lost:
                 self.procs[r].join(1.0)
@@ -227,6 +288,7 @@ class MultiprocExecutor:
                 self._heard.pop(self.conns[r], None)
             self.procs[:] = [self.procs[r] for r in survivors]
             self.conns[:] = [self.conns[r] for r in survivors]
+            self.nodes[:] = [self.nodes[r] for r in survivors]
             if respawn:
                 self.add_workers(len(lost))
                 deadline = time.monotonic() + timeout_s
@@ -255,6 +317,7 @@ class MultiprocExecutor:
         gone = [(self.procs[r], self.conns[r]) for r in leaving]
         self.procs[:] = [self.procs[r] for r in keep]
         self.conns[:] = [self.conns[r] for r in keep]
+        self.nodes[:] = [self.nodes[r] for r in keep]
         renumbered = dataclasses.replace(topology, placement=tuple(rank_of[w] for w in topology.placement))
         self.regroup(renumbered)
         for p, c in gone:  # they left the old world: no peer waits for them
@@ -289,6 +352,9 @@ class MultiprocExecutor:
     def _describe(self, rank: int) -> str:
         coord = self.topology.coordinate(rank)
         where = f" (stage {coord[0]}, tp rank {coord[1]})" if coord else ""
+        if self.cluster is not None and rank < len(self.nodes):
+            node = self.cluster.nodes.get(self.nodes[rank])
+            where += f" on node {self.nodes[rank]}" + (f" ({node.host}, {node.address})" if node else "")
         return f"worker {rank}{where}"
 
     def _died(self, rank: int) -> WorkerError:

@@ -71,6 +71,7 @@ class Regroup:
     topology: Any  # topology.Topology
     threads: int  # torch threads for this worker in a pool of this size
     drop_shard: bool = False  # a loss cut a commit short: what each worker holds is unknown, hold nothing
+    nodes: tuple[int, ...] | None = None  # the node of each rank (None: all on one machine)
 
 
 @dataclass

@@ -51,6 +51,7 @@ class WorkerConfig:
     shm_name: str | None = None  # shared-memory all-reduce segment (CPU pools on one machine)
     shm_elems: int = 0
     shm_slots: int = 0  # workers the segment has room for (the most the pool may grow to)
+    nodes: tuple[int, ...] | None = None  # the node of each rank at start (None: all on one machine)
 
 
 def _die_with_parent() -> None:
@@ -106,16 +107,18 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology | None, conn: C
         shm = ShmSegment(cfg.shm_slots, cfg.shm_elems, cfg.shm_name) if cfg.shm_name else None
         reader = open_checkpoint(cfg.model)
 
-        def join(rank: int, world_size: int, init_method: str, topology: Topology | None, epoch: int) -> WorkerComm:
+        def join(
+            rank: int, world_size: int, init_method: str, topology: Topology | None, epoch: int, nodes
+        ) -> WorkerComm:
             """topology None (recovery): no routing until the switch that follows installs one."""
-            comm = WorkerComm(rank, world_size, init_method, cfg.timeout_s, device, shm, epoch)
+            comm = WorkerComm(rank, world_size, init_method, cfg.timeout_s, device, shm, epoch, nodes)
             if topology is not None:
                 comm.prepare_topology(topology)
                 comm.use_topology(topology, reader.config.hidden_size, cfg.dtype)
             return comm
 
         if topology is not None:
-            comm = join(rank, cfg.world_size, cfg.init_method, topology, 0)
+            comm = join(rank, cfg.world_size, cfg.init_method, topology, 0, cfg.nodes)
         spec = topology.spec(reader.config, rank) if topology is not None else None
         runner = ModelRunner(
             reader, spec, cfg.dtype, cfg.num_blocks, cfg.block_size, cfg.max_model_len, str(device), comm
@@ -149,7 +152,7 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology | None, conn: C
                     comm.close()
                 torch.set_num_threads(msg.threads)
                 # epochs grow across generations: shared-memory flags of the old world never match the new one
-                comm = join(msg.rank, msg.world_size, msg.init_method, msg.topology, msg.generation << 16)
+                comm = join(msg.rank, msg.world_size, msg.init_method, msg.topology, msg.generation << 16, msg.nodes)
                 me[0], broken = msg.rank, False
                 if msg.drop_shard:
                     runner.install(ShardState(None, {}, {}))

@@ -39,6 +39,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy-interval-s", type=float, default=5.0, help="auto decides this often")
     p.add_argument("--policy-min-dwell-s", type=float, default=60.0, help="auto keeps a topology at least this long")
     p.add_argument("--policy-window-s", type=float, default=30.0, help="auto measures the load over this window")
+    n = p.add_argument_group("several nodes (torchrun / vLLM style: the same command on each node)")
+    n.add_argument("--nnodes", type=int, default=1)
+    n.add_argument("--node-rank", type=int, default=0, help="0: the head (engine, server); others: --headless")
+    n.add_argument("--master-addr", default="127.0.0.1", help="the head node's address, reachable from every node")
+    n.add_argument("--master-port", type=int, default=29500, help="the head's TCP store port")
+    n.add_argument("--workers-per-node", type=int, default=None, help="this node's workers (default tp*pp/nnodes)")
+    n.add_argument("--node-join-timeout-s", type=float, default=300.0, help="how long the head waits for the nodes")
+    n.add_argument("--intra-node-bandwidth-gbs", type=float, default=5.0, help="planner: GB/s inside a node")
+    n.add_argument("--inter-node-bandwidth-gbs", type=float, default=1.25, help="planner: GB/s between nodes")
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
@@ -70,6 +79,13 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
         policy_interval_s=a.policy_interval_s,
         policy_min_dwell_s=a.policy_min_dwell_s,
         policy_window_s=a.policy_window_s,
+        nnodes=a.nnodes,
+        master_addr=a.master_addr,
+        master_port=a.master_port,
+        workers_per_node=a.workers_per_node,
+        node_join_timeout_s=a.node_join_timeout_s,
+        intra_node_bandwidth_gbs=a.intra_node_bandwidth_gbs,
+        inter_node_bandwidth_gbs=a.inter_node_bandwidth_gbs,
     )
 
 
@@ -77,6 +93,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from remp.engine_args import EngineArgs
     from remp.entrypoints.serve import serve
 
+    if a.headless:
+        return cmd_headless(a)
+    if a.node_rank != 0:
+        raise ValueError(f"--node-rank {a.node_rank} runs no server: add --headless (node 0 is the head)")
     kwargs = engine_kwargs(a)
     kwargs["model"] = a.model_pos or a.model
     kwargs["distributed_executor_backend"] = "mp"  # keep the model out of the HTTP server's process
@@ -93,6 +113,19 @@ def cmd_serve(a: argparse.Namespace) -> int:
         a.shutdown_timeout,
     )
     return 0
+
+
+def cmd_headless(a: argparse.Namespace) -> int:
+    """A node that only runs workers for the head node's engine (vLLM's --headless)."""
+    from remp.multinode.agent import run_node
+
+    if a.nnodes < 2 or a.node_rank < 1 or a.node_rank >= a.nnodes:
+        raise ValueError(f"--headless needs --nnodes 2 or more and --node-rank 1..nnodes-1, got {a.node_rank}")
+    size = a.tensor_parallel_size * a.pipeline_parallel_size
+    workers = a.workers_per_node or size // a.nnodes
+    if workers < 1:
+        raise ValueError("give --workers-per-node (or -tp/-pp as on the head)")
+    return run_node(a.node_rank, a.master_addr, a.master_port, workers, a.node_join_timeout_s)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -163,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a live topology admin API")
     s.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
     add_engine_args(s)
+    s.add_argument(
+        "--headless", action="store_true", help="run only this node's workers for the head (--node-rank K >= 1)"
+    )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None)

@@ -4,6 +4,7 @@ worker is lost. Pure planning, like plan.py."""
 from __future__ import annotations
 
 from remp.config import ModelConfig
+from remp.nodes import Links
 from remp.switch.plan import PieceSizer, best_placement, make_plan
 from remp.topology import Topology
 
@@ -23,7 +24,13 @@ def candidates(config: ModelConfig, num_workers: int) -> list[Topology]:
 
 
 def choose_after_loss(
-    config: ModelConfig, old: Topology, pool: list[int], sizer: PieceSizer, lost: frozenset[int], with_kv: bool
+    config: ModelConfig,
+    old: Topology,
+    pool: list[int],
+    sizer: PieceSizer,
+    lost: frozenset[int],
+    with_kv: bool,
+    links: Links | None = None,
 ) -> Topology:
     """The topology for the workers in `pool` after `old` lost the workers in `lost`, placed: as many workers
     as the model allows, then the fewest bytes to read from the checkpoint or move between workers (the
@@ -32,8 +39,8 @@ def choose_after_loss(
     for size in range(len(pool), 0, -1):
         scored = []
         for shape in candidates(config, size):
-            placed = best_placement(config, old, shape.tp, shape.pp, sizer, with_kv=with_kv, workers=pool)
-            plan = make_plan(config, old, placed, sizer, with_kv=with_kv, lost=lost)
+            placed = best_placement(config, old, shape.tp, shape.pp, sizer, with_kv=with_kv, workers=pool, links=links)
+            plan = make_plan(config, old, placed, sizer, with_kv=with_kv, lost=lost, links=links)
             scored.append((plan.from_checkpoint.total + plan.moved.total, -shape.tp, placed))
         if scored:
             return min(scored, key=lambda s: s[:2])[2]

@@ -89,6 +89,7 @@ class SwitchDriver:
     def __init__(self, engine, staging_gb: float, precopy_duty: float, timeout_s: float):
         self.engine, self.staging_gb, self.precopy_duty, self.timeout_s = engine, staging_gb, precopy_duty, timeout_s
         self.pending: PendingSwitch | None = None
+        self.link_costs = True  # price bytes per link (intra/inter node) when placing; False: bytes alone
 
     def start(
         self,
@@ -110,10 +111,11 @@ class SwitchDriver:
         sizer = PieceSizer(cfg, eng.dtype.itemsize, len(eng.scheduler.blocks_in_use()), eng.args.block_size)
         grow = target.size - executor.pool_size
         pool = list(range(max(executor.pool_size, target.size)))
+        links = executor.links(len(pool)) if self.link_costs else None
         new = best_placement(
-            cfg, old, target.tp, target.pp, sizer, target.layers_per_stage, with_kv=with_kv, workers=pool
+            cfg, old, target.tp, target.pp, sizer, target.layers_per_stage, with_kv=with_kv, workers=pool, links=links
         )
-        plan = make_plan(cfg, old, new, sizer, with_kv=with_kv, lost=lost)
+        plan = make_plan(cfg, old, new, sizer, with_kv=with_kv, lost=lost, links=links)
         fallback = None
         if mode == "live":
             same_blocks = num_blocks == eng.num_kv_blocks

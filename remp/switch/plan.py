@@ -17,6 +17,7 @@ from scipy.optimize import linear_sum_assignment
 
 from remp.config import ModelConfig
 from remp.model.schema import shard_tensors, tensor, tensor_layer
+from remp.nodes import Links
 from remp.sharding import ShardSpec
 from remp.topology import Topology
 
@@ -160,24 +161,50 @@ def best_placement(
     layers_per_stage: tuple[int, ...] | None = None,
     with_kv: bool = True,
     workers: list[int] | None = None,
+    links: Links | None = None,
 ) -> Topology:
     """The placement of the new coordinates on the pool's workers (default: old's) that keeps the most bytes in
-    place. A pool larger than the topology leaves the workers that would keep the least idle."""
+    place. A pool larger than the topology leaves the workers that would keep the least idle. With `links` (a
+    pool on several nodes) the bytes each worker must receive are priced at the bandwidth of the link they cross
+    (from a holder on its own node if there is one), so the placement that keeps the most is the one that moves
+    in the least time; among placements of equal cost, each TP group stays inside a node and the pipeline
+    crosses nodes."""
     workers = sorted(old.placement if workers is None else workers)
     draft = Topology(tp, pp, tuple(range(tp * pp)), layers_per_stage)
     if draft.size > len(workers):
         raise ValueError(f"{draft} needs {draft.size} workers, but the pool has {len(workers)}")
     held = {w: worker_pieces(config, old, w, with_kv) for w in workers}
-    gain = np.zeros((draft.size, len(workers)))
+    index = {w: _index(pieces) for w, pieces in held.items()}
+    homes = links.stage_homes(tp, pp, workers) if links is not None else [None] * pp
+    cost = np.zeros((draft.size, len(workers)))
     for c in range(draft.size):
         need = worker_pieces(config, draft, c, with_kv)
+        home = homes[c // tp]
         for j, w in enumerate(workers):
-            gain[c, j] = _kept_bytes(sizer, need, held[w])
-    rows, cols = linear_sum_assignment(gain, maximize=True)
+            if links is None or not links.multi_node:
+                missing = float(sum(sizer.bytes(p) for p in need) - _kept_bytes(sizer, need, held[w]))
+            else:
+                missing = round(1e9 * _receive_s(sizer, need, w, index, links))  # nanoseconds
+            away = home is not None and links.nodes[w] != home
+            cost[c, j] = missing * (draft.size + 1) + away  # the tie-break never outweighs a byte or a ns
+    rows, cols = linear_sum_assignment(cost)
     placement = [0] * draft.size
     for c, j in zip(rows, cols):
         placement[c] = workers[j]
     return Topology(tp, pp, tuple(placement), layers_per_stage)
+
+
+def _receive_s(sizer: PieceSizer, need: list[Piece], dst: int, index: dict, links: Links) -> float:
+    """Seconds for `dst` to receive what it lacks of `need`, each piece over the fastest link to a holder (the
+    checkpoint counts as local)."""
+    total = 0.0
+    for piece in need:
+        missing = sizer.bytes(piece) - _held_bytes(sizer, piece, *index[dst])
+        if missing <= 0:
+            continue
+        holders = [h for h, ix in index.items() if h != dst and _overlap(piece, *ix) is not None]
+        total += missing / max((links.bandwidth(h, dst) for h in holders), default=links.intra_Bps)
+    return total
 
 
 def make_plan(
@@ -187,9 +214,11 @@ def make_plan(
     sizer: PieceSizer,
     with_kv: bool = True,
     lost: frozenset[int] = frozenset(),
+    links: Links | None = None,
 ) -> Plan:
     """Sources for every piece of every worker under `new`. `old` None means cold start (checkpoint);
-    workers in `lost` hold nothing any more (their pieces come from survivors or the checkpoint)."""
+    workers in `lost` hold nothing any more (their pieces come from survivors or the checkpoint). With `links`,
+    a holder on the receiver's node is preferred to one across nodes."""
     workers = sorted(new.placement)
     needs = {w: worker_pieces(config, new, w, with_kv) for w in workers}
     held = (
@@ -199,6 +228,13 @@ def make_plan(
     )
     plan = Plan(old, new, needs, [])
     load: dict[int, int] = defaultdict(int)  # bytes each holder sends, to spread the sends
+
+    def source(holders: list[int], dst: int) -> int:
+        if not holders:
+            return CHECKPOINT
+        far = (lambda w: links.nodes[w] != links.nodes[dst]) if links is not None else (lambda w: False)
+        return min(holders, key=lambda w: (far(w), load[w], w))
+
     for dst in workers:
         mine = held.get(dst, ({}, set()))
         for piece in needs[dst]:
@@ -208,8 +244,7 @@ def make_plan(
                     plan.kept.add(piece, sizer.bytes(piece))
                     continue
                 holders = [w for w, h in held.items() if piece in h[1]]
-                src = min(holders, key=lambda w: (load[w], w)) if holders else CHECKPOINT
-                _assign(plan, sizer, load, Transfer(piece, src, dst))
+                _assign(plan, sizer, load, Transfer(piece, source(holders, dst), dst))
                 continue
             gaps = [(piece.start, piece.stop)] if kept is None else [(piece.start, kept[0]), (kept[1], piece.stop)]
             if kept is not None:
@@ -217,9 +252,8 @@ def make_plan(
             for lo, hi in gaps:
                 if lo < hi:
                     for seg in _segments(piece.name, lo, hi, held):
-                        holders = seg[2]
-                        src = min(holders, key=lambda w: (load[w], w)) if holders else CHECKPOINT
-                        _assign(plan, sizer, load, Transfer(WeightPiece(piece.name, seg[0], seg[1]), src, dst))
+                        piece_part = WeightPiece(piece.name, seg[0], seg[1])
+                        _assign(plan, sizer, load, Transfer(piece_part, source(seg[2], dst), dst))
     plan.transfers.sort(key=lambda t: (t.piece.layer, str(type(t.piece)), t.piece, t.src, t.dst))
     plan.minimum = _minimum(config, old, new, sizer, with_kv, lost)
     return plan

@@ -67,7 +67,8 @@ def recover(engine, error: WorkerError) -> SwitchReport | None:
         else:
             used = len(engine.scheduler.blocks_in_use())
             sizer = PieceSizer(cfg, engine.dtype.itemsize, used, engine.args.block_size)
-            target = choose_after_loss(cfg, old_here, list(range(ex.pool_size)), sizer, gone, not kv_lost)
+            links = ex.links(ex.pool_size) if engine.switcher.link_costs else None
+            target = choose_after_loss(cfg, old_here, list(range(ex.pool_size)), sizer, gone, not kv_lost, links)
         done: dict = {}
         engine.switcher.start(
             target,

@@ -1,0 +1,146 @@
+"""A node without the engine (`remp serve --headless --node-rank K ...`): it joins the head node's store, then
+starts, bridges and kills workers as the head asks, and reports their exits. It exits when the head says so or
+goes away (its store connection drops), taking its workers with it: none is ever orphaned."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import pickle
+import socket
+import threading
+
+import torch.distributed as dist
+
+from remp.logger import init_logger
+from remp.multinode.link import CLOSE, blocking_client, pump, send_framed
+from remp.multinode.net import bind_gloo_toward, interface_toward
+from remp.multinode.protocol import (
+    REGISTER,
+    KillWorker,
+    NodeInfo,
+    PeerLost,
+    SpawnWorker,
+    StopNode,
+    WorkerExited,
+    agent_queue,
+    node_up_queue,
+)
+
+logger = init_logger(__name__)
+
+
+class NodeAgent:
+    def __init__(self, node_rank: int, master_addr: str, master_port: int, workers: int, connect_timeout_s: float):
+        if node_rank < 1:
+            raise ValueError(f"a headless node has node rank 1 or more (0 is the head), got {node_rank}")
+        self.node, self.workers = node_rank, workers
+        ifname = bind_gloo_toward(master_addr)
+        self.address = interface_toward(master_addr)[1]
+        from remp.executor import MultiprocExecutor  # its fork server starts with the interface chosen above
+
+        self.ctx = MultiprocExecutor.prestart()
+        try:
+            self.store = dist.TCPStore(
+                master_addr, master_port, is_master=False, timeout=datetime.timedelta(seconds=connect_timeout_s)
+            )
+        except (dist.DistError, RuntimeError) as e:
+            raise RuntimeError(
+                f"node {node_rank}: no head node answered at {master_addr}:{master_port} within "
+                f"{connect_timeout_s:.0f} s ({e})"
+            ) from None
+        self.procs: dict[int, object] = {}
+        self.segment = None
+        info = NodeInfo(node_rank, socket.gethostname(), os.cpu_count() or 1, workers, self.address)
+        self.store.queue_push(REGISTER, pickle.dumps(info))
+        logger.info("node %d joined the head at %s:%d (gloo on %s)", node_rank, master_addr, master_port, ifname)
+
+    def run(self) -> int:
+        """Serve the head's commands until it stops us (0) or is gone (1)."""
+        control = blocking_client(self.store)
+        try:
+            while True:
+                try:
+                    msg = pickle.loads(control.queue_pop(agent_queue(self.node)))
+                except (dist.DistError, OSError):
+                    logger.error("node %d: the head node is gone; stopping this node's workers", self.node)
+                    return 1
+                if isinstance(msg, SpawnWorker):
+                    self._spawn(msg)
+                elif isinstance(msg, KillWorker) and msg.wid in self.procs:
+                    self.procs[msg.wid].kill()
+                elif isinstance(msg, PeerLost) and self.segment is not None:
+                    self.segment.peer_lost()
+                elif isinstance(msg, StopNode):
+                    return 0
+        finally:
+            self._stop_all()
+
+    def _spawn(self, msg: SpawnWorker) -> None:
+        from remp.shm_allreduce import ShmSegment
+        from remp.worker import worker_main
+
+        cfg = msg.cfg
+        if cfg.device == "cpu" and cfg.shm_elems and cfg.shm_slots > 1 and self.segment is None:
+            self.segment = ShmSegment(cfg.shm_slots, cfg.shm_elems)  # this node's: the head's is not reachable
+        local = sum(p.is_alive() for p in self.procs.values()) + 1
+        cfg = dataclasses.replace(
+            cfg,
+            threads=max(1, (os.cpu_count() or 1) // max(self.workers, local)),
+            shm_name=self.segment.name if self.segment is not None else None,
+        )
+        parent, child = self.ctx.Pipe()
+        p = self.ctx.Process(
+            target=worker_main, args=(msg.rank, cfg, msg.topology, child), daemon=True, name=f"remp-worker-{msg.wid}"
+        )
+        p.start()
+        child.close()
+        self.procs[msg.wid] = p
+        down, up = f"remp/down/{msg.wid}", f"remp/up/{msg.wid}"
+        sender = self.store.clone()
+
+        def closed() -> None:  # the worker is gone; so is the pipe
+            try:
+                parent.close()
+            except OSError:
+                pass
+
+        pump(blocking_client(self.store), down, parent.send_bytes, closed)
+
+        def forward_up() -> None:
+            try:
+                while True:
+                    send_framed(sender, up, parent.recv_bytes())
+            except (EOFError, OSError, dist.DistError):
+                pass
+            try:  # the driver's link ends too, and our pump of its commands
+                sender.queue_push(up, CLOSE)
+                sender.queue_push(down, CLOSE)
+            except dist.DistError:
+                pass
+
+        reporter = self.store.clone()
+
+        def watch() -> None:
+            p.join()
+            try:
+                reporter.queue_push(node_up_queue(self.node), pickle.dumps(WorkerExited(msg.wid, p.exitcode)))
+            except dist.DistError:
+                pass
+
+        threading.Thread(target=forward_up, name=f"remp-up-{msg.wid}", daemon=True).start()
+        threading.Thread(target=watch, name=f"remp-watch-{msg.wid}", daemon=True).start()
+
+    def _stop_all(self, grace_s: float = 5.0) -> None:
+        for p in self.procs.values():
+            p.join(grace_s)  # the head sent them Shutdown first
+            if p.is_alive():
+                p.kill()
+                p.join(2.0)
+        if self.segment is not None:
+            self.segment.close(unlink=True)
+
+
+def run_node(node_rank: int, master_addr: str, master_port: int, workers: int, connect_timeout_s: float = 300.0) -> int:
+    return NodeAgent(node_rank, master_addr, master_port, workers, connect_timeout_s).run()

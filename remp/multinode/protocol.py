@@ -1,0 +1,58 @@
+"""Messages between the head node and the agent of each other node, through the head's TCP store (pickled).
+
+Queues: `remp/register` (agents -> head, once each), `remp/agent/<node>` (head -> that node's agent) and
+`remp/nodeup/<node>` (agent -> head: its workers' exits). A worker's own traffic uses the link queues of
+link.py, keyed by its worker id (fixed for its life; its rank changes with the pool)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+REGISTER = "remp/register"
+
+
+def agent_queue(node: int) -> str:
+    return f"remp/agent/{node}"
+
+
+def node_up_queue(node: int) -> str:
+    return f"remp/nodeup/{node}"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_rank: int
+    host: str
+    cpus: int
+    workers: int  # how many workers it runs at start
+    address: str  # the address its workers reach the others from
+
+
+@dataclass(frozen=True)
+class SpawnWorker:
+    wid: int
+    rank: int
+    cfg: Any  # worker.WorkerConfig (the agent sets its node-local parts: threads, shared memory)
+    topology: Any  # topology.Topology | None
+
+
+@dataclass(frozen=True)
+class KillWorker:
+    wid: int
+
+
+@dataclass(frozen=True)
+class PeerLost:
+    """A worker was lost: survivors on this node waiting in a shared-memory all-reduce give up."""
+
+
+@dataclass(frozen=True)
+class StopNode:
+    """The head is shutting down: stop every worker and exit."""
+
+
+@dataclass(frozen=True)
+class WorkerExited:
+    wid: int
+    exitcode: int
