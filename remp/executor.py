@@ -33,7 +33,8 @@ from remp.messages import (
 )
 from remp.model.reader import CheckpointReader
 from remp.model_runner import ModelRunner
-from remp.multinode.head import ClusterHost
+from remp.multinode.head import NODE_LOST_S, ClusterHost
+from remp.multinode.link import RemoteProcess
 from remp.nodes import INTER_NODE_BPS, INTRA_NODE_BPS, Links
 from remp.shm_allreduce import ShmSegment
 from remp.topology import Topology
@@ -263,8 +264,12 @@ class MultiprocExecutor:
             if now - self._heard[self.conns[rank]] > self.hang_s:
                 p.kill()
                 p.join(2.0)
+        if self.cluster is not None:  # a lost node reports nothing: it is known by its silence
+            wait_s = max(wait_s, NODE_LOST_S + HEARTBEAT_S)
         deadline = time.monotonic() + wait_s
         while True:
+            if self.cluster is not None:
+                self.cluster.mark_silent_nodes_lost()
             lost = [r for r, p in enumerate(self.procs) if p.exitcode is not None]
             if lost or time.monotonic() >= deadline:
                 return lost
@@ -387,6 +392,8 @@ class MultiprocExecutor:
                 self._progress.setdefault(msg.switch_id, {})[msg.rank] = msg
             elif isinstance(msg, Ready):
                 self._ready.setdefault(msg.generation, set()).add(msg.rank)
+                if isinstance(self.procs[rank], RemoteProcess):
+                    self.procs[rank].pid = msg.pid  # its pid on its own node (for logs, and tests that kill it)
             # Heartbeat: only that it came (above)
             elif isinstance(msg, WorkerFailed):
                 raise WorkerError(f"{self._describe(msg.rank)} failed:\n{msg.traceback}")

@@ -10,15 +10,18 @@ import os
 import pickle
 import socket
 import threading
+import time
 
 import torch.distributed as dist
 
 from remp.logger import init_logger
+from remp.messages import HEARTBEAT_S
 from remp.multinode.link import CLOSE, blocking_client, pump, send_framed
 from remp.multinode.net import bind_gloo_toward, interface_toward
 from remp.multinode.protocol import (
     REGISTER,
     KillWorker,
+    NodeAlive,
     NodeInfo,
     PeerLost,
     SpawnWorker,
@@ -55,6 +58,16 @@ class NodeAgent:
         info = NodeInfo(node_rank, socket.gethostname(), os.cpu_count() or 1, workers, self.address)
         self.store.queue_push(REGISTER, pickle.dumps(info))
         logger.info("node %d joined the head at %s:%d (gloo on %s)", node_rank, master_addr, master_port, ifname)
+        threading.Thread(target=self._heartbeat, name="remp-node-alive", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        beat, data = self.store.clone(), pickle.dumps(NodeAlive(self.node))
+        while True:
+            try:
+                send_framed(beat, node_up_queue(self.node), data)
+            except dist.DistError:
+                return  # the head is gone: the control loop sees it too
+            time.sleep(HEARTBEAT_S)
 
     def run(self) -> int:
         """Serve the head's commands until it stops us (0) or is gone (1)."""
@@ -125,7 +138,7 @@ class NodeAgent:
         def watch() -> None:
             p.join()
             try:
-                reporter.queue_push(node_up_queue(self.node), pickle.dumps(WorkerExited(msg.wid, p.exitcode)))
+                send_framed(reporter, node_up_queue(self.node), pickle.dumps(WorkerExited(msg.wid, p.exitcode)))
             except dist.DistError:
                 pass
 

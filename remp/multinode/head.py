@@ -14,10 +14,12 @@ import time
 import torch.distributed as dist
 
 from remp.logger import init_logger
+from remp.messages import HEARTBEAT_S
 from remp.multinode.link import CLOSE, RemoteProcess, StoreLink, blocking_client, pump
 from remp.multinode.protocol import (
     REGISTER,
     KillWorker,
+    NodeAlive,
     NodeInfo,
     PeerLost,
     SpawnWorker,
@@ -28,6 +30,9 @@ from remp.multinode.protocol import (
 )
 
 logger = init_logger(__name__)
+
+
+NODE_LOST_S = 4 * HEARTBEAT_S
 
 
 class NodesMissing(RuntimeError):
@@ -51,6 +56,7 @@ class ClusterHost:
             0: NodeInfo(0, socket.gethostname(), os.cpu_count() or 1, local_workers, master_addr)
         }
         self._procs: dict[int, RemoteProcess] = {}
+        self._heard: dict[int, float] = {}  # node -> when its agent was last heard from
         self._threads: list[threading.Thread] = []
         try:
             self._await_nodes(nnodes, join_timeout_s)
@@ -58,6 +64,7 @@ class ClusterHost:
             self.shutdown()
             raise
         for node in self.remote_nodes:
+            self._heard[node] = time.monotonic()
             self._threads.append(pump(blocking_client(self.store), node_up_queue(node), self._on_node_message, _noop))
 
     def _await_nodes(self, nnodes: int, timeout_s: float) -> None:
@@ -111,8 +118,20 @@ class ClusterHost:
 
     def _on_node_message(self, data: bytes) -> None:
         msg = pickle.loads(data)
-        if isinstance(msg, WorkerExited) and msg.wid in self._procs:
+        if isinstance(msg, NodeAlive):
+            self._heard[msg.node] = time.monotonic()
+        elif isinstance(msg, WorkerExited) and msg.wid in self._procs:
             self._procs.pop(msg.wid).exited(msg.exitcode)
+
+    def mark_silent_nodes_lost(self) -> list[int]:
+        """Nodes whose agent has been silent for NODE_LOST_S: every worker there counts as exited (a node that
+        is gone takes its workers with it: they die with their agent). Returns those nodes."""
+        now = time.monotonic()
+        silent = [n for n, t in self._heard.items() if now - t > NODE_LOST_S]
+        for wid, proc in list(self._procs.items()):
+            if proc.node in silent:
+                self._procs.pop(wid).exited(-9)
+        return silent
 
     def peer_lost(self) -> None:
         for node in self.remote_nodes:

@@ -53,6 +53,13 @@ class StopNode:
 
 
 @dataclass(frozen=True)
+class NodeAlive:
+    """Every HEARTBEAT_S from each agent: a node silent for NODE_LOST_S is lost with all its workers."""
+
+    node: int
+
+
+@dataclass(frozen=True)
 class WorkerExited:
     wid: int
     exitcode: int

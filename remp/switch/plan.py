@@ -10,6 +10,7 @@ no tensors, no processes; the executor in the worker follows the plan.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -195,16 +196,27 @@ def best_placement(
 
 
 def _receive_s(sizer: PieceSizer, need: list[Piece], dst: int, index: dict, links: Links) -> float:
-    """Seconds for `dst` to receive what it lacks of `need`, each piece over the fastest link to a holder (the
-    checkpoint counts as local)."""
+    """Seconds for `dst` to receive what it lacks of `need`, each part over the fastest link to a holder of it
+    (the checkpoint counts as local)."""
     total = 0.0
     for piece in need:
-        missing = sizer.bytes(piece) - _held_bytes(sizer, piece, *index[dst])
-        if missing <= 0:
-            continue
-        holders = [h for h, ix in index.items() if h != dst and _overlap(piece, *ix) is not None]
-        total += missing / max((links.bandwidth(h, dst) for h in holders), default=links.intra_Bps)
+        for part, holders in _missing(piece, _overlap(piece, *index[dst]), index):
+            total += sizer.bytes(part) / max((links.bandwidth(h, dst) for h in holders), default=links.intra_Bps)
     return total
+
+
+def _missing(piece: Piece, kept: tuple[int, int] | None, held: dict) -> Iterator[tuple[Piece, list[int]]]:
+    """The parts of `piece` that a worker keeping `kept` of it lacks, each with the old holders of that part
+    (`held`: worker -> _index of what it holds)."""
+    if isinstance(piece, KVPiece):
+        if kept is None:
+            yield piece, [w for w, h in held.items() if piece in h[1]]
+        return
+    gaps = [(piece.start, piece.stop)] if kept is None else [(piece.start, kept[0]), (kept[1], piece.stop)]
+    for lo, hi in gaps:
+        if lo < hi:
+            for start, stop, holders in _segments(piece.name, lo, hi, held):
+                yield WeightPiece(piece.name, start, stop), holders
 
 
 def make_plan(
@@ -239,21 +251,11 @@ def make_plan(
         mine = held.get(dst, ({}, set()))
         for piece in needs[dst]:
             kept = _overlap(piece, *mine)
-            if isinstance(piece, KVPiece):
-                if kept is not None:
-                    plan.kept.add(piece, sizer.bytes(piece))
-                    continue
-                holders = [w for w, h in held.items() if piece in h[1]]
-                _assign(plan, sizer, load, Transfer(piece, source(holders, dst), dst))
-                continue
-            gaps = [(piece.start, piece.stop)] if kept is None else [(piece.start, kept[0]), (kept[1], piece.stop)]
             if kept is not None:
-                plan.kept.add(piece, sizer.bytes(WeightPiece(piece.name, *kept)))
-            for lo, hi in gaps:
-                if lo < hi:
-                    for seg in _segments(piece.name, lo, hi, held):
-                        piece_part = WeightPiece(piece.name, seg[0], seg[1])
-                        _assign(plan, sizer, load, Transfer(piece_part, source(seg[2], dst), dst))
+                part = piece if isinstance(piece, KVPiece) else WeightPiece(piece.name, *kept)
+                plan.kept.add(piece, sizer.bytes(part))
+            for part, holders in _missing(piece, kept, held):
+                _assign(plan, sizer, load, Transfer(part, source(holders, dst), dst))
     plan.transfers.sort(key=lambda t: (t.piece.layer, str(type(t.piece)), t.piece, t.src, t.dst))
     plan.minimum = _minimum(config, old, new, sizer, with_kv, lost)
     return plan

@@ -1,0 +1,85 @@
+"""Two "machines" on one: network namespaces joined by a veth pair, each with its own address, so that a
+head node and a worker node talk over a real network interface (and netem can shape it). Needs root and `ip`;
+`reason_unavailable()` says why not, for a clean skip."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True, timeout=30)
+
+
+def reason_unavailable() -> str | None:
+    if shutil.which("ip") is None:
+        return "no `ip` command (iproute2) on this machine"
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    probe = f"remp-probe{os.getpid()}"
+    r = _ip("netns", "add", probe, check=False)
+    if r.returncode != 0:
+        return f"`ip netns add` failed: {r.stderr.strip()}"
+    _ip("netns", "del", probe, check=False)
+    return None
+
+
+@dataclass
+class Nodes:
+    """Namespaces names[i] with address addrs[i], all on one link (a veth pair for two, a bridge-free chain is
+    not needed: tests use two)."""
+
+    names: list[str]
+    addrs: list[str]
+    devs: list[str]
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def popen(self, node: int, argv: list[str], **kw) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), REMP_LOGGING_LEVEL="WARNING")
+        env.pop("GLOO_SOCKET_IFNAME", None)
+        p = subprocess.Popen(["ip", "netns", "exec", self.names[node], sys.executable, *argv], env=env, **kw)
+        self.procs.append(p)
+        return p
+
+    def netem(self, node: int, spec: str) -> None:
+        """Shape the egress of node's end of the link, e.g. "rate 100mbit delay 1ms"."""
+        subprocess.run(
+            ["ip", "netns", "exec", self.names[node], "tc", "qdisc", "replace", "dev", self.devs[node], "root",
+             "netem", *spec.split()],
+            check=True, capture_output=True, timeout=30,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+        for name in self.names:
+            _ip("netns", "del", name, check=False)
+
+
+def two_nodes() -> Nodes:
+    tag = os.getpid() % 100000
+    subnet = f"10.{200 + tag % 50}.{tag % 250}"
+    names, devs = [f"remp-h{tag}", f"remp-w{tag}"], [f"rh{tag}", f"rw{tag}"]
+    nodes = Nodes(names, [f"{subnet}.1", f"{subnet}.2"], devs)
+    try:
+        for name in names:
+            _ip("netns", "add", name)
+        _ip("link", "add", devs[0], "type", "veth", "peer", "name", devs[1])
+        for name, dev, addr in zip(names, devs, nodes.addrs):
+            _ip("link", "set", dev, "netns", name)
+            _ip("-n", name, "addr", "add", f"{addr}/24", "dev", dev)
+            _ip("-n", name, "link", "set", dev, "up")
+            _ip("-n", name, "link", "set", "lo", "up")
+    except BaseException:
+        nodes.close()
+        raise
+    return nodes

@@ -1,0 +1,104 @@
+"""A pool on two machines, for real: a head node and a worker node in two network namespaces joined by a veth
+pair, talking over that link only (the head's TCP store, gloo bound to the veth). float64 tiny model: tokens
+and logprobs equal a single worker's, across a TP group split over the nodes, a live switch with requests in
+flight, and a worker killed on the other node (and the whole node lost). Skips where namespaces cannot be made
+(not root, no iproute2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+
+from tests import netns
+from tests.test_reconfigure import assert_same
+from tests.test_recovery import run
+from tests.test_worker_failures import wait_dead
+
+pytestmark = pytest.mark.skipif(netns.reason_unavailable() is not None, reason=str(netns.reason_unavailable()))
+
+PORT = 29611
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    return run(tiny_llama, 1, 1)[0]
+
+
+@pytest.fixture
+def nodes():
+    n = netns.two_nodes()
+    yield n
+    n.close()
+
+
+def run_two_nodes(nodes, model, tp, pp, workers_per_node, timeout_s=150, **spec) -> tuple[dict, subprocess.Popen]:
+    """The head's driver in namespace 0, `remp serve --headless` in namespace 1; the driver's JSON result."""
+    agent = nodes.popen(
+        1,
+        ["-m", "remp", "serve", "--headless", "--nnodes", "2", "--node-rank", "1", "--master-addr", nodes.addrs[0],
+         "--master-port", str(PORT), "--workers-per-node", str(workers_per_node), "--node-join-timeout-s", "60"],
+    )  # fmt: skip
+    spec = dict(model=str(model), tp=tp, pp=pp, addr=nodes.addrs[0], port=PORT, workers_per_node=workers_per_node,
+                agent_pid=agent.pid, **spec)  # fmt: skip
+    spec["kill_pids"] = [[step, agent.pid] for step in spec.pop("kill_agent_at", [])]
+    head = nodes.popen(0, ["tests/multinode_driver.py", json.dumps(spec)], stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = head.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        head.kill()
+        raise
+    assert head.returncode == 0, f"the head's driver failed ({head.returncode})"
+    return json.loads(out.strip().splitlines()[-1]), agent
+
+
+def outputs(result: dict) -> dict:
+    return {
+        k: SimpleNamespace(
+            token_ids=v["token_ids"],
+            logprobs=[{int(t): SimpleNamespace(logprob=lp) for t, lp in d.items()} for d in v["logprobs"]],
+        )
+        for k, v in result["outs"].items()
+    }
+
+
+def finished_cleanly(result: dict, agent: subprocess.Popen, expect_agent_rc: int | None = 0) -> None:
+    rc = agent.wait(30)
+    if expect_agent_rc is not None:
+        assert rc == expect_agent_rc, "the worker node's agent did not stop when the head did"
+    assert not wait_dead(result["pids"]), "a worker process (on either node) outlived the engine"
+
+
+def test_tp2_split_over_two_nodes_equals_one_worker(tiny_llama, reference, nodes):
+    result, agent = run_two_nodes(nodes, tiny_llama, 2, 1, workers_per_node=1)
+    assert result["nodes"] == [0, 1]  # one TP rank on each machine: the all-reduce crosses the link
+    assert_same(reference, outputs(result))
+    finished_cleanly(result, agent)
+
+
+def test_live_switch_across_nodes_with_requests_in_flight(tiny_llama, reference, nodes):
+    result, agent = run_two_nodes(nodes, tiny_llama, 2, 2, workers_per_node=2, switch=[3, 1, 4])
+    assert [s["new"] for s in result["switch"]] == ["TP1xPP4"], result["switch"]
+    assert result["nodes"] == [0, 0, 1, 1]
+    # the pipeline crosses the link once: stages 0-1 on the head, 2-3 on the worker node
+    assert [result["nodes"][w] for w in result["placement"]] == [0, 0, 1, 1]
+    assert_same(reference, outputs(result))
+    finished_cleanly(result, agent)
+
+
+def test_worker_killed_on_the_other_node_is_recovered(tiny_llama, reference, nodes):
+    result, agent = run_two_nodes(nodes, tiny_llama, 2, 2, workers_per_node=2, kills=[[3, [3]]])
+    assert [r["lost"] for r in result["recoveries"]] == [[3]]
+    assert len(result["placement"]) == 3  # the three survivors serve on
+    assert_same(reference, outputs(result))
+    finished_cleanly(result, agent)
+
+
+def test_whole_node_lost_is_one_recovery_onto_the_head(tiny_llama, reference, nodes):
+    result, agent = run_two_nodes(nodes, tiny_llama, 2, 2, workers_per_node=2, kill_agent_at=[3])
+    assert len(result["recoveries"]) == 1 and sorted(result["recoveries"][0]["lost"]) == [2, 3], result
+    assert result["nodes"] == [0, 0] and len(result["placement"]) == 2
+    assert_same(reference, outputs(result))
+    finished_cleanly(result, agent, expect_agent_rc=None)  # SIGKILLed; its workers must still be gone
