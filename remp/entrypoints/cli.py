@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from remp.multinode.protocol import NodeUnreachable
+
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M)")
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     try:
         return a.func(a)
-    except (ValueError, FileNotFoundError, TypeError, NotImplementedError) as e:
+    except (ValueError, FileNotFoundError, TypeError, NotImplementedError, NodeUnreachable) as e:
         print(f"remp: error: {e}", file=sys.stderr)
         return 2
 

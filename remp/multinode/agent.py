@@ -23,6 +23,7 @@ from remp.multinode.protocol import (
     KillWorker,
     NodeAlive,
     NodeInfo,
+    NodeUnreachable,
     PeerLost,
     SpawnWorker,
     StopNode,
@@ -49,7 +50,7 @@ class NodeAgent:
                 master_addr, master_port, is_master=False, timeout=datetime.timedelta(seconds=connect_timeout_s)
             )
         except (dist.DistError, RuntimeError) as e:
-            raise RuntimeError(
+            raise NodeUnreachable(
                 f"node {node_rank}: no head node answered at {master_addr}:{master_port} within "
                 f"{connect_timeout_s:.0f} s ({e})"
             ) from None
@@ -76,6 +77,8 @@ class NodeAgent:
             while True:
                 try:
                     msg = pickle.loads(control.queue_pop(agent_queue(self.node)))
+                except dist.DistStoreError:  # nothing within the wait: wait again
+                    continue
                 except (dist.DistError, OSError):
                     logger.error("node %d: the head node is gone; stopping this node's workers", self.node)
                     return 1

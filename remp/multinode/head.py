@@ -21,6 +21,7 @@ from remp.multinode.protocol import (
     KillWorker,
     NodeAlive,
     NodeInfo,
+    NodeUnreachable,
     PeerLost,
     SpawnWorker,
     StopNode,
@@ -33,10 +34,6 @@ logger = init_logger(__name__)
 
 
 NODE_LOST_S = 4 * HEARTBEAT_S
-
-
-class NodesMissing(RuntimeError):
-    """Not every node joined in time."""
 
 
 class ClusterHost:
@@ -79,7 +76,7 @@ class ClusterHost:
                 client.set_timeout(datetime.timedelta(seconds=left))
                 info: NodeInfo = pickle.loads(client.queue_pop(REGISTER))
             except dist.DistStoreError:
-                raise NodesMissing(
+                raise NodeUnreachable(
                     f"nodes {missing} of {nnodes} did not join {self.addr}:{self.port} within {timeout_s:.0f} s: "
                     f"start `remp serve --headless --nnodes {nnodes} --node-rank K --master-addr {self.addr} "
                     f"--master-port {self.port}` on each"

@@ -6,7 +6,8 @@ worker on another node the same roles are played by a StoreLink (the pipe: messa
 one per direction and worker) and a RemoteProcess (the sentinel: its node's agent reports the exit code), so
 the executor's wait on "any pipe or sentinel ready" covers both. Store payloads are capped (8 MiB), so a message
 travels as frames; a receiving thread reassembles each one into a local pipe, whose file descriptor is what the
-executor waits on.
+executor waits on. The store orders the pushes of one connection, not of two: each queue's messages have
+one sender (a CLOSE from another only ends it).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import torch.distributed as dist
 
 FRAME = 4 << 20  # under the store's 8 MiB payload limit
 MORE, LAST, CLOSE = b"\0", b"\1", b"\2"
-FOREVER = datetime.timedelta(days=365)  # blocking pops end by a CLOSE frame or a lost connection, not by time
+# A blocking pop ends by a CLOSE frame or a lost connection; its timeout only bounds one wait (a pop that times
+# out is retried). Kept well under 2**31 ms: the store's socket waits overflow beyond that.
+WAIT = datetime.timedelta(hours=1)
 
 
 def send_framed(store: dist.Store, key: str, data: bytes) -> None:
@@ -36,7 +39,10 @@ def pump(store: dist.Store, key: str, deliver, on_end) -> threading.Thread:
         parts: list[bytes] = []
         try:
             while True:
-                frame = store.queue_pop(key)
+                try:
+                    frame = store.queue_pop(key)
+                except dist.DistStoreError:  # nothing within WAIT: wait again
+                    continue
                 if frame[:1] == CLOSE:
                     return
                 parts.append(frame[1:])
@@ -54,9 +60,9 @@ def pump(store: dist.Store, key: str, deliver, on_end) -> threading.Thread:
 
 
 def blocking_client(store: dist.TCPStore) -> dist.TCPStore:
-    """A connection of its own (a blocking pop holds it) that waits as long as it takes."""
+    """A connection of its own (a blocking pop holds it)."""
     client = store.clone()
-    client.set_timeout(FOREVER)
+    client.set_timeout(WAIT)
     return client
 
 

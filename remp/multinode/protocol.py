@@ -12,6 +12,10 @@ from typing import Any
 REGISTER = "remp/register"
 
 
+class NodeUnreachable(RuntimeError):
+    """A node did not join the head in time, or the head did not answer a node."""
+
+
 def agent_queue(node: int) -> str:
     return f"remp/agent/{node}"
 
