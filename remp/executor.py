@@ -414,7 +414,8 @@ class MultiprocExecutor:
         while len(self._ready.get(generation, ())) < len(self.procs):
             if not self._pump(deadline - time.monotonic()) and time.monotonic() >= deadline:
                 waiting = sorted(set(range(len(self.procs))) - self._ready.get(generation, set()))
-                raise WorkerError(f"workers {waiting} did not start within {timeout_s:.0f} s")
+                names = ", ".join(self._describe(r) for r in waiting)
+                raise WorkerError(f"{names} did not start within {timeout_s:.0f} s")
 
     def _send(self, rank: int, msg: object, data: bytes | None = None) -> None:
         try:

@@ -28,6 +28,7 @@ def main(spec: dict) -> dict:
         workers_per_node=spec.get("workers_per_node"),
         node_join_timeout_s=60,
         respawn=spec.get("respawn", False),
+        max_workers=spec.get("max_workers"),
         **{**ENGINE, "worker_timeout_s": 30},
     )
     engine.switcher.link_costs = spec.get("link_costs", True)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from tests import netns
+from remp.tools import netns
 from tests.test_reconfigure import assert_same
 from tests.test_recovery import run
 from tests.test_worker_failures import wait_dead
@@ -20,6 +21,7 @@ from tests.test_worker_failures import wait_dead
 pytestmark = pytest.mark.skipif(netns.reason_unavailable() is not None, reason=str(netns.reason_unavailable()))
 
 PORT = 29611
+DRIVER = Path(__file__).with_name("multinode_driver.py")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def run_two_nodes(nodes, model, tp, pp, workers_per_node, timeout_s=150, **spec)
     spec = dict(model=str(model), tp=tp, pp=pp, addr=nodes.addrs[0], port=PORT, workers_per_node=workers_per_node,
                 agent_pid=agent.pid, **spec)  # fmt: skip
     spec["kill_pids"] = [[step, agent.pid] for step in spec.pop("kill_agent_at", [])]
-    head = nodes.popen(0, ["tests/multinode_driver.py", json.dumps(spec)], stdout=subprocess.PIPE, text=True)
+    head = nodes.popen(0, [str(DRIVER), json.dumps(spec)], stdout=subprocess.PIPE, text=True)
     try:
         out, _ = head.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -92,6 +94,16 @@ def test_worker_killed_on_the_other_node_is_recovered(tiny_llama, reference, nod
     result, agent = run_two_nodes(nodes, tiny_llama, 2, 2, workers_per_node=2, kills=[[3, [3]]])
     assert [r["lost"] for r in result["recoveries"]] == [[3]]
     assert len(result["placement"]) == 3  # the three survivors serve on
+    assert_same(reference, outputs(result))
+    finished_cleanly(result, agent)
+
+
+def test_pool_grows_over_both_nodes_in_a_live_switch(tiny_llama, reference, nodes):
+    """One worker on each node, then TP2xPP2: the two new workers start one on each node (each node back to
+    its share), the switch runs live with requests in flight."""
+    result, agent = run_two_nodes(nodes, tiny_llama, 1, 2, workers_per_node=1, switch=[3, 2, 2], max_workers=4)
+    assert [s["new"] for s in result["switch"]] == ["TP2xPP2"], result["switch"]
+    assert sorted(result["nodes"]) == [0, 0, 1, 1]
     assert_same(reference, outputs(result))
     finished_cleanly(result, agent)
 

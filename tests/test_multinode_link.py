@@ -94,3 +94,14 @@ def test_engine_options_for_several_nodes():
 
 def test_interface_toward_loopback():
     assert interface_toward("127.0.0.1") == ("lo", "127.0.0.1")
+
+
+def test_node_stops_when_the_head_falls_silent(store, monkeypatch, caplog):
+    """A head gone without closing its connections (a partition): its heartbeat stops, the node stops."""
+    from remp.multinode import agent as agent_module
+
+    monkeypatch.setattr(agent_module, "HEAD_LOST_S", 1.0)
+    node = agent_module.NodeAgent(1, "127.0.0.1", store.port, 1, connect_timeout_s=5)
+    t0 = time.monotonic()
+    assert node.run() == 1
+    assert time.monotonic() - t0 < 10

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from remp.logger import init_logger
 from remp.messages import HEARTBEAT_S
+from remp.multinode.head import HEAD_LOST_S
 from remp.multinode.link import CLOSE, blocking_client, pump, send_framed
 from remp.multinode.net import bind_gloo_toward, interface_toward
 from remp.multinode.protocol import (
@@ -72,13 +73,19 @@ class NodeAgent:
 
     def run(self) -> int:
         """Serve the head's commands until it stops us (0) or is gone (1)."""
-        control = blocking_client(self.store)
+        control = self.store.clone()
+        control.set_timeout(datetime.timedelta(seconds=HEAD_LOST_S))
         try:
             while True:
                 try:
                     msg = pickle.loads(control.queue_pop(agent_queue(self.node)))
-                except dist.DistStoreError:  # nothing within the wait: wait again
-                    continue
+                except dist.DistStoreError:  # not even its heartbeat
+                    logger.error(
+                        "node %d: the head node has been silent for %.0f s; stopping this node's workers",
+                        self.node,
+                        HEAD_LOST_S,
+                    )
+                    return 1
                 except (dist.DistError, OSError):
                     logger.error("node %d: the head node is gone; stopping this node's workers", self.node)
                     return 1

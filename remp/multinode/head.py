@@ -18,6 +18,7 @@ from remp.messages import HEARTBEAT_S
 from remp.multinode.link import CLOSE, RemoteProcess, StoreLink, blocking_client, pump
 from remp.multinode.protocol import (
     REGISTER,
+    HeadAlive,
     KillWorker,
     NodeAlive,
     NodeInfo,
@@ -34,6 +35,7 @@ logger = init_logger(__name__)
 
 
 NODE_LOST_S = 4 * HEARTBEAT_S
+HEAD_LOST_S = 20 * HEARTBEAT_S  # generous: the head's process also runs the engine
 
 
 class ClusterHost:
@@ -60,6 +62,9 @@ class ClusterHost:
         except BaseException:
             self.shutdown()
             raise
+        self._stopping = threading.Event()
+        self._threads.append(threading.Thread(target=self._beat, name="remp-head-alive", daemon=True))
+        self._threads[-1].start()
         for node in self.remote_nodes:
             self._heard[node] = time.monotonic()
             self._threads.append(pump(blocking_client(self.store), node_up_queue(node), self._on_node_message, _noop))
@@ -94,6 +99,15 @@ class ClusterHost:
                 info.workers,
                 info.cpus,
             )
+
+    def _beat(self) -> None:
+        beat, data = self.store.clone(), pickle.dumps(HeadAlive())
+        while not self._stopping.wait(HEARTBEAT_S):
+            for node in self.remote_nodes:
+                try:
+                    beat.queue_push(agent_queue(node), data)
+                except dist.DistError:
+                    return
 
     @property
     def remote_nodes(self) -> list[int]:
@@ -136,6 +150,8 @@ class ClusterHost:
 
     def shutdown(self) -> None:
         """Stop the agents (they stop their workers); idempotent."""
+        if hasattr(self, "_stopping"):
+            self._stopping.set()
         for node in self.remote_nodes:
             try:
                 self._send(node, StopNode())

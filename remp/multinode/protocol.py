@@ -52,6 +52,12 @@ class PeerLost:
 
 
 @dataclass(frozen=True)
+class HeadAlive:
+    """Every HEARTBEAT_S from the head to each agent: an agent that hears nothing for HEAD_LOST_S (a head
+    gone without closing its connections: a partition, a power loss) stops its workers and exits."""
+
+
+@dataclass(frozen=True)
 class StopNode:
     """The head is shutting down: stop every worker and exit."""
 

@@ -1,6 +1,6 @@
-"""Two "machines" on one: network namespaces joined by a veth pair, each with its own address, so that a
-head node and a worker node talk over a real network interface (and netem can shape it). Needs root and `ip`;
-`reason_unavailable()` says why not, for a clean skip."""
+"""Two "machines" on one, for tests and benchmarks: network namespaces joined by a veth pair, each with its own
+address, so that a head node and a worker node talk over a real network interface (and netem can shape it).
+Needs root and `ip`; `reason_unavailable()` says why not, for a clean skip."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -33,28 +33,28 @@ def reason_unavailable() -> str | None:
 
 @dataclass
 class Nodes:
-    """Namespaces names[i] with address addrs[i], all on one link (a veth pair for two, a bridge-free chain is
-    not needed: tests use two)."""
+    """Namespaces names[i], each with address addrs[i] on device devs[i], the two ends of one veth pair."""
 
     names: list[str]
     addrs: list[str]
     devs: list[str]
     procs: list[subprocess.Popen] = field(default_factory=list)
 
-    def popen(self, node: int, argv: list[str], **kw) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), REMP_LOGGING_LEVEL="WARNING")
+    def popen(self, node: int, argv: list[str], log_level: str = "WARNING", **kw) -> subprocess.Popen:
+        """`python argv...` inside namespace `node`, with the repository importable."""
+        env = dict(os.environ, PYTHONPATH=str(ROOT), REMP_LOGGING_LEVEL=log_level)
         env.pop("GLOO_SOCKET_IFNAME", None)
         p = subprocess.Popen(["ip", "netns", "exec", self.names[node], sys.executable, *argv], env=env, **kw)
         self.procs.append(p)
         return p
 
-    def netem(self, node: int, spec: str) -> None:
-        """Shape the egress of node's end of the link, e.g. "rate 100mbit delay 1ms"."""
-        subprocess.run(
-            ["ip", "netns", "exec", self.names[node], "tc", "qdisc", "replace", "dev", self.devs[node], "root",
-             "netem", *spec.split()],
-            check=True, capture_output=True, timeout=30,
-        )  # fmt: skip
+    def shape(self, node: int, qdisc: str) -> None:
+        """Shape the egress of node's end of the link with a tc qdisc and its options, e.g. "netem rate 1gbit
+        delay 1ms" or, on kernels without netem, "tbf rate 1gbit burst 64kb latency 50ms"."""
+        cmd = ["ip", "netns", "exec", self.names[node], "tc", "qdisc", "replace", "dev", self.devs[node], "root"]
+        r = subprocess.run(cmd + qdisc.split(), capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise RuntimeError(f"tc qdisc {qdisc!r} on {self.devs[node]}: {r.stderr.strip()}")
 
     def close(self) -> None:
         for p in self.procs:
