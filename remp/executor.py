@@ -190,10 +190,15 @@ class MultiprocExecutor:
         if node != 0:
             parent, p = self.cluster.spawn(node, self._wids, rank, self.cfg, topology)
         else:
+            # a GPU no live worker of this machine holds (ranks change with the pool; devices do not)
+            taken = {getattr(q, "device_slot", None) for q, n in zip(self.procs, self.nodes) if n == 0 and q.is_alive()}
+            slot = min(set(range(len(self.procs) + 1)) - taken)
             parent, child = self.prestart().Pipe()
+            cfg = dataclasses.replace(self.cfg, device_slot=slot)
             p = self.prestart().Process(
-                target=worker_main, args=(rank, self.cfg, topology, child), daemon=True, name=f"remp-worker-{rank}"
+                target=worker_main, args=(rank, cfg, topology, child), daemon=True, name=f"remp-worker-{rank}"
             )
+            p.device_slot = slot
             p.start()
             child.close()
         self.procs.append(p)

@@ -52,6 +52,7 @@ class WorkerConfig:
     shm_elems: int = 0
     shm_slots: int = 0  # workers the segment has room for (the most the pool may grow to)
     nodes: tuple[int, ...] | None = None  # the node of each rank at start (None: all on one machine)
+    device_slot: int | None = None  # which of its machine's GPUs (None: rank modulo the GPUs)
 
 
 def _die_with_parent() -> None:
@@ -65,7 +66,8 @@ def _die_with_parent() -> None:
 
 def _device(cfg: WorkerConfig, rank: int) -> torch.device:
     if cfg.device == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        slot = cfg.device_slot if cfg.device_slot is not None else rank
+        torch.cuda.set_device(slot % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -98,6 +98,7 @@ def test_worker_killed_on_the_other_node_is_recovered(tiny_llama, reference, nod
     finished_cleanly(result, agent)
 
 
+@pytest.mark.slow  # make test-all: growth across nodes beyond what the issue's tests ask
 def test_pool_grows_over_both_nodes_in_a_live_switch(tiny_llama, reference, nodes):
     """One worker on each node, then TP2xPP2: the two new workers start one on each node (each node back to
     its share), the switch runs live with requests in flight."""

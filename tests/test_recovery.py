@@ -104,6 +104,8 @@ def test_respawn_keeps_the_topology(tiny_llama, reference):
     ((r,),) = [recoveries]
     assert str(engine.topology) == "TP2xPP2" and engine.executor.pool_size == 4
     assert r.new_topology == "TP2xPP2" and r.bytes_from_checkpoint["weights"] > 0
+    # the replacement takes the dead worker's device (on CUDA, its GPU), not one a survivor holds
+    assert sorted(p.device_slot for p in engine.executor.procs) == [0, 1, 2, 3]
 
 
 def test_worker_lost_during_a_live_switch(tiny_llama, reference):

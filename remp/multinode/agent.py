@@ -107,16 +107,19 @@ class NodeAgent:
         cfg = msg.cfg
         if cfg.device == "cpu" and cfg.shm_elems and cfg.shm_slots > 1 and self.segment is None:
             self.segment = ShmSegment(cfg.shm_slots, cfg.shm_elems)  # this node's: the head's is not reachable
-        local = sum(p.is_alive() for p in self.procs.values()) + 1
+        live = [p for p in self.procs.values() if p.is_alive()]
+        slot = min(set(range(len(live) + 1)) - {p.device_slot for p in live})  # a GPU no live worker here holds
         cfg = dataclasses.replace(
             cfg,
-            threads=max(1, (os.cpu_count() or 1) // max(self.workers, local)),
+            device_slot=slot,
+            threads=max(1, (os.cpu_count() or 1) // max(self.workers, len(live) + 1)),
             shm_name=self.segment.name if self.segment is not None else None,
         )
         parent, child = self.ctx.Pipe()
         p = self.ctx.Process(
             target=worker_main, args=(msg.rank, cfg, msg.topology, child), daemon=True, name=f"remp-worker-{msg.wid}"
         )
+        p.device_slot = slot
         p.start()
         child.close()
         self.procs[msg.wid] = p

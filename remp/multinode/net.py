@@ -32,8 +32,9 @@ def interface_toward(addr: str) -> tuple[str, str]:
 
 
 def bind_gloo_toward(addr: str) -> str:
-    """Make gloo (in this process and every process it starts afterwards) use the interface that reaches
-    `addr`, unless the user chose one with GLOO_SOCKET_IFNAME. Returns the interface."""
-    if not os.environ.get("GLOO_SOCKET_IFNAME"):
-        os.environ["GLOO_SOCKET_IFNAME"] = interface_toward(addr)[0]
+    """Make gloo and NCCL (in this process and every process it starts afterwards) use the interface that
+    reaches `addr`, unless the user chose one (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME). Returns gloo's."""
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if not os.environ.get(var):
+            os.environ[var] = interface_toward(addr)[0]
     return os.environ["GLOO_SOCKET_IFNAME"]
