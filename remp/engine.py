@@ -63,6 +63,10 @@ class LLMEngine:
         self.max_workers = args.max_workers or args.tensor_parallel_size * args.pipeline_parallel_size
         if args.nnodes > 1:
             bind_gloo_toward(args.master_addr)  # before the fork server starts: its workers inherit it
+            if args.master_addr.startswith("127.") or args.master_addr in ("localhost", "::1"):
+                logger.warning(
+                    "master_addr %s is a loopback address: only nodes on this machine can join", args.master_addr
+                )
         if self.max_workers > 1 or args.distributed_executor_backend == "mp":
             MultiprocExecutor.prestart()
         reader = open_checkpoint(args.model)
@@ -449,6 +453,10 @@ class LLMEngine:
             raise EngineDeadError(f"the engine stopped after a worker failure: {self.error}")
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {', '.join(self.MODES)}, not {mode!r}")
+        if mode == "restart" and self.args.nnodes > 1:
+            raise ValueError(
+                "mode 'restart' (the single-machine baseline) is not offered on several nodes: use live or stop"
+            )
         if self.switching is not None:
             raise SwitchInProgress(str(self.switching.target))
         old = self.topology

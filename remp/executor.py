@@ -162,11 +162,6 @@ class MultiprocExecutor:
         self._progress: dict[int, dict[int, SwitchProgress]] = {}  # switch id -> rank -> latest progress
         self._ready: dict[int, set[int]] = {}  # generation (-1: started, waiting to join) -> ranks
         self.procs, self.conns = [], []
-        self.segment = None
-        slots = max(cfg.world_size, cfg.shm_slots)
-        if cfg.device == "cpu" and cfg.shm_elems and slots > 1:  # one worker never all-reduces
-            self.segment = ShmSegment(slots, cfg.shm_elems)  # a slot for every worker the pool may have
-            cfg = dataclasses.replace(cfg, shm_name=self.segment.name, shm_slots=slots)
         layout = [0] * cfg.world_size
         if cluster is not None:
             layout = [n for n in sorted(cluster.nodes) for _ in range(cluster.nodes[n].workers)]
@@ -175,6 +170,11 @@ class MultiprocExecutor:
                 per_node = {n: i.workers for n, i in cluster.nodes.items()}
                 raise ValueError(f"{topology} needs {cfg.world_size} workers; the nodes have {per_node}")
             cfg = dataclasses.replace(cfg, init_method=cluster.rendezvous(0), nodes=tuple(layout))
+        self.segment = None
+        slots = max(cfg.world_size, cfg.shm_slots)
+        if cfg.device == "cpu" and cfg.shm_elems and slots > 1:  # one worker never all-reduces
+            self.segment = ShmSegment(slots, cfg.shm_elems)  # a slot for every worker the pool may have
+            cfg = dataclasses.replace(cfg, shm_name=self.segment.name, shm_slots=slots)
         self.cfg = cfg
         self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns, self.segment, cluster)
         try:
@@ -215,12 +215,11 @@ class MultiprocExecutor:
         return Links(tuple(nodes), *self.link_Bps)
 
     def _roomiest_node(self, nodes: list[int]) -> int:
-        """Where a new worker goes: the live node furthest below the workers it started with (this node on
-        ties). A node none of whose workers is left counts as lost."""
+        """Where a new worker goes: the node furthest below the workers it started with (this node on ties),
+        among those not lost."""
         if self.cluster is None:
             return 0
-        live = ({0} | set(nodes)) & set(self.cluster.nodes)
-        count = {n: nodes.count(n) - self.cluster.nodes[n].workers for n in live}
+        count = {n: nodes.count(n) - info.workers for n, info in self.cluster.nodes.items()}  # nodes not lost
         return min(count, key=lambda n: (count[n], n))
 
     def _threads(self, node: int) -> int:
@@ -304,7 +303,8 @@ class MultiprocExecutor:
                 deadline = time.monotonic() + timeout_s
                 while not self.joining_started():
                     if time.monotonic() > deadline:
-                        raise WorkerError(f"replacement workers did not start within {timeout_s:.0f} s")
+                        names = ", ".join(self._describe(r) for r in range(len(survivors), len(self.procs)))
+                        raise WorkerError(f"replacement {names} did not start within {timeout_s:.0f} s")
                     self._pump(0.05)
             self.regroup(None, drop_shards)
             self._await_ready(self.generation, timeout_s)  # reads what survivors sent before: stale now
@@ -417,6 +417,8 @@ class MultiprocExecutor:
     def _await_ready(self, generation: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while len(self._ready.get(generation, ())) < len(self.procs):
+            if self.cluster is not None:
+                self.cluster.mark_silent_nodes_lost()  # their workers' exits end the wait (_pump: "died")
             if not self._pump(deadline - time.monotonic()) and time.monotonic() >= deadline:
                 waiting = sorted(set(range(len(self.procs))) - self._ready.get(generation, set()))
                 names = ", ".join(self._describe(r) for r in waiting)
@@ -467,7 +469,8 @@ class MultiprocExecutor:
                 missing = sorted(
                     r for r in range(len(self.procs)) if r not in progress or progress[r].stage not in stages
                 )
-                raise WorkerError(f"workers {missing} did not finish the switch within {timeout_s:.0f} s")
+                names = ", ".join(self._describe(r) for r in missing)
+                raise WorkerError(f"{names} did not finish the switch within {timeout_s:.0f} s")
             self._pump(min(left, 0.5))
 
     def use_topology(self, topology: Topology) -> None:

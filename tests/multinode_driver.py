@@ -32,6 +32,12 @@ def main(spec: dict) -> dict:
         **{**ENGINE, "worker_timeout_s": 30},
     )
     engine.switcher.link_costs = spec.get("link_costs", True)
+    refused = None
+    if spec.get("try_restart"):
+        try:
+            engine.reconfigure(1, 2, mode="restart")
+        except ValueError as e:
+            refused = str(e)
     for i, p in enumerate(REQUESTS):
         engine.add_request(str(i), {"prompt_token_ids": p}, params(i))
     outs, pids, switched, reports = {}, set(), [], []
@@ -68,6 +74,7 @@ def main(spec: dict) -> dict:
             "placement": list(engine.topology.placement),
             "nodes": list(ex.nodes),
             "pids": sorted(pids),
+            "restart_refused": refused,
         }
     finally:
         engine.shutdown()

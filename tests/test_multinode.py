@@ -74,8 +74,9 @@ def finished_cleanly(result: dict, agent: subprocess.Popen, expect_agent_rc: int
 
 
 def test_tp2_split_over_two_nodes_equals_one_worker(tiny_llama, reference, nodes):
-    result, agent = run_two_nodes(nodes, tiny_llama, 2, 1, workers_per_node=1)
+    result, agent = run_two_nodes(nodes, tiny_llama, 2, 1, workers_per_node=1, try_restart=True)
     assert result["nodes"] == [0, 1]  # one TP rank on each machine: the all-reduce crosses the link
+    assert "not offered on several nodes" in result["restart_refused"]
     assert_same(reference, outputs(result))
     finished_cleanly(result, agent)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import socket
+import threading
 import time
 
 import pytest
@@ -16,7 +18,7 @@ from remp.entrypoints.cli import main as cli
 from remp.multinode.head import ClusterHost
 from remp.multinode.link import CLOSE, FRAME, StoreLink, blocking_client, pump, send_framed
 from remp.multinode.net import interface_toward
-from remp.multinode.protocol import NodeUnreachable
+from remp.multinode.protocol import HeadAlive, NodeUnreachable
 
 
 def free_port() -> int:
@@ -96,12 +98,58 @@ def test_interface_toward_loopback():
     assert interface_toward("127.0.0.1") == ("lo", "127.0.0.1")
 
 
-def test_node_stops_when_the_head_falls_silent(store, monkeypatch, caplog):
-    """A head gone without closing its connections (a partition): its heartbeat stops, the node stops."""
+@pytest.fixture
+def node_env(monkeypatch):
+    """A NodeAgent binds gloo/NCCL through the environment: keep that inside the test."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "lo")
+    return monkeypatch
+
+
+def test_node_stops_when_the_head_falls_silent(store, node_env, caplog):
+    """A head gone without closing its connections (a partition): no heartbeat, the node stops."""
     from remp.multinode import agent as agent_module
 
-    monkeypatch.setattr(agent_module, "HEAD_LOST_S", 1.0)
+    node_env.setattr(agent_module, "HEAD_LOST_S", 1.0)
     node = agent_module.NodeAgent(1, "127.0.0.1", store.port, 1, connect_timeout_s=5)
+    store.queue_push("remp/agent/1", pickle.dumps(HeadAlive()))  # it was heard once
     t0 = time.monotonic()
-    assert node.run() == 1
+    with caplog.at_level("ERROR", logger="remp"):
+        assert node.run() == 1
     assert time.monotonic() - t0 < 10
+    assert "the head node has been silent for 1 s" in caplog.text
+
+
+def test_a_node_rank_is_taken_once(store, node_env):
+    from remp.multinode.agent import NodeAgent
+
+    NodeAgent(1, "127.0.0.1", store.port, 1, connect_timeout_s=5)
+    with pytest.raises(NodeUnreachable, match="node rank 1 is taken"):
+        NodeAgent(1, "127.0.0.1", store.port, 1, connect_timeout_s=5)
+
+
+def test_nodes_joining_far_apart_all_stay(node_env):
+    """Three nodes, the last joining well after the first would have given up on a silent head: the head
+    beats from the start, so both agents serve until it stops them."""
+    from remp.multinode import agent as agent_module
+
+    node_env.setattr(agent_module, "HEAD_LOST_S", 1.0)
+    port, hosts, codes = free_port(), [], {}
+    head = threading.Thread(target=lambda: hosts.append(ClusterHost(3, "127.0.0.1", port, 1, join_timeout_s=20)))
+    head.start()
+
+    def node(rank: int) -> None:
+        codes[rank] = agent_module.NodeAgent(rank, "127.0.0.1", port, 1, connect_timeout_s=20).run()
+
+    first = threading.Thread(target=node, args=(1,))
+    first.start()
+    time.sleep(2.5)  # 2.5x the (shortened) time an agent waits for a silent head
+    second = threading.Thread(target=node, args=(2,))
+    second.start()
+    head.join(30)
+    assert hosts and sorted(hosts[0].nodes) == [0, 1, 2]
+    assert first.is_alive() and second.is_alive()
+    hosts[0].shutdown()
+    first.join(20)
+    second.join(20)
+    assert codes == {1: 0, 2: 0}

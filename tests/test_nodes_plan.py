@@ -1,8 +1,6 @@
 """The planner on a pool that spans nodes (pure): bytes priced per link, TP groups kept inside a node when the
 cost is equal, a holder on the receiver's node preferred, and the single-node answer unchanged."""
 
-import itertools
-
 import pytest
 
 from remp.config import ModelConfig
@@ -18,12 +16,12 @@ SHAPES = [(1, 1), (2, 1), (1, 2), (4, 1), (2, 2), (1, 4), (1, 3)]
 
 
 def receive_s(plan, links) -> float:
-    """The slowest receiver's time, each transfer over its own link."""
-    per: dict[int, float] = {}
-    for t in plan.transfers:
-        if t.src >= 0:
-            per[t.dst] = per.get(t.dst, 0.0) + SIZER.bytes(t.piece) / links.bandwidth(t.src, t.dst)
-    return max(per.values(), default=0.0)
+    """What the priced placement minimises: the receivers' total time, each transfer over its own link, reads
+    from the checkpoint at the intra-node rate."""
+    return sum(
+        SIZER.bytes(t.piece) / (links.bandwidth(t.src, t.dst) if t.src >= 0 else links.intra_Bps)
+        for t in plan.transfers
+    )
 
 
 def stage_nodes(topology, links) -> list[set[int]]:
@@ -76,12 +74,29 @@ def test_tp_inside_a_node_and_pp_across_on_a_cold_pool():
     assert stage_nodes(placed, links) == [{0}, {1}]
 
 
-def test_single_node_links_change_nothing():
-    one = Links.one_node(4)
-    for old, new in itertools.permutations([(4, 1), (2, 2), (1, 4)], 2):
-        a = best_placement(CFG, Topology(*old), *new, SIZER)
-        b = best_placement(CFG, Topology(*old), *new, SIZER, links=one)
-        assert a == b
+# Placements of the bytes-only planner before link pricing existed (b49dc51), pool [0, 1, 2, 3]: unchanged
+# without links, and with links of one node.
+BEFORE_LINKS = {
+    ((4, 1), (2, 2)): (1, 2, 0, 3),
+    ((4, 1), (1, 4)): (3, 2, 1, 0),
+    ((4, 1), (3, 1)): (0, 1, 3),
+    ((2, 2), (4, 1)): (2, 0, 1, 3),
+    ((2, 2), (1, 4)): (0, 1, 3, 2),
+    ((2, 2), (1, 3)): (0, 3, 2),
+    ((1, 4), (2, 2)): (0, 1, 3, 2),
+    ((1, 4), (2, 1)): (3, 0),
+    ((1, 1), (2, 2)): (2, 1, 0, 3),
+    ((2, 1), (1, 4)): (1, 3, 2, 0),
+    ((1, 2), (3, 1)): (1, 2, 0),
+    ((3, 1), (1, 3)): (2, 1, 0),
+}
+
+
+@pytest.mark.parametrize("old, new", list(BEFORE_LINKS))
+def test_placement_without_links_is_as_before(old, new):
+    for links in (None, Links.one_node(4)):
+        placed = best_placement(CFG, Topology(*old), *new, SIZER, workers=[0, 1, 2, 3], links=links)
+        assert placed.placement == BEFORE_LINKS[(old, new)]
 
 
 def test_a_holder_on_the_receivers_node_is_the_source():

@@ -26,11 +26,13 @@ from remp.multinode.protocol import (
     NodeInfo,
     NodeUnreachable,
     PeerLost,
+    PeerLostDone,
     SpawnWorker,
     StopNode,
     WorkerExited,
     agent_queue,
     node_up_queue,
+    rank_claim,
 )
 
 logger = init_logger(__name__)
@@ -55,8 +57,13 @@ class NodeAgent:
                 f"node {node_rank}: no head node answered at {master_addr}:{master_port} within "
                 f"{connect_timeout_s:.0f} s ({e})"
             ) from None
-        self.procs: dict[int, object] = {}
+        token = f"{socket.gethostname()}:{os.getpid()}:{time.time()}"
+        if self.store.compare_set(rank_claim(node_rank), "", token).decode() != token:
+            raise NodeUnreachable(f"node rank {node_rank} is taken: another node joined the head under it")
+        self.procs: dict[int, object] = {}  # wid -> its Process, while it runs
+        self.exits: dict[int, threading.Event] = {}  # wid -> set once its watch thread has seen it exit
         self.segment = None
+        self.reporter = self.store.clone()  # the control loop's answers (PeerLostDone)
         info = NodeInfo(node_rank, socket.gethostname(), os.cpu_count() or 1, workers, self.address)
         self.store.queue_push(REGISTER, pickle.dumps(info))
         logger.info("node %d joined the head at %s:%d (gloo on %s)", node_rank, master_addr, master_port, ifname)
@@ -67,34 +74,41 @@ class NodeAgent:
         while True:
             try:
                 send_framed(beat, node_up_queue(self.node), data)
-            except dist.DistError:
-                return  # the head is gone: the control loop sees it too
+            except dist.DistError as e:
+                logger.warning("node %d: heartbeat to the head stopped: %s", self.node, e)
+                return  # the control loop sees the head gone too
             time.sleep(HEARTBEAT_S)
 
     def run(self) -> int:
         """Serve the head's commands until it stops us (0) or is gone (1)."""
         control = self.store.clone()
         control.set_timeout(datetime.timedelta(seconds=HEAD_LOST_S))
+        heard = False
         try:
             while True:
                 try:
                     msg = pickle.loads(control.queue_pop(agent_queue(self.node)))
                 except dist.DistStoreError:  # not even its heartbeat
+                    why = "has been silent" if heard else "never answered this node (it takes nodes only at start)"
                     logger.error(
-                        "node %d: the head node has been silent for %.0f s; stopping this node's workers",
+                        "node %d: the head node %s for %.0f s; stopping this node's workers",
                         self.node,
+                        why,
                         HEAD_LOST_S,
                     )
                     return 1
                 except (dist.DistError, OSError):
                     logger.error("node %d: the head node is gone; stopping this node's workers", self.node)
                     return 1
+                heard = True
                 if isinstance(msg, SpawnWorker):
                     self._spawn(msg)
                 elif isinstance(msg, KillWorker) and msg.wid in self.procs:
-                    self.procs[msg.wid].kill()
-                elif isinstance(msg, PeerLost) and self.segment is not None:
-                    self.segment.peer_lost()
+                    self.procs[msg.wid].kill()  # a signal only: the watch thread alone waits for the process
+                elif isinstance(msg, PeerLost):
+                    if self.segment is not None:
+                        self.segment.peer_lost()
+                    send_framed(self.reporter, node_up_queue(self.node), pickle.dumps(PeerLostDone(self.node, msg.seq)))
                 elif isinstance(msg, StopNode):
                     return 0
         finally:
@@ -107,7 +121,7 @@ class NodeAgent:
         cfg = msg.cfg
         if cfg.device == "cpu" and cfg.shm_elems and cfg.shm_slots > 1 and self.segment is None:
             self.segment = ShmSegment(cfg.shm_slots, cfg.shm_elems)  # this node's: the head's is not reachable
-        live = [p for p in self.procs.values() if p.is_alive()]
+        live = [p for wid, p in self.procs.items() if not self.exits[wid].is_set()]
         slot = min(set(range(len(live) + 1)) - {p.device_slot for p in live})  # a GPU no live worker here holds
         cfg = dataclasses.replace(
             cfg,
@@ -122,7 +136,7 @@ class NodeAgent:
         p.device_slot = slot
         p.start()
         child.close()
-        self.procs[msg.wid] = p
+        self.procs[msg.wid], self.exits[msg.wid] = p, threading.Event()
         down, up = f"remp/down/{msg.wid}", f"remp/up/{msg.wid}"
         sender = self.store.clone()
 
@@ -148,10 +162,12 @@ class NodeAgent:
 
         reporter = self.store.clone()
 
-        def watch() -> None:
+        def watch() -> None:  # the one thread that waits for the process (two would race for its exit code)
             p.join()
+            code = p.exitcode
+            self.exits[msg.wid].set()
             try:
-                send_framed(reporter, node_up_queue(self.node), pickle.dumps(WorkerExited(msg.wid, p.exitcode)))
+                send_framed(reporter, node_up_queue(self.node), pickle.dumps(WorkerExited(msg.wid, code)))
             except dist.DistError:
                 pass
 
@@ -159,11 +175,11 @@ class NodeAgent:
         threading.Thread(target=watch, name=f"remp-watch-{msg.wid}", daemon=True).start()
 
     def _stop_all(self, grace_s: float = 5.0) -> None:
-        for p in self.procs.values():
-            p.join(grace_s)  # the head sent them Shutdown first
-            if p.is_alive():
+        deadline = time.monotonic() + grace_s
+        for wid, p in self.procs.items():
+            if not self.exits[wid].wait(max(0.0, deadline - time.monotonic())):  # the head sent them Shutdown
                 p.kill()
-                p.join(2.0)
+                self.exits[wid].wait(2.0)
         if self.segment is not None:
             self.segment.close(unlink=True)
 

@@ -6,8 +6,8 @@ worker on another node the same roles are played by a StoreLink (the pipe: messa
 one per direction and worker) and a RemoteProcess (the sentinel: its node's agent reports the exit code), so
 the executor's wait on "any pipe or sentinel ready" covers both. Store payloads are capped (8 MiB), so a message
 travels as frames; a receiving thread reassembles each one into a local pipe, whose file descriptor is what the
-executor waits on. The store orders the pushes of one connection, not of two: each queue's messages have
-one sender (a CLOSE from another only ends it).
+executor waits on. The store orders the pushes of one connection, not of two: a worker's queues have one
+sender each (a CLOSE from another only ends them); a node's queue has several, and one-frame messages only.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import threading
+import weakref
 from multiprocessing import Pipe
 
 import torch.distributed as dist
@@ -73,13 +74,8 @@ class StoreLink:
         self.down, self.up = f"remp/down/{wid}", f"remp/up/{wid}"
         self._send_store, self._lock = store.clone(), threading.Lock()
         self._reader, writer = Pipe(duplex=False)
-        self._writer_lock = threading.Lock()
-
-        def end() -> None:
-            with self._writer_lock:
-                writer.close()  # the executor reads EOF: the worker is gone
-
-        self._thread = pump(blocking_client(store), self.up, writer.send_bytes, end)
+        # at the end the executor reads EOF: the worker is gone
+        self._thread = pump(blocking_client(store), self.up, writer.send_bytes, writer.close)
         self._wake = store.clone()
 
     def send_bytes(self, data: bytes) -> None:
@@ -120,6 +116,7 @@ class RemoteProcess:
         self.pid: int | None = None  # on its own machine
         self._r, self._w = os.pipe()
         self._done = threading.Event()
+        weakref.finalize(self, _close_fds, self._r, self._w)
 
     @property
     def sentinel(self) -> int:
@@ -144,9 +141,10 @@ class RemoteProcess:
         finally:
             self.exited(-9)
 
-    def close(self) -> None:
-        for fd in (self._r, self._w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

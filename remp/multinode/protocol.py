@@ -12,6 +12,11 @@ from typing import Any
 REGISTER = "remp/register"
 
 
+def rank_claim(node: int) -> str:
+    """Set once by the agent that takes this node rank (compare-and-set): a second one is refused."""
+    return f"remp/rank/{node}"
+
+
 class NodeUnreachable(RuntimeError):
     """A node did not join the head in time, or the head did not answer a node."""
 
@@ -48,7 +53,16 @@ class KillWorker:
 
 @dataclass(frozen=True)
 class PeerLost:
-    """A worker was lost: survivors on this node waiting in a shared-memory all-reduce give up."""
+    """A worker was lost: survivors on this node waiting in a shared-memory all-reduce give up. Answered by
+    PeerLostDone, before the head regroups the survivors."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class PeerLostDone:
+    node: int
+    seq: int
 
 
 @dataclass(frozen=True)

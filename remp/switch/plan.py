@@ -166,10 +166,9 @@ def best_placement(
 ) -> Topology:
     """The placement of the new coordinates on the pool's workers (default: old's) that keeps the most bytes in
     place. A pool larger than the topology leaves the workers that would keep the least idle. With `links` (a
-    pool on several nodes) the bytes each worker must receive are priced at the bandwidth of the link they cross
-    (from a holder on its own node if there is one), so the placement that keeps the most is the one that moves
-    in the least time; among placements of equal cost, each TP group stays inside a node and the pipeline
-    crosses nodes."""
+    pool on several nodes) each part a worker must receive is priced at the bandwidth of the fastest link to a
+    holder of it, and the placement minimises the receivers' total time (a proxy for the slowest one's);
+    among placements of equal cost, each TP group stays inside a node and the pipeline crosses nodes."""
     workers = sorted(old.placement if workers is None else workers)
     draft = Topology(tp, pp, tuple(range(tp * pp)), layers_per_stage)
     if draft.size > len(workers):
