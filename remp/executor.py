@@ -399,6 +399,12 @@ class MultiprocExecutor:
                 self._ready.setdefault(msg.generation, set()).add(msg.rank)
                 if isinstance(self.procs[rank], RemoteProcess):
                     self.procs[rank].pid = msg.pid  # its pid on its own node (for logs, and tests that kill it)
+                if (
+                    self.cluster is not None
+                    and msg.generation > 0
+                    and len(self._ready[msg.generation]) == len(self.procs)
+                ):
+                    self.cluster.forget_generations_before(msg.generation)  # every worker left them
             # Heartbeat: only that it came (above)
             elif isinstance(msg, WorkerFailed):
                 raise WorkerError(f"{self._describe(msg.rank)} failed:\n{msg.traceback}")

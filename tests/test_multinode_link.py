@@ -153,3 +153,15 @@ def test_nodes_joining_far_apart_all_stay(node_env):
     first.join(20)
     second.join(20)
     assert codes == {1: 0, 2: 0}
+
+
+def test_old_generations_rendezvous_keys_are_deleted(node_env):
+    host = ClusterHost(1, "127.0.0.1", free_port(), 1, join_timeout_s=5)
+    try:
+        for g in (0, 1, 2):
+            dist.PrefixStore(f"gen{g}", host.store).set("rank0", "x")
+        host.store.set("generation_unrelated", "y")
+        host.forget_generations_before(2)
+        assert sorted(host.store.list_keys()) == ["gen2/rank0", "generation_unrelated"]
+    finally:
+        host.shutdown()

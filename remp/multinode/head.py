@@ -123,6 +123,13 @@ class ClusterHost:
         """Where a generation's torch.distributed world meets: this store, under its own prefix."""
         return f"store://{self.addr}:{self.port}/gen{generation}"
 
+    def forget_generations_before(self, generation: int) -> None:
+        """Delete the rendezvous keys of the generations every worker has left (a server runs for months)."""
+        for key in self.store.list_keys():
+            prefix = key.split("/", 1)[0]
+            if prefix.startswith("gen") and prefix[3:].isdigit() and int(prefix[3:]) < generation:
+                self.store.delete_key(key)
+
     def _send(self, node: int, msg: object) -> None:
         self.store.queue_push(agent_queue(node), pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
 
