@@ -42,19 +42,24 @@ def main(spec: dict) -> dict:
         engine.add_request(str(i), {"prompt_token_ids": p}, params(i))
     outs, pids, switched, reports = {}, set(), [], []
     switch = spec.get("switch")  # [step, tp, pp]
-    kills = {step: ranks for step, ranks in spec.get("kills", [])}  # step -> ranks in the pool then
+    # step -> ranks in the pool then (killed at the first step from then on with no switch under way)
+    kills = {step: ranks for step, ranks in spec.get("kills", [])}
     kill_pids = {step: pid for step, pid in spec.get("kill_pids", [])}
     try:
         while engine.has_unfinished_requests() or engine.switching:
             pids |= {p.pid for p in engine.executor.procs if p.pid}
             n = engine.num_steps
             if switch and n >= switch[0] and not switched:
-                engine.start_reconfigure(switch[1], switch[2], mode=spec.get("mode", "live"),
-                                         on_done=lambda r, e: reports.append((r, e)))  # fmt: skip
+
+                def done(r, e) -> None:  # the nodes of the stages as the switch placed them
+                    reports.append((r, e, [engine.executor.nodes[w] for w in engine.topology.placement]))
+
+                engine.start_reconfigure(switch[1], switch[2], mode=spec.get("mode", "live"), on_done=done)
                 switched.append(n)
             for pid in [kill_pids.pop(n)] if n in kill_pids else []:
                 os.kill(pid, signal.SIGKILL)
-            for rank in kills.pop(n, []):
+            due = [step for step in kills if n >= step and not engine.switching]  # not into a switch
+            for rank in [r for step in due for r in kills.pop(step)]:
                 os.kill(engine.executor.procs[rank].pid, signal.SIGKILL)
             for o in engine.step():
                 if o.finished:
@@ -68,7 +73,7 @@ def main(spec: dict) -> dict:
         ex = engine.executor
         return {
             "outs": outs,
-            "switch": [_report(r, e) for r, e in reports],
+            "switch": [dict(_report(r, e), stage_nodes=nodes) for r, e, nodes in reports],
             "recoveries": [_report(r, None) for r in engine.stats.switches if r.cause == "worker_lost"],
             "topology": str(engine.topology),
             "placement": list(engine.topology.placement),
