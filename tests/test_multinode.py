@@ -18,7 +18,8 @@ from tests.test_reconfigure import assert_same
 from tests.test_recovery import run
 from tests.test_worker_failures import wait_dead
 
-pytestmark = pytest.mark.skipif(netns.reason_unavailable() is not None, reason=str(netns.reason_unavailable()))
+WHY_NOT = netns.reason_unavailable()
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
 
 PORT = 29611
 DRIVER = Path(__file__).with_name("multinode_driver.py")

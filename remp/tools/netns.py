@@ -28,6 +28,11 @@ def reason_unavailable() -> str | None:
     if r.returncode != 0:
         return f"`ip netns add` failed: {r.stderr.strip()}"
     _ip("netns", "del", probe, check=False)
+    dev = f"rp{os.getpid() % 100000}"
+    r = _ip("link", "add", f"{dev}a", "type", "veth", "peer", "name", f"{dev}b", check=False)
+    if r.returncode != 0:
+        return f"no veth pairs here: {r.stderr.strip()}"
+    _ip("link", "del", f"{dev}a", check=False)
     return None
 
 
