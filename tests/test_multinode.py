@@ -74,10 +74,14 @@ def finished_cleanly(result: dict, agent: subprocess.Popen, expect_agent_rc: int
     assert not wait_dead(result["pids"]), "a worker process (on either node) outlived the engine"
 
 
-def test_tp2_split_over_two_nodes_equals_one_worker(tiny_llama, reference, nodes):
-    result, agent = run_two_nodes(nodes, tiny_llama, 2, 1, workers_per_node=1, try_restart=True)
-    assert result["nodes"] == [0, 1]  # one TP rank on each machine: the all-reduce crosses the link
+def test_tp2_split_over_two_nodes_then_the_remote_worker_killed(tiny_llama, reference, nodes):
+    """TP2 with one rank on each machine (every all-reduce crosses the link), then the worker on the other
+    node SIGKILLed: recovered onto the head's worker alone, as locally. Tokens and logprobs equal one
+    worker's throughout (both phases in one run, to keep the suite short)."""
+    result, agent = run_two_nodes(nodes, tiny_llama, 2, 1, workers_per_node=1, try_restart=True, kills=[[8, [1]]])
     assert "not offered on several nodes" in result["restart_refused"]
+    assert [r["lost"] for r in result["recoveries"]] == [[1]]
+    assert result["nodes"] == [0] and result["topology"] == "TP1xPP1"
     assert_same(reference, outputs(result))
     finished_cleanly(result, agent)
 
@@ -91,6 +95,7 @@ def test_live_switch_across_nodes_with_requests_in_flight(tiny_llama, reference,
     finished_cleanly(result, agent)
 
 
+@pytest.mark.slow  # make test-all; make test kills the remote worker of a TP2 split instead
 def test_worker_killed_on_the_other_node_is_recovered(tiny_llama, reference, nodes):
     result, agent = run_two_nodes(nodes, tiny_llama, 2, 2, workers_per_node=2, kills=[[3, [3]]])
     assert [r["lost"] for r in result["recoveries"]] == [[3]]
