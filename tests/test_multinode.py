@@ -1,8 +1,8 @@
 """A pool on two machines, for real: a head node and a worker node in two network namespaces joined by a veth
 pair, talking over that link only (the head's TCP store, gloo bound to the veth). float64 tiny model: tokens
 and logprobs equal a single worker's, across a TP group split over the nodes, a live switch with requests in
-flight, and a worker killed on the other node (and the whole node lost). Skips where namespaces cannot be made
-(not root, no iproute2)."""
+flight, and a worker killed on the other node (in make test-all also: a whole node lost, the pool growing over
+both nodes). Skips where namespaces or veth pairs cannot be made (not root, no iproute2)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def run_two_nodes(nodes, model, tp, pp, workers_per_node, timeout_s=150, **spec)
          "--master-port", str(PORT), "--workers-per-node", str(workers_per_node), "--node-join-timeout-s", "60"],
     )  # fmt: skip
     spec = dict(model=str(model), tp=tp, pp=pp, addr=nodes.addrs[0], port=PORT, workers_per_node=workers_per_node,
-                agent_pid=agent.pid, **spec)  # fmt: skip
+                **spec)  # fmt: skip
     spec["kill_pids"] = [[step, agent.pid] for step in spec.pop("kill_agent_at", [])]
     head = nodes.popen(0, [str(DRIVER), json.dumps(spec)], stdout=subprocess.PIPE, text=True)
     try:
