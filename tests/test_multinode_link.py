@@ -123,9 +123,12 @@ def test_node_stops_when_the_head_falls_silent(store, node_env, caplog):
 def test_a_node_rank_is_taken_once(store, node_env):
     from remp.multinode.agent import NodeAgent
 
-    NodeAgent(1, "127.0.0.1", store.port, 1, connect_timeout_s=5)
-    with pytest.raises(NodeUnreachable, match="node rank 1 is taken"):
-        NodeAgent(1, "127.0.0.1", store.port, 1, connect_timeout_s=5)
+    first = NodeAgent(1, "127.0.0.1", store.port, 1, connect_timeout_s=5)
+    try:
+        with pytest.raises(NodeUnreachable, match="node rank 1 is taken"):
+            NodeAgent(1, "127.0.0.1", store.port, 1, connect_timeout_s=5)
+    finally:
+        first.close()
 
 
 def test_nodes_joining_far_apart_all_stay(node_env):

@@ -64,6 +64,7 @@ class NodeAgent:
         self.exits: dict[int, threading.Event] = {}  # wid -> set once its watch thread has seen it exit
         self.segment = None
         self.reporter = self.store.clone()  # the control loop's answers (PeerLostDone)
+        self._closed = threading.Event()
         info = NodeInfo(node_rank, socket.gethostname(), os.cpu_count() or 1, workers, self.address)
         self.store.queue_push(REGISTER, pickle.dumps(info))
         logger.info("node %d joined the head at %s:%d (gloo on %s)", node_rank, master_addr, master_port, ifname)
@@ -71,13 +72,18 @@ class NodeAgent:
 
     def _heartbeat(self) -> None:
         beat, data = self.store.clone(), pickle.dumps(NodeAlive(self.node))
-        while True:
+        while not self._closed.is_set():
             try:
                 send_framed(beat, node_up_queue(self.node), data)
             except dist.DistError as e:
-                logger.warning("node %d: heartbeat to the head stopped: %s", self.node, e)
+                if not self._closed.is_set():
+                    logger.warning("node %d: heartbeat to the head stopped: %s", self.node, e)
                 return  # the control loop sees the head gone too
-            time.sleep(HEARTBEAT_S)
+            self._closed.wait(HEARTBEAT_S)
+
+    def close(self) -> None:
+        """Stop this node's heartbeat (run() does, as it ends)."""
+        self._closed.set()
 
     def run(self) -> int:
         """Serve the head's commands until it stops us (0) or is gone (1)."""
@@ -112,6 +118,7 @@ class NodeAgent:
                 elif isinstance(msg, StopNode):
                     return 0
         finally:
+            self.close()
             self._stop_all()
 
     def _spawn(self, msg: SpawnWorker) -> None:
