@@ -252,6 +252,7 @@ class FakeServer:
         self.delay_s, self.switch_after, self.fail_every, self.admin = delay_s, switch_after, fail_every, admin
         self.fail_first_attempts = fail_first_attempts
         self.count, self.topology, self.switches, self.bodies = 0, "TP4xPP1", [], []
+        self.switching_to = None  # as /admin/topology reports a switch under way
         self.loop = asyncio.new_event_loop()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -296,6 +297,7 @@ class FakeServer:
                 "tensor_parallel_size": tp,
                 "pipeline_parallel_size": pp,
                 "switches": self.switches,
+                "switching_to": self.switching_to,
             }
         )
 
@@ -328,6 +330,29 @@ class FakeServer:
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+def test_poller_waits_for_the_history_of_a_switch_under_way():
+    """The server's topology changes at the cut-over, a little before the switch enters its history: a poll in
+    between must not count a second, history-less switch."""
+    import aiohttp
+
+    from remp.bench.timeline import TopologyPoller
+
+    async def polls(server):
+        async with aiohttp.ClientSession() as session:
+            poller = TopologyPoller(session, server.url, time.time() - 1, admin_token="secret")
+            await poller.poll_once()  # TP4xPP1, nothing switched
+            server.topology, server.switching_to = "TP2xPP2", "TP2xPP2"
+            await poller.poll_once()  # the new topology, its history entry not yet there
+            server.switches.append({"time": time.time(), "from": "TP4xPP1", "to": "TP2xPP2"})
+            server.switching_to = None
+            await poller.poll_once()
+            return poller.switches
+
+    with FakeServer() as server:
+        switches = asyncio.run(polls(server))
+    assert [(s["from"], s["to"], s["source"]) for s in switches] == [("TP4xPP1", "TP2xPP2", "admin")]
 
 
 def _run(argv, tmp_path):

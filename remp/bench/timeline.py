@@ -60,7 +60,7 @@ class TopologyPoller:
 
     async def poll_once(self) -> None:
         now = time.time() - self.wall0
-        topo, history = None, None
+        topo, history, busy = None, None, False
         if self._use_admin and (resp := await self._get("/admin/topology", self.headers)) is not None:
             async with resp:
                 if resp.status == 200:
@@ -72,6 +72,8 @@ class TopologyPoller:
                     if not topo and "tensor_parallel_size" in data:
                         topo = f"TP{data['tensor_parallel_size']}xPP{data.get('pipeline_parallel_size', 1)}"
                     history = data.get("switches")
+                    # the topology changes at the cut-over, a little before the switch enters the history
+                    busy = bool(data.get("switching_to"))
                     self.source = "admin"
                 elif resp.status in (401, 403, 404, 405):
                     self._use_admin = False  # no (usable) admin API: stop asking
@@ -91,7 +93,9 @@ class TopologyPoller:
                     {**sw, "time": sw["time"] - self.wall0, "unix_time": sw["time"], "source": "admin"}
                 )
                 added += 1
-        if not added and self.samples and self.samples[-1][1] != topo:  # e.g. a restart that lost the history
+        # a change no history explains (e.g. a restart that lost it); not while the server reports a switch
+        # under way: its history entry follows
+        if not added and not busy and self.samples and self.samples[-1][1] != topo:
             self.switches.append(
                 {"time": now, "unix_time": self.wall0 + now, "from": self.samples[-1][1], "to": topo, "source": "poll"}
             )
