@@ -91,8 +91,7 @@ def run(args, label: str, frm, to, two_nodes: bool, shape: str | None = None, li
             nodes.shape(0, shape)
             nodes.shape(1, shape)
         spec["addr"] = nodes.addrs[0]
-        agent = nodes.popen(1, ["-m", "remp", "serve", "--headless", "--nnodes", "2", "--node-rank", "1",
-                                "--master-addr", nodes.addrs[0], "--master-port", str(PORT), "--workers-per-node", "2"])  # fmt: skip
+        agent = nodes.start_worker_node(PORT, 2)
         head = nodes.popen(0, [*me, json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         stdout, stderr = head.communicate(timeout=900)
         agent.wait(30)

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from remp.nodes import INTER_NODE_BPS, INTRA_NODE_BPS
+
+
+def workers_on_node(tp: int, pp: int, nnodes: int, workers_per_node: int | None) -> int:
+    """The workers a node runs at start: its --workers-per-node, else an even share of tp*pp."""
+    return workers_per_node or tp * pp // nnodes
+
 
 @dataclass
 class EngineArgs:
@@ -52,14 +59,15 @@ class EngineArgs:
     workers_per_node: int | None = None  # None: tp*pp / nnodes
     node_join_timeout_s: float = 300.0
     # the planner's link figures (GB/s): a byte between two nodes costs intra/inter times one inside a node
-    intra_node_bandwidth_gbs: float = 5.0
-    inter_node_bandwidth_gbs: float = 1.25
+    intra_node_bandwidth_gbs: float = INTRA_NODE_BPS / 1e9
+    inter_node_bandwidth_gbs: float = INTER_NODE_BPS / 1e9
 
     @property
     def local_workers(self) -> int:
         """Workers this node runs at start."""
-        size = self.tensor_parallel_size * self.pipeline_parallel_size
-        return self.workers_per_node or size // self.nnodes
+        return workers_on_node(
+            self.tensor_parallel_size, self.pipeline_parallel_size, self.nnodes, self.workers_per_node
+        )
 
     def __post_init__(self) -> None:
         for name in (

@@ -38,7 +38,7 @@ from remp.multinode.link import RemoteProcess
 from remp.nodes import INTER_NODE_BPS, INTRA_NODE_BPS, Links
 from remp.shm_allreduce import ShmSegment
 from remp.topology import Topology
-from remp.worker import WorkerConfig, worker_main
+from remp.worker import WorkerConfig, free_device_slot, worker_main
 
 
 class WorkerError(RuntimeError):
@@ -190,9 +190,7 @@ class MultiprocExecutor:
         if node != 0:
             parent, p = self.cluster.spawn(node, self._wids, rank, self.cfg, topology)
         else:
-            # a GPU no live worker of this machine holds (ranks change with the pool; devices do not)
-            taken = {getattr(q, "device_slot", None) for q, n in zip(self.procs, self.nodes) if n == 0 and q.is_alive()}
-            slot = min(set(range(len(self.procs) + 1)) - taken)
+            slot = free_device_slot({q.device_slot for q, n in zip(self.procs, self.nodes) if n == 0 and q.is_alive()})
             parent, child = self.prestart().Pipe()
             cfg = dataclasses.replace(self.cfg, device_slot=slot)
             p = self.prestart().Process(
@@ -295,15 +293,13 @@ class MultiprocExecutor:
                 self.procs[r].join(1.0)
                 self.conns[r].close()
                 self._heard.pop(self.conns[r], None)
-            self.procs[:] = [self.procs[r] for r in survivors]
-            self.conns[:] = [self.conns[r] for r in survivors]
-            self.nodes[:] = [self.nodes[r] for r in survivors]
+            self._keep(survivors)
             if respawn:
                 self.add_workers(len(lost))
                 deadline = time.monotonic() + timeout_s
                 while not self.joining_started():
                     if time.monotonic() > deadline:
-                        names = ", ".join(self._describe(r) for r in range(len(survivors), len(self.procs)))
+                        names = self._describe_all(range(len(survivors), len(self.procs)))
                         raise WorkerError(f"replacement {names} did not start within {timeout_s:.0f} s")
                     self._pump(0.05)
             self.regroup(None, drop_shards)
@@ -325,9 +321,7 @@ class MultiprocExecutor:
             self._send(r, Shutdown())
         rank_of = {old: new for new, old in enumerate(keep)}
         gone = [(self.procs[r], self.conns[r]) for r in leaving]
-        self.procs[:] = [self.procs[r] for r in keep]
-        self.conns[:] = [self.conns[r] for r in keep]
-        self.nodes[:] = [self.nodes[r] for r in keep]
+        self._keep(keep)
         renumbered = dataclasses.replace(topology, placement=tuple(rank_of[w] for w in topology.placement))
         self.regroup(renumbered)
         for p, c in gone:  # they left the old world: no peer waits for them
@@ -358,6 +352,14 @@ class MultiprocExecutor:
             threads=max(1, (os.cpu_count() or 1) // world_size),
             **kwargs,
         )
+
+    def _keep(self, ranks: list[int]) -> None:
+        """Only these workers stay in the pool, renumbered in this order (the lists indexed by rank, together)."""
+        for per_rank in (self.procs, self.conns, self.nodes):
+            per_rank[:] = [per_rank[r] for r in ranks]
+
+    def _describe_all(self, ranks) -> str:
+        return ", ".join(self._describe(r) for r in ranks)
 
     def _describe(self, rank: int) -> str:
         coord = self.topology.coordinate(rank)
@@ -427,8 +429,7 @@ class MultiprocExecutor:
                 self.cluster.mark_silent_nodes_lost()  # their workers' exits end the wait (_pump: "died")
             if not self._pump(deadline - time.monotonic()) and time.monotonic() >= deadline:
                 waiting = sorted(set(range(len(self.procs))) - self._ready.get(generation, set()))
-                names = ", ".join(self._describe(r) for r in waiting)
-                raise WorkerError(f"{names} did not start within {timeout_s:.0f} s")
+                raise WorkerError(f"{self._describe_all(waiting)} did not start within {timeout_s:.0f} s")
 
     def _send(self, rank: int, msg: object, data: bytes | None = None) -> None:
         try:
@@ -475,8 +476,7 @@ class MultiprocExecutor:
                 missing = sorted(
                     r for r in range(len(self.procs)) if r not in progress or progress[r].stage not in stages
                 )
-                names = ", ".join(self._describe(r) for r in missing)
-                raise WorkerError(f"{names} did not finish the switch within {timeout_s:.0f} s")
+                raise WorkerError(f"{self._describe_all(missing)} did not finish the switch within {timeout_s:.0f} s")
             self._pump(min(left, 0.5))
 
     def use_topology(self, topology: Topology) -> None:

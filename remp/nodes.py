@@ -28,9 +28,6 @@ class Links:
     def bandwidth(self, a: int, b: int) -> float:
         return self.intra_Bps if self.nodes[a] == self.nodes[b] else self.inter_Bps
 
-    def same_node(self, workers: list[int]) -> bool:
-        return len({self.nodes[w] for w in workers}) <= 1
-
     def stage_homes(self, tp: int, pp: int, workers: list[int]) -> list[int | None]:
         """The node each stage's TP group would sit on with TP inside a node and PP across nodes: stages fill the
         nodes in order (fewest node boundaries between consecutive stages). None: no node has room for it."""

@@ -64,6 +64,12 @@ def _die_with_parent() -> None:
         pass
 
 
+def free_device_slot(taken: set[int]) -> int:
+    """The lowest GPU slot of a machine that none of its live workers holds (ranks change with the pool;
+    devices do not)."""
+    return min(set(range(len(taken) + 1)) - taken)
+
+
 def _device(cfg: WorkerConfig, rank: int) -> torch.device:
     if cfg.device == "cuda":
         slot = cfg.device_slot if cfg.device_slot is not None else rank

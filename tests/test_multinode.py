@@ -39,11 +39,7 @@ def nodes():
 
 def run_two_nodes(nodes, model, tp, pp, workers_per_node, timeout_s=150, **spec) -> tuple[dict, subprocess.Popen]:
     """The head's driver in namespace 0, `remp serve --headless` in namespace 1; the driver's JSON result."""
-    agent = nodes.popen(
-        1,
-        ["-m", "remp", "serve", "--headless", "--nnodes", "2", "--node-rank", "1", "--master-addr", nodes.addrs[0],
-         "--master-port", str(PORT), "--workers-per-node", str(workers_per_node), "--node-join-timeout-s", "60"],
-    )  # fmt: skip
+    agent = nodes.start_worker_node(PORT, workers_per_node, "--node-join-timeout-s", "60")
     spec = dict(model=str(model), tp=tp, pp=pp, addr=nodes.addrs[0], port=PORT, workers_per_node=workers_per_node,
                 **spec)  # fmt: skip
     spec["kill_pids"] = [[step, agent.pid] for step in spec.pop("kill_agent_at", [])]

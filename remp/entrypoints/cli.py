@@ -119,12 +119,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 def cmd_headless(a: argparse.Namespace) -> int:
     """A node that only runs workers for the head node's engine (vLLM's --headless)."""
+    from remp.engine_args import workers_on_node
     from remp.multinode.agent import run_node
 
     if a.nnodes < 2 or a.node_rank < 1 or a.node_rank >= a.nnodes:
         raise ValueError(f"--headless needs --nnodes 2 or more and --node-rank 1..nnodes-1, got {a.node_rank}")
-    size = a.tensor_parallel_size * a.pipeline_parallel_size
-    workers = a.workers_per_node or size // a.nnodes
+    workers = workers_on_node(a.tensor_parallel_size, a.pipeline_parallel_size, a.nnodes, a.workers_per_node)
     if workers < 1:
         raise ValueError("give --workers-per-node (or -tp/-pp as on the head)")
     return run_node(a.node_rank, a.master_addr, a.master_port, workers, a.node_join_timeout_s)

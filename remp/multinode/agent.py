@@ -31,6 +31,7 @@ from remp.multinode.protocol import (
     StopNode,
     WorkerExited,
     agent_queue,
+    link_queues,
     node_up_queue,
     rank_claim,
 )
@@ -71,15 +72,19 @@ class NodeAgent:
         threading.Thread(target=self._heartbeat, name="remp-node-alive", daemon=True).start()
 
     def _heartbeat(self) -> None:
-        beat, data = self.store.clone(), pickle.dumps(NodeAlive(self.node))
+        beat = self.store.clone()
         while not self._closed.is_set():
             try:
-                send_framed(beat, node_up_queue(self.node), data)
+                self._tell_head(beat, NodeAlive(self.node))
             except dist.DistError as e:
                 if not self._closed.is_set():
                     logger.warning("node %d: heartbeat to the head stopped: %s", self.node, e)
                 return  # the control loop sees the head gone too
             self._closed.wait(HEARTBEAT_S)
+
+    def _tell_head(self, client: dist.Store, msg: object) -> None:
+        """On this node's queue to the head; `client` is the calling thread's own connection."""
+        send_framed(client, node_up_queue(self.node), pickle.dumps(msg))
 
     def close(self) -> None:
         """Stop this node's heartbeat (run() does, as it ends)."""
@@ -114,7 +119,7 @@ class NodeAgent:
                 elif isinstance(msg, PeerLost):
                     if self.segment is not None:
                         self.segment.peer_lost()
-                    send_framed(self.reporter, node_up_queue(self.node), pickle.dumps(PeerLostDone(self.node, msg.seq)))
+                    self._tell_head(self.reporter, PeerLostDone(self.node, msg.seq))
                 elif isinstance(msg, StopNode):
                     return 0
         finally:
@@ -123,13 +128,13 @@ class NodeAgent:
 
     def _spawn(self, msg: SpawnWorker) -> None:
         from remp.shm_allreduce import ShmSegment
-        from remp.worker import worker_main
+        from remp.worker import free_device_slot, worker_main
 
         cfg = msg.cfg
         if cfg.device == "cpu" and cfg.shm_elems and cfg.shm_slots > 1 and self.segment is None:
             self.segment = ShmSegment(cfg.shm_slots, cfg.shm_elems)  # this node's: the head's is not reachable
         live = [p for wid, p in self.procs.items() if not self.exits[wid].is_set()]
-        slot = min(set(range(len(live) + 1)) - {p.device_slot for p in live})  # a GPU no live worker here holds
+        slot = free_device_slot({p.device_slot for p in live})
         cfg = dataclasses.replace(
             cfg,
             device_slot=slot,
@@ -144,7 +149,7 @@ class NodeAgent:
         p.start()
         child.close()
         self.procs[msg.wid], self.exits[msg.wid] = p, threading.Event()
-        down, up = f"remp/down/{msg.wid}", f"remp/up/{msg.wid}"
+        down, up = link_queues(msg.wid)
         sender = self.store.clone()
 
         def closed() -> None:  # the worker is gone; so is the pipe
@@ -174,7 +179,7 @@ class NodeAgent:
             code = p.exitcode
             self.exits[msg.wid].set()
             try:
-                send_framed(reporter, node_up_queue(self.node), pickle.dumps(WorkerExited(msg.wid, code)))
+                self._tell_head(reporter, WorkerExited(msg.wid, code))
             except dist.DistError:
                 pass
 

@@ -20,6 +20,8 @@ from multiprocessing import Pipe
 
 import torch.distributed as dist
 
+from remp.multinode.protocol import link_queues
+
 FRAME = 4 << 20  # under the store's 8 MiB payload limit
 MORE, LAST, CLOSE = b"\0", b"\1", b"\2"
 # A blocking pop ends by a CLOSE frame or a lost connection; its timeout only bounds one wait (a pop that times
@@ -71,7 +73,7 @@ class StoreLink:
     """Driver side of a remote worker's pipe: send_bytes / recv_bytes / poll / fileno / close, as a Connection."""
 
     def __init__(self, store: dist.TCPStore, wid: int):
-        self.down, self.up = f"remp/down/{wid}", f"remp/up/{wid}"
+        self.down, self.up = link_queues(wid)
         self._send_store, self._lock = store.clone(), threading.Lock()
         self._reader, writer = Pipe(duplex=False)
         # at the end the executor reads EOF: the worker is gone

@@ -29,6 +29,11 @@ def node_up_queue(node: int) -> str:
     return f"remp/nodeup/{node}"
 
 
+def link_queues(wid: int) -> tuple[str, str]:
+    """(driver -> worker, worker -> driver) queues of a worker on another node."""
+    return f"remp/down/{wid}", f"remp/up/{wid}"
+
+
 @dataclass(frozen=True)
 class NodeInfo:
     node_rank: int

@@ -148,11 +148,6 @@ def _held_bytes(sizer: PieceSizer, piece: Piece, weights: dict[str, tuple[int, i
     return sizer.bytes(piece) if isinstance(piece, KVPiece) else sizer.bytes(WeightPiece(piece.name, *ov))
 
 
-def _kept_bytes(sizer: PieceSizer, need: list[Piece], held: list[Piece]) -> int:
-    weights, kv = _index(held)
-    return sum(_held_bytes(sizer, p, weights, kv) for p in need)
-
-
 def best_placement(
     config: ModelConfig,
     old: Topology,
@@ -173,8 +168,7 @@ def best_placement(
     draft = Topology(tp, pp, tuple(range(tp * pp)), layers_per_stage)
     if draft.size > len(workers):
         raise ValueError(f"{draft} needs {draft.size} workers, but the pool has {len(workers)}")
-    held = {w: worker_pieces(config, old, w, with_kv) for w in workers}
-    index = {w: _index(pieces) for w, pieces in held.items()}
+    index = {w: _index(worker_pieces(config, old, w, with_kv)) for w in workers}
     homes = links.stage_homes(tp, pp, workers) if links is not None else [None] * pp
     cost = np.zeros((draft.size, len(workers)))
     for c in range(draft.size):
@@ -182,7 +176,7 @@ def best_placement(
         home = homes[c // tp]
         for j, w in enumerate(workers):
             if links is None or not links.multi_node:
-                missing = float(sum(sizer.bytes(p) for p in need) - _kept_bytes(sizer, need, held[w]))
+                missing = float(sum(sizer.bytes(p) - _held_bytes(sizer, p, *index[w]) for p in need))
             else:
                 missing = round(1e9 * _receive_s(sizer, need, w, index, links))  # nanoseconds
             away = home is not None and links.nodes[w] != home
@@ -241,10 +235,10 @@ def make_plan(
     load: dict[int, int] = defaultdict(int)  # bytes each holder sends, to spread the sends
 
     def source(holders: list[int], dst: int) -> int:
-        if not holders:
-            return CHECKPOINT
-        far = (lambda w: links.nodes[w] != links.nodes[dst]) if links is not None else (lambda w: False)
-        return min(holders, key=lambda w: (far(w), load[w], w))
+        def far(w: int) -> bool:
+            return links is not None and links.nodes[w] != links.nodes[dst]
+
+        return min(holders, key=lambda w: (far(w), load[w], w)) if holders else CHECKPOINT
 
     for dst in workers:
         mine = held.get(dst, ({}, set()))

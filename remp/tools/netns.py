@@ -53,6 +53,12 @@ class Nodes:
         self.procs.append(p)
         return p
 
+    def start_worker_node(self, port: int, workers_per_node: int, *flags: str, **kw) -> subprocess.Popen:
+        """`remp serve --headless [flags]` in namespace 1, joining the head at addrs[0]:port."""
+        argv = ["-m", "remp", "serve", "--headless", "--nnodes", "2", "--node-rank", "1", "--master-addr",
+                self.addrs[0], "--master-port", str(port), "--workers-per-node", str(workers_per_node), *flags]  # fmt: skip
+        return self.popen(1, argv, **kw)
+
     def shape(self, node: int, qdisc: str) -> None:
         """Shape the egress of node's end of the link with a tc qdisc and its options, e.g. "netem rate 1gbit
         delay 1ms" or, on kernels without netem, "tbf rate 1gbit burst 64kb latency 50ms"."""
