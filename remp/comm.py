@@ -25,8 +25,8 @@ class WorkerComm:
         epoch: int = 0,
         nodes: tuple[int, ...] | None = None,
     ):
-        """init_method: a torch.distributed URL, or store://HOST:PORT/PREFIX (the head node's TCP store, where
-        each generation of a pool on several nodes meets under its own prefix). nodes[rank]: each worker's node."""
+        """init_method: store://HOST:PORT/PREFIX, the driver's TCP store (remp/rendezvous.py), where each
+        generation of the pool meets under its own prefix. nodes[rank]: each worker's node."""
         self.rank, self.device, self.nodes = rank, device, nodes
         # Same-machine CPU workers sum through shared memory: gloo costs ~1 ms per call over loopback.
         self.shm_all_reduce = ShmAllReduce(shm, rank) if shm is not None and device.type == "cpu" else None
@@ -34,15 +34,12 @@ class WorkerComm:
         self.epoch = epoch
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=timeout_s)
-        if init_method.startswith("store://"):
-            where, prefix = init_method.removeprefix("store://").split("/", 1)
-            host, port = where.rsplit(":", 1)
-            store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
-            dist.init_process_group(
-                backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size, timeout=timeout
-            )
-        else:
-            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
+        where, prefix = init_method.removeprefix("store://").split("/", 1)
+        host, port = where.rsplit(":", 1)
+        store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+        dist.init_process_group(
+            backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size, timeout=timeout
+        )
         self.world_size = world_size
         self._groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
         self.switch_group: dist.ProcessGroup | None = None

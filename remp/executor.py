@@ -13,7 +13,6 @@ import dataclasses
 import multiprocessing as mp
 import os
 import pickle
-import socket
 import time
 import weakref
 from collections import deque
@@ -36,6 +35,7 @@ from remp.model_runner import ModelRunner
 from remp.multinode.head import NODE_LOST_S, ClusterHost
 from remp.multinode.link import RemoteProcess
 from remp.nodes import INTER_NODE_BPS, INTRA_NODE_BPS, Links
+from remp.rendezvous import Rendezvous
 from remp.shm_allreduce import ShmSegment
 from remp.topology import Topology
 from remp.worker import WorkerConfig, free_device_slot, worker_main
@@ -87,12 +87,6 @@ class LocalExecutor:
 
     def shutdown(self, grace_s: float = 5.0) -> None:
         self._results.clear()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop(
@@ -169,7 +163,9 @@ class MultiprocExecutor:
                 cluster.shutdown()
                 per_node = {n: i.workers for n, i in cluster.nodes.items()}
                 raise ValueError(f"{topology} needs {cfg.world_size} workers; the nodes have {per_node}")
-            cfg = dataclasses.replace(cfg, init_method=cluster.rendezvous(0), nodes=tuple(layout))
+            cfg = dataclasses.replace(cfg, nodes=tuple(layout))
+        self.rendezvous = cluster.rendezvous if cluster is not None else Rendezvous(timeout_s=cfg.timeout_s)
+        cfg = dataclasses.replace(cfg, init_method=self.rendezvous.url(0))
         self.segment = None
         slots = max(cfg.world_size, cfg.shm_slots)
         if cfg.device == "cpu" and cfg.shm_elems and slots > 1:  # one worker never all-reduces
@@ -245,10 +241,7 @@ class MultiprocExecutor:
         steps already sent. `topology` is the current one, in these ranks (None: none yet, after a loss)."""
         self.generation += 1
         self._ready.pop(-1, None)  # those that waited to join are in now; ranks may be reused later
-        if self.cluster is not None:
-            init_method = self.cluster.rendezvous(self.generation)
-        else:
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = self.rendezvous.url(self.generation)
         nodes = tuple(self.nodes)
         for rank in range(len(self.procs)):
             threads = self._threads(self.nodes[rank])
@@ -348,7 +341,7 @@ class MultiprocExecutor:
         """`shm_slots` in kwargs: the most workers the pool may grow to."""
         return WorkerConfig(
             world_size=world_size,
-            init_method=f"tcp://127.0.0.1:{_free_port()}",
+            init_method="",  # the executor's rendezvous
             threads=max(1, (os.cpu_count() or 1) // world_size),
             **kwargs,
         )
@@ -401,12 +394,8 @@ class MultiprocExecutor:
                 self._ready.setdefault(msg.generation, set()).add(msg.rank)
                 if isinstance(self.procs[rank], RemoteProcess):
                     self.procs[rank].pid = msg.pid  # its pid on its own node (for logs, and tests that kill it)
-                if (
-                    self.cluster is not None
-                    and msg.generation > 0
-                    and len(self._ready[msg.generation]) == len(self.procs)
-                ):
-                    self.cluster.forget_generations_before(msg.generation)  # every worker left them
+                if msg.generation > 0 and len(self._ready[msg.generation]) == len(self.procs):
+                    self.rendezvous.forget_generations_before(msg.generation)  # every worker left them
             # Heartbeat: only that it came (above)
             elif isinstance(msg, WorkerFailed):
                 raise WorkerError(f"{self._describe(msg.rank)} failed:\n{msg.traceback}")

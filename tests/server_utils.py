@@ -2,8 +2,8 @@
 
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,12 +22,6 @@ def worker_pids(server_pid: int) -> list[int]:
     return [w for fs in children(server_pid, "forkserver") for w in children(fs)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def session_processes(sid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-s", str(sid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -36,21 +30,25 @@ def session_processes(sid: int) -> list[int]:
 @contextmanager
 def remp_server(*args: str, timeout: float = 180.0):
     """The server in its own session; on exit it gets SIGINT, and no process of its session may outlive it."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "remp", "serve", *args, "--port", str(port)]
+    # port 0: the server takes a free port itself and names it, so no other process can take it meanwhile
+    cmd = [sys.executable, "-m", "remp", "serve", *args, "--port", "0"]
     log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty server never blocks on a full pipe
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    url = None
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
                 log.seek(0)
                 raise RuntimeError(f"server exited: {log.read()}")
+            if url is None:
+                log.seek(0)
+                url = next(iter(re.findall(r"^remp: serving .* on (http://\S+)$", log.read(), re.M)), None)
             try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
+                if url:
+                    with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
             except OSError:
                 pass
             if time.monotonic() > deadline:

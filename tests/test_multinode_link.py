@@ -164,7 +164,7 @@ def test_old_generations_rendezvous_keys_are_deleted(node_env):
         for g in (0, 1, 2):
             dist.PrefixStore(f"gen{g}", host.store).set("rank0", "x")
         host.store.set("generation_unrelated", "y")
-        host.forget_generations_before(2)
+        host.rendezvous.forget_generations_before(2)
         assert sorted(host.store.list_keys()) == ["gen2/rank0", "generation_unrelated"]
     finally:
         host.shutdown()

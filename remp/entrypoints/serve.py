@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator
 
@@ -46,7 +47,22 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-async def _serve(app, engine: AsyncLLMEngine, host: str, port: int, shutdown_timeout_s: float, log_level: str) -> None:
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the engine starts (as vLLM does): the workers' rendezvous and the
+    ephemeral ports of their connections can then never take the port, and a port in use fails at once rather
+    than after the model has loaded. Port 0 takes any free port; the "serving ... on" line names it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"remp serve: cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+async def _serve(app, engine: AsyncLLMEngine, sock: socket.socket, shutdown_timeout_s: float, log_level: str) -> None:
     loop = asyncio.get_running_loop()
 
     async def drain() -> None:
@@ -57,12 +73,10 @@ async def _serve(app, engine: AsyncLLMEngine, host: str, port: int, shutdown_tim
         engine.end_all(f"the server is shutting down (request not finished within {shutdown_timeout_s:g} s)")
 
     # uvicorn's own grace period is a backstop: drain() ends the streams first, so connections close by then
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout_s + 5
-    )
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout_s + 5)
     server = _Server(config, lambda: loop.call_soon_threadsafe(lambda: loop.create_task(drain())))
     try:
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
         await loop.run_in_executor(None, engine.shutdown)  # before the loop closes: no late callbacks into it
 
@@ -80,11 +94,14 @@ def serve(
 ) -> None:
     name = served_model_name or args.model or "SmolLM2-135M-Instruct"
     metrics = ServerMetrics(name)
-    engine = AsyncLLMEngine(args, on_step=metrics.on_step, on_abort=metrics.on_abort)
-    try:
-        app = build_app(engine, name, api_key, admin_token, metrics, max_request_bytes)
-        print(f"remp: serving {name} as {engine.engine.topology} on http://{host}:{port}", flush=True)
-        asyncio.run(_serve(app, engine, host, port, shutdown_timeout_s, log_level))
-        app.state.prompts.close()
-    finally:
-        engine.shutdown()
+    with listen(host, port) as sock:
+        engine = AsyncLLMEngine(args, on_step=metrics.on_step, on_abort=metrics.on_abort)
+        try:
+            app = build_app(engine, name, api_key, admin_token, metrics, max_request_bytes)
+            url_host = f"[{host}]" if ":" in host else host
+            where = f"http://{url_host}:{sock.getsockname()[1]}"
+            print(f"remp: serving {name} as {engine.engine.topology} on {where}", flush=True)
+            asyncio.run(_serve(app, engine, sock, shutdown_timeout_s, log_level))
+            app.state.prompts.close()
+        finally:
+            engine.shutdown()

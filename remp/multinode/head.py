@@ -31,6 +31,7 @@ from remp.multinode.protocol import (
     agent_queue,
     node_up_queue,
 )
+from remp.rendezvous import Rendezvous
 
 logger = init_logger(__name__)
 
@@ -41,17 +42,11 @@ HEAD_LOST_S = 20 * HEARTBEAT_S  # generous: the head's process also runs the eng
 
 class ClusterHost:
     def __init__(self, nnodes: int, master_addr: str, master_port: int, local_workers: int, join_timeout_s: float):
-        self.addr, self.port = master_addr, master_port
         try:
-            self.store = dist.TCPStore(
-                master_addr,
-                master_port,
-                is_master=True,
-                wait_for_workers=False,
-                timeout=datetime.timedelta(seconds=join_timeout_s),
-            )
+            self.rendezvous = Rendezvous(master_addr, master_port, join_timeout_s)
         except (dist.DistError, RuntimeError) as e:
             raise RuntimeError(f"cannot listen on {master_addr}:{master_port} for the other nodes: {e}") from None
+        self.addr, self.port, self.store = master_addr, master_port, self.rendezvous.store
         self.nodes: dict[int, NodeInfo] = {
             0: NodeInfo(0, socket.gethostname(), os.cpu_count() or 1, local_workers, master_addr)
         }
@@ -118,17 +113,6 @@ class ClusterHost:
     @property
     def remote_nodes(self) -> list[int]:
         return sorted(n for n in list(self.nodes) if n != 0)
-
-    def rendezvous(self, generation: int) -> str:
-        """Where a generation's torch.distributed world meets: this store, under its own prefix."""
-        return f"store://{self.addr}:{self.port}/gen{generation}"
-
-    def forget_generations_before(self, generation: int) -> None:
-        """Delete the rendezvous keys of the generations every worker has left (a server runs for months)."""
-        for key in self.store.list_keys():
-            prefix = key.split("/", 1)[0]
-            if prefix.startswith("gen") and prefix[3:].isdigit() and int(prefix[3:]) < generation:
-                self.store.delete_key(key)
 
     def _send(self, node: int, msg: object) -> None:
         self.store.queue_push(agent_queue(node), pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
