@@ -1,6 +1,9 @@
 """The bundled SmolLM2 in float32, switched TP4 -> TP2xPP2 -> PP4 -> TP4 mid-generation (TP4 splits 9 heads /
 3 KV heads unevenly, with a replicated KV head), gives the text of an unswitched TP4 run (or differs only after a
-near-tie: top-2 logprobs within 0.01 at the first differing token)."""
+near-tie: top-2 logprobs within 0.01 at the first differing token). A long extra (`make test-all`): the float64
+switch tests on tiny models prove switches exact in `make test`."""
+
+import pytest
 
 from remp import LLMEngine, SamplingParams
 from tests.engine_utils import assert_same_or_near_tie, run_with_switches
@@ -17,6 +20,7 @@ def run(switches):
     return run_with_switches(engine, switches)[0]
 
 
+@pytest.mark.slow
 def test_default_model_switches_keep_the_text():
     ref = run({})
     out = run({3: (2, 2), 8: (1, 4), 14: (4, 1)})

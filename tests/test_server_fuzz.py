@@ -28,7 +28,7 @@ def test_no_5xx_and_openai_errors(api_schema, mode):
     """POSITIVE: bodies the schema allows (they must be served or refused with a 4xx); NEGATIVE: bodies that
     break it (wrong types, missing fields), which must all be 4xx."""
 
-    @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(data=st.data())
     def check(data):
         case = data.draw(api_schema.as_strategy(mode))
