@@ -8,7 +8,10 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
+from remp.config import ModelConfig
+from remp.sharding import split_evenly
 from remp.shm_allreduce import ShmAllReduce, ShmSegment
 from remp.topology import Topology
 
@@ -58,9 +61,9 @@ class WorkerComm:
             # its own group: pre-copy runs in a thread while steps use the default group
             self.switch_group = dist.new_group(list(range(self.world_size)))
 
-    def use_topology(self, topology: Topology, hidden_size: int, dtype: torch.dtype) -> None:
+    def use_topology(self, topology: Topology, config: ModelConfig, dtype: torch.dtype) -> None:
         """Route steps by this topology (its groups prepared): TP group, previous and next stage."""
-        self.hidden_size, self.dtype = hidden_size, dtype
+        self.hidden_size, self.dtype = config.hidden_size, dtype
         self.epoch += 1
         coord = topology.coordinate(self.rank)
         if coord is None:
@@ -75,6 +78,9 @@ class WorkerComm:
         )
         if self._shm_group:
             self.shm_all_reduce.set_group(group, self.epoch)
+        # the vocabulary slice of each member of the group, in the group's rank order (sorted workers)
+        self._vocab = [split_evenly(config.vocab_size, topology.tp)[topology.coordinate(w)[1]] for w in sorted(group)]
+        self._sampler = topology.worker(stage, 0)
         self.prev = topology.worker(stage - 1, tp_rank) if stage > 0 else None
         self.next = topology.worker(stage + 1, tp_rank) if stage < topology.pp - 1 else None
         self._max_sends = topology.pp
@@ -88,6 +94,25 @@ class WorkerComm:
             t.copy_(acc)
         else:
             dist.all_reduce(t, group=self.tp_group)
+
+    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Last stage: each TP rank's logits for its vocabulary slice -> whole rows on the sampler (TP rank 0),
+        None on the others. Slices are padded to one width, as a gather needs."""
+        width = max(len(v) for v in self._vocab)
+        buf = logits if logits.shape[1] == width else F.pad(logits, (0, width - logits.shape[1]))
+        buf = buf.contiguous()
+        if self._shm_group and width <= self.shm_all_reduce.seg.max_elems:  # a row fits a slot
+            parts = self.shm_all_reduce.gather(buf, self._sampler)
+        elif self.rank == self._sampler:
+            parts = [torch.empty_like(buf) for _ in self._vocab]
+            dist.gather(buf, parts, dst=self._sampler, group=self.tp_group)
+        else:
+            dist.gather(buf, None, dst=self._sampler, group=self.tp_group)
+            parts = None
+        if parts is None:
+            return None
+        order = sorted(range(len(parts)), key=lambda i: self._vocab[i].start)
+        return torch.cat([parts[i][:, : len(self._vocab[i])] for i in order], dim=1)
 
     def recv_hidden(self, num_tokens: int) -> torch.Tensor:
         buf = torch.empty(num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)

@@ -1,8 +1,9 @@
 """Runs one shard's part of a step: weights, RoPE tables, the KV cache slice, and (on the sampler rank) sampling.
 
 The stage logic is here once for every topology: the first stage embeds, later stages receive hidden states
-from the previous one, middle stages pass them on, the sampler rank of the last stage computes logits and
-samples. `comm` supplies the transfers and the TP all-reduce; it is None in a single-worker engine.
+from the previous one, middle stages pass them on, every rank of the last stage computes the logits of its
+slice of the vocabulary, and its TP rank 0 gathers them and samples. `comm` supplies the transfers, the TP
+all-reduce and the gather; it is None in a single-worker engine.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from remp.switch.execute import ShardState
 
 class StageComm(Protocol):
     def all_reduce(self, t: torch.Tensor) -> None: ...
+    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor | None: ...
     def recv_hidden(self, num_tokens: int) -> torch.Tensor: ...
     def send_hidden(self, hidden: torch.Tensor) -> None: ...
 
@@ -103,10 +105,13 @@ class ModelRunner:
         if not self.spec.is_last_stage:
             self.comm.send_hidden(hidden)
             return None
-        if not self.spec.is_sampler:
-            return None
         if not msg.rows:  # only partial prefill chunks: nothing to sample, but the driver awaits one result
-            return StepResult(msg.step_id, SamplerOutput([], [], [], None), time.perf_counter() - t0)
+            sampled = SamplerOutput([], [], [], None)
+            return StepResult(msg.step_id, sampled, time.perf_counter() - t0) if self.spec.is_sampler else None
         logits = self.model.logits(hidden[meta.logits_rows])
         logits = logits.double() if self.dtype == torch.float64 else logits.float()
+        if self.spec.tp_size > 1:  # each TP rank computed its slice of the vocabulary
+            logits = self.comm.gather_vocab(logits)
+        if not self.spec.is_sampler:
+            return None
         return StepResult(msg.step_id, sample_rows(logits, msg.rows), time.perf_counter() - t0)

@@ -58,6 +58,7 @@ class ShardSpec:
     q_heads: range
     kv_heads: range
     ffn: range
+    vocab: range  # rows of the lm-head (the last stage splits the vocabulary over its TP ranks; empty elsewhere)
 
     @property
     def is_first_stage(self) -> bool:
@@ -69,8 +70,9 @@ class ShardSpec:
 
     @property
     def is_sampler(self) -> bool:
-        """TP rank 0 of the last stage holds the lm-head and samples; the other ranks' hidden states are
-        identical after the all-reduce, so a replicated lm-head would only repeat the same work."""
+        """TP rank 0 of the last stage samples, from the logits every rank of its stage computes for its slice
+        of the vocabulary (the lm-head is the largest matmul of a decode step: one rank alone would keep the
+        others waiting)."""
         return self.is_last_stage and self.tp_rank == 0
 
 
@@ -92,4 +94,5 @@ def shard_spec(
         q_heads=q,
         kv_heads=kv,
         ffn=split_evenly(config.intermediate_size, tp)[tp_rank],
+        vocab=split_evenly(config.vocab_size, tp)[tp_rank] if stage == pp - 1 else range(0),
     )

@@ -1,4 +1,4 @@
-"""All-reduce through shared memory for the workers of one machine (CPU).
+"""All-reduce (and gather) through shared memory for the workers of one machine (CPU).
 
 gloo's all-reduce over loopback costs about a millisecond per call, and a TP step makes two per layer. Here
 each worker owns a slot in one shared segment: it writes its partial sums, publishes a sequence number, waits
@@ -72,6 +72,21 @@ class ShmAllReduce:
         start = (rank * 2 + parity) * per
         return self.data[start : start + n * dtype.itemsize].view(dtype)
 
+    def _publish_and_wait(self, peers: list[int]) -> None:
+        """Publish this call's sequence number, then wait until `peers` have published theirs."""
+        target = self.epoch * _EPOCH + self.seq
+        self.flags[self.rank] = target
+        for peer in peers:
+            spins = 0
+            while int(self.flags[peer]) < target:
+                spins += 1
+                if spins < 64:
+                    os.sched_yield()
+                else:
+                    time.sleep(0.00002)  # peers may share this core: stop competing for it
+                    if int(self.lost[0]) != self.lost_seen:
+                        raise PeerLost(f"worker {peer} of this group was lost")
+
     def __call__(self, t: torch.Tensor) -> None:
         """In-place sum of t over the group."""
         acc = torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -81,19 +96,26 @@ class ShmAllReduce:
         self.seq += 1
         parity = self.seq & 1
         self._slot(self.rank, parity, acc, n).copy_(t.reshape(-1))
-        target = self.epoch * _EPOCH + self.seq
-        self.flags[self.rank] = target
-        for peer in self.members:
-            spins = 0
-            while int(self.flags[peer]) < target:
-                spins += 1
-                if spins < 64:
-                    os.sched_yield()
-                else:
-                    time.sleep(0.00002)  # peers may share this core: stop competing for it
-                    if int(self.lost[0]) != self.lost_seen:
-                        raise PeerLost(f"worker {peer} of this all-reduce was lost")
+        self._publish_and_wait(self.members)
         total = self._slot(self.members[0], parity, acc, n).clone()
         for peer in self.members[1:]:
             total += self._slot(peer, parity, acc, n)
         t.copy_(total.view(t.shape))
+
+    def gather(self, t: torch.Tensor, root: int) -> list[torch.Tensor] | None:
+        """Every member's 2-D `t` (float32 or float64, the same shape everywhere) -> on `root`, one per member
+        in member order; None elsewhere. In chunks of rows that fit a slot. Every member waits for every other,
+        as in the all-reduce: a member may still be reading the slots of the call before."""
+        rows, width = t.shape
+        step = max(1, self.seg.max_elems // width)
+        out = [t.new_empty(rows, width) for _ in self.members] if self.rank == root else None
+        for lo in range(0, rows, step):
+            chunk = t[lo : lo + step]
+            self.seq += 1
+            parity = self.seq & 1
+            self._slot(self.rank, parity, t.dtype, chunk.numel()).copy_(chunk.reshape(-1))
+            self._publish_and_wait(self.members)
+            if out is not None:
+                for part, peer in zip(out, self.members):
+                    part[lo : lo + len(chunk)] = self._slot(peer, parity, t.dtype, chunk.numel()).view(chunk.shape)
+        return out

@@ -122,7 +122,7 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology | None, conn: C
             comm = WorkerComm(rank, world_size, init_method, cfg.timeout_s, device, shm, epoch, nodes)
             if topology is not None:
                 comm.prepare_topology(topology)
-                comm.use_topology(topology, reader.config.hidden_size, cfg.dtype)
+                comm.use_topology(topology, reader.config, cfg.dtype)
             return comm
 
         if topology is not None:

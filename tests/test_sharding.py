@@ -90,8 +90,31 @@ def test_shard_tensors_tile_every_tensor_exactly(tp, pp):
         name = f"model.layers.{layer}.mlp.down_proj.weight"
         assert len({topo.coordinate(w)[0] for w, s in enumerate(per_worker) if name in s}) == 1
     holders = [w for w, s in enumerate(per_worker) if "lm_head.weight" in s]
-    assert holders == [topo.sampler_worker]
+    assert holders == sorted(topo.stage_workers(pp - 1))  # its vocabulary split over the last stage
     assert sum("model.embed_tokens.weight" in s for s in per_worker) == tp  # replicated on the first stage
+
+
+@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (3, 1), (1, 2), (2, 2), (3, 3)])
+def test_tied_lm_head_is_the_last_stages_vocabulary_slices_of_the_embedding(tp, pp):
+    """Tied: the first stage holds the embedding whole; a later last stage holds only the vocabulary slices
+    its TP ranks compute logits for, which tile the vocabulary; nobody holds an lm_head of its own."""
+    c = cfg(tie_word_embeddings=True)
+    topo = Topology(tp, pp)
+    specs = [topo.spec(c, w) for w in sorted(topo.stage_workers(pp - 1))]
+    assert [(v.start, v.stop) for v in (s.vocab for s in specs)] == [
+        (r.start, r.stop) for r in split_evenly(c.vocab_size, tp)
+    ]
+    for w in range(topo.size):
+        held = shard_tensors(c, topo.spec(c, w))
+        stage = topo.coordinate(w)[0]
+        assert "lm_head.weight" not in held
+        if stage == 0:
+            assert held["model.embed_tokens.weight"] == (0, c.vocab_size)
+        elif stage == pp - 1:
+            v = topo.spec(c, w).vocab
+            assert held["model.embed_tokens.weight"] == (v.start, v.stop)
+        else:
+            assert "model.embed_tokens.weight" not in held and "model.norm.weight" not in held
 
 
 def test_schema_shapes_match_a_checkpoint(tiny_qwen2):

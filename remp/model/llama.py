@@ -16,7 +16,7 @@ from remp.kv_cache import KVCache
 from remp.model.attention import AttnMetadata, paged_attention, write_kv
 from remp.model.linear import FusedLinear
 from remp.model.rope import RotaryEmbedding
-from remp.model.schema import EMBED, LM_HEAD, NORM, layer_names
+from remp.model.schema import EMBED, LM_HEAD, NORM, layer_names, shard_tensors
 from remp.sharding import ShardSpec
 
 
@@ -25,6 +25,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+def lm_head_rows(config: ModelConfig, spec: ShardSpec, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A last-stage shard's slice of the lm-head (a view of the embedding where they are tied and it is whole)."""
+    name = EMBED if config.tie_word_embeddings else LM_HEAD
+    lo, _ = shard_tensors(config, spec)[name]
+    return weights[name].narrow(0, spec.vocab.start - lo, len(spec.vocab))
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # the old view keeps its storage alive, so an equal address cannot be a new tensor's
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
 
 
 @dataclass
@@ -80,10 +92,10 @@ class LlamaShard:
         reuse = reuse or {}
         self.layers = [Layer.of(weights, i, reuse.get(i)) for i in spec.layers]
         self.lm_head = None
-        if spec.is_sampler:
-            head = weights.get(LM_HEAD, weights.get(EMBED))
+        if spec.is_last_stage:
+            head = lm_head_rows(config, spec, weights)
             old = reuse.get(-1)
-            self.lm_head = old if old is not None and old.source is head else FusedLinear([head])
+            self.lm_head = old if old is not None and _same_view(old.source, head) else FusedLinear([head])
 
     def execution_layers(self) -> dict[int, Layer | FusedLinear]:
         """This shard's execution form by global layer (-1: the lm-head), for a successor to reuse."""
@@ -122,5 +134,5 @@ class LlamaShard:
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and lm-head of the rows given: [N, hidden] -> [N, vocab]."""
+        """Final norm and this shard's lm-head rows for the rows given: [N, hidden] -> [N, len(spec.vocab)]."""
         return self.lm_head(rms_norm(hidden, self.weights[NORM], self.config.rms_norm_eps))

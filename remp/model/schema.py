@@ -3,8 +3,10 @@ range of it. Sharding (what a shard holds), planning (pieces and their bytes), l
 and the model (the names of a layer's weights) all read it, so a new architecture is a new file like this.
 
 Column-parallel weights (q/k/v, gate/up) are split by rows, row-parallel ones (o, down) by columns, each by
-the coordinate's range of q heads, KV heads or FFN rows. The embedding is whole on every first-stage rank
-(and on the sampler when tied); the final norm and the lm-head are whole on the sampler only.
+the coordinate's range of q heads, KV heads or FFN rows. The lm-head is split by rows over the last stage's TP
+ranks (its slice of the vocabulary), and the final norm is whole on each of them. The embedding is whole on
+every first-stage rank; when the lm-head is tied to it, the other last-stage ranks hold their vocabulary slice
+of it (on a first stage they already hold it whole).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     layer: int  # -1: the embedding, final norm and lm-head (moved first in a switch)
-    split: str | None = None  # "q", "kv" or "ffn": sharded by that range of a coordinate; None: held whole
+    split: str | None = None  # "q", "kv", "ffn" or "vocab": sharded by that range of a coordinate; None: whole
     axis: int = ROWS  # the axis `split` slices
 
     @property
@@ -80,8 +82,10 @@ def tensor(config: ModelConfig, name: str) -> TensorSpec:
         layer, suffix = tensor_layer(name), name.split(".", 3)[3]
         role = next(r for r, (s, _, _) in LAYER_TENSORS.items() if s == suffix)
         return _layer_tensor(config, layer, role)
-    if name in (EMBED, LM_HEAD):
+    if name == EMBED:
         return TensorSpec(name, (config.vocab_size, config.hidden_size), -1)
+    if name == LM_HEAD:
+        return TensorSpec(name, (config.vocab_size, config.hidden_size), -1, "vocab")
     if name == NORM:
         return TensorSpec(name, (config.hidden_size,), -1)
     raise KeyError(f"{name!r} is not a tensor of the {config.architecture} schema")
@@ -101,13 +105,12 @@ def shard_tensors(config: ModelConfig, spec: ShardSpec) -> dict[str, tuple[int, 
         for role in roles:
             t = _layer_tensor(config, layer, role)
             out[t.name] = ranges[t.split] if t.split else (0, t.shape[t.axis])
-    whole = []
-    if spec.is_first_stage or (spec.is_sampler and config.tie_word_embeddings):
-        whole.append(EMBED)
-    if spec.is_sampler:
-        whole += [NORM] if config.tie_word_embeddings else [NORM, LM_HEAD]
-    for name in whole:
-        out[name] = (0, tensor(config, name).shape[0])
+    vocab = (spec.vocab.start, spec.vocab.stop)
+    if spec.is_first_stage:
+        out[EMBED] = (0, config.vocab_size)
+    if spec.is_last_stage:
+        out[NORM] = (0, config.hidden_size)
+        out.setdefault(EMBED if config.tie_word_embeddings else LM_HEAD, vocab)
     return out
 
 

@@ -124,12 +124,15 @@ class H100Model:
         nbytes = batch.kv_tokens * 2 * kv_heads * c.head_dim * BYTES
         return max(flops / PEAK_FLOPS, nbytes / HBM_BPS)
 
-    def _lm_head_s(self, batch: Batch) -> float:
+    def _lm_head_s(self, tp: int, batch: Batch) -> float:
         c = self.config
-        # remp's lm-head lives on TP rank 0 of the last stage: one GPU reads all of it
-        return max(
-            c.vocab_size * c.hidden_size * BYTES / HBM_BPS,
-            2 * batch.sampled * c.hidden_size * c.vocab_size / PEAK_FLOPS,
+        # the last stage's TP ranks each hold a slice of the vocabulary; the sampler gathers the logits, which
+        # is priced as an all-reduce of them (an upper bound: a gather moves about half as much)
+        rows = math.ceil(c.vocab_size / tp)
+        gather_s = self._all_reduce_ms(tp, batch.sampled * c.vocab_size * 4) / 1e3 if tp > 1 else 0.0
+        return (
+            max(rows * c.hidden_size * BYTES / HBM_BPS, 2 * batch.sampled * c.hidden_size * rows / PEAK_FLOPS)
+            + gather_s
         )
 
     def stage_s(self, tp: int, pp: int, batch: Batch) -> float:
@@ -141,7 +144,7 @@ class H100Model:
         layer_s = (
             self._interp(self._layer_ms, tp, batch.tokens) + 2 * self._all_reduce_ms(tp, act_bytes)
         ) / 1e3 + self._attention_s(tp, batch)
-        edges = self._lm_head_s(batch) + (self._interp(self._emb_ms, tp, batch.tokens) / 1e3 if pp == 1 else 0.0)
+        edges = self._lm_head_s(tp, batch) + (self._interp(self._emb_ms, tp, batch.tokens) / 1e3 if pp == 1 else 0.0)
         return layers * layer_s + edges + STEP_OVERHEAD_S
 
     def hop_s(self, tp: int, batch: Batch) -> float:
@@ -152,13 +155,15 @@ class H100Model:
         return 1.0  # a GPU per worker
 
     def weight_bytes_per_gpu(self, tp: int, pp: int) -> float:
-        """The largest shard: the last stage's layers and (on TP rank 0) the lm-head."""
+        """The largest shard: a stage's layers and the embedding (whole on the first stage), with the lm-head's
+        vocabulary slice where it is a tensor of its own on that stage (untied, one stage). A later stage's
+        lm-head slice is smaller than the first stage's embedding."""
         c = self.config
         kv_heads = math.ceil(c.num_key_value_heads / tp)
         attn = c.hidden_size * c.head_dim * (math.ceil(c.num_attention_heads / tp) * 2 + kv_heads * 2)
         mlp = 3 * c.hidden_size * math.ceil(c.intermediate_size / tp)
         layer = attn + mlp + 2 * c.hidden_size
-        head = c.vocab_size * c.hidden_size * (1 if pp > 1 or c.tie_word_embeddings else 2)
+        head = c.vocab_size * c.hidden_size * (1 if pp > 1 or c.tie_word_embeddings else 1 + 1 / tp)
         return (math.ceil(c.num_hidden_layers / pp) * layer + head) * BYTES
 
     def kv_capacity_tokens(self, tp: int, pp: int) -> int:

@@ -60,7 +60,7 @@ class WorkerSwitch:
             stats.add_time("execute", time.perf_counter() - t0)
             shard = runner.build_shard(new_spec, state.weights, reuse) if new_spec is not None else None
         t0 = time.perf_counter()
-        self.comm.use_topology(plan.new, config.hidden_size, runner.dtype)
+        self.comm.use_topology(plan.new, config, runner.dtype)
         runner.install(state, shard)
         stats.add_time("install", time.perf_counter() - t0)
         stats.seconds["groups"] = self.groups_s
@@ -97,4 +97,6 @@ class WorkerSwitch:
         config = self.runner.reader.config
         old, new = weight_ranges(config, self.runner.spec), weight_ranges(config, new_spec)
         changed = {tensor_layer(n) for n in new if old.get(n) != new[n]}
+        if self.runner.spec is None or self.runner.spec.vocab != new_spec.vocab:
+            changed.add(-1)  # the lm-head is a slice of the tied embedding, which may be held whole either way
         return {i for i in {*new_spec.layers, -1} if i not in changed}

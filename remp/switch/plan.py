@@ -240,6 +240,7 @@ def make_plan(
 
         return min(holders, key=lambda w: (far(w), load[w], w)) if holders else CHECKPOINT
 
+    missing = []
     for dst in workers:
         mine = held.get(dst, ({}, set()))
         for piece in needs[dst]:
@@ -247,8 +248,12 @@ def make_plan(
             if kept is not None:
                 part = piece if isinstance(piece, KVPiece) else WeightPiece(piece.name, *kept)
                 plan.kept.add(piece, sizer.bytes(part))
-            for part, holders in _missing(piece, kept, held):
-                _assign(plan, sizer, load, Transfer(part, source(holders, dst), dst))
+            missing += [(part, holders, dst) for part, holders in _missing(piece, kept, held)]
+    # pieces with one possible source first, then the rest largest first, each from the least-loaded holder:
+    # the choices left for last can even out what the forced ones made unequal
+    missing.sort(key=lambda m: (len(m[1]) > 1, -sizer.bytes(m[0])))
+    for part, holders, dst in missing:
+        _assign(plan, sizer, load, Transfer(part, source(holders, dst), dst))
     plan.transfers.sort(key=lambda t: (t.piece.layer, str(type(t.piece)), t.piece, t.src, t.dst))
     plan.minimum = _minimum(config, old, new, sizer, with_kv, lost)
     return plan
