@@ -296,8 +296,9 @@ def test_health_503_after_a_worker_dies_without_recovery(tiny_llama):
         assert len(children) == 2
         os.kill(int(children[1]), signal.SIGKILL)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
-        with pytest.raises(openai.APIError):
+        with pytest.raises(openai.APIError) as failed:
             list(client.completions.create(model=str(tiny_llama), prompt="abc", max_tokens=50, stream=True))
+        assert not isinstance(failed.value, openai.APITimeoutError)  # refused or ended, never left waiting
         code, body = get(url, "/health")
         assert code == 503 and "worker 1" in body
         code, err = post(url, "/v1/completions", {"prompt": "abc", "max_tokens": 2})

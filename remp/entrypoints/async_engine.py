@@ -29,7 +29,8 @@ class SwitchEvent:
 
 
 class EngineStopped(RuntimeError):
-    """The request was ended because the server is shutting down."""
+    """The request was refused or ended because the engine serves no more: the server is shutting down, or the
+    engine failed."""
 
 
 @dataclass
@@ -138,14 +139,14 @@ class AsyncLLMEngine:
         self, requests: list[tuple[str, str | list[int] | dict, SamplingParams]]
     ) -> list[AsyncIterator[RequestOutput]]:
         """Queue several requests at once: all of them, or (ValueError) none."""
-        if self.dead is not None:
-            raise RuntimeError(f"the engine is dead: {self.dead}")
-        if self.stopping is not None:
-            raise EngineStopped(self.stopping)
+        self._refuse_if_not_serving()
         loop = asyncio.get_running_loop()
         streams = [_Stream(loop) for _ in requests]
 
         def add() -> None:
+            # again on the engine thread: the engine may have failed or stopped since the check above, and a
+            # stream registered after _fail_all or end_all would never hear from it
+            self._refuse_if_not_serving()
             added = []
             try:
                 for request_id, prompt, params in requests:
@@ -158,6 +159,12 @@ class AsyncLLMEngine:
 
         await self._call(add)
         return [self._outputs(r[0], s) for r, s in zip(requests, streams)]
+
+    def _refuse_if_not_serving(self) -> None:
+        if self.dead is not None:
+            raise EngineStopped(f"the engine is not serving: {self.dead}")
+        if self.stopping is not None:
+            raise EngineStopped(self.stopping)
 
     async def _outputs(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False
