@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "--headless", action="store_true", help="run only this node's workers for the head (--node-rank K >= 1)"
     )
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="0: any free port (the log names it)")
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     s.add_argument("--admin-token", default=None, help="enable /admin (reconfigure, topology) with this token")
