@@ -7,13 +7,22 @@ import datetime
 
 import torch.distributed as dist
 
+from remp.sockets import listening_socket
+
 
 class Rendezvous:
     def __init__(self, addr: str = "127.0.0.1", port: int = 0, timeout_s: float = 300.0):
-        """Port 0: the OS picks a free port as the store binds it. (A port found free and bound later by the
-        first worker can be taken in between; CI once lost a run to that.)"""
+        """Listens on `addr` only (the store would listen on every interface given just a port; it has no
+        authentication). Port 0: the OS picks a free port as the socket binds it (a port found free and bound
+        later by the first worker can be taken in between; CI once lost a run to that)."""
+        self._sock = listening_socket(addr, port)  # the store serves on its fd: kept open as long as the store
         self.store = dist.TCPStore(
-            addr, port, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s)
+            addr,
+            self._sock.getsockname()[1],
+            is_master=True,
+            wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            master_listen_fd=self._sock.fileno(),
         )
         self.addr, self.port = addr, self.store.port
 

@@ -43,7 +43,7 @@ def remp_server(*args: str, timeout: float = 180.0):
                 raise RuntimeError(f"server exited: {log.read()}")
             if url is None:
                 log.seek(0)
-                url = next(iter(re.findall(r"^remp: serving .* on (http://\S+)$", log.read(), re.M)), None)
+                url = next(iter(re.findall(r"^remp: serving .* on (http://\S+)\n", log.read(), re.M)), None)
             try:
                 if url:
                     with urllib.request.urlopen(url + "/health", timeout=2) as r:

@@ -119,3 +119,17 @@ def test_unguarded_script_gets_one_clear_error(tmp_path, tiny_llama):
     assert proc.returncode == 1
     assert 'if __name__ == "__main__":' in proc.stderr
     assert proc.stderr.count("Traceback") == 1 and "RuntimeError" not in proc.stderr  # the driver's alone
+
+
+def test_serve_on_a_port_in_use_fails_at_once_and_names_it(tiny_llama):
+    """The port is taken (listening) before the engine starts: the error comes before any worker starts, in
+    one line, and a second server on the same port never gets as far as loading the model."""
+    from remp.sockets import listening_socket
+
+    with listening_socket("127.0.0.1", 0) as taken:
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "remp", "serve", str(tiny_llama), "-tp", "2", "--port", str(port)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"remp serve: cannot listen on 127.0.0.1:{port}: Address already in use" in proc.stderr
+    assert "serving" not in proc.stdout and "dtype" not in proc.stderr  # nothing was loaded

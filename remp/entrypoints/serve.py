@@ -21,6 +21,7 @@ from remp.engine_args import EngineArgs
 from remp.entrypoints.async_engine import AsyncLLMEngine
 from remp.entrypoints.metrics import ServerMetrics
 from remp.entrypoints.server import DEFAULT_MAX_REQUEST_BYTES, build_app
+from remp.sockets import listening_socket, url_host
 
 
 class _Server(uvicorn.Server):
@@ -48,18 +49,14 @@ class _Server(uvicorn.Server):
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """The server's socket, bound before the engine starts (as vLLM does): the workers' rendezvous and the
-    ephemeral ports of their connections can then never take the port, and a port in use fails at once rather
-    than after the model has loaded. Port 0 takes any free port; the "serving ... on" line names it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    """The server's socket, listening before the engine starts (as vLLM binds first): the workers' rendezvous
+    and the ephemeral ports of their connections can then never take the port, and a port in use fails at once
+    rather than after the model has loaded. Port 0 takes any free port; the "serving ... on" line names it.
+    Connections made while the model loads wait in the backlog."""
     try:
-        sock.bind((host, port))
+        return listening_socket(host, port)
     except OSError as e:
-        sock.close()
-        raise SystemExit(f"remp serve: cannot listen on {host}:{port}: {e.strerror}") from None
-    return sock
+        raise SystemExit(f"remp serve: cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 async def _serve(app, engine: AsyncLLMEngine, sock: socket.socket, shutdown_timeout_s: float, log_level: str) -> None:
@@ -98,8 +95,7 @@ def serve(
         engine = AsyncLLMEngine(args, on_step=metrics.on_step, on_abort=metrics.on_abort)
         try:
             app = build_app(engine, name, api_key, admin_token, metrics, max_request_bytes)
-            url_host = f"[{host}]" if ":" in host else host
-            where = f"http://{url_host}:{sock.getsockname()[1]}"
+            where = f"http://{url_host(sock)}:{sock.getsockname()[1]}"
             print(f"remp: serving {name} as {engine.engine.topology} on {where}", flush=True)
             asyncio.run(_serve(app, engine, sock, shutdown_timeout_s, log_level))
             app.state.prompts.close()

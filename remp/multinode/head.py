@@ -44,9 +44,9 @@ class ClusterHost:
     def __init__(self, nnodes: int, master_addr: str, master_port: int, local_workers: int, join_timeout_s: float):
         try:
             self.rendezvous = Rendezvous(master_addr, master_port, join_timeout_s)
-        except (dist.DistError, RuntimeError) as e:
+        except (dist.DistError, RuntimeError, OSError) as e:
             raise RuntimeError(f"cannot listen on {master_addr}:{master_port} for the other nodes: {e}") from None
-        self.addr, self.port, self.store = master_addr, master_port, self.rendezvous.store
+        self.addr, self.port, self.store = master_addr, self.rendezvous.port, self.rendezvous.store
         self.nodes: dict[int, NodeInfo] = {
             0: NodeInfo(0, socket.gethostname(), os.cpu_count() or 1, local_workers, master_addr)
         }
