@@ -11,7 +11,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from remp.config import ModelConfig
-from remp.sharding import split_evenly
 from remp.shm_allreduce import ShmAllReduce, ShmSegment
 from remp.topology import Topology
 
@@ -79,7 +78,7 @@ class WorkerComm:
         if self._shm_group:
             self.shm_all_reduce.set_group(group, self.epoch)
         # the vocabulary slice of each member of the group, in the group's rank order (sorted workers)
-        self._vocab = [split_evenly(config.vocab_size, topology.tp)[topology.coordinate(w)[1]] for w in sorted(group)]
+        self._vocab = [topology.spec(config, w).vocab for w in sorted(group)]
         self._sampler = topology.worker(stage, 0)
         self.prev = topology.worker(stage - 1, tp_rank) if stage > 0 else None
         self.next = topology.worker(stage + 1, tp_rank) if stage < topology.pp - 1 else None
