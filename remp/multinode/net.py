@@ -34,7 +34,8 @@ def interface_toward(addr: str) -> tuple[str, str]:
 def bind_gloo_toward(addr: str) -> str:
     """Make gloo and NCCL (in this process and every process it starts afterwards) use the interface that
     reaches `addr`, unless the user chose one (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME). Returns gloo's."""
-    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-        if not os.environ.get(var):
-            os.environ[var] = interface_toward(addr)[0]
+    unset = [var for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if not os.environ.get(var)]
+    if unset:
+        ifname = interface_toward(addr)[0]
+        os.environ.update(dict.fromkeys(unset, ifname))
     return os.environ["GLOO_SOCKET_IFNAME"]
