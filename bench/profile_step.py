@@ -25,7 +25,7 @@ from remp.cpu_features import cpu_features
 RESULTS = Path(__file__).parent / "results"
 GROUPS = {  # op name -> group; the first pattern that is in the name wins
     "matmul": ("addmm", "aten::mm", "linear", "mkldnn", "aten::bmm", "matmul"),
-    "attention": ("index_select", "scaled_dot_product", "softmax", "masked_fill", "index_copy", "_flash"),
+    "attention": ("paged_attention", "index_select", "scaled_dot", "softmax", "masked_fill", "index_copy", "_flash"),
     "sampling": ("argmax", "log_softmax", "gather", "sort", "cumsum", "searchsorted", "topk"),
     "elementwise": ("mul", "add", "rsqrt", "pow", "mean", "silu", "cat", "copy_", "to", "neg", "embedding"),
 }

@@ -1,0 +1,60 @@
+"""ctypes binding of paged_attention.cpp: attention of query rows over the paged cache, read in place."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from remp.kernels.build import load
+
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
+_I64, _PTR, _F64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
+
+
+@functools.cache
+def _kernel(dtype: torch.dtype):
+    lib = load("paged_attention.cpp")
+    if lib is None or dtype not in _SUFFIX:
+        return None
+    fn = getattr(lib, f"remp_paged_attention_{_SUFFIX[dtype]}")
+    fn.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64] + [_I64] * 5 + [_F64]
+    fn.restype = None
+    return fn
+
+
+def available(dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and _kernel(dtype) is not None
+
+
+def paged_attention_into(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    starts: torch.Tensor,
+    qlens: torch.Tensor,
+    ctxs: torch.Tensor,
+    tables: torch.Tensor,
+) -> None:
+    """Writes the attention of sequence b's query rows q[starts[b] : starts[b] + qlens[b]] into the same rows of
+    `out`. Query i of a sequence sits at position ctxs[b] - qlens[b] + i and sees the keys up to it.
+    q: [T, kv_heads, group, D] (rows may be strided); out: [T, kv_heads * group * D] (rows may be strided);
+    caches: [kv_heads, num_blocks, block_size, D], with this step's keys already written; tables: [B, n] int64."""
+    T, kvh, group, D = q.shape
+    bs = k_cache.shape[2]
+    if not (
+        q.stride()[1:] == (group * D, D, 1)
+        and out.stride(1) == 1
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and all(t.dtype == torch.int64 and t.is_contiguous() for t in (starts, qlens, ctxs, tables))
+    ):
+        raise ValueError("paged_attention_into: unexpected layout")
+    with torch.profiler.record_function("remp::paged_attention"):  # named in profiles; ctypes calls are not ops
+        _kernel(q.dtype)(
+            q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
+            out.data_ptr(), out.stride(0), starts.data_ptr(), qlens.data_ptr(), ctxs.data_ptr(), tables.data_ptr(),
+            tables.shape[1], starts.numel(), kvh, group, D, bs, D**-0.5,
+        )  # fmt: skip

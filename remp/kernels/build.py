@@ -1,0 +1,70 @@
+"""Compile a kernel source of this package into a shared library once per machine, and load it."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from remp.cpu_features import cpu_features
+from remp.logger import init_logger
+from remp.model.file_cache import cache_root
+
+logger = init_logger(__name__)
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+def native_kernels_enabled() -> bool:
+    return os.environ.get("REMP_NATIVE_KERNELS", "1") not in ("0", "")
+
+
+@functools.cache
+def load(source: str) -> ctypes.CDLL | None:
+    """The library built from `source` (a file beside this module), or None where it cannot be built here."""
+    if not native_kernels_enabled():
+        return None
+    src = Path(__file__).with_name(source)
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        logger.warning("no C++ compiler found: the %s kernel runs as torch ops (slower)", src.stem)
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        cpu = cpu_features()
+        key = hashlib.sha256(
+            "|".join([src.read_text(), version, " ".join(FLAGS), cpu.model_name, *sorted(cpu.flags)]).encode()
+        ).hexdigest()[:16]
+        target = _build(compiler, src, f"{src.stem}-{key}.so")
+        return ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.warning("the %s kernel could not be built (%s): it runs as torch ops (slower)", src.stem, e)
+        return None
+
+
+def _build(compiler: str, src: Path, name: str) -> Path:
+    for folder in (cache_root() / "kernels", Path(tempfile.gettempdir()) / f"remp-kernels-{os.getuid()}"):
+        target = folder / name
+        if target.exists():
+            return target
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            # built under a temporary name and renamed: workers building at once never load a half-written file
+            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so")
+            os.close(fd)
+        except OSError:
+            continue
+        try:
+            done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(src)], capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise OSError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+            os.replace(tmp, target)
+            return target
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise OSError("no writable folder for the build")

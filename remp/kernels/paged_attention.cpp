@@ -1,0 +1,161 @@
+// Attention of query rows over the paged KV cache, read in place through the block tables: no gathered copy of
+// K/V, and one pass per (sequence, KV head) that serves all the q heads of its GQA group.
+//
+// Built on the machine that runs it (-march=native), so it uses whatever vector units that CPU has; loaded with
+// ctypes (no torch headers: it compiles in about a second). OpenMP comes from the libgomp torch has already
+// loaded, so it shares torch's thread pool.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// bf16 is stored as the high half of a float32
+struct bf16 {
+  uint16_t bits;
+};
+inline float widen(float x) { return x; }
+inline double widen(double x) { return x; }
+inline float widen(bf16 x) {
+  uint32_t u = uint32_t(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline void narrow(float x, float* out) { *out = x; }
+inline void narrow(double x, double* out) { *out = x; }
+inline void narrow(float x, bf16* out) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x7fffffu)) {
+    out->bits = uint16_t((u >> 16) | 0x40);  // NaN stays NaN
+    return;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  out->bits = uint16_t(u >> 16);
+}
+
+
+// e^x for x <= 0 (scores less their maximum), vectorisable: Cephes' expf, within about 2 ulp. float64 keeps the
+// library's exp (it serves the exactness tests, where speed does not matter).
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;
+  const float z = x * x;
+  float y = 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return y * scale;
+}
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+constexpr int64_t kRowTile = 16;  // query rows scored together: each key row is read once per tile
+
+// kD: the head size when known at compile time (the common ones: fully unrolled loops), 0 for any other
+template <typename T, typename Acc, int kD>
+void attend_one(const T* q, int64_t q_row_stride, const T* k_head, const T* v_head, T* out, int64_t out_row_stride,
+                int64_t start, int64_t qlen, int64_t ctx, const int64_t* table, int64_t group, int64_t head,
+                int64_t D_, int64_t bs, Acc scale, std::vector<Acc>& scores, std::vector<Acc>& qbuf,
+                std::vector<Acc>& acc) {
+  const int64_t D = kD ? kD : D_;
+  const int64_t rows = qlen * group;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
+    const int64_t nr = rows < r0 + kRowTile ? rows - r0 : kRowTile;
+    // row r = i * group + g: query token i of this sequence, q head g of the group; it sees keys 0..pos(i)
+    int64_t nkeys = 0;
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t i = (r0 + r) / group, g = (r0 + r) % group;
+      const T* src = q + (start + i) * q_row_stride + (head * group + g) * D;
+      for (int64_t d = 0; d < D; ++d) qbuf[r * D + d] = widen(src[d]) * scale;
+      const int64_t seen = ctx - qlen + i + 1;
+      if (seen > nkeys) nkeys = seen;
+    }
+    for (int64_t j = 0; j < nkeys; ++j) {
+      const T* kr = k_head + (table[j / bs] * bs + j % bs) * D;
+      for (int64_t r = 0; r < nr; ++r) {
+        const Acc* qr = &qbuf[r * D];
+        Acc s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t d = 0; d < D; ++d) s += qr[d] * widen(kr[d]);
+        scores[r * nkeys + j] = s;
+      }
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t seen = ctx - qlen + (r0 + r) / group + 1;
+      Acc* sr = &scores[r * nkeys];
+      Acc m = sr[0];
+      for (int64_t j = 1; j < seen; ++j) m = sr[j] > m ? sr[j] : m;
+      Acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < seen; ++j) {
+        sr[j] = exp_nonpositive(sr[j] - m);
+        sum += sr[j];
+      }
+      const Acc inv = Acc(1) / sum;
+      for (int64_t j = 0; j < seen; ++j) sr[j] *= inv;
+      for (int64_t j = seen; j < nkeys; ++j) sr[j] = 0;
+      std::fill(&acc[r * D], &acc[r * D] + D, Acc(0));
+    }
+    for (int64_t j = 0; j < nkeys; ++j) {
+      const T* vr = v_head + (table[j / bs] * bs + j % bs) * D;
+      for (int64_t r = 0; r < nr; ++r) {
+        const Acc p = scores[r * nkeys + j];
+        Acc* ar = &acc[r * D];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) ar[d] += p * widen(vr[d]);
+      }
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t i = (r0 + r) / group, g = (r0 + r) % group;
+      T* dst = out + (start + i) * out_row_stride + (head * group + g) * D;
+      for (int64_t d = 0; d < D; ++d) narrow(acc[r * D + d], dst + d);
+    }
+  }
+}
+
+template <typename T, typename Acc>
+void attend(const T* q, int64_t q_row_stride, const T* k_cache, const T* v_cache, int64_t head_stride, T* out,
+            int64_t out_row_stride, const int64_t* starts, const int64_t* qlens, const int64_t* ctxs,
+            const int64_t* tables, int64_t table_width, int64_t batch, int64_t kv_heads, int64_t group, int64_t D,
+            int64_t bs, double scale) {
+  int64_t max_ctx = 0;
+  for (int64_t b = 0; b < batch; ++b) max_ctx = ctxs[b] > max_ctx ? ctxs[b] : max_ctx;
+#pragma omp parallel
+  {
+    std::vector<Acc> scores(kRowTile * max_ctx), qbuf(kRowTile * D), acc(kRowTile * D);
+    // longest contexts first would balance better; sequences arrive in no particular order, so dynamic it is
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t w = 0; w < batch * kv_heads; ++w) {
+      const int64_t b = w / kv_heads, h = w % kv_heads;
+      auto one = D == 64 ? attend_one<T, Acc, 64> : D == 128 ? attend_one<T, Acc, 128> : attend_one<T, Acc, 0>;
+      one(q, q_row_stride, k_cache + h * head_stride, v_cache + h * head_stride, out, out_row_stride,
+                         starts[b], qlens[b], ctxs[b], tables + b * table_width, group, h, D, bs, Acc(scale), scores,
+                         qbuf, acc);
+    }
+  }
+}
+
+}  // namespace
+
+#define REMP_PAGED_ATTENTION(NAME, T, ACC)                                                                        \
+  extern "C" void NAME(const void* q, int64_t q_row_stride, const void* k_cache, const void* v_cache,             \
+                       int64_t head_stride, void* out, int64_t out_row_stride, const int64_t* starts,             \
+                       const int64_t* qlens, const int64_t* ctxs, const int64_t* tables, int64_t table_width,     \
+                       int64_t batch, int64_t kv_heads, int64_t group, int64_t D, int64_t bs, double scale) {     \
+    attend<T, ACC>(static_cast<const T*>(q), q_row_stride, static_cast<const T*>(k_cache),                        \
+                   static_cast<const T*>(v_cache), head_stride, static_cast<T*>(out), out_row_stride, starts,     \
+                   qlens, ctxs, tables, table_width, batch, kv_heads, group, D, bs, scale);                       \
+  }
+
+REMP_PAGED_ATTENTION(remp_paged_attention_f32, float, float)
+REMP_PAGED_ATTENTION(remp_paged_attention_f64, double, double)
+REMP_PAGED_ATTENTION(remp_paged_attention_bf16, bf16, float)

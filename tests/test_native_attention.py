@@ -1,0 +1,77 @@
+"""The native paged-attention kernel gives what the torch path gives (gather through the block tables, then
+masked softmax), in float64 to 1e-12, in float32 and bfloat16 to their precision: decode tokens, later prefill
+chunks longer than its row tile, contexts that end mid-block, q read through strides as the model passes it."""
+
+import shutil
+
+import pytest
+import torch
+
+from remp.kernels import attention as native
+from remp.kernels import build
+from remp.model import attention
+from remp.model.attention import SeqChunk, build_metadata, paged_attention, write_kv
+
+KVH, BS, BLOCKS = 3, 4, 160
+
+
+def _case(dtype: torch.dtype, group: int, D: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(BLOCKS, generator=g).tolist()
+    # (tokens now, start position): decode tokens, later chunks (one of 23 tokens: 23 * group rows span several
+    # tiles of the kernel), and a first chunk, which stays on the flash path
+    specs = [(1, 9), (1, 0), (23, 17), (1, 62), (5, 6), (12, 0), (1, 33)]
+    chunks, used = [], 0
+    for n, start in specs:
+        nblocks = -(-(start + n) // BS)
+        chunks.append(SeqChunk([1] * n, start, perm[used : used + nblocks], True))
+        used += nblocks
+    meta = build_metadata(chunks, BS, group)
+    T = meta.num_tokens
+    # q as the model passes it: the first heads of a [T, q + k heads, D] tensor, so rows are strided
+    qk = torch.randn(T, KVH * group + KVH, D, generator=g).to(dtype)
+    q = qk[:, : KVH * group].view(T, KVH, group, D)
+    k, v = (torch.randn(T, KVH, D, generator=g).to(dtype) for _ in range(2))
+    kv = torch.randn(2, KVH, BLOCKS, BS, D, generator=g).to(dtype)
+    write_kv(kv[0], kv[1], meta.slot_mapping, k, v)
+    return q, k, v, kv[0], kv[1], meta
+
+
+@pytest.mark.parametrize(
+    "dtype, group, D, tol",
+    [
+        (torch.float64, 3, 64, 1e-12),
+        (torch.float64, 1, 128, 1e-12),
+        (torch.float64, 2, 24, 1e-12),
+        (torch.float32, 3, 64, 2e-6),
+        (torch.bfloat16, 3, 64, 2e-2),
+    ],
+)
+def test_native_kernel_matches_the_torch_path(monkeypatch, dtype, group, D, tol):
+    assert native.available(dtype, torch.device("cpu"))
+    q, k, v, k_cache, v_cache, meta = _case(dtype, group, D)
+    fast = paged_attention(q, k, v, k_cache, v_cache, meta)
+    monkeypatch.setattr(attention.native, "available", lambda *_: False)
+    slow = paged_attention(q, k, v, k_cache, v_cache, meta)
+    torch.testing.assert_close(fast.double(), slow.double(), rtol=0, atol=tol)
+
+
+def test_the_kernel_builds_where_a_compiler_is():
+    # what keeps the fast path from quietly turning into the fallback on a machine that can build it
+    assert shutil.which("c++"), "no C++ compiler on this machine"
+    assert build.load("paged_attention.cpp") is not None
+
+
+def test_without_a_working_compiler_the_torch_path_runs(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("REMP_CACHE_DIR", str(tmp_path))
+    assert build.load.__wrapped__("paged_attention.cpp") is None
+    assert "no C++ compiler" in caplog.text
+    broken = tmp_path / "cxx"
+    broken.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    assert build.load.__wrapped__("paged_attention.cpp") is None
+    assert "broken compiler" in caplog.text
+    monkeypatch.setenv("REMP_NATIVE_KERNELS", "0")
+    assert build.load.__wrapped__("paged_attention.cpp") is None
