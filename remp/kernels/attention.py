@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from remp.kernels.build import load
+from remp.kernels.build import load, profiled
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 _I64, _PTR, _F64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
@@ -52,7 +52,7 @@ def paged_attention_into(
         and all(t.dtype == torch.int64 and t.is_contiguous() for t in (starts, qlens, ctxs, tables))
     ):
         raise ValueError("paged_attention_into: unexpected layout")
-    with torch.profiler.record_function("remp::paged_attention"):  # named in profiles; ctypes calls are not ops
+    with profiled("remp::paged_attention"):
         _kernel(q.dtype)(
             q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
             out.data_ptr(), out.stride(0), starts.data_ptr(), qlens.data_ptr(), ctxs.data_ptr(), tables.data_ptr(),

@@ -9,18 +9,28 @@ import os
 import shutil
 import subprocess
 import tempfile
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+
+import torch
 
 from remp.cpu_features import cpu_features
 from remp.logger import init_logger
 from remp.model.file_cache import cache_root
 
 logger = init_logger(__name__)
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# no flag here changes a result: -fno-trapping-math and -fno-math-errno only let clamps and sqrt vectorise
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 
 def native_kernels_enabled() -> bool:
     return os.environ.get("REMP_NATIVE_KERNELS", "1") not in ("0", "")
+
+
+def profiled(name: str) -> AbstractContextManager:
+    """Names a kernel call in torch profiles (ctypes calls are not ops); record_function costs ~8 us, so only
+    while a profiler runs."""
+    return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
 
 
 @functools.cache
@@ -36,8 +46,9 @@ def load(source: str) -> ctypes.CDLL | None:
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         cpu = cpu_features()
+        headers = [h.read_text() for h in sorted(src.parent.glob("*.h"))]
         key = hashlib.sha256(
-            "|".join([src.read_text(), version, " ".join(FLAGS), cpu.model_name, *sorted(cpu.flags)]).encode()
+            "|".join([src.read_text(), *headers, version, " ".join(FLAGS), cpu.model_name, *sorted(cpu.flags)]).encode()
         ).hexdigest()[:16]
         target = _build(compiler, src, f"{src.stem}-{key}.so")
         return ctypes.CDLL(str(target))

@@ -4,59 +4,17 @@
 // Built on the machine that runs it (-march=native), so it uses whatever vector units that CPU has; loaded with
 // ctypes (no torch headers: it compiles in about a second). OpenMP comes from the libgomp torch has already
 // loaded, so it shares torch's thread pool.
-#include <cmath>
+#include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
+
+#include "numeric.h"
 
 namespace {
 
-// bf16 is stored as the high half of a float32
-struct bf16 {
-  uint16_t bits;
-};
-inline float widen(float x) { return x; }
-inline double widen(double x) { return x; }
-inline float widen(bf16 x) {
-  uint32_t u = uint32_t(x.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline void narrow(float x, float* out) { *out = x; }
-inline void narrow(double x, double* out) { *out = x; }
-inline void narrow(float x, bf16* out) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x7fffffu)) {
-    out->bits = uint16_t((u >> 16) | 0x40);  // NaN stays NaN
-    return;
-  }
-  u += 0x7fffu + ((u >> 16) & 1u);
-  out->bits = uint16_t(u >> 16);
-}
-
-
-// e^x for x <= 0 (scores less their maximum), vectorisable: Cephes' expf, within about 2 ulp. float64 keeps the
-// library's exp (it serves the exactness tests, where speed does not matter).
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  x = x - n * 0.693359375f + n * 2.12194440e-4f;
-  const float z = x * x;
-  float y = 1.9875691500e-4f;
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * z + x + 1.0f;
-  const int32_t bits = (int32_t(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return y * scale;
-}
-inline double exp_nonpositive(double x) { return std::exp(x); }
+using remp::bf16;
+using remp::exp_approx;
+using remp::widen;
 
 constexpr int64_t kRowTile = 16;  // query rows scored together: each key row is read once per tile
 
@@ -97,7 +55,7 @@ void attend_one(const T* q, int64_t q_row_stride, const T* k_head, const T* v_he
       Acc sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < seen; ++j) {
-        sr[j] = exp_nonpositive(sr[j] - m);
+        sr[j] = exp_approx(sr[j] - m);
         sum += sr[j];
       }
       const Acc inv = Acc(1) / sum;
@@ -117,7 +75,7 @@ void attend_one(const T* q, int64_t q_row_stride, const T* k_head, const T* v_he
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t i = (r0 + r) / group, g = (r0 + r) % group;
       T* dst = out + (start + i) * out_row_stride + (head * group + g) * D;
-      for (int64_t d = 0; d < D; ++d) narrow(acc[r * D + d], dst + d);
+      for (int64_t d = 0; d < D; ++d) dst[d] = remp::narrow(acc[r * D + d], dst);
     }
   }
 }

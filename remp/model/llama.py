@@ -13,18 +13,12 @@ import torch.nn.functional as F
 
 from remp.config import ModelConfig
 from remp.kv_cache import KVCache
-from remp.model.attention import AttnMetadata, paged_attention, write_kv
+from remp.model.attention import AttnMetadata, paged_attention
+from remp.model.layer_ops import layer_ops, rms_norm
 from remp.model.linear import FusedLinear
 from remp.model.rope import RotaryEmbedding
 from remp.model.schema import EMBED, LM_HEAD, NORM, layer_names, shard_tensors
 from remp.sharding import ShardSpec
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalise in float32 (or wider), as Hugging Face does, then scale in the model dtype.
-    xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 def lm_head_rows(config: ModelConfig, spec: ShardSpec, weights: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -111,27 +105,28 @@ class LlamaShard:
         """hidden: [T, hidden] -> [T, hidden] after this shard's layers (before the final norm)."""
         cfg, D = self.config, self.config.head_dim
         T, kvh = hidden.shape[0], self.kv_heads
-        qk_cols, q_heads = (self.q_per_kv + 1) * kvh * D, self.q_per_kv * kvh
+        q_heads = self.q_per_kv * kvh
+        qk_cols = (q_heads + kvh) * D
+        ops = layer_ops(hidden.dtype, hidden.device)
         cos, sin = self.rope.tables(meta.positions)
+        residual, pending = hidden.clone(), None  # pending: the last sublayer's output, not yet added in
         for local, layer in enumerate(self.layers):
-            x = rms_norm(hidden, layer.ln1, cfg.rms_norm_eps)
-            qkv = layer.qkv(x)  # [T, q | k | v]: q and k heads are rotated together
-            qk = self.rope.rotate(qkv[:, :qk_cols].view(T, -1, D), cos, sin)
-            k, v = qk[:, q_heads:], qkv[:, qk_cols:].view(T, kvh, D)
+            x = ops.add_rms_norm(residual, pending, layer.ln1, cfg.rms_norm_eps)
+            qkv = layer.qkv(x)  # [T, q | k | v]
             k_cache, v_cache = kv.layer(local)
-            write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
-            attn = paged_attention(qk[:, :q_heads].view(T, kvh, self.q_per_kv, D), k, v, k_cache, v_cache, meta)
-            o = layer.o(attn)
+            ops.rope_cache(qkv, cos, sin, q_heads, kvh, k_cache, v_cache, meta.slot_mapping)
+            q = qkv[:, : q_heads * D].view(T, kvh, self.q_per_kv, D)
+            k, v = qkv[:, q_heads * D : qk_cols].view(T, kvh, D), qkv[:, qk_cols:].view(T, kvh, D)
+            o = layer.o(paged_attention(q, k, v, k_cache, v_cache, meta))
             if self.all_reduce:
                 self.all_reduce(o)
-            hidden = hidden + o
-            x = rms_norm(hidden, layer.ln2, cfg.rms_norm_eps)
-            gate, up = layer.gate_up.split(layer.gate_up(x))
-            m = layer.down(F.silu(gate) * up)
+            x = ops.add_rms_norm(residual, o, layer.ln2, cfg.rms_norm_eps)
+            pending = layer.down(ops.silu_mul(layer.gate_up(x)))
             if self.all_reduce:
-                self.all_reduce(m)
-            hidden = hidden + m
-        return hidden
+                self.all_reduce(pending)
+        if pending is not None:
+            residual.add_(pending)
+        return residual
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and this shard's lm-head rows for the rows given: [N, hidden] -> [N, len(spec.vocab)]."""

@@ -51,12 +51,12 @@ class RotaryEmbedding:
         self.cos, self.sin = emb.cos().to(device, dtype), emb.sin().to(device, dtype)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for each token: [tokens, 1, head_dim]; looked up once per step, used by every layer."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """cos, sin for each token: [tokens, head_dim]; looked up once per step, used by every layer."""
+        return self.cos[positions], self.sin[positions]
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [tokens, heads, head_dim]; q and k heads may come together in one call."""
+        """x: [tokens, heads, head_dim], cos and sin: [tokens, 1, head_dim]; q and k heads come together."""
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin

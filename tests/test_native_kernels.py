@@ -1,16 +1,22 @@
-"""The native paged-attention kernel gives what the torch path gives (gather through the block tables, then
-masked softmax), in float64 to 1e-12, in float32 and bfloat16 to their precision: decode tokens, later prefill
-chunks longer than its row tile, contexts that end mid-block, q read through strides as the model passes it."""
+"""The native kernels give what their torch references give, in float64 to 1e-12, in float32 and bfloat16 to their
+precision. Paged attention (against gather through the block tables, then masked softmax): decode tokens, later
+prefill chunks longer than its row tile, contexts that end mid-block, q read through strides as the model passes
+it. The fused layer ops: residual add + RMSNorm, SiLU * up, RoPE + cache write."""
 
 import shutil
 
 import pytest
 import torch
 
+from remp.config import ModelConfig
 from remp.kernels import attention as native
 from remp.kernels import build
+from remp.kernels import layer_ops as native_ops
 from remp.model import attention
 from remp.model.attention import SeqChunk, build_metadata, paged_attention, write_kv
+from remp.model.layer_ops import TorchOps
+from remp.model.rope import RotaryEmbedding
+from remp.tools.random_model import tiny_config
 
 KVH, BS, BLOCKS = 3, 4, 160
 
@@ -56,10 +62,48 @@ def test_native_kernel_matches_the_torch_path(monkeypatch, dtype, group, D, tol)
     torch.testing.assert_close(fast.double(), slow.double(), rtol=0, atol=tol)
 
 
-def test_the_kernel_builds_where_a_compiler_is():
+# (rtol, atol): bf16 within one unit in the last place (exp differs far below it)
+TOLERANCE = {torch.float64: (1e-12, 1e-12), torch.float32: (2e-6, 2e-6), torch.bfloat16: (8e-3, 1e-6)}
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+def test_fused_layer_ops_match_torch(dtype):
+    assert native_ops.available(dtype, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    rnd = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(dtype)
+    close = lambda a, b: torch.testing.assert_close(
+        a.double(), b.double(), rtol=TOLERANCE[dtype][0], atol=TOLERANCE[dtype][1]
+    )
+    T, H, I, qh, kvh, D = 37, 96, 160, 6, 2, 16
+    # RMSNorm after the residual add, and on its own (a shard's first norm); the residual is updated in place
+    for delta in (rnd(T, H), None):
+        res_a, res_b, w = rnd(T, H, scale=3), None, rnd(H)
+        res_b = res_a.clone()
+        close(native_ops.add_rms_norm(res_a, delta, w, 1e-5), TorchOps.add_rms_norm(res_b, delta, w, 1e-5))
+        close(res_a, res_b)
+    # SiLU over a range where exp over- and underflows
+    gate_up = rnd(T, 2 * I, scale=30)
+    close(native_ops.silu_mul(gate_up), TorchOps.silu_mul(gate_up))
+    # RoPE on q and k in place, then k and v into the cache at scattered slots
+    cfg = ModelConfig.from_hf_dict(tiny_config())  # 6 q heads, 2 KV heads of 16
+    rope = RotaryEmbedding(cfg, 512, dtype)
+    cos, sin = rope.tables(torch.randint(0, 512, (T,), generator=g))
+    slots = torch.randperm(40 * 4, generator=g)[:T]
+    qkv_a = rnd(T, (qh + 2 * kvh) * D)
+    qkv_b = qkv_a.clone()
+    cache_a = rnd(2, kvh, 40, 4, D)
+    cache_b = cache_a.clone()
+    native_ops.rope_cache(qkv_a, cos, sin, qh, kvh, cache_a[0], cache_a[1], slots)
+    TorchOps.rope_cache(qkv_b, cos, sin, qh, kvh, cache_b[0], cache_b[1], slots)
+    close(qkv_a, qkv_b)
+    close(cache_a, cache_b)
+
+
+def test_the_kernels_build_where_a_compiler_is():
     # what keeps the fast path from quietly turning into the fallback on a machine that can build it
     assert shutil.which("c++"), "no C++ compiler on this machine"
     assert build.load("paged_attention.cpp") is not None
+    assert build.load("layer_ops.cpp") is not None
 
 
 def test_without_a_working_compiler_the_torch_path_runs(monkeypatch, tmp_path, caplog):
