@@ -24,9 +24,10 @@ from remp.cpu_features import cpu_features
 
 RESULTS = Path(__file__).parent / "results"
 GROUPS = {  # op name -> group; the first pattern that is in the name wins
+    "fused layer ops": ("remp::add_rms_norm", "remp::silu_mul", "remp::rope_cache"),
     "matmul": ("addmm", "aten::mm", "linear", "mkldnn", "aten::bmm", "matmul"),
     "attention": ("paged_attention", "index_select", "scaled_dot", "softmax", "masked_fill", "index_copy", "_flash"),
-    "sampling": ("argmax", "log_softmax", "gather", "sort", "cumsum", "searchsorted", "topk"),
+    "sampling": ("remp::sample", "argmax", "log_softmax", "gather", "sort", "cumsum", "searchsorted", "topk"),
     "elementwise": ("mul", "add", "rsqrt", "pow", "mean", "silu", "cat", "copy_", "to", "neg", "embedding"),
 }
 

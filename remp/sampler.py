@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from remp.kernels import sampling as native
 from remp.sampling_params import SamplingParams
 
 
@@ -104,15 +105,27 @@ def _random_sample(
     # Inverse CDF with one uniform per row: exact sampling from probs (unnormalised is fine), and ~7x cheaper
     # than an exponential race, which needs a random number per vocabulary entry.
     cdf = probs.cumsum(dim=-1)
-    u = torch.empty(len(params), 1, device=dev, dtype=dt)
-    unseeded = [i for i, g in enumerate(generators) if g is None]
-    if unseeded:  # one batched draw from the default RNG
-        u[unseeded] = torch.rand(len(unseeded), 1, device=dev, dtype=dt)
-    for i, g in enumerate(generators):
-        if g is not None:  # per-row draw: a seeded request does not depend on its batch-mates
-            u[i] = torch.rand(1, dtype=dt, device=g.device, generator=g).to(dev)
+    u = draw_uniforms(generators, dev, dt)[:, None]
     # side="right": the first token whose cumulative mass exceeds u; zero-probability tokens never qualify
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=V - 1)
+
+
+def draw_uniforms(generators: list[torch.Generator | None], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """One uniform per row: a batched draw from the default RNG for unseeded rows, and a per-row draw for a
+    seeded row, so that it does not depend on its batch-mates."""
+    u = torch.empty(len(generators), device=device, dtype=dtype)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if unseeded:
+        u[unseeded] = torch.rand(len(unseeded), device=device, dtype=dtype)
+    for i, g in enumerate(generators):
+        if g is not None:
+            u[i] = torch.rand(1, dtype=dtype, device=g.device, generator=g).to(device)
+    return u
+
+
+def _plain(params: list[SamplingParams], vocab: int) -> bool:
+    """No row filters its distribution (top-k, top-p, min-p): the native kernel can sample them all."""
+    return all((sp.top_k <= 0 or sp.top_k >= vocab) and sp.top_p >= 1.0 and sp.min_p <= 0 for sp in params)
 
 
 def sample(
@@ -126,26 +139,36 @@ def sample(
     # Half precision is too coarse for cumulative sums over a large vocab.
     x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
 
-    token_ids = x.argmax(dim=-1)  # greedy rows keep this (ties -> lowest id)
     rand_rows = [i for i, sp in enumerate(params) if not sp.greedy]
-    if rand_rows:
-        rows = torch.tensor(rand_rows, device=x.device)
-        token_ids[rows] = _random_sample(x[rows], [params[i] for i in rand_rows], [generators[i] for i in rand_rows])
-
-    raw_lp = torch.log_softmax(x, dim=-1)
-    chosen_lp = raw_lp.gather(-1, token_ids[:, None])  # [B, 1]
-    ranks = (raw_lp > chosen_lp).sum(dim=-1) + 1
+    raw_lp = None
+    if _plain(params, V) and native.available(x.dtype, x.device):
+        # greedy and temperature-only rows: one native pass per row instead of a torch op per step of the way
+        u = torch.zeros(B, dtype=torch.float64)
+        u[rand_rows] = draw_uniforms([generators[i] for i in rand_rows], x.device, x.dtype).double()
+        temps = torch.tensor([0.0 if sp.greedy else sp.temperature for sp in params], dtype=torch.float64)
+        token_ids, chosen_lp, ranks = native.sample(x.contiguous(), temps, u)
+    else:
+        token_ids = x.argmax(dim=-1)  # greedy rows keep this (ties -> lowest id)
+        if rand_rows:
+            rows = torch.tensor(rand_rows, device=x.device)
+            token_ids[rows] = _random_sample(
+                x[rows], [params[i] for i in rand_rows], [generators[i] for i in rand_rows]
+            )
+        raw_lp = torch.log_softmax(x, dim=-1)
+        chosen_lp = raw_lp.gather(-1, token_ids[:, None])[:, 0]
+        ranks = (raw_lp > chosen_lp[:, None]).sum(dim=-1) + 1
 
     top: list[list[tuple[int, float]]] | None = None
     ns = [min(sp.logprobs or 0, V) for sp in params]
     if max(ns, default=0) > 0:
+        raw_lp = torch.log_softmax(x, dim=-1) if raw_lp is None else raw_lp
         vals, idx = raw_lp.topk(max(ns), dim=-1)  # sorted descending
         vals_l, idx_l = vals.tolist(), idx.tolist()
         top = [list(zip(idx_l[i][:n], vals_l[i][:n])) for i, n in enumerate(ns)]
 
     return SamplerOutput(
         token_ids=token_ids.tolist(),
-        logprobs=chosen_lp[:, 0].tolist(),
+        logprobs=chosen_lp.tolist(),
         ranks=ranks.tolist(),
         top_logprobs=top,
     )

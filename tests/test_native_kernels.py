@@ -3,6 +3,7 @@ precision. Paged attention (against gather through the block tables, then masked
 prefill chunks longer than its row tile, contexts that end mid-block, q read through strides as the model passes
 it. The fused layer ops: residual add + RMSNorm, SiLU * up, RoPE + cache write."""
 
+import math
 import shutil
 
 import pytest
@@ -119,3 +120,43 @@ def test_without_a_working_compiler_the_torch_path_runs(monkeypatch, tmp_path, c
     assert "broken compiler" in caplog.text
     monkeypatch.setenv("REMP_NATIVE_KERNELS", "0")
     assert build.load.__wrapped__("paged_attention.cpp") is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_native_sampling_matches_the_torch_path(monkeypatch, dtype):
+    from remp import sampler
+    from remp.sampling_params import SamplingParams
+
+    assert sampler.native.available(dtype, torch.device("cpu"))
+    g = torch.Generator().manual_seed(2)
+    B, V = 24, 5000
+    logits = (torch.randn(B, V, generator=g) * 4).to(dtype)
+    logits[3, 100:] = float("-inf")  # a row with most of its vocabulary banned
+    logits[6, 7] = logits[6, 9] = logits[6].max() + 1  # a tie for the greedy token (row 6): the lower id wins
+    params = [
+        SamplingParams(temperature=0.0 if i % 3 == 0 else 0.3 + 0.1 * i, seed=i, logprobs=2 if i == 4 else None)
+        for i in range(B)
+    ]
+    gens = lambda: [sampler.make_generator(1000 + i) for i in range(B)]
+    fast = sampler.sample(logits.clone(), params, gens())
+    monkeypatch.setattr(sampler.native, "available", lambda *_: False)
+    slow = sampler.sample(logits.clone(), params, gens())
+    assert fast.token_ids == slow.token_ids
+    assert params[6].greedy and fast.token_ids[6] == 7
+    assert fast.ranks == slow.ranks
+    assert fast.token_ids[3] < 100
+    torch.testing.assert_close(torch.tensor(fast.logprobs), torch.tensor(slow.logprobs), rtol=0, atol=1e-5)
+    assert fast.top_logprobs[4][0][0] == slow.top_logprobs[4][0][0]
+
+
+def test_native_sampling_never_draws_a_banned_token():
+    from remp.kernels import sampling
+
+    logits = torch.full((4, 1000), float("-inf"), dtype=torch.float64)
+    logits[:, 500] = logits[:, 999] = 0.0
+    temps = torch.ones(4, dtype=torch.float64)
+    u = torch.tensor([0.0, 0.4999, 0.5001, 1 - 1e-12], dtype=torch.float64)  # both ends of each interval
+    token, logprob, rank = sampling.sample(logits, temps, u)
+    assert token.tolist() == [500, 500, 999, 999]
+    torch.testing.assert_close(logprob, torch.full((4,), math.log(0.5), dtype=torch.float64))
+    assert rank.tolist() == [1, 1, 1, 1]

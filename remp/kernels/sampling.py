@@ -1,0 +1,45 @@
+"""ctypes binding of sampling.cpp: greedy or temperature sampling, with the chosen token's logprob and rank."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from remp.kernels.build import load, profiled
+
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+@functools.cache
+def _kernel(dtype: torch.dtype):
+    lib = load("sampling.cpp")
+    if lib is None or dtype not in _SUFFIX:
+        return None
+    fn = getattr(lib, f"remp_sample_{_SUFFIX[dtype]}")
+    fn.argtypes, fn.restype = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR], None
+    return fn
+
+
+def available(dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and _kernel(dtype) is not None
+
+
+def sample(
+    logits: torch.Tensor, temperature: torch.Tensor, uniform: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [B, V] (float32/64); temperature, uniform: [B] float64 (temperature below 1e-5: greedy) ->
+    (token ids [B], their raw log_softmax [B] float64, their 1-based rank in the raw distribution [B])."""
+    if not logits.is_contiguous() or temperature.dtype != torch.float64 or uniform.dtype != torch.float64:
+        raise ValueError("sample: contiguous logits and float64 temperature and uniform expected")
+    B, V = logits.shape
+    token, rank = (torch.empty(B, dtype=torch.int64) for _ in range(2))
+    logprob = torch.empty(B, dtype=torch.float64)
+    with profiled("remp::sample"):
+        _kernel(logits.dtype)(
+            logits.data_ptr(), B, V, temperature.contiguous().data_ptr(), uniform.contiguous().data_ptr(),
+            token.data_ptr(), logprob.data_ptr(), rank.data_ptr(),
+        )  # fmt: skip
+    return token, logprob, rank
