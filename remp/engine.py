@@ -18,6 +18,7 @@ from remp.cpu_features import cpu_features
 from remp.detokenizer import IncrementalDetokenizer
 from remp.engine_args import EngineArgs
 from remp.executor import LocalExecutor, MultiprocExecutor, WorkerError, exit_if_spawning_worker
+from remp.kernels.build import build_all as build_kernels
 from remp.kv_cache import kv_bytes_per_block
 from remp.logger import init_logger
 from remp.messages import StepMsg, StepResult
@@ -96,6 +97,8 @@ class LLMEngine:
         self.eos_token_ids = frozenset(
             cfg.eos_token_ids or ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
         )
+        if args.device == "cpu":
+            build_kernels()  # once, here, rather than in every worker at its first step
         self.executor = self._start_executor(reader, topology)
         self.scheduler = Scheduler(self.num_kv_blocks, args.block_size, args.max_num_seqs, args.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}

@@ -127,6 +127,10 @@ def cmd_headless(a: argparse.Namespace) -> int:
     workers = workers_on_node(a.tensor_parallel_size, a.pipeline_parallel_size, a.nnodes, a.workers_per_node)
     if workers < 1:
         raise ValueError("give --workers-per-node (or -tp/-pp as on the head)")
+    if a.device == "cpu":
+        from remp.kernels.build import build_all
+
+        build_all()  # this machine's own build, before its workers start
     return run_node(a.node_rank, a.master_addr, a.master_port, workers, a.node_join_timeout_s)
 
 

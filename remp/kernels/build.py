@@ -9,6 +9,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from remp.logger import init_logger
 from remp.model.file_cache import cache_root
 
 logger = init_logger(__name__)
+SOURCES = ("paged_attention.cpp", "layer_ops.cpp", "sampling.cpp")
 # no flag here changes a result: -fno-trapping-math and -fno-math-errno only let clamps and sqrt vectorise
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
@@ -31,6 +34,14 @@ def profiled(name: str) -> AbstractContextManager:
     """Names a kernel call in torch profiles (ctypes calls are not ops); record_function costs ~8 us, so only
     while a profiler runs."""
     return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
+
+
+def build_all() -> None:
+    """Build every kernel now (in parallel), so that no request waits for a compiler: at start-up, once per
+    machine, before the workers start (they find the builds in the cache)."""
+    if native_kernels_enabled():
+        with ThreadPoolExecutor(len(SOURCES)) as pool:
+            list(pool.map(load, SOURCES))
 
 
 @functools.cache
@@ -50,18 +61,22 @@ def load(source: str) -> ctypes.CDLL | None:
         key = hashlib.sha256(
             "|".join([src.read_text(), *headers, version, " ".join(FLAGS), cpu.model_name, *sorted(cpu.flags)]).encode()
         ).hexdigest()[:16]
-        target = _build(compiler, src, f"{src.stem}-{key}.so")
+        t0 = time.monotonic()
+        target, built = _build(compiler, src, f"{src.stem}-{key}.so")
+        if built:
+            logger.info("built the %s kernel for this CPU in %.1f s (%s)", src.stem, time.monotonic() - t0, target)
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as e:
         logger.warning("the %s kernel could not be built (%s): it runs as torch ops (slower)", src.stem, e)
         return None
 
 
-def _build(compiler: str, src: Path, name: str) -> Path:
+def _build(compiler: str, src: Path, name: str) -> tuple[Path, bool]:
+    """The library's path, and whether it was built now (False: found in the cache)."""
     for folder in (cache_root() / "kernels", Path(tempfile.gettempdir()) / f"remp-kernels-{os.getuid()}"):
         target = folder / name
         if target.exists():
-            return target
+            return target, False
         try:
             folder.mkdir(parents=True, exist_ok=True)
             # built under a temporary name and renamed: workers building at once never load a half-written file
@@ -74,7 +89,7 @@ def _build(compiler: str, src: Path, name: str) -> Path:
             if done.returncode != 0:
                 raise OSError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
             os.replace(tmp, target)
-            return target
+            return target, True
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
