@@ -160,3 +160,30 @@ def test_native_sampling_never_draws_a_banned_token():
     assert token.tolist() == [500, 500, 999, 999]
     torch.testing.assert_close(logprob, torch.full((4,), math.log(0.5), dtype=torch.float64))
     assert rank.tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+def test_the_torch_fallback_generates_what_the_kernels_do(fixture, request, monkeypatch):
+    """The whole forward and sampler on the torch ops (as on a GPU, or without a compiler) against the native
+    kernels, float64: chunked prefill, decode, greedy and seeded sampling."""
+    from remp import LLM, SamplingParams
+    from remp.kernels import sampling
+
+    path = request.getfixturevalue(fixture)
+    prompts = [{"prompt_token_ids": list(range(3 + 7 * i, 3 + 7 * i + n))} for i, n in enumerate((5, 23, 40))]
+    params = [
+        SamplingParams(max_tokens=12, temperature=0.0, logprobs=1),
+        SamplingParams(max_tokens=12, temperature=0.8, seed=7, logprobs=1),
+    ]
+
+    def run():
+        with LLM(str(path), dtype="float64", max_num_batched_tokens=32) as llm:
+            return [o.outputs[0] for p in params for o in llm.generate(prompts, p)]
+
+    fast = run()
+    for module in (native, native_ops, sampling):
+        monkeypatch.setattr(module, "available", lambda *_: False)
+    slow = run()
+    for a, b in zip(fast, slow):
+        assert a.token_ids == b.token_ids
+        assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-9)
