@@ -32,14 +32,16 @@ def sample(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [B, V] (float32/64); temperature, uniform: [B] float64 (temperature below 1e-5: greedy) ->
     (token ids [B], their raw log_softmax [B] float64, their 1-based rank in the raw distribution [B])."""
-    if not logits.is_contiguous() or temperature.dtype != torch.float64 or uniform.dtype != torch.float64:
-        raise ValueError("sample: contiguous logits and float64 temperature and uniform expected")
+    if not all(t.is_contiguous() for t in (logits, temperature, uniform)) or not (
+        temperature.dtype == uniform.dtype == torch.float64
+    ):
+        raise ValueError("sample: contiguous logits, and contiguous float64 temperature and uniform expected")
     B, V = logits.shape
     token, rank = (torch.empty(B, dtype=torch.int64) for _ in range(2))
     logprob = torch.empty(B, dtype=torch.float64)
     with profiled("remp::sample"):
         _kernel(logits.dtype)(
-            logits.data_ptr(), B, V, temperature.contiguous().data_ptr(), uniform.contiguous().data_ptr(),
+            logits.data_ptr(), B, V, temperature.data_ptr(), uniform.data_ptr(),
             token.data_ptr(), logprob.data_ptr(), rank.data_ptr(),
         )  # fmt: skip
     return token, logprob, rank
