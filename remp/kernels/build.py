@@ -6,6 +6,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -27,7 +28,7 @@ FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fope
 
 
 def native_kernels_enabled() -> bool:
-    return os.environ.get("REMP_NATIVE_KERNELS", "1") not in ("0", "")
+    return os.environ.get("REMP_NATIVE_KERNELS", "1").strip().lower() not in ("0", "", "false", "no", "off")
 
 
 def profiled(name: str) -> AbstractContextManager:
@@ -50,47 +51,64 @@ def load(source: str) -> ctypes.CDLL | None:
     if not native_kernels_enabled():
         return None
     src = Path(__file__).with_name(source)
-    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    cxx = shlex.split(os.environ.get("CXX", "c++")) or ["c++"]  # "ccache g++" is a compiler too
+    compiler = shutil.which(cxx[0])
     if compiler is None:
         logger.warning("no C++ compiler found: the %s kernel runs as torch ops (slower)", src.stem)
         return None
+    command = [compiler, *cxx[1:]]
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=30).stdout
         cpu = cpu_features()
         headers = [h.read_text() for h in sorted(src.parent.glob("*.h"))]
         key = hashlib.sha256(
             "|".join([src.read_text(), *headers, version, " ".join(FLAGS), cpu.model_name, *sorted(cpu.flags)]).encode()
         ).hexdigest()[:16]
-        t0 = time.monotonic()
-        target, built = _build(compiler, src, f"{src.stem}-{key}.so")
-        if built:
-            logger.info("built the %s kernel for this CPU in %.1f s (%s)", src.stem, time.monotonic() - t0, target)
-        return ctypes.CDLL(str(target))
+        return _build_and_load(command, src, f"{src.stem}-{key}.so")
     except (OSError, subprocess.SubprocessError) as e:
         logger.warning("the %s kernel could not be built (%s): it runs as torch ops (slower)", src.stem, e)
         return None
 
 
-def _build(compiler: str, src: Path, name: str) -> tuple[Path, bool]:
-    """The library's path, and whether it was built now (False: found in the cache)."""
-    for folder in (cache_root() / "kernels", Path(tempfile.gettempdir()) / f"remp-kernels-{os.getuid()}"):
+def _folders() -> list[Path]:
+    """Where builds go: the remp cache, else a folder of this user's own in the temporary directory (made 0700,
+    and skipped when someone else owns it: a library planted there would run as us)."""
+    private = Path(tempfile.gettempdir()) / f"remp-kernels-{os.getuid()}"
+    try:
+        private.mkdir(mode=0o700, exist_ok=True)
+        st = private.stat()
+        usable = st.st_uid == os.getuid() and not st.st_mode & 0o022
+    except OSError:
+        usable = False
+    return [cache_root() / "kernels"] + ([private] if usable else [])
+
+
+def _build_and_load(command: list[str], src: Path, name: str) -> ctypes.CDLL:
+    errors = []
+    for folder in _folders():
         target = folder / name
-        if target.exists():
-            return target, False
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            # built under a temporary name and renamed: workers building at once never load a half-written file
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so")
-            os.close(fd)
-        except OSError:
-            continue
-        try:
-            done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(src)], capture_output=True, text=True, timeout=300)
-            if done.returncode != 0:
-                raise OSError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
-            os.replace(tmp, target)
-            return target, True
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    raise OSError("no writable folder for the build")
+            if not target.exists():
+                _build(command, src, folder, target)
+            return ctypes.CDLL(str(target))
+        except OSError as e:  # unwritable, a failed build, or a library that will not load (a noexec mount)
+            errors.append(f"{folder}: {e}")
+    raise OSError("; ".join(errors))
+
+
+def _build(command: list[str], src: Path, folder: Path, target: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    # built under a temporary name and renamed: workers building at once never load a half-written file
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so")
+    os.close(fd)
+    try:
+        t0 = time.monotonic()
+        done = subprocess.run([*command, *FLAGS, "-o", tmp, str(src)], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise OSError(f"{command[0]} failed: {done.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755)  # mkstemp made it 0600: others sharing the cache must be able to load it
+        os.replace(tmp, target)
+        logger.info("built the %s kernel for this CPU in %.1f s (%s)", src.stem, time.monotonic() - t0, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
