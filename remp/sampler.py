@@ -85,10 +85,8 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return probs.masked_fill(probs < thresh, 0.0)
 
 
-def _random_sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> torch.Tensor:
-    """Sample one token per row of `logits` (all rows non-greedy)."""
+def _random_sample(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+    """Sample one token per row of `logits` (all rows non-greedy) with the uniforms `u` [rows]."""
     V = logits.shape[-1]
     dev, dt = logits.device, logits.dtype
     temp = torch.tensor([sp.temperature for sp in params], device=dev, dtype=dt)
@@ -105,8 +103,8 @@ def _random_sample(
     # Inverse CDF with one uniform per row: exact sampling from probs (unnormalised is fine), and ~7x cheaper
     # than an exponential race, which needs a random number per vocabulary entry.
     cdf = probs.cumsum(dim=-1)
-    u = draw_uniforms(generators, dev, dt)[:, None]
     # side="right": the first token whose cumulative mass exceeds u; zero-probability tokens never qualify
+    u = u.to(dev, dt)[:, None]
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=V - 1)
 
 
@@ -123,9 +121,9 @@ def draw_uniforms(generators: list[torch.Generator | None], device: torch.device
     return u
 
 
-def _plain(params: list[SamplingParams], vocab: int) -> bool:
-    """No row filters its distribution (top-k, top-p, min-p): the native kernel can sample them all."""
-    return all((sp.top_k <= 0 or sp.top_k >= vocab) and sp.top_p >= 1.0 and sp.min_p <= 0 for sp in params)
+def _plain(sp: SamplingParams, vocab: int) -> bool:
+    """The row does not filter its distribution (top-k, top-p, min-p): the native kernel can sample it."""
+    return (sp.top_k <= 0 or sp.top_k >= vocab) and sp.top_p >= 1.0 and sp.min_p <= 0
 
 
 def sample(
@@ -139,30 +137,40 @@ def sample(
     # Half precision is too coarse for cumulative sums over a large vocab.
     x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
 
+    # one uniform per non-greedy row, drawn in row order whichever path samples the row
+    u = torch.zeros(B, dtype=torch.float64)
     rand_rows = [i for i, sp in enumerate(params) if not sp.greedy]
-    raw_lp = None
-    if _plain(params, V) and native.available(x.dtype, x.device):
-        # greedy and temperature-only rows: one native pass per row instead of a torch op per step of the way
-        u = torch.zeros(B, dtype=torch.float64)
-        u[rand_rows] = draw_uniforms([generators[i] for i in rand_rows], x.device, x.dtype).double()
-        temps = torch.tensor([0.0 if sp.greedy else sp.temperature for sp in params], dtype=torch.float64)
-        token_ids, chosen_lp, ranks = native.sample(x.contiguous(), temps, u)
-    else:
-        token_ids = x.argmax(dim=-1)  # greedy rows keep this (ties -> lowest id)
-        if rand_rows:
-            rows = torch.tensor(rand_rows, device=x.device)
-            token_ids[rows] = _random_sample(
-                x[rows], [params[i] for i in rand_rows], [generators[i] for i in rand_rows]
+    u[rand_rows] = draw_uniforms([generators[i] for i in rand_rows], x.device, x.dtype).double().cpu()
+    # Each row takes a path by its own parameters only, so that its result never depends on its batch-mates:
+    # greedy and temperature-only rows one native pass each; rows that filter (top-k, top-p, min-p) torch ops.
+    fast = native.available(x.dtype, x.device)
+    plain = [i for i, sp in enumerate(params) if fast and _plain(sp, V)]
+    filtered = [i for i, sp in enumerate(params) if not (fast and _plain(sp, V))]
+    token_ids = torch.empty(B, dtype=torch.long, device=x.device)
+    chosen_lp = torch.empty(B, dtype=x.dtype, device=x.device)
+    ranks = torch.empty(B, dtype=torch.long, device=x.device)
+    if plain:
+        temps = torch.tensor([0.0 if params[i].greedy else params[i].temperature for i in plain], dtype=torch.float64)
+        results = native.sample(_rows(x, plain), temps, u[plain].contiguous())
+        for dst, src in zip((token_ids, chosen_lp, ranks), results):
+            dst[plain] = src.to(dst.dtype)
+    if filtered:
+        xf = _rows(x, filtered)
+        tokens = xf.argmax(dim=-1)  # greedy rows keep this (ties -> lowest id)
+        drawn = [k for k, i in enumerate(filtered) if not params[i].greedy]
+        if drawn:
+            tokens[drawn] = _random_sample(
+                xf[drawn], [params[filtered[k]] for k in drawn], u[[filtered[k] for k in drawn]]
             )
-        raw_lp = torch.log_softmax(x, dim=-1)
-        chosen_lp = raw_lp.gather(-1, token_ids[:, None])[:, 0]
-        ranks = (raw_lp > chosen_lp[:, None]).sum(dim=-1) + 1
+        raw = torch.log_softmax(xf, dim=-1)
+        lp = raw.gather(-1, tokens[:, None])
+        token_ids[filtered], chosen_lp[filtered] = tokens, lp[:, 0]
+        ranks[filtered] = (raw > lp).sum(dim=-1) + 1
 
     top: list[list[tuple[int, float]]] | None = None
     ns = [min(sp.logprobs or 0, V) for sp in params]
     if max(ns, default=0) > 0:
-        raw_lp = torch.log_softmax(x, dim=-1) if raw_lp is None else raw_lp
-        vals, idx = raw_lp.topk(max(ns), dim=-1)  # sorted descending
+        vals, idx = torch.log_softmax(x, dim=-1).topk(max(ns), dim=-1)  # sorted descending
         vals_l, idx_l = vals.tolist(), idx.tolist()
         top = [list(zip(idx_l[i][:n], vals_l[i][:n])) for i, n in enumerate(ns)]
 
@@ -172,6 +180,11 @@ def sample(
         ranks=ranks.tolist(),
         top_logprobs=top,
     )
+
+
+def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows], without a copy when that is all of x in order (the common case: one path for the batch)."""
+    return x if rows == list(range(x.shape[0])) else x[rows]
 
 
 def sample_rows(logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:

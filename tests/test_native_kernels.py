@@ -103,8 +103,7 @@ def test_fused_layer_ops_match_torch(dtype):
 def test_the_kernels_build_where_a_compiler_is():
     # what keeps the fast path from quietly turning into the fallback on a machine that can build it
     assert shutil.which("c++"), "no C++ compiler on this machine"
-    assert build.load("paged_attention.cpp") is not None
-    assert build.load("layer_ops.cpp") is not None
+    assert all(build.load(source) is not None for source in build.SOURCES)
 
 
 def test_without_a_working_compiler_the_torch_path_runs(monkeypatch, tmp_path, caplog):
@@ -118,8 +117,10 @@ def test_without_a_working_compiler_the_torch_path_runs(monkeypatch, tmp_path, c
     monkeypatch.setenv("CXX", str(broken))
     assert build.load.__wrapped__("paged_attention.cpp") is None
     assert "broken compiler" in caplog.text
-    monkeypatch.setenv("REMP_NATIVE_KERNELS", "0")
-    assert build.load.__wrapped__("paged_attention.cpp") is None
+    monkeypatch.delenv("CXX")  # a working compiler again: only the switch turns the kernels off
+    for off in ("0", "false", "off"):
+        monkeypatch.setenv("REMP_NATIVE_KERNELS", off)
+        assert build.load.__wrapped__("paged_attention.cpp") is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -131,7 +132,7 @@ def test_native_sampling_matches_the_torch_path(monkeypatch, dtype):
     g = torch.Generator().manual_seed(2)
     B, V = 24, 5000
     logits = (torch.randn(B, V, generator=g) * 4).to(dtype)
-    logits[3, 100:] = float("-inf")  # a row with most of its vocabulary banned
+    logits[5, 100:] = float("-inf")  # a temperature row with most of its vocabulary banned
     logits[6, 7] = logits[6, 9] = logits[6].max() + 1  # a tie for the greedy token (row 6): the lower id wins
     params = [
         SamplingParams(temperature=0.0 if i % 3 == 0 else 0.3 + 0.1 * i, seed=i, logprobs=2 if i == 4 else None)
@@ -144,22 +145,93 @@ def test_native_sampling_matches_the_torch_path(monkeypatch, dtype):
     assert fast.token_ids == slow.token_ids
     assert params[6].greedy and fast.token_ids[6] == 7
     assert fast.ranks == slow.ranks
-    assert fast.token_ids[3] < 100
+    assert not params[5].greedy and fast.token_ids[5] < 100
     torch.testing.assert_close(torch.tensor(fast.logprobs), torch.tensor(slow.logprobs), rtol=0, atol=1e-5)
     assert fast.top_logprobs[4][0][0] == slow.top_logprobs[4][0][0]
 
 
-def test_native_sampling_never_draws_a_banned_token():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_native_sampling_never_draws_a_banned_or_weightless_token(dtype):
     from remp.kernels import sampling
 
-    logits = torch.full((4, 1000), float("-inf"), dtype=torch.float64)
-    logits[:, 500] = logits[:, 999] = 0.0
-    temps = torch.ones(4, dtype=torch.float64)
-    u = torch.tensor([0.0, 0.4999, 0.5001, 1 - 1e-12], dtype=torch.float64)  # both ends of each interval
+    logits = torch.full((5, 1000), float("-inf"), dtype=dtype)
+    logits[:, 500] = logits[:, 997] = 0.0
+    logits[:, 3] = -1e4  # finite, but e^-20000 has no weight in either dtype: u = 0 must not pick it
+    temps = torch.tensor([0.5] * 5, dtype=torch.float64)
+    u = torch.tensor([0.0, 0.4999, 0.5001, 1 - 1e-12, 1.0], dtype=torch.float64)  # both ends of each interval
     token, logprob, rank = sampling.sample(logits, temps, u)
-    assert token.tolist() == [500, 500, 999, 999]
-    torch.testing.assert_close(logprob, torch.full((4,), math.log(0.5), dtype=torch.float64))
-    assert rank.tolist() == [1, 1, 1, 1]
+    assert token.tolist() == [500, 500, 997, 997, 997]  # never 3, never a banned id, never the last id 999
+    torch.testing.assert_close(logprob, torch.full((5,), math.log(0.5), dtype=torch.float64), rtol=0, atol=1e-6)
+    assert rank.tolist() == [1, 1, 1, 1, 1]
+
+
+def test_native_sampling_of_nan_and_infinite_rows_follows_torch(monkeypatch):
+    from remp import sampler
+    from remp.sampling_params import SamplingParams
+
+    logits = torch.randn(4, 300)
+    logits[0] = float("nan")  # all NaN: the worker must not crash
+    logits[1, 17] = float("nan")  # one NaN: argmax takes it, as torch's does
+    logits[2] = float("-inf")  # nothing left to sample
+    logits[3, 40] = float("inf")
+    params = [SamplingParams(temperature=0.0)] * 4
+    fast = sampler.sample(logits.clone(), params, [None] * 4)
+    monkeypatch.setattr(sampler.native, "available", lambda *_: False)
+    slow = sampler.sample(logits.clone(), params, [None] * 4)
+    assert fast.token_ids == slow.token_ids == [0, 17, 0, 40]
+    assert all(math.isnan(lp) for lp in fast.logprobs) and all(math.isnan(lp) for lp in slow.logprobs)
+
+
+def test_a_row_samples_the_same_whatever_its_batch_mates():
+    """The path (native or torch) is chosen per row: a batch-mate with top-k changes nothing for the others."""
+    from remp import sampler
+    from remp.sampling_params import SamplingParams
+
+    logits = torch.randn(3, 4000, generator=torch.Generator().manual_seed(5))
+    plain = [SamplingParams(temperature=0.0, logprobs=1), SamplingParams(temperature=0.7, seed=3)]
+    alone = sampler.sample(logits[:2].clone(), plain, [None, sampler.make_generator(3)])
+    mixed = sampler.sample(logits.clone(), [*plain, SamplingParams(top_k=50)], [None, sampler.make_generator(3), None])
+    assert alone.token_ids == mixed.token_ids[:2]
+    assert alone.logprobs == mixed.logprobs[:2] and alone.ranks == mixed.ranks[:2]
+
+
+def test_kernels_refuse_metadata_outside_the_cache():
+    q, k, v, k_cache, v_cache, meta = _case(torch.float32, 3, 64)
+    g = next(grp for grp in meta.groups if not grp.fresh)
+    out = torch.empty(q.shape[0], q[0].numel())
+    args = (g.starts, g.qlens, g.ctxs)
+    with pytest.raises(ValueError, match="outside"):  # a block id past the cache
+        native.paged_attention_into(out, q, k_cache, v_cache, *args, g.block_tables + BLOCKS)
+    with pytest.raises(ValueError, match="outside"):  # a context past its block table
+        native.paged_attention_into(out, q, k_cache, v_cache, g.starts, g.qlens, g.ctxs + 100, g.block_tables)
+    with pytest.raises(ValueError, match="unexpected"):  # int32 block tables
+        native.paged_attention_into(out, q, k_cache, v_cache, *args, g.block_tables.int())
+    T, D = 4, 16
+    qkv, cos, sin = torch.zeros(T, 10 * D), torch.ones(T, D), torch.zeros(T, D)
+    cache = torch.zeros(2, 2, 3, 4, D)
+    with pytest.raises(ValueError, match="outside"):
+        native_ops.rope_cache(qkv, cos, sin, 6, 2, cache[0], cache[1], torch.tensor([0, 1, 2, 12]))
+
+
+def test_kernel_results_do_not_depend_on_threads_or_batch():
+    """What keeps switches exact: each output depends only on its own row or (sequence, head)."""
+    q, k, v, k_cache, v_cache, meta = _case(torch.float32, 3, 64)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(paged_attention(q, k, v, k_cache, v_cache, meta))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    # one sequence alone gives bit for bit what it gave in the batch
+    chunk = SeqChunk([1], 62, list(range(16)), True)
+    batch = [SeqChunk([1], 9, list(range(16, 19)), True), chunk, SeqChunk([1], 33, list(range(19, 28)), True)]
+    qq = torch.randn(3, KVH, 3, 64)
+    alone = paged_attention(qq[1:2], k, v, k_cache, v_cache, build_metadata([chunk], BS, 3))
+    together = paged_attention(qq, k, v, k_cache, v_cache, build_metadata(batch, BS, 3))
+    assert torch.equal(alone[0], together[1])
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])

@@ -19,8 +19,8 @@ def _kernel(dtype: torch.dtype):
     if lib is None or dtype not in _SUFFIX:
         return None
     fn = getattr(lib, f"remp_paged_attention_{_SUFFIX[dtype]}")
-    fn.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64] + [_I64] * 5 + [_F64]
-    fn.restype = None
+    fn.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR] + [_I64] * 7 + [_F64]
+    fn.restype = ctypes.c_int
     return fn
 
 
@@ -46,15 +46,22 @@ def paged_attention_into(
     bs = k_cache.shape[2]
     if not (
         q.stride()[1:] == (group * D, D, 1)
+        and out.shape == (T, kvh * group * D)
         and out.stride(1) == 1
         and k_cache.is_contiguous()
         and v_cache.is_contiguous()
+        and k_cache.shape == v_cache.shape == (kvh, k_cache.shape[1], bs, D)
+        and q.dtype == out.dtype == k_cache.dtype == v_cache.dtype
+        and tables.dim() == 2
         and all(t.dtype == torch.int64 and t.is_contiguous() for t in (starts, qlens, ctxs, tables))
+        and starts.numel() == qlens.numel() == ctxs.numel() == tables.shape[0]
     ):
-        raise ValueError("paged_attention_into: unexpected layout")
+        raise ValueError("paged_attention_into: unexpected shapes, layouts or dtypes")
     with profiled("remp::paged_attention"):
-        _kernel(q.dtype)(
+        status = _kernel(q.dtype)(
             q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
-            out.data_ptr(), out.stride(0), starts.data_ptr(), qlens.data_ptr(), ctxs.data_ptr(), tables.data_ptr(),
-            tables.shape[1], starts.numel(), kvh, group, D, bs, D**-0.5,
+            out.data_ptr(), out.stride(0), T, starts.data_ptr(), qlens.data_ptr(), ctxs.data_ptr(),
+            tables.data_ptr(), tables.shape[1], starts.numel(), kvh, group, D, bs, k_cache.shape[1], D**-0.5,
         )  # fmt: skip
+    if status != 0:
+        raise ValueError("paged_attention_into: a sequence's rows, context or blocks lie outside the batch or cache")

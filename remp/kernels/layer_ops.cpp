@@ -65,9 +65,11 @@ void silu_mul(const T* gate_up, int64_t row_stride, T* out, int64_t rows, int64_
 
 // qkv row: [q heads | k heads | v heads] x D; cos/sin rows: [D] for the token's position
 template <typename T>
-void rope_cache(T* qkv, int64_t row_stride, const T* cos, const T* sin, int64_t rows, int64_t q_heads,
-                int64_t kv_heads, int64_t D, T* k_cache, T* v_cache, int64_t head_stride, const int64_t* slots) {
+int rope_cache(T* qkv, int64_t row_stride, const T* cos, const T* sin, int64_t rows, int64_t q_heads,
+               int64_t kv_heads, int64_t D, T* k_cache, T* v_cache, int64_t head_stride, const int64_t* slots) {
   using Acc = typename AccOf<T>::type;
+  for (int64_t t = 0; t < rows; ++t)  // a slot past the cache would write out of bounds
+    if (slots[t] < 0 || slots[t] >= head_stride / D) return -1;
   const int64_t half = D / 2;
 #pragma omp parallel for if (rows * (q_heads + 2 * kv_heads) * D > kParallelWork)
   for (int64_t t = 0; t < rows; ++t) {
@@ -97,6 +99,7 @@ void rope_cache(T* qkv, int64_t row_stride, const T* cos, const T* sin, int64_t 
       }
     }
   }
+  return 0;
 }
 
 }  // namespace
@@ -111,11 +114,11 @@ void rope_cache(T* qkv, int64_t row_stride, const T* cos, const T* sin, int64_t 
                                          int64_t I) {                                                            \
     silu_mul<T>(static_cast<const T*>(gate_up), row_stride, static_cast<T*>(out), rows, I);                     \
   }                                                                                                              \
-  extern "C" void remp_rope_cache_##SUFFIX(void* qkv, int64_t row_stride, const void* cos, const void* sin,      \
-                                           int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t D,           \
-                                           void* k_cache, void* v_cache, int64_t head_stride,                    \
-                                           const int64_t* slots) {                                               \
-    rope_cache<T>(static_cast<T*>(qkv), row_stride, static_cast<const T*>(cos), static_cast<const T*>(sin),     \
+  extern "C" int remp_rope_cache_##SUFFIX(void* qkv, int64_t row_stride, const void* cos, const void* sin,       \
+                                          int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t D,            \
+                                          void* k_cache, void* v_cache, int64_t head_stride,                     \
+                                          const int64_t* slots) {                                                \
+    return rope_cache<T>(static_cast<T*>(qkv), row_stride, static_cast<const T*>(cos), static_cast<const T*>(sin),     \
                   rows, q_heads, kv_heads, D, static_cast<T*>(k_cache), static_cast<T*>(v_cache), head_stride,   \
                   slots);                                                                                        \
   }

@@ -11,10 +11,10 @@ from remp.kernels.build import load, profiled
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 _I64, _PTR, _F64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
-_ARGS = {
-    "add_rms_norm": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _F64],
-    "silu_mul": [_PTR, _I64, _PTR, _I64, _I64],
-    "rope_cache": [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR],
+_ARGS = {  # name: (argument types, result type)
+    "add_rms_norm": ([_PTR, _PTR, _PTR, _PTR, _I64, _I64, _F64], None),
+    "silu_mul": ([_PTR, _I64, _PTR, _I64, _I64], None),
+    "rope_cache": ([_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR], ctypes.c_int),
 }
 
 
@@ -24,9 +24,9 @@ def _kernels(dtype: torch.dtype) -> dict | None:
     if lib is None or dtype not in _SUFFIX:
         return None
     out = {}
-    for name, argtypes in _ARGS.items():
+    for name, (argtypes, restype) in _ARGS.items():
         fn = getattr(lib, f"remp_{name}_{_SUFFIX[dtype]}")
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes, fn.restype = argtypes, restype
         out[name] = fn
     return out
 
@@ -42,8 +42,16 @@ def _rows_contiguous(*ts: torch.Tensor) -> None:
 
 def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """residual += delta (in place; skipped when None), then weight * rms_norm(residual). [T, H], contiguous."""
-    if not residual.is_contiguous() or (delta is not None and not delta.is_contiguous()):
-        raise ValueError("add_rms_norm: residual and delta must be contiguous")
+    if not residual.is_contiguous() or residual.dim() != 2 or weight.shape != residual.shape[1:]:
+        raise ValueError("add_rms_norm: a contiguous [T, H] residual and an [H] weight expected")
+    if delta is not None and (not delta.is_contiguous() or delta.shape != residual.shape):
+        raise ValueError("add_rms_norm: delta must be contiguous and shaped as the residual")
+    if (
+        not weight.is_contiguous()
+        or weight.dtype != residual.dtype
+        or (delta is not None and delta.dtype != weight.dtype)
+    ):
+        raise ValueError("add_rms_norm: residual, delta and weight must share a dtype")
     out = torch.empty_like(residual)
     T, H = residual.shape
     with profiled("remp::add_rms_norm"):
@@ -63,6 +71,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2I] (gate | up) -> silu(gate) * up, [T, I]."""
     _rows_contiguous(gate_up)
     T, I2 = gate_up.shape
+    if I2 % 2:
+        raise ValueError("silu_mul: gate | up must have an even width")
     out = gate_up.new_empty(T, I2 // 2)
     with profiled("remp::silu_mul"):
         _kernels(gate_up.dtype)["silu_mul"](gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), T, I2 // 2)
@@ -82,13 +92,23 @@ def rope_cache(
     """Rotates the q and k heads of qkv [T, (q_heads + 2 kv_heads) * D] in place (cos, sin: [T, D] for each
     token's position), then writes k and v to their slots of the caches [kv_heads, blocks, block_size, D]."""
     _rows_contiguous(qkv)
-    D = k_cache.shape[-1]
-    if not (cos.is_contiguous() and sin.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("rope_cache: tables and caches must be contiguous")
-    if slots.dtype != torch.int64 or not slots.is_contiguous():
-        raise ValueError("rope_cache: slots must be contiguous int64")
+    T, D = qkv.shape[0], k_cache.shape[-1]
+    if not (
+        qkv.shape[1] == (q_heads + 2 * kv_heads) * D
+        and cos.shape == sin.shape == (T, D)
+        and all(t.is_contiguous() for t in (cos, sin, k_cache, v_cache))
+        and k_cache.shape == v_cache.shape
+        and k_cache.shape[0] == kv_heads
+        and qkv.dtype == cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype
+        and slots.dtype == torch.int64
+        and slots.shape == (T,)
+        and slots.is_contiguous()
+    ):
+        raise ValueError("rope_cache: unexpected shapes, layouts or dtypes")
     with profiled("remp::rope_cache"):
-        _kernels(qkv.dtype)["rope_cache"](
-            qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), qkv.shape[0], q_heads, kv_heads, D,
+        status = _kernels(qkv.dtype)["rope_cache"](
+            qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), T, q_heads, kv_heads, D,
             k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), slots.data_ptr(),
         )  # fmt: skip
+    if status != 0:
+        raise ValueError("rope_cache: a slot lies outside the cache")

@@ -29,9 +29,11 @@ inline bf16 narrow(float x, bf16*) {  // round to nearest even, as torch does; a
 // x rounded to T and back: what storing in T and reading again gives
 template <typename T, typename Acc> inline Acc round_to(Acc x) { return widen(narrow(x, static_cast<T*>(nullptr))); }
 
-// e^x: Cephes' expf (within about 2 ulp), branch-free so that loops over it vectorise. float64 keeps the
-// library's exp: it serves the exactness tests, where speed does not matter.
+// e^x: Cephes' expf (within about 2 ulp), branch-free so that loops over it vectorise; 0 below -87.3, where
+// float32 underflows (so a -inf logit weighs exactly nothing). float64 keeps the library's exp: it serves the
+// exactness tests, where speed does not matter.
 inline float exp_approx(float x) {
+  const float in = x;
   x = x < -87.0f ? -87.0f : x;
   x = x > 88.0f ? 88.0f : x;
   const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
@@ -47,7 +49,7 @@ inline float exp_approx(float x) {
   const int32_t bits = (int32_t(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, 4);
-  return y * scale;
+  return in < -87.3f ? 0.0f : y * scale;
 }
 inline double exp_approx(double x) { return std::exp(x); }
 

@@ -80,11 +80,26 @@ void attend_one(const T* q, int64_t q_row_stride, const T* k_head, const T* v_he
   }
 }
 
+// The metadata is checked before anything is read through it: a query row past the batch, a context past its
+// block table, or a block id past the cache would otherwise read (and write) out of bounds.
+inline bool valid(int64_t rows_total, const int64_t* starts, const int64_t* qlens, const int64_t* ctxs,
+                  const int64_t* tables, int64_t table_width, int64_t batch, int64_t bs, int64_t num_blocks) {
+  for (int64_t b = 0; b < batch; ++b) {
+    if (qlens[b] < 1 || qlens[b] > ctxs[b] || starts[b] < 0 || starts[b] + qlens[b] > rows_total) return false;
+    const int64_t used = (ctxs[b] + bs - 1) / bs;
+    if (used > table_width) return false;
+    for (int64_t i = 0; i < used; ++i)
+      if (tables[b * table_width + i] < 0 || tables[b * table_width + i] >= num_blocks) return false;
+  }
+  return true;
+}
+
 template <typename T, typename Acc>
-void attend(const T* q, int64_t q_row_stride, const T* k_cache, const T* v_cache, int64_t head_stride, T* out,
-            int64_t out_row_stride, const int64_t* starts, const int64_t* qlens, const int64_t* ctxs,
-            const int64_t* tables, int64_t table_width, int64_t batch, int64_t kv_heads, int64_t group, int64_t D,
-            int64_t bs, double scale) {
+int attend(const T* q, int64_t q_row_stride, const T* k_cache, const T* v_cache, int64_t head_stride, T* out,
+           int64_t out_row_stride, int64_t rows_total, const int64_t* starts, const int64_t* qlens,
+           const int64_t* ctxs, const int64_t* tables, int64_t table_width, int64_t batch, int64_t kv_heads,
+           int64_t group, int64_t D, int64_t bs, int64_t num_blocks, double scale) {
+  if (!valid(rows_total, starts, qlens, ctxs, tables, table_width, batch, bs, num_blocks)) return -1;
   int64_t max_ctx = 0;
   for (int64_t b = 0; b < batch; ++b) max_ctx = ctxs[b] > max_ctx ? ctxs[b] : max_ctx;
 #pragma omp parallel
@@ -100,18 +115,22 @@ void attend(const T* q, int64_t q_row_stride, const T* k_cache, const T* v_cache
                          qbuf, acc);
     }
   }
+  return 0;
 }
 
 }  // namespace
 
+// 0, or -1 when the metadata is out of bounds (nothing was computed)
 #define REMP_PAGED_ATTENTION(NAME, T, ACC)                                                                        \
-  extern "C" void NAME(const void* q, int64_t q_row_stride, const void* k_cache, const void* v_cache,             \
-                       int64_t head_stride, void* out, int64_t out_row_stride, const int64_t* starts,             \
-                       const int64_t* qlens, const int64_t* ctxs, const int64_t* tables, int64_t table_width,     \
-                       int64_t batch, int64_t kv_heads, int64_t group, int64_t D, int64_t bs, double scale) {     \
-    attend<T, ACC>(static_cast<const T*>(q), q_row_stride, static_cast<const T*>(k_cache),                        \
-                   static_cast<const T*>(v_cache), head_stride, static_cast<T*>(out), out_row_stride, starts,     \
-                   qlens, ctxs, tables, table_width, batch, kv_heads, group, D, bs, scale);                       \
+  extern "C" int NAME(const void* q, int64_t q_row_stride, const void* k_cache, const void* v_cache,              \
+                      int64_t head_stride, void* out, int64_t out_row_stride, int64_t rows_total,                 \
+                      const int64_t* starts, const int64_t* qlens, const int64_t* ctxs, const int64_t* tables,    \
+                      int64_t table_width, int64_t batch, int64_t kv_heads, int64_t group, int64_t D, int64_t bs, \
+                      int64_t num_blocks, double scale) {                                                         \
+    return attend<T, ACC>(static_cast<const T*>(q), q_row_stride, static_cast<const T*>(k_cache),                 \
+                          static_cast<const T*>(v_cache), head_stride, static_cast<T*>(out), out_row_stride,      \
+                          rows_total, starts, qlens, ctxs, tables, table_width, batch, kv_heads, group, D, bs,    \
+                          num_blocks, scale);                                                                     \
   }
 
 REMP_PAGED_ATTENTION(remp_paged_attention_f32, float, float)

@@ -14,10 +14,21 @@ void sample(const T* logits, int64_t rows, int64_t V, const double* temperature,
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t b = 0; b < rows; ++b) {
     const T* x = logits + b * V;
-    T m = x[0];
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < V; ++j) m = x[j] > m ? x[j] : m;
+    T m = -INFINITY;
+    int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+    for (int64_t j = 0; j < V; ++j) {
+      nan |= x[j] != x[j];
+      m = x[j] > m ? x[j] : m;
+    }
     int64_t chosen = 0;
+    if (nan || std::isinf(m)) {  // as torch: argmax is the first NaN (or the first +inf), log_softmax is NaN
+      while (nan ? x[chosen] == x[chosen] : x[chosen] != m) ++chosen;
+      token[b] = chosen;
+      logprob[b] = NAN;
+      rank[b] = 1;
+      continue;
+    }
     while (x[chosen] != m) ++chosen;  // the first maximum: ties go to the lowest id, as argmax
     double mass = 0;
 #pragma omp simd reduction(+ : mass)
@@ -25,21 +36,21 @@ void sample(const T* logits, int64_t rows, int64_t V, const double* temperature,
     const double log_z = double(m) + std::log(mass);
     if (temperature[b] >= 1e-5) {
       const T inv_t = T(1.0 / temperature[b]);
-      // weights exp((x - max) / t); a banned (-inf) token weighs exactly nothing
-      auto weight = [&](int64_t j) { return x[j] == -INFINITY ? T(0) : remp::exp_approx((x[j] - m) * inv_t); };
+      // weights exp((x - max) / t): a banned (-inf) token weighs exactly nothing
       double total = 0;
 #pragma omp simd reduction(+ : total)
-      for (int64_t j = 0; j < V; ++j) total += weight(j);
+      for (int64_t j = 0; j < V; ++j) total += remp::exp_approx((x[j] - m) * inv_t);
       const double target = uniform[b] * total;
       double cum = 0;
-      chosen = V - 1;  // rounding could leave the target above the last sum
-      for (int64_t j = 0; j < V; ++j) {
-        cum += weight(j);
-        if (cum > target) {  // the first token whose cumulative weight exceeds the target: never a weightless one
-          chosen = j;
-          break;
-        }
+      int64_t last_weighed = chosen;  // rounding could leave the target above the last sum: then the last
+      bool found = false;              // token with any weight, never a weightless one
+      for (int64_t j = 0; j < V && !found; ++j) {
+        const T w = remp::exp_approx((x[j] - m) * inv_t);
+        cum += w;
+        if (w > 0) last_weighed = j;
+        found = cum > target;  // the first token whose cumulative weight exceeds the target
       }
+      chosen = last_weighed;
     }
     const T picked = x[chosen];
     int64_t above = 0;

@@ -37,6 +37,8 @@ def sample(
     ):
         raise ValueError("sample: contiguous logits, and contiguous float64 temperature and uniform expected")
     B, V = logits.shape
+    if V == 0 or temperature.shape != (B,) or uniform.shape != (B,) or logits.dtype not in _SUFFIX:
+        raise ValueError("sample: float32/64 logits [B, V > 0], with temperature and uniform [B], expected")
     token, rank = (torch.empty(B, dtype=torch.int64) for _ in range(2))
     logprob = torch.empty(B, dtype=torch.float64)
     with profiled("remp::sample"):
