@@ -145,7 +145,7 @@ def sample(
     # greedy and temperature-only rows one native pass each; rows that filter (top-k, top-p, min-p) torch ops.
     fast = native.available(x.dtype, x.device)
     plain = [i for i, sp in enumerate(params) if fast and _plain(sp, V)]
-    filtered = [i for i, sp in enumerate(params) if not (fast and _plain(sp, V))]
+    filtered = sorted(set(range(B)) - set(plain))
     token_ids = torch.empty(B, dtype=torch.long, device=x.device)
     chosen_lp = torch.empty(B, dtype=x.dtype, device=x.device)
     ranks = torch.empty(B, dtype=torch.long, device=x.device)

@@ -8,8 +8,8 @@ The cache is head-major ([kv_heads, blocks, block_size, D] per layer): gathers c
 TP shard's heads are a contiguous slice.
 
 On CPU, groups that read the cache (decode, later prefill chunks) go to a native kernel that reads the blocks in
-place (`remp/kernels/paged_attention.cpp`: 2.5-3x faster than gather + matmuls at decode); the torch path above
-stays for other devices and where no compiler is available.
+place (`remp/kernels/paged_attention.cpp`: 3x faster or more than gather + matmuls at decode); the torch path
+above stays for other devices and where no compiler is available.
 """
 
 from __future__ import annotations

@@ -27,11 +27,10 @@ class FusedLinear:
         self, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None, batch_hint: int = 64
     ):
         self.source = weights[0]  # to tell whether a rebuilt shard still has the same weights
-        self.splits = [w.shape[0] for w in weights]
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         self.bias = None
         if biases and any(b is not None for b in biases):
-            self.bias = torch.cat([b if b is not None else weight.new_zeros(n) for b, n in zip(biases, self.splits)])
+            self.bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)])
         self.packed = _can_pack(weight)
         self.weight = (
             torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch_hint) if self.packed else weight
@@ -41,6 +40,3 @@ class FusedLinear:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
-
-    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return torch.split(y, self.splits, dim=-1)
