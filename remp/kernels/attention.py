@@ -7,21 +7,15 @@ import functools
 
 import torch
 
-from remp.kernels.build import load, profiled
+from remp.kernels.build import function, profiled
 
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 _I64, _PTR, _F64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
+_ARGS = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR] + [_I64] * 7 + [_F64]
 
 
 @functools.cache
 def _kernel(dtype: torch.dtype):
-    lib = load("paged_attention.cpp")
-    if lib is None or dtype not in _SUFFIX:
-        return None
-    fn = getattr(lib, f"remp_paged_attention_{_SUFFIX[dtype]}")
-    fn.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR] + [_I64] * 7 + [_F64]
-    fn.restype = ctypes.c_int
-    return fn
+    return function("paged_attention.cpp", "remp_paged_attention", dtype, _ARGS, ctypes.c_int)
 
 
 def available(dtype: torch.dtype, device: torch.device) -> bool:

@@ -23,6 +23,8 @@ from remp.model.file_cache import cache_root
 
 logger = init_logger(__name__)
 SOURCES = ("paged_attention.cpp", "layer_ops.cpp", "sampling.cpp")
+# each kernel is exported once per dtype it supports, named with this suffix
+DTYPE_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 # no flag here changes a result: -fno-trapping-math and -fno-math-errno only let clamps and sqrt vectorise
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
@@ -43,6 +45,17 @@ def build_all() -> None:
     if native_kernels_enabled():
         with ThreadPoolExecutor(len(SOURCES)) as pool:
             list(pool.map(load, SOURCES))
+
+
+def function(source: str, name: str, dtype: torch.dtype, argtypes: list, restype: type | None = None):
+    """The ctypes function `name`_<dtype suffix> of the library built from `source`, or None where the library
+    cannot be built or the dtype has no version."""
+    lib = load(source)
+    if lib is None or dtype not in DTYPE_SUFFIX or not hasattr(lib, f"{name}_{DTYPE_SUFFIX[dtype]}"):
+        return None
+    fn = getattr(lib, f"{name}_{DTYPE_SUFFIX[dtype]}")
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
 
 
 @functools.cache

@@ -7,9 +7,8 @@ import functools
 
 import torch
 
-from remp.kernels.build import load, profiled
+from remp.kernels.build import function, profiled
 
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 _I64, _PTR, _F64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
 _ARGS = {  # name: (argument types, result type)
     "add_rms_norm": ([_PTR, _PTR, _PTR, _PTR, _I64, _I64, _F64], None),
@@ -20,15 +19,8 @@ _ARGS = {  # name: (argument types, result type)
 
 @functools.cache
 def _kernels(dtype: torch.dtype) -> dict | None:
-    lib = load("layer_ops.cpp")
-    if lib is None or dtype not in _SUFFIX:
-        return None
-    out = {}
-    for name, (argtypes, restype) in _ARGS.items():
-        fn = getattr(lib, f"remp_{name}_{_SUFFIX[dtype]}")
-        fn.argtypes, fn.restype = argtypes, restype
-        out[name] = fn
-    return out
+    fns = {name: function("layer_ops.cpp", f"remp_{name}", dtype, *sig) for name, sig in _ARGS.items()}
+    return fns if all(fns.values()) else None
 
 
 def available(dtype: torch.dtype, device: torch.device) -> bool:

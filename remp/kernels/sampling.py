@@ -7,20 +7,14 @@ import functools
 
 import torch
 
-from remp.kernels.build import load, profiled
+from remp.kernels.build import function, profiled
 
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
 @functools.cache
-def _kernel(dtype: torch.dtype):
-    lib = load("sampling.cpp")
-    if lib is None or dtype not in _SUFFIX:
-        return None
-    fn = getattr(lib, f"remp_sample_{_SUFFIX[dtype]}")
-    fn.argtypes, fn.restype = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR], None
-    return fn
+def _kernel(dtype: torch.dtype):  # float32 and float64 only: the sampler widens half-precision logits first
+    return function("sampling.cpp", "remp_sample", dtype, [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR])
 
 
 def available(dtype: torch.dtype, device: torch.device) -> bool:
@@ -37,7 +31,7 @@ def sample(
     ):
         raise ValueError("sample: contiguous logits, and contiguous float64 temperature and uniform expected")
     B, V = logits.shape
-    if V == 0 or temperature.shape != (B,) or uniform.shape != (B,) or logits.dtype not in _SUFFIX:
+    if V == 0 or temperature.shape != (B,) or uniform.shape != (B,) or _kernel(logits.dtype) is None:
         raise ValueError("sample: float32/64 logits [B, V > 0], with temperature and uniform [B], expected")
     token, rank = (torch.empty(B, dtype=torch.int64) for _ in range(2))
     logprob = torch.empty(B, dtype=torch.float64)
