@@ -3,9 +3,13 @@ through the layers, attention at its context, the lm-head for each sampled row) 
 this machine runs (oneDNN with pre-packed weights where the CPU allows, a prefill-sized GEMM, best of several).
 
     python bench/floor.py [--num-prompts 64 --input-len 128 --output-len 64] [--measured-tok-s 116.8]
+    python bench/floor.py --serve-rounds 3 [--remp-args "..."]
 
 Prints the FLOPs, the peak, the floor in seconds and output tok/s, and (given a measured throughput) the
-fraction of the floor reached. Saves bench/results/floor.json.
+fraction of the floor reached. Saves bench/results/floor.json. With --serve-rounds, it starts `remp serve` and
+alternates the peak's measurement with a serving run of the workload (the client and prompts of vs_vllm.py,
+after one uncounted warm-up), so that each run is set against the floor of the same minutes; it saves
+bench/results/floor-serving.json.
 """
 
 from __future__ import annotations
@@ -56,7 +60,11 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--measured-tok-s", type=float, default=None, help="output tok/s a server reached")
+    p.add_argument("--serve-rounds", type=int, default=0, help="serve and measure, alternating with the peak")
+    p.add_argument("--remp-args", default="")
     a = p.parse_args()
+    if a.serve_rounds:
+        return serve_rounds(a)
     flops = workload_flops(open_checkpoint(a.model).config, a.num_prompts, a.input_len, a.output_len)
     total, peak = sum(flops.values()), peak_flops()
     floor_s = total / peak
@@ -75,6 +83,45 @@ def main() -> None:
         result["fraction_of_floor"] = round(a.measured_tok_s / result["floor_output_tok_s"], 3)
     print(json.dumps(result, indent=1))
     out = Path(__file__).parent / "results" / "floor.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"saved {out}")
+
+
+def serve_rounds(a: argparse.Namespace) -> None:
+    """peak, serving run, peak, serving run, ..., peak: each run against the mean floor of the peaks beside it."""
+    import tempfile
+
+    from vs_vllm import CLIENT, run_client, start_remp, stop, wait_healthy
+
+    if a.num_prompts != 64 or a.input_len != 128 or a.output_len != 64:
+        raise SystemExit("--serve-rounds runs vs_vllm.py's client, whose workload is 64 x 128 in / 64 out")
+    total = sum(workload_flops(open_checkpoint(a.model).config, a.num_prompts, a.input_len, a.output_len).values())
+    floor_tok_s = lambda peak: a.num_prompts * a.output_len * peak / total
+    logs = Path(tempfile.mkdtemp(prefix="floor-"))
+    proc = start_remp(8765, a.remp_args, logs / "remp.log")
+    rounds = []
+    try:
+        wait_healthy("http://127.0.0.1:8765", proc)
+        run_client(8765, "", logs / "warmup.json")
+        peaks = [peak_flops()]
+        for r in range(a.serve_rounds):
+            tok_s = run_client(8765, "", logs / f"run-{r}.json")["output_throughput"]
+            peaks.append(peak_flops())
+            floor = (floor_tok_s(peaks[-2]) + floor_tok_s(peaks[-1])) / 2
+            rounds.append({"output_tok_s": round(tok_s, 1), "floor_output_tok_s": round(floor, 1)})
+            rounds[-1]["fraction_of_floor"] = round(tok_s / floor, 3)
+            print(f"round {r}: {tok_s:.1f} output tok/s against a floor of {floor:.1f}: {tok_s / floor:.2f}")
+    finally:
+        stop(proc, group=False)
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": cpu_features().describe(),
+        "workload": CLIENT,
+        "remp_args": a.remp_args,
+        "peak_gflop_s": [round(p / 1e9, 1) for p in peaks],
+        "rounds": rounds,
+    }
+    out = Path(__file__).parent / "results" / "floor-serving.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"saved {out}")
 
