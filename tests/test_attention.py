@@ -1,16 +1,19 @@
-"""Paged attention's paths agree: a prompt's first chunk (causal flash over its own tokens) gives what the general
+"""Paged attention's torch paths agree (the native kernel is checked against them in test_native_kernels.py): a
+prompt's first chunk (causal flash over its own tokens) gives what the general
 masked path over the paged cache gives, in a batch that mixes decode tokens, first chunks and later chunks."""
 
 import dataclasses
 
 import torch
 
+from remp.model import attention
 from remp.model.attention import SeqChunk, build_metadata, paged_attention, write_kv
 
 KVH, GROUP, D, BS, BLOCKS = 2, 3, 16, 4, 40
 
 
-def test_first_chunks_match_the_masked_path_over_the_cache():
+def test_first_chunks_match_the_masked_path_over_the_cache(monkeypatch):
+    monkeypatch.setattr(attention.native, "available", lambda *_: False)  # the torch paths, as on a GPU
     g = torch.Generator().manual_seed(0)
     # (tokens now, start position, blocks): a decode token, two first chunks of different lengths, a later chunk
     specs = [(1, 9, [0, 1, 2]), (7, 0, [3, 4]), (3, 0, [5]), (5, 6, [6, 7, 8])]
