@@ -1,10 +1,14 @@
-"""One layer's attention over the paged KV cache at decode, two ways: gather the K/V blocks through the block
-tables into a padded copy, then matmuls and a masked softmax (the torch path), or the native kernel that reads
-the blocks in place (remp/kernels/paged_attention.cpp). SmolLM2's head shape: 3 KV heads x 3 q heads, D 64.
+"""One layer's attention over the paged KV cache, two ways: the torch path, or the native kernel that reads the
+blocks in place (remp/kernels/paged_attention.cpp). SmolLM2's head shape: 3 KV heads x 3 q heads, D 64.
+At decode the torch path gathers the K/V blocks through the block tables into a padded copy, then runs matmuls
+and a masked softmax; for first prefill chunks (--prefill) it copies q, k, v into a padded layout, runs causal
+flash attention and scatters the output back.
 
     python bench/paged_attention.py [--seqs 64] [--context 128] [--dtype float32] [--threads 1,2] [--rounds 5]
+    python bench/paged_attention.py --prefill --seqs 16 --context 128
 
-Sequences have contexts from --context to about 1.5x it, their blocks scattered over the pool. Per thread count,
+At decode, sequences have contexts from --context to about 1.5x it, their blocks scattered over the pool; with
+--prefill, each sequence is a first chunk of --context tokens. Per thread count,
 rounds alternate the two ways; each round's figure is a median over 50 calls. Prints every round and the median
 over rounds; writes bench/results/paged_attention.json. The gather's time is bimodal between processes (2.3 or
 7-11 ms per layer at the defaults): its fresh 3 MB buffers either come from the heap or are mapped anew, page
@@ -25,7 +29,7 @@ import torch
 from remp.cpu_features import cpu_features
 from remp.kernels import attention as native
 from remp.model import attention
-from remp.model.attention import SeqChunk, build_metadata, paged_attention
+from remp.model.attention import SeqChunk, build_metadata, paged_attention, write_kv
 
 RESULTS = Path(__file__).parent / "results"
 KVH, GROUP, D, BS = 3, 3, 64, 16
@@ -49,6 +53,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--prefill", action="store_true", help="first prefill chunks of --context tokens each")
     a = p.parse_args()
     dtype = getattr(torch, a.dtype)
     if not native.available(dtype, torch.device("cpu")):
@@ -58,42 +63,47 @@ def main() -> None:
     blocks = a.seqs * per_seq
     kv = torch.randn(2, KVH, blocks, BS, D, generator=g).to(dtype)
     perm = torch.randperm(blocks, generator=g).tolist()
-    chunks = [
-        SeqChunk([1], a.context + (b * 7) % (a.context // 2) - 1, perm[b * per_seq : (b + 1) * per_seq], True)
-        for b in range(a.seqs)
-    ]
+    tables = [perm[b * per_seq : (b + 1) * per_seq] for b in range(a.seqs)]
+    if a.prefill:
+        chunks = [SeqChunk([1] * a.context, 0, tables[b], True) for b in range(a.seqs)]
+    else:
+        chunks = [SeqChunk([1], a.context + (b * 7) % (a.context // 2) - 1, tables[b], True) for b in range(a.seqs)]
     meta = build_metadata(chunks, BS, GROUP)
-    qk = torch.randn(a.seqs, KVH * GROUP + KVH, D, generator=g).to(dtype)  # q as the model passes it: strided rows
-    q = qk[:, : KVH * GROUP].view(a.seqs, KVH, GROUP, D)
-    k = v = qk[:, KVH * GROUP :]
+    T = meta.num_tokens
+    qkv = torch.randn(T, (KVH * GROUP + 2 * KVH) * D, generator=g).to(dtype)  # as the model passes it: strided
+    q = qkv[:, : KVH * GROUP * D].view(T, KVH, GROUP, D)
+    q_cols, k_cols = KVH * GROUP * D, KVH * D
+    k, v = qkv[:, q_cols : q_cols + k_cols].view(T, KVH, D), qkv[:, q_cols + k_cols :].view(T, KVH, D)
+    write_kv(kv[0], kv[1], meta.slot_mapping, k, v)
     kernel = lambda: paged_attention(q, k, v, kv[0], kv[1], meta)
     available = native.available
 
-    def gather_and_matmuls():
+    def torch_path():
         attention.native.available = lambda *_: False
         try:
             return paged_attention(q, k, v, kv[0], kv[1], meta)
         finally:
             attention.native.available = available
 
-    torch.testing.assert_close(kernel().double(), gather_and_matmuls().double(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kernel().double(), torch_path().double(), rtol=1e-4, atol=1e-4)
     rows = []
     for threads in (int(t) for t in a.threads.split(",")):
         torch.set_num_threads(threads)
-        rounds = [(median_ms(gather_and_matmuls), median_ms(kernel)) for _ in range(a.rounds)]
+        rounds = [(median_ms(torch_path), median_ms(kernel)) for _ in range(a.rounds)]
         torch_ms, native_ms = (statistics.median(r[i] for r in rounds) for i in (0, 1))
-        rows.append({"threads": threads, "rounds": rounds, "gather_matmuls_ms": torch_ms, "native_ms": native_ms})
+        rows.append({"threads": threads, "rounds": rounds, "torch_ms": torch_ms, "native_ms": native_ms})
         each = ", ".join(f"{t:.2f}/{n:.2f}" for t, n in rounds)
-        print(f"{threads} thread(s): gather + matmuls / native ms per layer by round: {each}; medians "
+        print(f"{threads} thread(s): torch / native ms per layer by round: {each}; medians "
               f"{torch_ms:.2f} / {native_ms:.2f}, {torch_ms / native_ms:.2f}x")  # fmt: skip
-    out = RESULTS / "paged_attention.json"
+    out = RESULTS / f"paged_attention{'-prefill' if a.prefill else ''}.json"
     out.write_text(
         json.dumps(
             {
                 "date": datetime.date.today().isoformat(),
                 "machine": cpu_features().describe(),
                 "dtype": a.dtype,
-                "shape": f"{a.seqs} sequences, context {a.context}-{a.context * 3 // 2}, {KVH} KV x {GROUP} q heads, D {D}",
+                "shape": f"{a.seqs} {'first chunks of' if a.prefill else 'decode tokens at context'} "
+                f"{a.context}{'' if a.prefill else f'-{a.context * 3 // 2}'}, {KVH} KV x {GROUP} q heads, D {D}",
                 "rows": rows,
             },
             indent=1,
