@@ -69,13 +69,17 @@ def load(source: str) -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("no C++ compiler found: the %s kernel runs as torch ops (slower)", src.stem)
         return None
-    command = [compiler, *cxx[1:]]
+    # REMP_KERNEL_CFLAGS adds flags, to tune for a CPU (-mprefer-vector-width=512 on AVX512 machines, where gcc
+    # keeps to 256-bit vectors by default)
+    command = [compiler, *cxx[1:], *FLAGS, *shlex.split(os.environ.get("REMP_KERNEL_CFLAGS", ""))]
     try:
-        version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([compiler, *cxx[1:], "--version"], capture_output=True, text=True, timeout=30).stdout
         cpu = cpu_features()
         headers = [h.read_text() for h in sorted(src.parent.glob("*.h"))]
         key = hashlib.sha256(
-            "|".join([src.read_text(), *headers, version, " ".join(FLAGS), cpu.model_name, *sorted(cpu.flags)]).encode()
+            "|".join(
+                [src.read_text(), *headers, version, " ".join(command), cpu.model_name, *sorted(cpu.flags)]
+            ).encode()
         ).hexdigest()[:16]
         return _build_and_load(command, src, f"{src.stem}-{key}.so")
     except (OSError, subprocess.SubprocessError) as e:
@@ -116,7 +120,7 @@ def _build(command: list[str], src: Path, folder: Path, target: Path) -> None:
     os.close(fd)
     try:
         t0 = time.monotonic()
-        done = subprocess.run([*command, *FLAGS, "-o", tmp, str(src)], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([*command, "-o", tmp, str(src)], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise OSError(f"{command[0]} failed: {done.stderr.strip()[-2000:]}")
         os.chmod(tmp, 0o755)  # mkstemp made it 0600: others sharing the cache must be able to load it
