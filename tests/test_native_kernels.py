@@ -1,7 +1,9 @@
 """The native kernels give what their torch references give, in float64 to 1e-12, in float32 and bfloat16 to their
-precision. Paged attention (against gather through the block tables, then masked softmax): decode tokens, later
-prefill chunks longer than its row tile, contexts that end mid-block, q read through strides as the model passes
-it. The fused layer ops: residual add + RMSNorm, SiLU * up, RoPE + cache write."""
+precision. Paged attention (against the torch paths: flash for first chunks, gather through the block tables and
+masked softmax for the rest): decode tokens, first and later prefill chunks longer than its row tile, contexts
+that end mid-block, q read through strides as the model passes it. The fused layer ops: residual add + RMSNorm,
+SiLU * up, RoPE + cache write. Sampling: greedy, temperature, banned tokens, NaN rows. Bounds checks, and
+independence from the thread count and the batch."""
 
 import math
 import shutil
@@ -26,7 +28,7 @@ def _case(dtype: torch.dtype, group: int, D: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(BLOCKS, generator=g).tolist()
     # (tokens now, start position): decode tokens, later chunks (one of 23 tokens: 23 * group rows span several
-    # tiles of the kernel), and a first chunk, which stays on the flash path
+    # tiles of the kernel), and a first chunk (flash attention on the torch path)
     specs = [(1, 9), (1, 0), (23, 17), (1, 62), (5, 6), (12, 0), (1, 33)]
     chunks, used = [], 0
     for n, start in specs:
