@@ -73,7 +73,7 @@ def load(source: str) -> ctypes.CDLL | None:
     # keeps to 256-bit vectors by default)
     command = [compiler, *cxx[1:], *FLAGS, *shlex.split(os.environ.get("REMP_KERNEL_CFLAGS", ""))]
     try:
-        version = subprocess.run([compiler, *cxx[1:], "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = _compiler_version((compiler, *cxx[1:]))
         cpu = cpu_features()
         headers = [h.read_text() for h in sorted(src.parent.glob("*.h"))]
         key = hashlib.sha256(
@@ -85,6 +85,12 @@ def load(source: str) -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as e:
         logger.warning("the %s kernel could not be built (%s): it runs as torch ops (slower)", src.stem, e)
         return None
+
+
+@functools.cache
+def _compiler_version(compiler: tuple[str, ...]) -> str:
+    """What the compiler says of itself (part of every build's key): asked once per process, not per kernel."""
+    return subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
 
 
 def _folders() -> list[Path]:
