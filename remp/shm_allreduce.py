@@ -16,7 +16,10 @@ from multiprocessing import shared_memory
 
 import torch
 
-_EPOCH = 1 << 32
+# a sequence number is epoch * _EPOCH + calls in that epoch, in an int64: 2^40 calls per topology (decades at
+# thousands of calls a second) and 2^23 topology changes, so that no epoch's numbers run into the next one's
+_EPOCH = 1 << 40
+_MAX_EPOCHS = 1 << 23
 
 
 class PeerLost(RuntimeError):
@@ -65,6 +68,8 @@ class ShmAllReduce:
 
     def set_group(self, members: list[int], epoch: int) -> None:
         """Called by every worker at a topology change, with the same epoch everywhere."""
+        if not 0 <= epoch < _MAX_EPOCHS:
+            raise ValueError(f"topology epoch {epoch} is outside the all-reduce's sequence numbers")
         self.members, self.epoch, self.seq = sorted(members), epoch, 0
 
     def _slot(self, rank: int, parity: int, dtype: torch.dtype, n: int) -> torch.Tensor:

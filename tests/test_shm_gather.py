@@ -1,7 +1,11 @@
 """Shared-memory gather (the vocabulary-parallel lm-head's logits) in chunks smaller than the rows, interleaved
-with all-reduces as in a step: threads stand in for the workers of one machine."""
+with all-reduces as in a step, and all-reduces across a topology change after billions of calls: threads stand
+in for the workers of one machine."""
 
 import threading
+import time
+
+import pytest
 
 import torch
 
@@ -46,3 +50,35 @@ def test_gather_in_chunks_between_all_reduces_reaches_the_root_in_member_order()
                 continue
             expected = [torch.arange(28, dtype=torch.float64).view(7, 4) * (m + 1) + step for m in members]
             assert all(torch.equal(p, e) for p, e in zip(parts, expected))
+
+
+def test_a_new_epoch_waits_for_its_peers_even_after_billions_of_calls_in_the_last():
+    """Sequence numbers of an epoch must never run into the next epoch's: a member that finds a peer's flag from
+    the old epoch already past its target would sum a stale slot."""
+    seg = ShmSegment(2, max_elems=4)
+    comms = [ShmAllReduce(seg, rank) for rank in (0, 1)]
+    for c in comms:
+        c.set_group([0, 1], epoch=1)
+        c.seq = 5_000_000_000  # a long-lived server's count of calls in this topology (past 2^32)
+    sums = {}
+
+    def member(rank: int, value: float, delay: float) -> None:
+        x = torch.ones(4, dtype=torch.float64)
+        comms[rank](x)  # the last call of epoch 1
+        comms[rank].set_group([0, 1], epoch=2)
+        time.sleep(delay)  # rank 1 is late in the new epoch: rank 0 must wait for its value
+        y = torch.full((4,), value, dtype=torch.float64)
+        comms[rank](y)
+        sums[rank] = y
+
+    threads = [threading.Thread(target=member, args=a, daemon=True) for a in ((0, 10.0, 0.0), (1, 20.0, 0.3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    if any(t.is_alive() for t in threads):
+        seg.peer_lost()  # stuck: let the spinning member give up rather than spin on past the test
+    seg.close(unlink=True)
+    assert all(torch.equal(sums[r], torch.full((4,), 30.0, dtype=torch.float64)) for r in (0, 1)), sums
+    with pytest.raises(ValueError, match="epoch"):
+        comms[0].set_group([0, 1], epoch=1 << 23)
