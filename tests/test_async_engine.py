@@ -1,6 +1,8 @@
-"""The asyncio front of the engine: a request that races the engine's failure is refused, never left waiting."""
+"""The asyncio front of the engine: a request that races the engine's failure, or comes after its shutdown, is
+refused, never left waiting."""
 
 import asyncio
+import queue
 import threading
 
 import pytest
@@ -30,3 +32,32 @@ def test_a_request_added_as_the_engine_fails_is_refused_not_left_hanging(tiny_ll
         asyncio.run(race())
     finally:
         engine.shutdown()
+
+
+def test_calls_after_shutdown_are_refused_not_left_hanging(tiny_llama):
+    engine = AsyncLLMEngine(EngineArgs(model=str(tiny_llama), dtype="float64", max_model_len=64))
+    engine.shutdown()
+
+    async def after() -> None:
+        with pytest.raises(EngineStopped, match="shut down"):
+            await asyncio.wait_for(engine.add_request("abc", SamplingParams(max_tokens=2), "r1"), 10)
+        with pytest.raises(EngineStopped, match="shut down"):
+            await asyncio.wait_for(engine.reconfigure(1, 1), 10)
+
+    asyncio.run(after())
+
+
+def test_a_call_queued_as_the_engine_shuts_down_is_refused():
+    """The engine thread has read its last command; a call queued after that is ended by shutdown."""
+    engine = AsyncLLMEngine.__new__(AsyncLLMEngine)  # only the command queue is needed: no model, no thread
+    engine._commands, engine._wake, engine._stop = queue.Queue(), threading.Event(), False
+
+    async def race() -> None:
+        call = asyncio.ensure_future(engine._call(lambda: 1))
+        await asyncio.sleep(0.05)  # queued, and no engine thread will ever read it
+        engine._stop = True
+        engine._refuse_commands()  # what shutdown does after joining the engine thread
+        with pytest.raises(EngineStopped):
+            await asyncio.wait_for(call, 10)
+
+    asyncio.run(race())

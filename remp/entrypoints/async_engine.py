@@ -122,11 +122,28 @@ class AsyncLLMEngine:
 
     # ---- asyncio side ---------------------------------------------------------------------------------------
     async def _call(self, fn: Callable[[], Any]) -> Any:
+        if self._stop:
+            raise EngineStopped("the engine has shut down")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._commands.put((fn, future, loop))
         self._wake.set()
+        if self._stop:  # shut down meanwhile: the engine thread may have read its last command already
+            self._refuse_commands()
         return await future
+
+    def _refuse_commands(self) -> None:
+        """After the engine thread stopped: end whatever is still queued with EngineStopped."""
+        while True:
+            try:
+                _, future, loop = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if future is not None:
+                try:
+                    loop.call_soon_threadsafe(_set_exception, future, EngineStopped("the engine has shut down"))
+                except RuntimeError:  # that event loop is closed: nobody waits
+                    pass
 
     async def add_request(
         self, prompt: str | list[int] | dict, params: SamplingParams, request_id: str
@@ -237,6 +254,7 @@ class AsyncLLMEngine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=30)
+        self._refuse_commands()
         self.engine.shutdown()
 
 
