@@ -140,6 +140,7 @@ def test_native_sampling_matches_the_torch_path(monkeypatch, dtype):
     logits = (torch.randn(B, V, generator=g) * 4).to(dtype)
     logits[5, 100:] = float("-inf")  # a temperature row with most of its vocabulary banned
     logits[6, 7] = logits[6, 9] = logits[6].max() + 1  # a tie for the greedy token (row 6): the lower id wins
+    logits[9, 300] = logits[9, 4000] = logits[9].max() + 1  # ... past the kernel's first block of 256
     params = [
         SamplingParams(temperature=0.0 if i % 3 == 0 else 0.3 + 0.1 * i, seed=i, logprobs=2 if i == 4 else None)
         for i in range(B)
@@ -149,7 +150,7 @@ def test_native_sampling_matches_the_torch_path(monkeypatch, dtype):
     monkeypatch.setattr(sampler.native, "available", lambda *_: False)
     slow = sampler.sample(logits.clone(), params, gens())
     assert fast.token_ids == slow.token_ids
-    assert params[6].greedy and fast.token_ids[6] == 7
+    assert params[6].greedy and fast.token_ids[6] == 7 and fast.token_ids[9] == 300
     assert fast.ranks == slow.ranks
     assert not params[5].greedy and fast.token_ids[5] < 100
     torch.testing.assert_close(torch.tensor(fast.logprobs), torch.tensor(slow.logprobs), rtol=0, atol=1e-5)

@@ -1,12 +1,61 @@
-// One pass per row over the whole vocabulary for what every decode step needs of its logits: the greedy token,
-// or a token drawn at a temperature by inverse CDF from a uniform the caller drew, and the chosen token's raw
-// logprob and rank. torch needs a pass per op (argmax, softmax, cumsum, searchsorted, log_softmax, compare, sum)
+// A few vectorised passes per row over the whole vocabulary for what every decode step needs of its logits: the
+// greedy token, or a token drawn at a temperature by inverse CDF from a uniform the caller drew, and the chosen
+// token's raw logprob and rank. torch needs a pass per op (argmax, softmax, cumsum, searchsorted, log_softmax, compare, sum)
 // over [rows, vocab]. Top-k, top-p and min-p stay in torch (remp/sampler.py).
 #include <cstdint>
 
 #include "numeric.h"
 
 namespace {
+
+constexpr int64_t kBlock = 256;  // tokens summed (or searched) in vectors before a scalar walk within a block
+
+// The start of the first block of kBlock tokens that holds one with pred, or V.
+template <typename T, typename Pred> int64_t first_block_with(const T* x, int64_t V, Pred pred) {
+  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+    const int64_t end = j0 + kBlock < V ? j0 + kBlock : V;
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t j = j0; j < end; ++j) any |= pred(x[j]);
+    if (any) return j0;
+  }
+  return V;
+}
+
+// Inverse CDF over the weights exp((x - m) * inv_t), in token order: the first token whose cumulative weight
+// exceeds u * total. A banned (-inf) token weighs exactly nothing. Whole blocks are skipped on their vector sum;
+// the walk within a block is scalar, and goes on past it should its own rounding fall short of the target.
+// `mass`: the weights' sum at temperature 1, which the caller has already.
+template <typename T> int64_t draw(const T* x, int64_t V, T m, T inv_t, double u, double mass) {
+  auto weight = [=](int64_t j) { return remp::exp_approx((x[j] - m) * inv_t); };
+  double total = 0;
+  if (inv_t == T(1)) {
+    total = mass;
+  } else {
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < V; ++j) total += weight(j);
+  }
+  const double target = u * total;
+  double cum = 0;
+  int64_t j = 0;
+  for (; j < V; j += kBlock) {
+    const int64_t end = j + kBlock < V ? j + kBlock : V;
+    double block = 0;
+#pragma omp simd reduction(+ : block)
+    for (int64_t i = j; i < end; ++i) block += weight(i);
+    if (cum + block > target) break;
+    cum += block;
+  }
+  for (; j < V; ++j) {
+    const T w = weight(j);
+    cum += w;
+    if (w > 0 && cum > target) return j;
+  }
+  // rounding left the target above the last sum: the last token with any weight, never a weightless one
+  for (j = V - 1; j > 0 && !(weight(j) > 0); --j) {
+  }
+  return j;
+}
 
 template <typename T>
 void sample(const T* logits, int64_t rows, int64_t V, const double* temperature, const double* uniform,
@@ -29,35 +78,21 @@ void sample(const T* logits, int64_t rows, int64_t V, const double* temperature,
       rank[b] = 1;
       continue;
     }
-    while (x[chosen] != m) ++chosen;  // the first maximum: ties go to the lowest id, as argmax
+    chosen = first_block_with(x, V, [m](T v) { return v == m; });  // the first maximum, as argmax
+    while (x[chosen] != m) ++chosen;
     double mass = 0;
 #pragma omp simd reduction(+ : mass)
     for (int64_t j = 0; j < V; ++j) mass += remp::exp_approx(x[j] - m);
     const double log_z = double(m) + std::log(mass);
+    int64_t above = 0;  // the greedy token is the maximum: no token lies above it
     if (temperature[b] >= 1e-5) {
-      const T inv_t = T(1.0 / temperature[b]);
-      // weights exp((x - max) / t): a banned (-inf) token weighs exactly nothing
-      double total = 0;
-#pragma omp simd reduction(+ : total)
-      for (int64_t j = 0; j < V; ++j) total += remp::exp_approx((x[j] - m) * inv_t);
-      const double target = uniform[b] * total;
-      double cum = 0;
-      int64_t last_weighed = chosen;  // rounding could leave the target above the last sum: then the last
-      bool found = false;              // token with any weight, never a weightless one
-      for (int64_t j = 0; j < V && !found; ++j) {
-        const T w = remp::exp_approx((x[j] - m) * inv_t);
-        cum += w;
-        if (w > 0) last_weighed = j;
-        found = cum > target;  // the first token whose cumulative weight exceeds the target
-      }
-      chosen = last_weighed;
-    }
-    const T picked = x[chosen];
-    int64_t above = 0;
+      chosen = draw(x, V, m, T(1.0 / temperature[b]), uniform[b], mass);
+      const T picked = x[chosen];
 #pragma omp simd reduction(+ : above)
-    for (int64_t j = 0; j < V; ++j) above += x[j] > picked;
+      for (int64_t j = 0; j < V; ++j) above += x[j] > picked;
+    }
     token[b] = chosen;
-    logprob[b] = double(picked) - log_z;
+    logprob[b] = double(x[chosen]) - log_z;
     rank[b] = above + 1;
   }
 }
