@@ -6,11 +6,12 @@ flash attention and scatters the output back.
 
     python bench/paged_attention.py [--seqs 64] [--context 128] [--dtype float32] [--threads 1,2] [--rounds 5]
     python bench/paged_attention.py --prefill --seqs 16 --context 128
+    python bench/paged_attention.py --cold --threads 2   # 30 layers' caches in turn, as in a step
 
 At decode, sequences have contexts from --context to about 1.5x it, their blocks scattered over the pool; with
 --prefill, each sequence is a first chunk of --context tokens. Per thread count,
 rounds alternate the two ways; each round's figure is a median over 50 calls. Prints every round and the median
-over rounds; writes bench/results/paged_attention.json. The gather's time is bimodal between processes (2.3 or
+over rounds; writes bench/results/paged_attention[-prefill][-cold].json. The gather's time is bimodal between processes (2.3 or
 7-11 ms per layer at the defaults): its fresh 3 MB buffers either come from the heap or are mapped anew, page
 by page, depending on glibc's adaptive mmap threshold. The kernel allocates nothing.
 """
@@ -33,13 +34,15 @@ from remp.model.attention import SeqChunk, build_metadata, paged_attention, writ
 
 RESULTS = Path(__file__).parent / "results"
 KVH, GROUP, D, BS = 3, 3, 64, 16
+LAYERS = 30
 
 
-def median_ms(fn, iters: int = 50) -> float:
+def median_ms(fn, iters: int = 50, before=lambda: None) -> float:
     for _ in range(3):
         fn()
     times = []
     for _ in range(iters):
+        before()
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
@@ -54,6 +57,7 @@ def main() -> None:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--prefill", action="store_true", help="first prefill chunks of --context tokens each")
+    p.add_argument("--cold", action="store_true", help=f"{LAYERS} layers' caches in turn, read from memory")
     a = p.parse_args()
     dtype = getattr(torch, a.dtype)
     if not native.available(dtype, torch.device("cpu")):
@@ -61,7 +65,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     per_seq = -(-(a.context * 3 // 2) // BS) + 1
     blocks = a.seqs * per_seq
-    kv = torch.randn(2, KVH, blocks, BS, D, generator=g).to(dtype)
+    # --cold: one cache per layer, all 30 read in turn after 64 MB are written elsewhere (as a step's linears
+    # would), so that K/V come from memory as in the engine, not from the last-level cache
+    kvs = [torch.randn(2, KVH, blocks, BS, D, generator=g).to(dtype) for _ in range(LAYERS if a.cold else 1)]
+    scribble = torch.empty(16 << 20 if a.cold else 0)
     perm = torch.randperm(blocks, generator=g).tolist()
     tables = [perm[b * per_seq : (b + 1) * per_seq] for b in range(a.seqs)]
     if a.prefill:
@@ -74,34 +81,44 @@ def main() -> None:
     q = qkv[:, : KVH * GROUP * D].view(T, KVH, GROUP, D)
     q_cols, k_cols = KVH * GROUP * D, KVH * D
     k, v = qkv[:, q_cols : q_cols + k_cols].view(T, KVH, D), qkv[:, q_cols + k_cols :].view(T, KVH, D)
-    write_kv(kv[0], kv[1], meta.slot_mapping, k, v)
-    kernel = lambda: paged_attention(q, k, v, kv[0], kv[1], meta)
+    for layer in kvs:
+        write_kv(layer[0], layer[1], meta.slot_mapping, k, v)
     available = native.available
+
+    def kernel():
+        for layer in kvs:
+            out = paged_attention(q, k, v, layer[0], layer[1], meta)
+        return out
 
     def torch_path():
         attention.native.available = lambda *_: False
         try:
-            return paged_attention(q, k, v, kv[0], kv[1], meta)
+            for layer in kvs:
+                out = paged_attention(q, k, v, layer[0], layer[1], meta)
+            return out
         finally:
             attention.native.available = available
+
+    per_layer = lambda fn: median_ms(fn, iters=15 if a.cold else 50, before=lambda: scribble.fill_(1.0)) / len(kvs)
 
     torch.testing.assert_close(kernel().double(), torch_path().double(), rtol=1e-4, atol=1e-4)
     rows = []
     for threads in (int(t) for t in a.threads.split(",")):
         torch.set_num_threads(threads)
-        rounds = [(median_ms(torch_path), median_ms(kernel)) for _ in range(a.rounds)]
+        rounds = [(per_layer(torch_path), per_layer(kernel)) for _ in range(a.rounds)]
         torch_ms, native_ms = (statistics.median(r[i] for r in rounds) for i in (0, 1))
         rows.append({"threads": threads, "rounds": rounds, "torch_ms": torch_ms, "native_ms": native_ms})
         each = ", ".join(f"{t:.2f}/{n:.2f}" for t, n in rounds)
         print(f"{threads} thread(s): torch / native ms per layer by round: {each}; medians "
               f"{torch_ms:.2f} / {native_ms:.2f}, {torch_ms / native_ms:.2f}x")  # fmt: skip
-    out = RESULTS / f"paged_attention{'-prefill' if a.prefill else ''}.json"
+    out = RESULTS / f"paged_attention{'-prefill' if a.prefill else ''}{'-cold' if a.cold else ''}.json"
     out.write_text(
         json.dumps(
             {
                 "date": datetime.date.today().isoformat(),
                 "machine": cpu_features().describe(),
                 "dtype": a.dtype,
+                "cold": a.cold,
                 "shape": f"{a.seqs} {'first chunks of' if a.prefill else 'decode tokens at context'} "
                 f"{a.context}{'' if a.prefill else f'-{a.context * 3 // 2}'}, {KVH} KV x {GROUP} q heads, D {D}",
                 "rows": rows,
