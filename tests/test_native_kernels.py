@@ -6,7 +6,9 @@ SiLU * up, RoPE + cache write. Sampling: greedy, temperature, banned tokens, NaN
 independence from the thread count and the batch."""
 
 import math
+import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -110,6 +112,26 @@ def test_the_kernels_build_where_a_compiler_is():
     # what keeps the fast path from quietly turning into the fallback on a machine that can build it
     assert shutil.which("c++"), "no C++ compiler on this machine"
     assert all(build.load(source) is not None for source in build.SOURCES)
+
+
+def test_a_new_build_sweeps_the_stale_ones_of_its_kernel(monkeypatch, tmp_path):
+    monkeypatch.setenv("REMP_CACHE_DIR", str(tmp_path))
+    folder = tmp_path / "kernels"
+    folder.mkdir()
+    month_ago = time.time() - (build.STALE_DAYS + 1) * 86400
+    files = {name: folder / name for name in ("sampling-0ld.so", "sampling-recent.so", "layer_ops-0ld.so", "tmpx.so")}
+    for name, path in files.items():
+        path.write_bytes(b"")
+        if name != "sampling-recent.so":
+            os.utime(path, (month_ago, month_ago))
+    assert build.load.__wrapped__("sampling.cpp") is not None
+    left = {p.name for p in folder.iterdir()}
+    assert {"sampling-recent.so", "layer_ops-0ld.so"} <= left  # used lately / another kernel's: kept
+    assert not {"sampling-0ld.so", "tmpx.so"} & left  # unused for a month / left by a killed build: gone
+    built = next(p for p in folder.glob("sampling-*.so") if p.name != "sampling-recent.so")
+    os.utime(built, (month_ago, month_ago))
+    build.load.__wrapped__("sampling.cpp")  # loading a cached build keeps it fresh
+    assert time.time() - built.stat().st_mtime < 3600
 
 
 def test_without_a_working_compiler_the_torch_path_runs(monkeypatch, tmp_path, caplog):

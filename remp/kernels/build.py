@@ -26,6 +26,7 @@ SOURCES = ("paged_attention.cpp", "layer_ops.cpp", "sampling.cpp")
 # each kernel is exported once per dtype it supports, named with this suffix
 DTYPE_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 # no flag here changes a result: -fno-trapping-math and -fno-math-errno only let clamps and sqrt vectorise
+STALE_DAYS = 30  # a build no process has loaded for this long is removed when another build of its kernel is made
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 
@@ -111,12 +112,35 @@ def _build_and_load(command: list[str], src: Path, name: str) -> ctypes.CDLL:
     for folder in _folders():
         target = folder / name
         try:
-            if not target.exists():
+            if target.exists():
+                _touch(target)
+            else:
                 _build(command, src, folder, target)
+                _sweep(folder, src.stem, target)
             return ctypes.CDLL(str(target))
         except OSError as e:  # unwritable, a failed build, or a library that will not load (a noexec mount)
             errors.append(f"{folder}: {e}")
     raise OSError("; ".join(errors))
+
+
+def _touch(build: Path) -> None:
+    """A build in use stays fresh: the sweep removes builds that no process has loaded for STALE_DAYS."""
+    try:
+        os.utime(build)
+    except OSError:  # a read-only or someone else's cache: it is swept by its owner
+        pass
+
+
+def _sweep(folder: Path, stem: str, keep: Path) -> None:
+    """Remove this kernel's builds (other sources, compilers, flags or CPUs) unused for STALE_DAYS, and temporary
+    files left by a build that was killed: a cache never grows without bound."""
+    now = time.time()
+    for old in [*folder.glob(f"{stem}-*.so"), *folder.glob("tmp*.so")]:
+        try:
+            if old != keep and now - old.stat().st_mtime > STALE_DAYS * 86400:
+                old.unlink()
+        except OSError:  # swept by another process meanwhile, or not ours to remove
+            pass
 
 
 def _build(command: list[str], src: Path, folder: Path, target: Path) -> None:
