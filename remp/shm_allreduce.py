@@ -4,8 +4,9 @@ gloo's all-reduce over loopback costs about a millisecond per call, and a TP ste
 each worker owns a slot in one shared segment: it writes its partial sums, publishes a sequence number, waits
 for its group's peers to publish the same one, and sums the slots in rank order (so every rank gets bitwise
 the same result). Two slots per worker, used alternately, let a fast worker start the next call while a slow
-one still reads the previous. Sequence numbers carry the topology epoch, so values from before a switch are
-never mistaken for current ones.
+one still reads the previous. A worker publishes (epoch, calls in that epoch) as two int64 words, compared in
+that order, so values from before a switch are never mistaken for current ones, however many calls or
+topologies came before.
 """
 
 from __future__ import annotations
@@ -15,11 +16,6 @@ import time
 from multiprocessing import shared_memory
 
 import torch
-
-# a sequence number is epoch * _EPOCH + calls in that epoch, in an int64: 2^40 calls per topology (decades at
-# thousands of calls a second) and 2^23 topology changes, so that no epoch's numbers run into the next one's
-_EPOCH = 1 << 40
-_MAX_EPOCHS = 1 << 23
 
 
 class PeerLost(RuntimeError):
@@ -31,7 +27,7 @@ class ShmSegment:
 
     def __init__(self, world_size: int, max_elems: int, name: str | None = None):
         self.world_size, self.max_elems = world_size, max_elems
-        self.flag_bytes = 8 * (world_size + 1)  # a flag per worker, then the driver's count of workers lost
+        self.flag_bytes = 8 * (2 * world_size + 1)  # (epoch, seq) per worker, then the driver's count of losses
         size = self.flag_bytes + world_size * 2 * max_elems * 8  # float64 room: exact for float64 models
         if name is None:
             self.shm = shared_memory.SharedMemory(create=True, size=size)
@@ -42,8 +38,8 @@ class ShmSegment:
 
     def peer_lost(self) -> None:
         """Driver: a worker died; workers waiting in an all-reduce give up (PeerLost) instead of spinning."""
-        lost = torch.frombuffer(self.shm.buf, dtype=torch.int64, count=self.world_size + 1)
-        lost[self.world_size] += 1
+        lost = torch.frombuffer(self.shm.buf, dtype=torch.int64, count=2 * self.world_size + 1)
+        lost[2 * self.world_size] += 1
 
     def close(self, unlink: bool = False) -> None:
         self.shm.close()
@@ -54,8 +50,8 @@ class ShmSegment:
 class ShmAllReduce:
     def __init__(self, segment: ShmSegment, rank: int):
         self.seg, self.rank = segment, rank
-        words = torch.frombuffer(segment.shm.buf, dtype=torch.int64, count=segment.world_size + 1)
-        self.flags, self.lost = words[: segment.world_size], words[segment.world_size :]
+        words = torch.frombuffer(segment.shm.buf, dtype=torch.int64, count=2 * segment.world_size + 1)
+        self.flags, self.lost = words[: 2 * segment.world_size].view(-1, 2), words[2 * segment.world_size :]
         self.lost_seen = int(self.lost[0])  # workers lost before this world began
         self.data = torch.frombuffer(
             segment.shm.buf,
@@ -67,9 +63,9 @@ class ShmAllReduce:
         self.epoch, self.seq = 0, 0
 
     def set_group(self, members: list[int], epoch: int) -> None:
-        """Called by every worker at a topology change, with the same epoch everywhere."""
-        if not 0 <= epoch < _MAX_EPOCHS:
-            raise ValueError(f"topology epoch {epoch} is outside the all-reduce's sequence numbers")
+        """Called by every worker at a topology change, with the same epoch everywhere, once every member of the
+        old group is done with its calls (the switch's commit, a regroup): an epoch's first call may use the slot
+        of the last call before it."""
         self.members, self.epoch, self.seq = sorted(members), epoch, 0
 
     def _slot(self, rank: int, parity: int, dtype: torch.dtype, n: int) -> torch.Tensor:
@@ -78,12 +74,14 @@ class ShmAllReduce:
         return self.data[start : start + n * dtype.itemsize].view(dtype)
 
     def _publish_and_wait(self, peers: list[int]) -> None:
-        """Publish this call's sequence number, then wait until `peers` have published theirs."""
-        target = self.epoch * _EPOCH + self.seq
-        self.flags[self.rank] = target
+        """Publish this call's (epoch, seq), then wait until `peers` have reached it. The epoch is written first: a
+        peer that reads the new epoch beside the old seq takes it as reached, rightly (this slot is written and the
+        old epoch is over); one that reads the old epoch beside the new seq waits one more look."""
+        self.flags[self.rank, 0] = self.epoch
+        self.flags[self.rank, 1] = self.seq
         for peer in peers:
             spins = 0
-            while int(self.flags[peer]) < target:
+            while not self._reached(peer):
                 spins += 1
                 if spins < 64:
                     os.sched_yield()
@@ -91,6 +89,10 @@ class ShmAllReduce:
                     time.sleep(0.00002)  # peers may share this core: stop competing for it
                     if int(self.lost[0]) != self.lost_seen:
                         raise PeerLost(f"worker {peer} of this group was lost")
+
+    def _reached(self, peer: int) -> bool:
+        epoch = int(self.flags[peer, 0])  # read in the order they are written
+        return epoch > self.epoch or (epoch == self.epoch and int(self.flags[peer, 1]) >= self.seq)
 
     def __call__(self, t: torch.Tensor) -> None:
         """In-place sum of t over the group."""

@@ -160,7 +160,7 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology | None, conn: C
                     comm.close()
                 torch.set_num_threads(msg.threads)
                 # epochs grow across generations: shared-memory flags of the old world never match the new one
-                comm = join(msg.rank, msg.world_size, msg.init_method, msg.topology, msg.generation << 16, msg.nodes)
+                comm = join(msg.rank, msg.world_size, msg.init_method, msg.topology, msg.generation << 32, msg.nodes)
                 me[0], broken = msg.rank, False
                 if msg.drop_shard:
                     runner.install(ShardState(None, {}, {}))

@@ -5,7 +5,6 @@ in for the workers of one machine."""
 import threading
 import time
 
-import pytest
 import torch
 
 from remp.shm_allreduce import ShmAllReduce, ShmSegment
@@ -52,23 +51,26 @@ def test_gather_in_chunks_between_all_reduces_reaches_the_root_in_member_order()
 
 
 def test_a_new_epoch_waits_for_its_peers_even_after_billions_of_calls_in_the_last():
-    """Sequence numbers of an epoch must never run into the next epoch's: a member that finds a peer's flag from
-    the old epoch already past its target would sum a stale slot."""
+    """A peer's (epoch, calls) from the old epoch must never pass for the new epoch's: a member that took it as
+    reached would sum a stale slot. The workers' epochs are generation << 32 plus the topologies of that
+    generation; here the 200th generation, after 5e9 calls."""
     seg = ShmSegment(2, max_elems=4)
     comms = [ShmAllReduce(seg, rank) for rank in (0, 1)]
+    old, new = (200 << 32) + 7, 201 << 32
     for c in comms:
-        c.set_group([0, 1], epoch=1)
+        c.set_group([0, 1], epoch=old)
         c.seq = 5_000_000_000  # a long-lived server's count of calls in this topology (past 2^32)
-    sums = {}
+    sums, commit = {}, threading.Barrier(2, timeout=30)
 
     def member(rank: int, value: float, delay: float) -> None:
-        x = torch.ones(4, dtype=torch.float64)
-        comms[rank](x)  # the last call of epoch 1
-        comms[rank].set_group([0, 1], epoch=2)
+        x = torch.full((4,), float(rank + 1), dtype=torch.float64)
+        comms[rank](x)  # the last call of the old epoch
+        commit.wait()  # as a switch's commit: every member is done with the old epoch's calls
+        comms[rank].set_group([0, 1], epoch=new)
         time.sleep(delay)  # rank 1 is late in the new epoch: rank 0 must wait for its value
         y = torch.full((4,), value, dtype=torch.float64)
         comms[rank](y)
-        sums[rank] = y
+        sums[rank] = (x, y)
 
     threads = [threading.Thread(target=member, args=a, daemon=True) for a in ((0, 10.0, 0.0), (1, 20.0, 0.3))]
     for t in threads:
@@ -78,6 +80,6 @@ def test_a_new_epoch_waits_for_its_peers_even_after_billions_of_calls_in_the_las
     if any(t.is_alive() for t in threads):
         seg.peer_lost()  # stuck: let the spinning member give up rather than spin on past the test
     seg.close(unlink=True)
-    assert all(torch.equal(sums[r], torch.full((4,), 30.0, dtype=torch.float64)) for r in (0, 1)), sums
-    with pytest.raises(ValueError, match="epoch"):
-        comms[0].set_group([0, 1], epoch=1 << 23)
+    for r in (0, 1):
+        assert torch.equal(sums[r][0], torch.full((4,), 3.0, dtype=torch.float64)), sums
+        assert torch.equal(sums[r][1], torch.full((4,), 30.0, dtype=torch.float64)), sums
