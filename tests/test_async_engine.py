@@ -1,15 +1,16 @@
 """The asyncio front of the engine: a request that races the engine's failure, or comes after its shutdown, is
-refused, never left waiting."""
+refused, never left waiting; shutdown ends the streams and the switch still open."""
 
 import asyncio
 import queue
 import threading
+import types
 
 import pytest
 
 from remp import SamplingParams
 from remp.engine_args import EngineArgs
-from remp.entrypoints.async_engine import AsyncLLMEngine, EngineStopped
+from remp.entrypoints.async_engine import AsyncLLMEngine, EngineStopped, _Stream
 
 
 def test_a_request_added_as_the_engine_fails_is_refused_not_left_hanging(tiny_llama):
@@ -47,17 +48,27 @@ def test_calls_after_shutdown_are_refused_not_left_hanging(tiny_llama):
     asyncio.run(after())
 
 
-def test_a_call_queued_as_the_engine_shuts_down_is_refused():
-    """The engine thread has read its last command; a call queued after that is ended by shutdown."""
-    engine = AsyncLLMEngine.__new__(AsyncLLMEngine)  # only the command queue is needed: no model, no thread
-    engine._commands, engine._wake, engine._stop = queue.Queue(), threading.Event(), False
+def test_shutdown_ends_queued_calls_open_streams_and_a_switch_in_progress():
+    """What the engine thread will not do any more once it has stopped, shutdown does."""
+    engine = AsyncLLMEngine.__new__(AsyncLLMEngine)  # no model, and an engine thread that has already exited
+    engine._commands, engine._wake, engine._stop, engine.stopping = queue.Queue(), threading.Event(), False, None
+    engine._thread = threading.Thread(target=lambda: None)
+    engine._thread.start()
+    engine._thread.join()
+    engine._streams, engine._switch_done = {}, None
+    engine.engine = types.SimpleNamespace(shutdown=lambda: None)
 
-    async def race() -> None:
+    async def shut_down_with_work_left() -> None:
+        loop = asyncio.get_running_loop()
         call = asyncio.ensure_future(engine._call(lambda: 1))
-        await asyncio.sleep(0.05)  # queued, and no engine thread will ever read it
-        engine._stop = True
-        engine._refuse_commands()  # what shutdown does after joining the engine thread
+        engine._streams["r1"] = stream = _Stream(loop)
+        engine._switch_done = (loop, switch := loop.create_future())
+        await asyncio.sleep(0.05)  # the call is queued, and no engine thread will read it
+        engine.shutdown()
         with pytest.raises(EngineStopped):
             await asyncio.wait_for(call, 10)
+        with pytest.raises(EngineStopped):
+            await asyncio.wait_for(switch, 10)
+        assert isinstance(await asyncio.wait_for(stream.queue.get(), 10), EngineStopped)
 
-    asyncio.run(race())
+    asyncio.run(shut_down_with_work_left())

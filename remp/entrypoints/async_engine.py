@@ -63,6 +63,7 @@ class AsyncLLMEngine:
         self._wake = threading.Event()
         self._stop = False
         self.dead: BaseException | None = None
+        self._switch_done: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None
         self._thread = threading.Thread(target=self._loop, name="remp-engine", daemon=True)
         self._thread.start()
 
@@ -133,17 +134,14 @@ class AsyncLLMEngine:
         return await future
 
     def _refuse_commands(self) -> None:
-        """After the engine thread stopped: end whatever is still queued with EngineStopped."""
+        """Once stopping: end whatever is still queued with EngineStopped (no engine thread will apply it)."""
         while True:
             try:
                 _, future, loop = self._commands.get_nowait()
             except queue.Empty:
                 return
             if future is not None:
-                try:
-                    loop.call_soon_threadsafe(_set_exception, future, EngineStopped("the engine has shut down"))
-                except RuntimeError:  # that event loop is closed: nobody waits
-                    pass
+                _fail_soon(loop, future, EngineStopped("the engine has shut down"))
 
     async def add_request(
         self, prompt: str | list[int] | dict, params: SamplingParams, request_id: str
@@ -243,11 +241,12 @@ class AsyncLLMEngine:
                 self.switches.append(SwitchEvent(time.time(), report))
             loop.call_soon_threadsafe(_set_exception if error else _set_result, done, error or report)
 
+        self._switch_done = (loop, done)  # shutdown ends it, should the switch never finish
         try:
             await self._call(lambda: self.engine.start_reconfigure(tp, pp, layer_split, mode, on_done))
             return await done
         finally:
-            self.switching = None
+            self.switching, self._switch_done = None, None
 
     def shutdown(self) -> None:
         """Stop the engine thread, then the workers. Idempotent."""
@@ -255,6 +254,15 @@ class AsyncLLMEngine:
         self._wake.set()
         self._thread.join(timeout=30)
         self._refuse_commands()
+        # what the engine thread no longer will: end the open streams (end_all's command may never have run) and a
+        # switch in progress
+        stopped = EngineStopped(self.stopping or "the engine has shut down")
+        if not self._thread.is_alive():
+            for stream in self._streams.values():
+                stream.put(stopped)
+            self._streams.clear()
+        if self._switch_done is not None:
+            _fail_soon(*self._switch_done, stopped)
         self.engine.shutdown()
 
 
@@ -266,3 +274,11 @@ def _set_result(future: asyncio.Future, value: Any) -> None:
 def _set_exception(future: asyncio.Future, error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+def _fail_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future, error: BaseException) -> None:
+    """From any thread: fail a future of `loop` (unless that loop is closed: then nobody waits for it)."""
+    try:
+        loop.call_soon_threadsafe(_set_exception, future, error)
+    except RuntimeError:
+        pass
