@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from remp.config import ModelConfig
+from remp.cpu_features import cpu_features
 from remp.kernels import attention as native
 from remp.kernels import build
 from remp.kernels import layer_ops as native_ops
@@ -112,6 +113,9 @@ def test_the_kernels_build_where_a_compiler_is():
     # what keeps the fast path from quietly turning into the fallback on a machine that can build it
     assert shutil.which("c++"), "no C++ compiler on this machine"
     assert all(build.load(source) is not None for source in build.SOURCES)
+    cpu = cpu_features()
+    if {"avx2", "fma"} <= cpu.flags:  # ... nor attention's vector path into its plain loops
+        assert build.load("paged_attention.cpp").remp_paged_attention_simd8() == 1
 
 
 def test_a_new_build_sweeps_the_stale_ones_of_its_kernel(monkeypatch, tmp_path):

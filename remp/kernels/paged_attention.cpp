@@ -239,3 +239,6 @@ int attend(const T* q, int64_t q_row_stride, const T* k_cache, const T* v_cache,
 REMP_PAGED_ATTENTION(remp_paged_attention_f32, float, float)
 REMP_PAGED_ATTENTION(remp_paged_attention_f64, double, double)
 REMP_PAGED_ATTENTION(remp_paged_attention_bf16, bf16, float)
+
+// 1 where the 8-lane path was compiled in (a test holds AVX2 machines to it)
+extern "C" int remp_paged_attention_simd8() { return REMP_SIMD8; }
