@@ -110,17 +110,25 @@ def _folders() -> list[Path]:
 def _build_and_load(command: list[str], src: Path, name: str) -> ctypes.CDLL:
     errors = []
     for folder in _folders():
-        target = folder / name
         try:
-            if target.exists():
-                _touch(target)
-            else:
-                _build(command, src, folder, target)
-                _sweep(folder, src.stem, target)
-            return ctypes.CDLL(str(target))
+            return _load_or_build(command, src, folder, folder / name)
         except OSError as e:  # unwritable, a failed build, or a library that will not load (a noexec mount)
             errors.append(f"{folder}: {e}")
     raise OSError("; ".join(errors))
+
+
+def _load_or_build(command: list[str], src: Path, folder: Path, target: Path) -> ctypes.CDLL:
+    if target.exists():
+        _touch(target)
+        try:
+            return ctypes.CDLL(str(target))
+        except OSError:
+            if target.exists():
+                raise
+            # another process swept it (unused for a month) between our look and the load: build it again
+    _build(command, src, folder, target)
+    _sweep(folder, src.stem, target)
+    return ctypes.CDLL(str(target))
 
 
 def _touch(build: Path) -> None:
