@@ -228,6 +228,28 @@ def test_a_row_samples_the_same_whatever_its_batch_mates():
     assert alone.logprobs == mixed.logprobs[:2] and alone.ranks == mixed.ranks[:2]
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("K", [576, 20])  # 20: a tail past the vectors of 8
+def test_small_linear_matches_torch(dtype, tol, K):
+    from remp.kernels import small_linear as native_linear
+    from remp.model.linear import FusedLinear
+
+    g = torch.Generator().manual_seed(K)
+    parts = [torch.randn(n, K, generator=g).to(dtype) for n in (37, 8, 5)]  # fused segments of any length
+    bias = [torch.randn(n, generator=g).to(dtype) for n in (37, 8, 5)]
+    lin = FusedLinear(parts, bias)
+    assert lin.small is not None
+    wide = torch.randn(6, 2 * K, generator=g).to(dtype)
+    for rows in range(1, 6):  # 1-4 through the kernel, 5 through oneDNN or matmul
+        x = wide[:rows, :K]  # rows strided, as a slice of a wider activation
+        ref = x.double() @ torch.cat(parts).double().T + torch.cat(bias).double()
+        torch.testing.assert_close(lin(x).double(), ref, rtol=tol, atol=tol * K**0.5)
+    with pytest.raises(ValueError, match="rows"):
+        native_linear.small_linear(wide[:5, :K], lin.small)
+    assert FusedLinear([parts[0].double()]).small is None  # float64 stays with torch (the exactness tests)
+    assert FusedLinear([parts[0].T.contiguous().T]).small is None  # not row-major: oneDNN or matmul
+
+
 def test_kernels_refuse_metadata_outside_the_cache():
     q, k, v, k_cache, v_cache, meta = _case(torch.float32, 3, 64)
     g = next(grp for grp in meta.groups if not grp.fresh)

@@ -22,7 +22,7 @@ from remp.logger import init_logger
 from remp.model.file_cache import cache_root
 
 logger = init_logger(__name__)
-SOURCES = ("paged_attention.cpp", "layer_ops.cpp", "sampling.cpp")
+SOURCES = ("paged_attention.cpp", "layer_ops.cpp", "sampling.cpp", "small_linear.cpp")
 # each kernel is exported once per dtype it supports, named with this suffix
 DTYPE_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 # no flag here changes a result: -fno-trapping-math and -fno-math-errno only let clamps and sqrt vectorise

@@ -21,6 +21,13 @@ template <int kBytes> inline void prefetch_row(const void* p) {
   for (int i = 0; i < kBytes; i += 64) _mm_prefetch(static_cast<const char*>(p) + i, _MM_HINT_T1);
 }
 
+// the sum of v's eight lanes
+inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
 // lane k: the sum of v[k]'s eight lanes
 inline __m256 sum_each(const __m256 v[8]) {
   const __m256 a = _mm256_hadd_ps(v[0], v[1]), b = _mm256_hadd_ps(v[2], v[3]);
