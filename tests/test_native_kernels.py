@@ -244,6 +244,7 @@ def test_small_linear_matches_torch(dtype, tol, K):
         x = wide[:rows, :K]  # rows strided, as a slice of a wider activation
         ref = x.double() @ torch.cat(parts).double().T + torch.cat(bias).double()
         torch.testing.assert_close(lin(x).double(), ref, rtol=tol, atol=tol * K**0.5)
+    assert lin(wide[:0, :K]).shape == (0, 50)  # no rows: not the kernel's
     with pytest.raises(ValueError, match="rows"):
         native_linear.small_linear(wide[:5, :K], lin.small)
     assert FusedLinear([parts[0].double()]).small is None  # float64 stays with torch (the exactness tests)

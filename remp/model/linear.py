@@ -1,9 +1,9 @@
 """Execution form of the linear layers: q/k/v and gate/up fused into one matmul each. On CPU, one to four rows
-(a single stream, a small batch) go to a native kernel that streams the weights in place (remp/kernels/
-small_linear.cpp: 1.2-1.8x oneDNN there); more rows go to oneDNN with the weight pre-packed where it supports the
-dtype: float32 on any x86 CPU with AVX2 (12-15% faster than plain
-matmuls at serving batch sizes, 2x at batch 1, on 2 AVX2 cores), bfloat16 where the CPU has native bf16 (~1.6x
-at decode batch sizes on AVX512-BF16); elsewhere plain matmuls, which work in any dtype (float64 included).
+(a single stream, a small batch) go to a native kernel that streams the canonical weights in place
+(remp/kernels/small_linear.cpp: 1.2-1.9x oneDNN there, float32 and bf16). More rows go to oneDNN with the weight
+pre-packed where it supports the dtype: float32 on any x86 CPU with AVX2 (12-15% faster than plain matmuls at
+serving batch sizes, 2x at batch 1, on 2 AVX2 cores), bfloat16 where the CPU has native bf16 (~1.6x at decode
+batch sizes on AVX512-BF16); elsewhere plain matmuls, which work in any dtype (float64 included).
 
 The canonical weights stay in the shard's dict under their checkpoint names (they are what loading and
 resharding move); these are derived from them and rebuilt whenever the dict changes.
@@ -44,7 +44,7 @@ class FusedLinear:
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.small is not None and x.dim() == 2 and x.shape[0] <= small_linear.MAX_ROWS and x.stride(1) == 1:
+        if self.small is not None and x.dim() == 2 and 1 <= x.shape[0] <= small_linear.MAX_ROWS and x.stride(1) == 1:
             return small_linear.small_linear(x, self.small)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
