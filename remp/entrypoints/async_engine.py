@@ -10,7 +10,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,12 +100,16 @@ class AsyncLLMEngine:
             if self.on_step:
                 self.on_step(self.engine, outputs)
 
-    def _apply_commands(self) -> None:
+    def _queued(self) -> Iterator[tuple[Callable[[], Any], asyncio.Future | None, asyncio.AbstractEventLoop | None]]:
+        """The commands queued now, taken off the queue one by one."""
         while True:
             try:
-                fn, future, loop = self._commands.get_nowait()
+                yield self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _apply_commands(self) -> None:
+        for fn, future, loop in self._queued():
             try:
                 result = fn()
             except BaseException as e:
@@ -117,6 +121,9 @@ class AsyncLLMEngine:
 
     def _fail_all(self, error: BaseException) -> None:
         self.dead = error
+        self._end_streams(error)
+
+    def _end_streams(self, error: BaseException) -> None:
         for stream in self._streams.values():
             stream.put(error)
         self._streams.clear()
@@ -135,11 +142,7 @@ class AsyncLLMEngine:
 
     def _refuse_commands(self) -> None:
         """Once stopping: end whatever is still queued with EngineStopped (no engine thread will apply it)."""
-        while True:
-            try:
-                _, future, loop = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        for _, future, loop in self._queued():
             if future is not None:
                 _fail_soon(loop, future, EngineStopped("the engine has shut down"))
 
@@ -258,9 +261,7 @@ class AsyncLLMEngine:
         # switch in progress
         stopped = EngineStopped(self.stopping or "the engine has shut down")
         if not self._thread.is_alive():
-            for stream in self._streams.values():
-                stream.put(stopped)
-            self._streams.clear()
+            self._end_streams(stopped)
         if self._switch_done is not None:
             _fail_soon(*self._switch_done, stopped)
         self.engine.shutdown()
