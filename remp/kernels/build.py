@@ -111,13 +111,13 @@ def _build_and_load(command: list[str], src: Path, name: str) -> ctypes.CDLL:
     errors = []
     for folder in _folders():
         try:
-            return _load_or_build(command, src, folder, folder / name)
+            return _load_or_build(command, src, folder / name)
         except OSError as e:  # unwritable, a failed build, or a library that will not load (a noexec mount)
             errors.append(f"{folder}: {e}")
     raise OSError("; ".join(errors))
 
 
-def _load_or_build(command: list[str], src: Path, folder: Path, target: Path) -> ctypes.CDLL:
+def _load_or_build(command: list[str], src: Path, target: Path) -> ctypes.CDLL:
     if target.exists():
         _touch(target)
         try:
@@ -126,8 +126,8 @@ def _load_or_build(command: list[str], src: Path, folder: Path, target: Path) ->
             if target.exists():
                 raise
             # another process swept it (unused for a month) between our look and the load: build it again
-    _build(command, src, folder, target)
-    _sweep(folder, src.stem, target)
+    _build(command, src, target)
+    _sweep(target, src.stem)
     return ctypes.CDLL(str(target))
 
 
@@ -139,10 +139,10 @@ def _touch(build: Path) -> None:
         pass
 
 
-def _sweep(folder: Path, stem: str, keep: Path) -> None:
+def _sweep(keep: Path, stem: str) -> None:
     """Remove this kernel's builds (other sources, compilers, flags or CPUs) unused for STALE_DAYS, and temporary
     files left by a build that was killed: a cache never grows without bound."""
-    now = time.time()
+    now, folder = time.time(), keep.parent
     for old in [*folder.glob(f"{stem}-*.so"), *folder.glob("tmp*.so")]:
         try:
             if old != keep and now - old.stat().st_mtime > STALE_DAYS * 86400:
@@ -151,7 +151,8 @@ def _sweep(folder: Path, stem: str, keep: Path) -> None:
             pass
 
 
-def _build(command: list[str], src: Path, folder: Path, target: Path) -> None:
+def _build(command: list[str], src: Path, target: Path) -> None:
+    folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
     # built under a temporary name and renamed: workers building at once never load a half-written file
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so")
