@@ -21,6 +21,13 @@ using remp::widen;
 
 constexpr int64_t kRowTile = 16;  // query rows scored together: each key row is read once per tile
 
+// Row r of a sequence's rows is r = i * group + g: its query token i, q head g of the GQA group. Its vector of D in
+// q or out, whose rows (tokens) lie row_stride apart and start at `start` for this sequence.
+template <typename T>
+inline T* head_row(T* base, int64_t row_stride, int64_t start, int64_t r, int64_t group, int64_t head, int64_t D) {
+  return base + (start + r / group) * row_stride + (head * group + r % group) * D;
+}
+
 // kD: the head size when known at compile time (the common ones: fully unrolled loops), 0 for any other
 template <typename T, typename Acc, int kD>
 void attend_one(const T* q, int64_t q_row_stride, const T* k_head, const T* v_head, T* out, int64_t out_row_stride,
@@ -31,13 +38,11 @@ void attend_one(const T* q, int64_t q_row_stride, const T* k_head, const T* v_he
   const int64_t rows = qlen * group;
   for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
     const int64_t nr = rows < r0 + kRowTile ? rows - r0 : kRowTile;
-    // row r = i * group + g: query token i of this sequence, q head g of the group; it sees keys 0..pos(i)
     int64_t nkeys = 0;
-    for (int64_t r = 0; r < nr; ++r) {
-      const int64_t i = (r0 + r) / group, g = (r0 + r) % group;
-      const T* src = q + (start + i) * q_row_stride + (head * group + g) * D;
+    for (int64_t r = 0; r < nr; ++r) {  // query token (r0 + r) / group sees keys 0..its position
+      const T* src = head_row(q, q_row_stride, start, r0 + r, group, head, D);
       for (int64_t d = 0; d < D; ++d) qbuf[r * D + d] = widen(src[d]) * scale;
-      const int64_t seen = ctx - qlen + i + 1;
+      const int64_t seen = ctx - qlen + (r0 + r) / group + 1;
       if (seen > nkeys) nkeys = seen;
     }
     for (int64_t j = 0; j < nkeys; ++j) {
@@ -76,8 +81,7 @@ void attend_one(const T* q, int64_t q_row_stride, const T* k_head, const T* v_he
       }
     }
     for (int64_t r = 0; r < nr; ++r) {
-      const int64_t i = (r0 + r) / group, g = (r0 + r) % group;
-      T* dst = out + (start + i) * out_row_stride + (head * group + g) * D;
+      T* dst = head_row(out, out_row_stride, start, r0 + r, group, head, D);
       for (int64_t d = 0; d < D; ++d) dst[d] = remp::narrow(acc[r * D + d], dst);
     }
   }
@@ -106,12 +110,10 @@ void attend_one_vec(const T* q, int64_t q_row_stride, const T* k_head, const T* 
   float norm[kRowTile];
   for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
     const int64_t nr = rows < r0 + kRowTile ? rows - r0 : kRowTile;
-    // row r = i * group + g: query token i of this sequence, q head g of the group; it sees keys 0..pos(i)
-    for (int64_t r = 0; r < nr; ++r) {
-      const int64_t i = (r0 + r) / group, g = (r0 + r) % group;
-      const T* src = q + (start + i) * q_row_stride + (head * group + g) * kD;
+    for (int64_t r = 0; r < nr; ++r) {  // query token (r0 + r) / group sees keys 0..its position
+      const T* src = head_row(q, q_row_stride, start, r0 + r, group, head, kD);
       for (int64_t d = 0; d < kD; ++d) qbuf[r * kD + d] = widen(src[d]) * scale;
-      seen[r] = ctx - qlen + i + 1;
+      seen[r] = ctx - qlen + (r0 + r) / group + 1;
     }
     const int64_t nkeys = seen[nr - 1];  // rows go by position: the last sees the most
     const int64_t stride = (nkeys + 7) / 8 * 8;  // a row's scores, whole groups of eight
@@ -164,8 +166,7 @@ void attend_one_vec(const T* q, int64_t q_row_stride, const T* k_head, const T* 
       }
     }
     for (int64_t r = 0; r < nr; ++r) {
-      const int64_t i = (r0 + r) / group, g = (r0 + r) % group;
-      T* dst = out + (start + i) * out_row_stride + (head * group + g) * kD;
+      T* dst = head_row(out, out_row_stride, start, r0 + r, group, head, kD);
       for (int64_t d = 0; d < kD; ++d) dst[d] = remp::narrow(acc[r * kD + d] * norm[r], dst);
     }
   }
