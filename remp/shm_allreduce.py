@@ -74,11 +74,13 @@ class ShmAllReduce:
         return self.data[start : start + n * dtype.itemsize].view(dtype)
 
     def _publish_and_wait(self, peers: list[int]) -> None:
-        """Publish this call's (epoch, seq), then wait until `peers` have reached it. The epoch is written first: a
-        peer that reads the new epoch beside the old seq takes it as reached, rightly (this slot is written and the
-        old epoch is over); one that reads the old epoch beside the new seq waits one more look."""
-        self.flags[self.rank, 0] = self.epoch
+        """Publish this call's (epoch, seq), then wait until `peers` have reached it. seq is written before the
+        epoch, and read after it: a peer that looks between the two stores sees the old epoch beside the new seq,
+        which is below anything of the new epoch, and looks again. (The other order would show the new epoch beside
+        the old epoch's last seq, a count of calls not made yet: a peer could run ahead while this worker is
+        descheduled between the stores, and overwrite slots still being read.)"""
         self.flags[self.rank, 1] = self.seq
+        self.flags[self.rank, 0] = self.epoch
         for peer in peers:
             spins = 0
             while not self._reached(peer):

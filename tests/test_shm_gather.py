@@ -83,3 +83,34 @@ def test_a_new_epoch_waits_for_its_peers_even_after_billions_of_calls_in_the_las
     for r in (0, 1):
         assert torch.equal(sums[r][0], torch.full((4,), 3.0, dtype=torch.float64)), sums
         assert torch.equal(sums[r][1], torch.full((4,), 30.0, dtype=torch.float64)), sums
+
+
+def test_a_peer_seen_between_its_two_stores_has_not_reached_calls_it_has_not_made():
+    """(epoch, seq) are two stores: a member that looks between them (the writer descheduled there) must not take
+    the peer for further along than it is, or it would run ahead and overwrite slots the peer still reads."""
+    seg = ShmSegment(2, max_elems=4)
+    a, b = ShmAllReduce(seg, 0), ShmAllReduce(seg, 1)
+    for c in (a, b):
+        c.set_group([0, 1], epoch=3)
+        c.seq = 4  # the old epoch's calls so far; both publish the fifth
+    b.flags[1, 0], b.flags[1, 1] = 3, 5
+
+    class OneStoreThenStop:  # b's flags, descheduled after the first of its two stores
+        def __init__(self, flags: torch.Tensor):
+            self.flags = flags
+
+        def __setitem__(self, key, value) -> None:
+            self.flags[key] = value
+            raise InterruptedError
+
+    b.set_group([0, 1], epoch=4)
+    b.flags = OneStoreThenStop(b.flags)
+    try:
+        b(torch.zeros(4, dtype=torch.float64))  # its first call of epoch 4: slot written, one word published
+    except InterruptedError:
+        pass
+    a.set_group([0, 1], epoch=4)
+    for calls_made in (1, 2):  # b has published none of epoch 4's calls
+        a.seq = calls_made
+        assert not a._reached(1)
+    seg.close(unlink=True)
