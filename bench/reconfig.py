@@ -109,7 +109,7 @@ def measure(engine: LLMEngine, tp: int, pp: int, mode: str) -> dict:
     from the last step before the switch until each has had one after it."""
     step_s = median_step_s(engine)
     done: dict = {}
-    t_last = engine.last_step_time()
+    t_last = engine.step_log.last_step_time()
     last_token = {rid: t_last for rid in engine.requests}
     gap = {rid: 0.0 for rid in engine.requests}
     t0 = time.perf_counter()

@@ -16,6 +16,7 @@ import json
 import multiprocessing as mp
 from pathlib import Path
 
+from remp.planner.mode import LIVE, STOP
 from remp.sim.cli import add_cli_args, simulate
 
 RESULTS = Path(__file__).parent / "results"
@@ -78,10 +79,10 @@ def switch_times(model: str) -> list[dict]:
                         "to": f"TP{b[0]}xPP{b[1]}",
                         "weights_GB": round(m.weight_bytes / 1e9, 1),
                         "kv_GB_quarter_full": round(m.kv_bytes_per_block * blocks / 1e9, 1),
-                        "stop_pause_s": round(costs.cost(a, b, "stop", blocks).pause_s, 3),
-                        "live_precopy_s": round(costs.cost(a, b, "live", blocks).precopy_s, 3),
-                        "live_pause_s": round(costs.cost(a, b, "live", blocks).pause_s, 3),
-                        "restart_s": round(costs.restart_s, 1),
+                        "stop_pause_s": round(costs.cost(a, b, STOP, blocks).pause_s, 3),
+                        "live_precopy_s": round(costs.cost(a, b, LIVE, blocks).precopy_s, 3),
+                        "live_pause_s": round(costs.cost(a, b, LIVE, blocks).pause_s, 3),
+                        "restart_s": round(costs.overheads.restart_s, 1),
                     }
                 )
     return out

@@ -27,15 +27,20 @@ from remp.model.reader import open_checkpoint
 from remp.multinode.head import ClusterHost
 from remp.multinode.net import bind_gloo_toward
 from remp.outputs import CompletionOutput, Logprob, RequestOutput
-from remp.policy.runner import PolicyRunner
+from remp.planner.mode import LIVE, RESTART, SwitchMode, switch_mode
+from remp.policy.decide import Decision
+from remp.policy.runner import LoadCounts, PolicyRunner
 from remp.request import Request, Status
 from remp.sampler import SampleRow
 from remp.sampling_params import SamplingParams
 from remp.scheduler import ScheduledBatch, Scheduler
-from remp.switch.on_driver import SwitchDriver, SwitchInProgress
+from remp.step_log import StepLog
+from remp.switch.host import BlockOwner, WorkerFailureGuard
+from remp.switch.on_driver import PendingSwitch, SwitchDriver, SwitchInProgress
 from remp.switch.recovery import recover
 from remp.switch.report import SwitchReport
-from remp.topology import Topology
+from remp.topology import Topology, parse_shape
+from remp.worker import start_fork_server
 
 logger = init_logger(__name__)
 
@@ -52,11 +57,6 @@ class EngineStats:
     switches: list = field(default_factory=list)
 
 
-@dataclass
-class WorkerFailureGuard:
-    recovered: bool = False
-
-
 class LLMEngine:
     def __init__(self, args: EngineArgs | None = None, **kwargs: Any):
         exit_if_spawning_worker()
@@ -69,7 +69,7 @@ class LLMEngine:
                     "master_addr %s is a loopback address: only nodes on this machine can join", args.master_addr
                 )
         if self.max_workers > 1 or args.distributed_executor_backend == "mp":
-            MultiprocExecutor.prestart()
+            start_fork_server()
         reader = open_checkpoint(args.model)
         self.model_config: ModelConfig = reader.config
         cfg = self.model_config
@@ -108,7 +108,7 @@ class LLMEngine:
         self.stats = EngineStats()
         self._drained_outputs: list[RequestOutput] = []
         self.num_steps = 0  # steps completed
-        self._step_log: deque[tuple[float, int]] = deque(maxlen=20000)  # (finished at, outputs): switch reports
+        self.step_log = StepLog()  # when steps finished: switch reports
         self.switcher = SwitchDriver(self, args.switch_staging_gb, args.switch_precopy_duty, args.switch_timeout_s)
         self.policy: PolicyRunner | None = None
         if args.topology_policy == "auto":
@@ -266,9 +266,9 @@ class LLMEngine:
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped after a worker failure: {self.error}")
         self.advance_switch()
-        if self.policy is not None:
-            self.policy.tick()
-        with self._fatal_worker_errors() as guard:
+        if self.policy is not None and self.switching is None and not self.recovering:
+            self._act_on(self.policy.tick(self.policy_load()))
+        with self.fatal_worker_errors() as guard:
             while len(self._in_flight) < self.executor.max_in_flight and self._submit_next():
                 pass
             if not self._in_flight:
@@ -282,32 +282,33 @@ class LLMEngine:
             return []
         self._in_flight.popleft()
         outputs = self._process(batch, sampled, result)
-        self._step_log.append((time.perf_counter(), len(outputs)))
+        self.step_log.record(len(outputs))
         self.num_steps += 1
         return outputs
 
-    def fatal_worker_errors(self):
-        """Context in which a worker failure is recovered from or ends this engine (the switch driver's commit
-        runs in it); `.recovered` says the block was cut short by a recovery."""
-        return self._fatal_worker_errors()
-
     @contextmanager
-    def _fatal_worker_errors(self) -> Iterator[WorkerFailureGuard]:
-        """A lost worker is recovered from (switch/recovery.py) and the block is cut short; any other worker
-        failure, or a recovery that fails, ends this engine: remember why, stop the workers, re-raise."""
+    def fatal_worker_errors(self) -> Iterator[WorkerFailureGuard]:
+        """A lost worker is recovered from (switch/recovery.py) and the block is cut short (`.recovered`); any
+        other worker failure, or a recovery that fails, ends this engine: remember why, stop the workers,
+        re-raise."""
         guard = WorkerFailureGuard()
         try:
             yield guard
         except WorkerError as e:
-            try:
-                report = None if self.recovering else recover(self, e)
-            except Exception as failed:  # e.g. no topology of the survivors fits: the engine stops, saying why
-                e = failed if isinstance(failed, WorkerError) else WorkerError(f"{e}\nrecovery failed: {failed}")
-                report = None
+            report = None
+            if not self.recovering:
+                self.recovering = True
+                try:
+                    report = recover(self, self.switcher, e)
+                except Exception as failed:  # e.g. no topology of the survivors fits: the engine stops, saying why
+                    e = failed if isinstance(failed, WorkerError) else WorkerError(f"{e}\nrecovery failed: {failed}")
+                finally:
+                    self.recovering = False
             if report is None:
                 self.error = e
                 self.executor.shutdown(grace_s=1.0)  # survivors may be stuck in a collective with the lost worker
                 raise e from None
+            self.stats.switches.append(report)
             guard.recovered = True
 
     def tokens_in_flight(self) -> dict[Request, int]:
@@ -412,14 +413,12 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], req.finished, req.metrics)
 
     # ---- topology switches --------------------------------------------------------------------------------
-    MODES = ("live", "stop", "restart")
-
     def reconfigure(
         self,
         tensor_parallel_size: int,
         pipeline_parallel_size: int,
         layer_split: list[int] | None = None,
-        mode: str = "live",
+        mode: str | SwitchMode = LIVE,
     ) -> SwitchReport:
         """Change TP/PP with requests in flight and return when the new topology serves. mode="live" moves the
         weights while this engine keeps stepping (their outputs come from the next step() calls) and pauses only
@@ -445,7 +444,7 @@ class LLMEngine:
         tensor_parallel_size: int,
         pipeline_parallel_size: int,
         layer_split: list[int] | None = None,
-        mode: str = "live",
+        mode: str | SwitchMode = LIVE,
         on_done: Callable[[SwitchReport | None, BaseException | None], None] | None = None,
         cause: str = "request",
     ) -> None:
@@ -454,12 +453,9 @@ class LLMEngine:
         impossible target and SwitchInProgress while another switch runs (a restart completes at once)."""
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped after a worker failure: {self.error}")
-        if mode not in self.MODES:
-            raise ValueError(f"mode must be one of {', '.join(self.MODES)}, not {mode!r}")
-        if mode == "restart" and self.args.nnodes > 1:
-            raise ValueError(
-                "mode 'restart' (the single-machine baseline) is not offered on several nodes: use live or stop"
-            )
+        mode = switch_mode(mode)
+        if not mode.multi_node and self.args.nnodes > 1:
+            raise ValueError(f"mode {mode.name!r} ({mode.summary}) is not offered on several nodes: use live or stop")
         if self.switching is not None:
             raise SwitchInProgress(str(self.switching.target))
         old = self.topology
@@ -482,22 +478,50 @@ class LLMEngine:
             if report is not None:
                 report.cause = cause
                 self.stats.switches.append(report)
+            if self.policy is not None:
+                self.policy.switched(error)
             if on_done is not None:
                 on_done(report, error)
 
-        if mode == "restart":
+        if mode.restarts:
             finish(self._restart(old, target, num_blocks), None)
         else:
             self.switcher.start(target, num_blocks, mode, finish)
 
+    def _act_on(self, decision: Decision | None) -> None:
+        """The policy's decision: a switch it wants starts live while serving goes on."""
+        if decision is None or decision.action != "switch":
+            return
+        tp, pp = parse_shape(decision.target)
+        logger.info("topology policy: %s -> %s: %s", decision.current, decision.target, decision.reason)
+        try:
+            self.start_reconfigure(tp, pp, mode=LIVE, cause="policy")
+        except Exception as e:  # e.g. the KV in use does not fit: the old topology serves on
+            self.policy.refused(decision.target, e)
+
+    def policy_load(self) -> LoadCounts:
+        """What the policy observes of the engine between steps."""
+        s = self.scheduler
+        return LoadCounts(self.topology.tp, self.topology.pp, len(s.waiting), len(s.running), s.num_blocks_used())
+
     def check_workers(self) -> None:
         """Notice a worker lost while nothing runs (and recover): called by a server's idle loop."""
         if self.error is None and isinstance(self.executor, MultiprocExecutor):
-            with self._fatal_worker_errors():
+            with self.fatal_worker_errors():
                 self.executor.poll()
 
+    @property
+    def switching(self) -> PendingSwitch | None:
+        """The switch in progress (its target and mode), or None."""
+        return self.switcher.pending
+
+    def advance_switch(self, wait_s: float = 0.0) -> None:
+        """Move a switch in progress on (cut over when the workers are ready); step() does this every time."""
+        with self.fatal_worker_errors():
+            self.switcher.advance(wait_s)
+
+    # ---- what the switch driver and recovery ask of the engine (switch/host.py) -------------------------------
     def kv_blocks_for(self, target: Topology) -> int:
-        """KV blocks the memory budget buys under `target`; ValueError if they cannot hold max_model_len."""
         num_blocks = self.args.num_kv_blocks or int(self.args.kv_cache_memory_gb * 2**30 // self._block_bytes(target))
         if num_blocks * self.args.block_size < self.max_model_len:
             raise ValueError(
@@ -506,9 +530,31 @@ class LLMEngine:
             )
         return num_blocks
 
+    def blocks_in_use(self) -> list[int]:
+        return self.scheduler.blocks_in_use()
+
+    def block_owners(self, full_only: bool, limit: int | None = None) -> dict[int, BlockOwner]:
+        size = self.args.block_size
+        in_flight = self.tokens_in_flight() if full_only else {}  # being written now: not full yet
+        out, held = {}, 0
+        for r in self.scheduler.running:  # oldest first
+            held += len(r.block_ids)
+            if limit is not None and held > limit:
+                break
+            blocks = r.block_ids[: (r.num_computed_tokens - in_flight.get(r, 0)) // size] if full_only else r.block_ids
+            for i, b in enumerate(blocks):
+                out[b] = (r.request_id, i, r.num_preemptions)
+        return out
+
+    def fit_kv(self, num_blocks: int) -> list[Request]:
+        return self.scheduler.fit(num_blocks)
+
+    def adopt(self, topology: Topology, num_blocks: int, block_map: dict[int, int]) -> None:
+        self.executor.use_topology(topology)
+        self.scheduler.resize(num_blocks, block_map)
+        self.num_kv_blocks = num_blocks
+
     def forget_in_flight(self) -> None:
-        """The micro-batches in flight will not come back (a worker was lost) but the KV cache survives: their
-        tokens count as not computed again, and are recomputed (their KV rewritten) by the next steps."""
         for batch, *_ in self._in_flight:
             for req, n in batch.scheduled:
                 if req.finished:
@@ -518,10 +564,7 @@ class LLMEngine:
                     req.num_computed_tokens -= n
         self._in_flight.clear()
 
-    def requeue_all(self) -> tuple[list[str], int]:
-        """A lost worker took KV of every running request with it: forget the micro-batches in flight (their
-        results will not come), and send every running request back to the queue to recompute its KV, oldest
-        first. Returns their ids and the tokens to recompute."""
+    def requeue_running(self) -> tuple[list[str], int]:
         self.forget_in_flight()
         running = list(self.scheduler.running)
         recompute = sum(r.num_computed_tokens for r in running)
@@ -529,46 +572,15 @@ class LLMEngine:
             self.scheduler.preempt(req)
         return [r.request_id for r in running], recompute
 
-    @property
-    def switching(self):
-        """The switch in progress (its target and mode), or None."""
-        return self.switcher.pending
-
-    def advance_switch(self, wait_s: float = 0.0) -> None:
-        """Move a switch in progress on (cut over when the workers are ready); step() does this every time."""
-        with self._fatal_worker_errors():
-            self.switcher.advance(wait_s)
-
     def drain(self) -> None:
         """Finish the micro-batches in flight; their outputs are returned by the next step()."""
         while self._in_flight:
-            with self._fatal_worker_errors() as guard:
+            with self.fatal_worker_errors() as guard:
                 result = self.executor.wait()
             if guard.recovered:  # nothing left in flight
                 return
             batch, sampled, _ = self._in_flight.popleft()
             self._drained_outputs += self._process(batch, sampled, result)
-
-    def last_step_time(self) -> float | None:
-        return self._step_log[-1][0] if self._step_log else None
-
-    def throughput(self, start: float, end: float | None, before_steps: int = 32) -> tuple[float | None, float | None]:
-        """Output tokens/s over the last `before_steps` steps before `start`, and over the steps in [start, end]
-        (None where there were none)."""
-        if end is None or end <= start:
-            return None, None
-
-        before = [x for x in self._step_log if x[0] < start][-(before_steps + 1) :]
-        during = [x for x in self._step_log if start <= x[0] <= end]
-        span = before[-1][0] - before[0][0] if len(before) > 1 else 0.0
-        rate_before = round(sum(n for _, n in before[1:]) / span, 2) if span > 0 else None
-        return rate_before, round(sum(n for _, n in during) / (end - start), 2) if during else None
-
-    def longest_step_gap(self, start: float, end: float, last_before: float | None) -> float:
-        """Longest time without a finished step within [start, end] (the resume at `end` counts as one)."""
-        times = [t for t, _ in self._step_log if start <= t <= end]
-        times = ([last_before] if last_before is not None and last_before < start else [start]) + times + [end]
-        return round(max(b - a for a, b in zip(times, times[1:])), 4)
 
     def _restart(self, old: Topology, target: Topology, num_blocks: int) -> SwitchReport:
         """What a user does today: stop the engine's workers, start new ones from the checkpoint, re-submit
@@ -588,7 +600,7 @@ class LLMEngine:
         weight_bytes = sum(math.prod(reader.shape(n)) for n in reader.names()) * self.dtype.itemsize
         t_end = time.perf_counter()
         return SwitchReport(
-            "restart",
+            RESTART.name,
             str(old),
             str(target),
             wall_s=t_end - t0,
@@ -597,7 +609,7 @@ class LLMEngine:
             bytes_moved_in_pause={"weights": weight_bytes, "kv": 0},
             recomputed_tokens=recompute,
             num_kv_blocks=num_blocks,
-            longest_step_gap_s=round(t_end - (self.last_step_time() or t0), 4),
+            longest_step_gap_s=round(t_end - (self.step_log.last_step_time() or t0), 4),
         )
 
     def shutdown(self) -> None:

@@ -16,7 +16,6 @@ import pickle
 import time
 import weakref
 from collections import deque
-from multiprocessing import forkserver
 from multiprocessing.connection import wait as wait_ready
 
 from remp.messages import (
@@ -30,7 +29,7 @@ from remp.messages import (
     SwitchProgress,
     WorkerFailed,
 )
-from remp.model.reader import CheckpointReader
+from remp.model.checkpoint import CheckpointReader
 from remp.model_runner import ModelRunner
 from remp.multinode.head import NODE_LOST_S, ClusterHost
 from remp.multinode.link import RemoteProcess
@@ -38,7 +37,7 @@ from remp.nodes import INTER_NODE_BPS, INTRA_NODE_BPS, Links
 from remp.rendezvous import Rendezvous
 from remp.shm_allreduce import ShmSegment
 from remp.topology import Topology
-from remp.worker import WorkerConfig, free_device_slot, worker_main
+from remp.worker import WorkerConfig, free_device_slot, start_fork_server, worker_main
 
 
 class WorkerError(RuntimeError):
@@ -116,20 +115,6 @@ def _stop(
         cluster.shutdown()
 
 
-# Workers fork from multiprocessing's fork server, which imports these once (torch alone takes seconds per
-# process): a worker starts in a fraction of a second, which matters for restarts and replacements as much as
-# for start-up. The fork server is single-threaded and never touches a device, so forking it is safe; being
-# started once per driver, it passes its environment (not the driver's current one) to every worker.
-WORKER_MODULES = [
-    "remp.worker",
-    "remp.comm",
-    "remp.model_runner",
-    "remp.model.gguf_reader",
-    "remp.model.safetensors_reader",
-    "remp.switch.on_worker",
-]
-
-
 class MultiprocExecutor:
     def __init__(
         self,
@@ -187,9 +172,9 @@ class MultiprocExecutor:
             parent, p = self.cluster.spawn(node, self._wids, rank, self.cfg, topology)
         else:
             slot = free_device_slot({q.device_slot for q, n in zip(self.procs, self.nodes) if n == 0 and q.is_alive()})
-            parent, child = self.prestart().Pipe()
+            parent, child = start_fork_server().Pipe()
             cfg = dataclasses.replace(self.cfg, device_slot=slot)
-            p = self.prestart().Process(
+            p = start_fork_server().Process(
                 target=worker_main, args=(rank, cfg, topology, child), daemon=True, name=f"remp-worker-{rank}"
             )
             p.device_slot = slot
@@ -326,15 +311,6 @@ class MultiprocExecutor:
             self._heard.pop(c, None)
         self._await_ready(self.generation, self.timeout_s)
         return renumbered
-
-    @staticmethod
-    def prestart() -> mp.context.BaseContext:
-        """Start the fork server now (it imports torch in the background while the driver reads the checkpoint
-        and the tokenizer); idempotent."""
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(WORKER_MODULES)
-        forkserver.ensure_running()
-        return ctx
 
     @staticmethod
     def worker_config(world_size: int, **kwargs) -> WorkerConfig:

@@ -7,10 +7,12 @@ abort) that every worker answers with its progress. Pickled, so keep what travel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from remp.model.attention import SeqChunk
+from remp.planner.plan import Plan
 from remp.sampler import SamplerOutput, SampleRow
+from remp.topology import Topology
 
 
 # ---- driver -> workers -------------------------------------------------------------------------------------
@@ -26,7 +28,7 @@ class PrepareSwitch:
     the background while steps go on (live mode). Answered by SwitchProgress("precopied" or "prepared")."""
 
     switch_id: int
-    plan: Any  # switch.plan.Plan
+    plan: Plan
     num_blocks: int  # KV blocks of the new pool
     precopy: bool
     precopy_duty: float = 0.3  # the share of wall time the background copy may keep busy
@@ -68,7 +70,7 @@ class Regroup:
     rank: int
     world_size: int
     init_method: str
-    topology: Any  # topology.Topology
+    topology: Topology | None  # None: no routing until the switch that follows installs one
     threads: int  # torch threads for this worker in a pool of this size
     drop_shard: bool = False  # a loss cut a commit short: what each worker holds is unknown, hold nothing
     nodes: tuple[int, ...] | None = None  # the node of each rank (None: all on one machine)
@@ -96,12 +98,27 @@ class Ready:
 
 
 @dataclass
+class SwitchStats:
+    """A worker's account of its part in a switch."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    bytes_received_in_pause: int = 0
+    bytes_from_checkpoint: int = 0
+    peak_extra_bytes: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # where the time went: groups, precopy, transfers, ...
+
+    def add_time(self, part: str, seconds: float) -> None:
+        self.seconds[part] = self.seconds.get(part, 0.0) + seconds
+
+
+@dataclass
 class SwitchProgress:
     rank: int
     switch_id: int
     # "prepared", "precopied", "kv_precopied", "committed", "aborted", or "failed" (then `error` says why)
     stage: str
-    stats: Any = None  # switch.execute.SwitchStats
+    stats: SwitchStats | None = None
     error: str | None = None
 
 

@@ -16,13 +16,13 @@ import torch
 from remp.kv_cache import KVCache
 from remp.messages import StepMsg, StepResult
 from remp.model.attention import build_metadata
+from remp.model.checkpoint import CheckpointReader
 from remp.model.llama import LlamaShard
 from remp.model.loader import load_shard_weights
-from remp.model.reader import CheckpointReader
 from remp.model.rope import RotaryEmbedding
 from remp.sampler import SamplerOutput, sample_rows
+from remp.shard_state import ShardState
 from remp.sharding import ShardSpec
-from remp.switch.execute import ShardState
 
 
 class StageComm(Protocol):

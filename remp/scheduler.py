@@ -87,6 +87,9 @@ class Scheduler:
         self.pool.release(req.block_ids)
         req.block_ids = []
 
+    def num_blocks_used(self) -> int:
+        return sum(len(r.block_ids) for r in self.running)
+
     def blocks_in_use(self) -> list[int]:
         """The KV blocks running requests hold, sorted."""
         return sorted(b for r in self.running for b in r.block_ids)

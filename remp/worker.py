@@ -7,6 +7,7 @@ the other workers through torch.distributed.
 from __future__ import annotations
 
 import ctypes
+import multiprocessing as mp
 import os
 import pickle
 import signal
@@ -14,6 +15,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from multiprocessing import forkserver
 from multiprocessing.connection import Connection
 
 import torch
@@ -53,6 +55,29 @@ class WorkerConfig:
     shm_slots: int = 0  # workers the segment has room for (the most the pool may grow to)
     nodes: tuple[int, ...] | None = None  # the node of each rank at start (None: all on one machine)
     device_slot: int | None = None  # which of its machine's GPUs (None: rank modulo the GPUs)
+
+
+# Workers fork from multiprocessing's fork server, which imports these once (torch alone takes seconds per
+# process): a worker starts in a fraction of a second, which matters for restarts and replacements as much as
+# for start-up. The fork server is single-threaded and never touches a device, so forking it is safe; being
+# started once per driver, it passes its environment (not the driver's current one) to every worker.
+WORKER_MODULES = [
+    "remp.worker",
+    "remp.comm",
+    "remp.model_runner",
+    "remp.model.gguf_reader",
+    "remp.model.safetensors_reader",
+    "remp.reshard.on_worker",
+]
+
+
+def start_fork_server() -> mp.context.BaseContext:
+    """Start the fork server now (it imports torch in the background while the driver reads the checkpoint
+    and the tokenizer); idempotent. Workers start from it (the executor's, or a headless node's agent)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(WORKER_MODULES)
+    forkserver.ensure_running()
+    return ctx
 
 
 def _die_with_parent() -> None:
@@ -107,9 +132,9 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology | None, conn: C
         from remp.comm import WorkerComm
         from remp.model.reader import open_checkpoint
         from remp.model_runner import ModelRunner
+        from remp.reshard.on_worker import WorkerSwitch
+        from remp.shard_state import ShardState
         from remp.shm_allreduce import ShmSegment
-        from remp.switch.execute import ShardState
-        from remp.switch.on_worker import WorkerSwitch
 
         device = _device(cfg, rank)
         shm = ShmSegment(cfg.shm_slots, cfg.shm_elems, cfg.shm_name) if cfg.shm_name else None

@@ -7,7 +7,7 @@ import pytest
 
 from remp.config import ModelConfig
 from remp.nodes import Links
-from remp.switch.plan import PieceSizer, best_placement, make_plan
+from remp.planner.plan import PieceSizer, best_placement, make_plan
 from remp.tools.random_model import tiny_config
 from remp.topology import Topology
 

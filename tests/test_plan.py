@@ -6,7 +6,7 @@ import itertools
 import pytest
 
 from remp.config import ModelConfig
-from remp.switch.plan import (
+from remp.planner.plan import (
     CHECKPOINT,
     ByteCounts,
     KVPiece,

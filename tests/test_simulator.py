@@ -9,6 +9,7 @@ import pytest
 import remp.scheduler
 from remp.bench.datasets import SampleRequest, trace_requests
 from remp.entrypoints.cli import main
+from remp.planner.mode import LIVE, RESTART
 from remp.policy.decide import PolicyConfig, TopologyPolicy
 from remp.policy.h100 import DATA_DIR
 from remp.policy.measured import MeasuredModel, Profile
@@ -43,11 +44,11 @@ def toy_policy():
         [(4, 1), (2, 2), (1, 4)],
         Limits(256, 8192),
         PolicyConfig(Slo(2.0, 0.3), min_dwell_s=30.0),
-        lambda a, b: costs.cost(a, b, "live", 0),
+        lambda a, b: costs.cost(a, b, LIVE, 0),
     )
 
 
-def simulate(requests, topology, policy=None, mode="live"):
+def simulate(requests, topology, policy=None, mode=LIVE):
     return Simulator(ToyModel(), requests, topology, SimOptions(switch_mode=mode), toy_costs(), policy).run()
 
 
@@ -101,7 +102,7 @@ def test_policy_follows_the_phases_and_loses_nothing():
 def test_restart_switches_recompute_every_running_request():
     requests = poisson(4.0, 200, 600, 200)
     costs = toy_costs()
-    sim = Simulator(ToyModel(), requests, (4, 1), SimOptions(switch_mode="restart"), costs)
+    sim = Simulator(ToyModel(), requests, (4, 1), SimOptions(switch_mode=RESTART), costs)
     sim.t = 0.0
     orig = sim._submit
     done = []
@@ -114,7 +115,7 @@ def test_restart_switches_recompute_every_running_request():
 
     sim._submit = submit
     run = sim.run()
-    assert run.switches[0]["pause_s"] == pytest.approx(costs.restart_s, abs=1e-3)
+    assert run.switches[0]["pause_s"] == pytest.approx(costs.overheads.restart_s, abs=1e-3)
     assert run.switches[0]["preempted"] == done[0] > 0
     assert all(r.success for r in run.results)
 

@@ -17,6 +17,7 @@ from typing import Any
 from remp.engine import LLMEngine
 from remp.engine_args import EngineArgs
 from remp.outputs import RequestOutput
+from remp.planner.mode import LIVE, SwitchMode
 from remp.sampling_params import SamplingParams
 from remp.switch.on_driver import SwitchInProgress
 from remp.switch.report import SwitchReport
@@ -229,7 +230,7 @@ class AsyncLLMEngine:
         self._wake.set()
 
     async def reconfigure(
-        self, tp: int, pp: int, layer_split: list[int] | None = None, mode: str = "live"
+        self, tp: int, pp: int, layer_split: list[int] | None = None, mode: str | SwitchMode = LIVE
     ) -> SwitchReport:
         """One switch at a time: a second one while the first runs gets SwitchInProgress (its target). Steps go
         on while a live switch pre-copies; this returns once the new topology serves."""

@@ -10,6 +10,7 @@ from tqdm import tqdm
 from remp.engine import LLMEngine
 from remp.engine_args import EngineArgs
 from remp.outputs import RequestOutput
+from remp.planner.mode import LIVE, SwitchMode
 from remp.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict
@@ -87,7 +88,7 @@ class LLM:
         tensor_parallel_size: int,
         pipeline_parallel_size: int,
         layer_split: list[int] | None = None,
-        mode: str = "live",
+        mode: str | SwitchMode = LIVE,
     ):
         """Switch the running engine's topology; see LLMEngine.reconfigure. Returns a SwitchReport."""
         return self.llm_engine.reconfigure(tensor_parallel_size, pipeline_parallel_size, layer_split, mode)

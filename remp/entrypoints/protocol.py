@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from remp.planner.mode import LIVE, MODE_NAMES
 from remp.sampling_params import SamplingParams
 
 INT64 = {"ge": -(2**63), "le": 2**63 - 1}  # bounds of integers that reach torch or numpy
@@ -109,4 +110,4 @@ class ReconfigureRequest(BaseModel):
     tensor_parallel_size: int = Field(**PARALLEL_SIZE)
     pipeline_parallel_size: int = Field(**PARALLEL_SIZE)
     layer_split: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = None
-    mode: Literal["live", "stop", "restart"] = "live"
+    mode: Literal[MODE_NAMES] = LIVE.name

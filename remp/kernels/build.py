@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from remp.cache_dir import cache_root
 from remp.cpu_features import cpu_features
 from remp.logger import init_logger
-from remp.model.file_cache import cache_root
 
 logger = init_logger(__name__)
 SOURCES = ("paged_attention.cpp", "layer_ops.cpp", "sampling.cpp", "small_linear.cpp")

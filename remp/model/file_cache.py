@@ -17,14 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from remp.cache_dir import cache_root
 from remp.logger import init_logger
 
 logger = init_logger(__name__)
 VERSION = 1  # bump when what is cached changes shape
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("REMP_CACHE_DIR") or Path.home() / ".cache" / "remp")
 
 
 def entry_dir(path: Path) -> Path:

@@ -18,8 +18,8 @@ import torch
 from gguf import GGMLQuantizationType
 
 from remp.config import ModelConfig
+from remp.model.checkpoint import Slices
 from remp.model.file_cache import cached_dir, cached_json
-from remp.model.reader import Slices
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",

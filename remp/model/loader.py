@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from remp.model.reader import CheckpointReader
+from remp.model.checkpoint import CheckpointReader
 from remp.model.schema import shard_tensors, slices
 from remp.sharding import ShardSpec
 

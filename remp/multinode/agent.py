@@ -46,9 +46,9 @@ class NodeAgent:
         self.node, self.workers = node_rank, workers
         ifname = bind_gloo_toward(master_addr)
         self.address = interface_toward(master_addr)[1]
-        from remp.executor import MultiprocExecutor  # its fork server starts with the interface chosen above
+        from remp.worker import start_fork_server  # the fork server starts with the interface chosen above
 
-        self.ctx = MultiprocExecutor.prestart()
+        self.ctx = start_fork_server()
         try:
             self.store = dist.TCPStore(
                 master_addr, master_port, is_master=False, timeout=datetime.timedelta(seconds=connect_timeout_s)

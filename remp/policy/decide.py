@@ -9,16 +9,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from remp.planner.mode import SwitchCost
 from remp.policy.perf_model import PerfModel
 from remp.policy.predict import Limits, Load, Prediction, Slo, predict
 from remp.topology import shape_name
-
-
-@dataclass(frozen=True)
-class SwitchCost:
-    pause_s: float  # every request stalls this long
-    precopy_s: float = 0.0  # serving goes on, slowed by `slowdown` (a fraction)
-    slowdown: float = 0.0
 
 
 @dataclass(frozen=True)

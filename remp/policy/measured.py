@@ -13,12 +13,16 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from remp.cache_dir import cache_root
 from remp.config import ModelConfig
+from remp.engine_args import EngineArgs
 from remp.logger import init_logger
+from remp.planner.mode import STOP
 from remp.policy.perf_model import Batch, PerfModel, iteration_s
 from remp.policy.switch_cost import SwitchCostModel
 from remp.sampling_params import SamplingParams
@@ -69,7 +73,7 @@ class Profile:
 
 def cache_path(model: str, dtype: str, machine: str, max_workers: int, candidates: list[tuple[int, int]]) -> Path:
     key = hashlib.sha256(json.dumps([model, dtype, machine, max_workers, sorted(candidates)]).encode()).hexdigest()[:16]
-    return Path.home() / ".cache" / "remp" / "profiles" / f"{key}.json"
+    return cache_root() / "profiles" / f"{key}.json"
 
 
 class MeasuredModel:
@@ -111,11 +115,36 @@ class MeasuredModel:
         return self.profile.kv_capacity_tokens[shape_name((tp, pp))]
 
 
+class ServingEngine(Protocol):
+    """The engine's public API, as a profile drives it (LLMEngine)."""
+
+    args: EngineArgs
+    model_config: ModelConfig
+    dtype: torch.dtype
+    max_workers: int
+    max_model_len: int
+
+    @property
+    def topology(self) -> Topology: ...
+
+    def add_request(self, request_id, prompt=None, sampling_params=None, *, prompt_token_ids=None) -> str: ...
+
+    def step(self) -> list: ...
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def abort_request(self, request_id: str | list[str]) -> None: ...
+
+    def reconfigure(self, tensor_parallel_size: int, pipeline_parallel_size: int, layer_split=None, mode=...): ...
+
+    def kv_blocks_for(self, target: Topology) -> int: ...
+
+
 def _prompt(n: int, vocab: int, salt: int) -> list[int]:
     return [(salt * 7919 + k * 104729) % (vocab - 1) + 1 for k in range(n)]
 
 
-def _time_decode(engine, seqs: int, ctx: int) -> float:
+def _time_decode(engine: ServingEngine, seqs: int, ctx: int) -> float:
     """Seconds for every one of `seqs` running sequences to advance one token (pp micro-batches)."""
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=DECODE_ITERATIONS + 2, ignore_eos=True, temperature=0.0)
@@ -135,7 +164,7 @@ def _time_decode(engine, seqs: int, ctx: int) -> float:
     return elapsed / max(produced / seqs, 1e-9)
 
 
-def _time_prefill(engine, tokens: int) -> float:
+def _time_prefill(engine: ServingEngine, tokens: int) -> float:
     params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
     t0 = time.perf_counter()
     engine.add_request(
@@ -146,7 +175,9 @@ def _time_prefill(engine, tokens: int) -> float:
     return time.perf_counter() - t0
 
 
-def measure(engine, candidates: list[tuple[int, int]], machine: str, engine_start_s: float = 0.0) -> Profile:
+def measure(
+    engine: ServingEngine, candidates: list[tuple[int, int]], machine: str, engine_start_s: float = 0.0
+) -> Profile:
     """Profile `engine` (idle, with a pool of at least every candidate's size) on each candidate, then return
     it to the topology it had."""
     if engine.has_unfinished_requests():
@@ -166,7 +197,7 @@ def measure(engine, candidates: list[tuple[int, int]], machine: str, engine_star
     for tp, pp in candidates:
         name = shape_name((tp, pp))
         if (engine.topology.tp, engine.topology.pp) != (tp, pp):
-            report = engine.reconfigure(tp, pp, mode="stop")
+            report = engine.reconfigure(tp, pp, mode=STOP)
             moved, paused = moved + sum(report.bytes_moved.values()), paused + report.pause_s
         t0 = time.perf_counter()
         rows = []
@@ -201,7 +232,7 @@ def measure(engine, candidates: list[tuple[int, int]], machine: str, engine_star
             *prof.fits[name],
         )
     if (engine.topology.tp, engine.topology.pp) != start:
-        report = engine.reconfigure(*start, mode="stop")
+        report = engine.reconfigure(*start, mode=STOP)
         moved, paused = moved + sum(report.bytes_moved.values()), paused + report.pause_s
     prof.switch_bandwidth_Bps = moved / paused if paused > 0 else 0.0
     return prof

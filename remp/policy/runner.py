@@ -1,28 +1,40 @@
-"""The policy inside the engine (`--topology-policy auto`): requests feed the load window, and between steps
-the policy decides; a switch it wants starts as a live switch while serving goes on."""
+"""The policy inside the engine (`--topology-policy auto`): requests feed the load window, and between steps the
+engine asks for a decision (tick) and acts on it: a switch the policy wants starts as a live switch while serving
+goes on. The runner never touches the engine; it sees what the engine tells it."""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
+from remp.config import ModelConfig
 from remp.cpu_features import cpu_features
+from remp.engine_args import EngineArgs
 from remp.logger import init_logger
+from remp.planner.choose import candidates as shapes_of
+from remp.planner.mode import LIVE
 from remp.policy.decide import Decision, PolicyConfig, TopologyPolicy
-from remp.policy.measured import MeasuredModel, Profile, cache_path, default_slo, measure, switch_costs
+from remp.policy.measured import MeasuredModel, Profile, ServingEngine, cache_path, default_slo, measure, switch_costs
 from remp.policy.observe import LoadWindow
 from remp.policy.predict import Limits, Slo
-from remp.switch.choose import candidates as shapes_of
+from remp.request import Request
 from remp.topology import parse_shape, shape_name
-
-if TYPE_CHECKING:
-    from remp.engine import LLMEngine
-    from remp.request import Request
 
 logger = init_logger(__name__)
 
 
-def parse_candidates(text: str | None, config, max_workers: int) -> list[tuple[int, int]]:
+@dataclass(frozen=True)
+class LoadCounts:
+    """The engine between two steps, as the policy sees it."""
+
+    tp: int
+    pp: int
+    waiting: int
+    running: int
+    blocks_used: int  # KV blocks running requests hold
+
+
+def parse_candidates(text: str | None, config: ModelConfig, max_workers: int) -> list[tuple[int, int]]:
     """The topologies the policy may pick: `text` ("TP2xPP1,TP1xPP2") or every shape of the whole pool."""
     allowed = [(t.tp, t.pp) for n in range(1, max_workers + 1) for t in shapes_of(config, n)]
     if not text:
@@ -34,21 +46,20 @@ def parse_candidates(text: str | None, config, max_workers: int) -> list[tuple[i
 
 
 class PolicyRunner:
-    def __init__(self, engine: LLMEngine, profile: Profile, candidates: list[tuple[int, int]]):
-        args = engine.args
-        self.engine = engine
+    def __init__(self, args: EngineArgs, config: ModelConfig, profile: Profile, candidates: list[tuple[int, int]]):
         self.model = MeasuredModel(profile)
         ttft_s, tpot_s = default_slo(self.model, candidates)
         slo = Slo(
             args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else ttft_s,
             args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else tpot_s,
         )
-        self.costs = switch_costs(profile, engine.model_config, args.block_size, args.switch_precopy_duty)
-        config = PolicyConfig(slo, args.policy_interval_s, args.policy_min_dwell_s)
+        self.costs = switch_costs(profile, config, args.block_size, args.switch_precopy_duty)
+        policy_config = PolicyConfig(slo, args.policy_interval_s, args.policy_min_dwell_s)
         limits = Limits(args.max_num_seqs, args.max_num_batched_tokens)
-        self.policy = TopologyPolicy(self.model, candidates, limits, config, self._cost)
+        self.policy = TopologyPolicy(self.model, candidates, limits, policy_config, self._cost)
         self.window = LoadWindow(args.policy_window_s)
         self.last_error: str | None = None
+        self._blocks_used = 0
         logger.info(
             "topology policy: candidates %s, SLO TTFT %.0f ms / TPOT %.0f ms",
             ", ".join(map(shape_name, candidates)),
@@ -57,7 +68,9 @@ class PolicyRunner:
         )
 
     @classmethod
-    def create(cls, engine: LLMEngine) -> PolicyRunner:
+    def create(cls, engine: ServingEngine) -> PolicyRunner:
+        """From the engine's options; the performance profile from --perf-profile, the cache, or measured now
+        on `engine` (idle, before it serves)."""
         args = engine.args
         candidates = parse_candidates(args.topology_candidates, engine.model_config, engine.max_workers)
         machine = cpu_features().describe()
@@ -75,11 +88,10 @@ class PolicyRunner:
         missing = [shape_name(c) for c in candidates if shape_name(c) not in profile.fits]
         if missing:
             raise ValueError(f"the performance profile lacks {', '.join(missing)}: profile them (remp profile)")
-        return cls(engine, profile, candidates)
+        return cls(args, engine.model_config, profile, candidates)
 
     def _cost(self, old: tuple[int, int], new: tuple[int, int]):
-        used = sum(len(r.block_ids) for r in self.engine.scheduler.running)
-        return self.costs.cost(old, new, "live", used)
+        return self.costs.cost(old, new, LIVE, self._blocks_used)
 
     def arrival(self, req: Request) -> None:
         self.window.arrival(time.monotonic(), req.num_prompt_tokens, req.max_tokens)
@@ -91,31 +103,28 @@ class PolicyRunner:
         tpot = (m.last_token_time - m.first_token_time) / (n - 1) if n > 1 and m.first_token_time else None
         self.window.finished(time.monotonic(), n, ttft, tpot)
 
-    def tick(self) -> Decision | None:
-        """Between steps: decide when due, and start the switch the policy wants (live)."""
+    def tick(self, load: LoadCounts) -> Decision | None:
+        """Between steps (no switch or recovery under way): a decision when one is due, else None."""
         now = time.monotonic()
-        engine = self.engine
-        if engine.switching is not None or engine.recovering or not self.policy.due(now):
+        if not self.policy.due(now):
             return None
-        load = self.window.snapshot(now, len(engine.scheduler.waiting), len(engine.scheduler.running))
-        if load is None:
+        snapshot = self.window.snapshot(now, load.waiting, load.running)
+        if snapshot is None:
             self.policy.next_t = now + self.policy.config.interval_s
             return None
-        current = (engine.topology.tp, engine.topology.pp)
-        d = self.policy.decide(now, load, current)
-        if d.action == "switch":
-            tp, pp = parse_shape(d.target)
-            logger.info("topology policy: %s -> %s: %s", d.current, d.target, d.reason)
-            try:
-                engine.start_reconfigure(tp, pp, mode="live", on_done=self._done, cause="policy")
-            except Exception as e:  # e.g. the KV in use does not fit: the old topology serves on
-                self.last_error = f"{d.target}: {e}"
-                logger.warning("topology policy: switch to %s refused: %s", d.target, e)
-        else:
+        self._blocks_used = load.blocks_used
+        d = self.policy.decide(now, snapshot, (load.tp, load.pp))
+        if d.action != "switch":
             logger.debug("topology policy: stay on %s: %s", d.current, d.reason)
         return d
 
-    def _done(self, report, error) -> None:
+    def refused(self, target: str, error: Exception) -> None:
+        """The engine could not start the switch the policy wanted; the old topology serves on."""
+        self.last_error = f"{target}: {error}"
+        logger.warning("topology policy: switch to %s refused: %s", target, error)
+
+    def switched(self, error: BaseException | None) -> None:
+        """A switch ended (by this policy or anyone else; `error` if it was called off): the dwell starts again."""
         if error is not None:
             self.last_error = str(error)
             logger.warning("topology policy: switch called off: %s", error)

@@ -3,12 +3,11 @@ per block in use) under the minimum-bytes placement, over the link's bandwidth, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cache
 
 from remp.config import ModelConfig
-from remp.policy.decide import SwitchCost
-from remp.switch.plan import KVPiece, PieceSizer, best_placement, make_plan
+from remp.planner.mode import Moves, Overheads, SwitchCost, SwitchMode
+from remp.planner.plan import KVPiece, PieceSizer, best_placement, make_plan
 from remp.topology import Topology
 
 # The cut-over's fixed part: drain the pipeline, swap process groups and block tables (remp measures ~20 ms of
@@ -22,14 +21,6 @@ PRECOPY_SLOWDOWN = 0.05
 # graph capture: ~20 s for vLLM on 8 GPUs, its own startup logs); every running request recomputes its KV.
 DISK_BPS = 5e9
 ENGINE_START_S = 20.0
-
-
-@dataclass(frozen=True)
-class Moves:
-    weights_s: float  # the slowest receiver's weight bytes over the bandwidth
-    kv_s_per_block: float  # the slowest receiver's KV bytes per block in use over the bandwidth
-    weight_bytes: int
-    kv_bytes_per_block: int
 
 
 class SwitchCostModel:
@@ -47,9 +38,9 @@ class SwitchCostModel:
         restart_s: float | None = None,
     ):
         self.config, self.bandwidth, self.block_size = config, bandwidth_Bps, block_size
-        self.cutover_s, self.link_share, self.slowdown = cutover_s, precopy_link_share, precopy_slowdown
         self.sizer = PieceSizer(config, itemsize, kv_blocks_used=1, block_size=block_size)
-        self.restart_s = restart_s if restart_s is not None else ENGINE_START_S + self.model_bytes(itemsize) / DISK_BPS
+        restart_s = restart_s if restart_s is not None else ENGINE_START_S + self.model_bytes(itemsize) / DISK_BPS
+        self.overheads = Overheads(cutover_s, restart_s, precopy_link_share, precopy_slowdown)
 
     def model_bytes(self, itemsize: int) -> int:
         c = self.config
@@ -74,15 +65,13 @@ class SwitchCostModel:
         return Moves(w / self.bandwidth, k / self.bandwidth, plan.moved.weights, plan.moved.kv)
 
     def cost(
-        self, old: tuple[int, int], new: tuple[int, int], mode: str, blocks_in_use: int, dirty_blocks: int | None = None
+        self,
+        old: tuple[int, int],
+        new: tuple[int, int],
+        mode: SwitchMode,
+        blocks_in_use: int,
+        dirty_blocks: int | None = None,
     ) -> SwitchCost:
-        """The pause (and, live, the pre-copy) of switching old -> new with `blocks_in_use` KV blocks; a live
-        switch moves `dirty_blocks` (default: one per 16 in use, the partly written ones) in its pause."""
-        if mode == "restart":
-            return SwitchCost(pause_s=self.restart_s)
-        m = self.moves(old, new)
-        if mode == "stop":
-            return SwitchCost(pause_s=self.cutover_s + m.weights_s + m.kv_s_per_block * blocks_in_use)
-        dirty = blocks_in_use // 16 if dirty_blocks is None else dirty_blocks
-        precopy = (m.weights_s + m.kv_s_per_block * (blocks_in_use - dirty)) / self.link_share
-        return SwitchCost(pause_s=self.cutover_s + m.kv_s_per_block * dirty, precopy_s=precopy, slowdown=self.slowdown)
+        """What switching old -> new in `mode` costs with `blocks_in_use` KV blocks (mode.price says how)."""
+        moves = self.moves(old, new) if not mode.restarts else Moves(0.0, 0.0, 0, 0)
+        return mode.price(moves, blocks_in_use, dirty_blocks, self.overheads)

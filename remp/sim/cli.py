@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 from remp.bench.metrics import compute_metrics, format_summary
+from remp.planner.mode import MODE_NAMES, RESTART, switch_mode
 from remp.policy.decide import PolicyConfig, TopologyPolicy
 from remp.policy.observe import LoadWindow
 from remp.policy.predict import Limits, Slo
-from remp.sim.simulator import MODES, SimOptions, Simulator
+from remp.sim.simulator import SimOptions, Simulator
 from remp.topology import parse_shape, shape_name
 
 # Chat SLOs from DistServe (Zhong et al., OSDI 2024, table 1: chatbot with OPT-66B 2.5 s / 0.15 s, OPT-13B 0.25 s /
@@ -40,7 +41,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--candidates", default=None, help="comma-separated topologies the policy may pick, e.g. TP8xPP1,TP4xPP2"
     )
-    p.add_argument("--switch-mode", choices=MODES, default="live", help="how the policy's switches are carried out")
+    p.add_argument(
+        "--switch-mode", choices=MODE_NAMES, default="live", help="how the policy's switches are carried out"
+    )
     p.add_argument("--restart-policy", action="store_true", help="the same policy, but every switch is a restart")
     p.add_argument("--slo-ttft-ms", type=float, default=None)
     p.add_argument("--slo-tpot-ms", type=float, default=None)
@@ -59,8 +62,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 
 def device_setup(a: argparse.Namespace):
     """(model config, performance model, switch costs, the shapes the device allows, default SLOs in s)."""
+    from remp.planner.choose import candidates as all_candidates
     from remp.policy.switch_cost import SwitchCostModel
-    from remp.switch.choose import candidates as all_candidates
 
     if a.device == "h100":
         from remp.policy.h100 import H100Model
@@ -129,7 +132,7 @@ def simulate(a: argparse.Namespace) -> dict:
             f"the device runs {', '.join(map(shape_name, shapes))}; {shape_name(start)} is not one of them"
         )
     slo = Slo(a.slo_ttft_ms / 1e3 if a.slo_ttft_ms else ttft_s, a.slo_tpot_ms / 1e3 if a.slo_tpot_ms else tpot_s)
-    mode = "restart" if a.restart_policy else a.switch_mode
+    mode = RESTART if a.restart_policy else switch_mode(a.switch_mode)
     opts = SimOptions(a.block_size, a.max_num_seqs, a.max_num_batched_tokens, mode)
     policy = None
     if a.topology_policy == "auto":
@@ -148,7 +151,7 @@ def simulate(a: argparse.Namespace) -> dict:
         else {"phases": a.phases},
         "requests": len(requests),
         "topology_policy": a.topology_policy,
-        "switch_mode": mode if policy else None,
+        "switch_mode": mode.name if policy else None,
         "start_topology": shape_name(start),
         "candidates": [shape_name(c) for c in candidates] if policy else None,
         "slo_ms": slos,

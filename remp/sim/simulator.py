@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from remp.bench.datasets import SampleRequest
 from remp.bench.metrics import RequestResult
+from remp.planner.mode import LIVE, SwitchMode
 from remp.policy.decide import TopologyPolicy
 from remp.policy.observe import LoadWindow
 from remp.policy.perf_model import Batch, PerfModel
@@ -21,15 +22,13 @@ from remp.scheduler import Scheduler
 from remp.sim.pipeline import Pipeline
 from remp.topology import parse_shape, shape_name
 
-MODES = ("live", "stop", "restart")
-
 
 @dataclass
 class SimOptions:
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
-    switch_mode: str = "live"  # how a policy's switch is carried out: live, stop or restart
+    switch_mode: SwitchMode = LIVE  # how a policy's switch is carried out
 
 
 @dataclass
@@ -66,8 +65,6 @@ class Simulator:
         window: LoadWindow | None = None,
         schedule: list[tuple[float, tuple[int, int]]] | None = None,
     ):
-        if options.switch_mode not in MODES:
-            raise ValueError(f"switch mode must be one of {MODES}, got {options.switch_mode!r}")
         self.perf, self.opts, self.costs, self.policy = perf, options, costs, policy
         self.window = window or LoadWindow()
         self.schedule = sorted(schedule or [])  # (time, topology): switches at set times, as an operator would
@@ -215,12 +212,12 @@ class Simulator:
             return
         mode, old = self.opts.switch_mode, self.topology
         pause = sw.pause_s
-        if mode == "live":  # blocks written since the pre-copy began (and new requests' blocks) move now
+        if mode.precopy:  # blocks written since the pre-copy began (and new requests' blocks) move now
             running = self.scheduler.running
             dirty = max(0, sum(len(r.block_ids) for r in running) - sum(sw.clean_blocks.get(r, 0) for r in running))
-            pause = self.costs.cost(old, sw.target, "live", dirty, dirty_blocks=dirty).pause_s
+            pause = self.costs.cost(old, sw.target, mode, dirty, dirty_blocks=dirty).pause_s
         blocks = self._num_blocks(sw.target)
-        preempted = self.scheduler.fit(0 if mode == "restart" else blocks)
+        preempted = self.scheduler.fit(0 if mode.restarts else blocks)
         self._rename_blocks(blocks)
         self.topology = sw.target
         self.pipeline = self._pipeline(sw.target, self.t)
@@ -230,7 +227,7 @@ class Simulator:
                 "time": round(sw.started, 3),
                 "from": shape_name(old),
                 "to": shape_name(sw.target),
-                "mode": mode,
+                "mode": mode.name,
                 "precopy_s": round(sw.precopy_s, 4),
                 "pause_s": round(pause, 4),
                 "preempted": len(preempted),

@@ -1,3 +1,3 @@
-"""Everything about changing topology: the pure planner (plan.py), the worker-side phases (execute.py), the live
-pre-copy (live.py), the worker's and the driver's side of a switch (on_worker.py, on_driver.py), and the
-report (report.py). A new strategy is a new worker-side module driven by the same three commands."""
+"""The driver's side of a topology switch: the state machine the engine advances between its steps
+(on_driver.py), recovery from a lost worker (recovery.py), the report (report.py), and the narrow view of the
+engine they work through (host.py). The plans come from planner/, the workers' side is reshard/."""

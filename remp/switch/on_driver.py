@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 
 from remp.executor import WorkerError
 from remp.messages import AbortSwitch, CommitSwitch, PrecopyKV, PrepareSwitch, SwitchProgress
-from remp.switch.plan import KVPiece, PieceSizer, Plan, best_placement, make_plan, staging_bytes
+from remp.planner.mode import STOP, SwitchMode
+from remp.planner.plan import KVPiece, PieceSizer, Plan, best_placement, make_plan, staging_bytes
+from remp.switch.host import BlockOwner, SwitchHost, owners_unchanged
 from remp.switch.report import SwitchReport
 from remp.topology import Topology
 
@@ -41,7 +43,7 @@ _ids = itertools.count(1)
 
 @dataclass
 class PendingSwitch:
-    mode: str  # "live" or "stop"
+    mode: SwitchMode  # not one that restarts: the engine does those itself
     old: Topology
     target: Topology  # as asked for (the plan's topology adds the placement)
     plan: Plan
@@ -52,7 +54,7 @@ class PendingSwitch:
     t_start: float = field(default_factory=time.perf_counter)
     t_ready: float | None = None
     abort_reason: str | None = None
-    kv_snapshot: dict[int, tuple] | None = None  # pre-copied block -> (request id, index in it, preemptions)
+    kv_snapshot: dict[int, BlockOwner] | None = None  # pre-copied block -> its owner then
     kv_new_ids: dict[int, int] = field(default_factory=dict)  # pre-copied block -> its id in the new pool
     joining: bool = False  # workers added for this switch have yet to join the world (then PrepareSwitch)
     duty: float = 1.0
@@ -61,10 +63,10 @@ class PendingSwitch:
     committing: bool = False  # the cut-over's commit was sent: the workers' old shards are being consumed
 
     def __post_init__(self) -> None:
-        self.expect = "precopied" if self.mode == "live" else "prepared"  # the stage that lets it move on
+        self.expect = "precopied" if self.mode.precopy else "prepared"  # the stage that lets it move on
 
 
-def new_block_ids(blocks: list[int], num_blocks: int, fixed: dict[int, int], scheduler) -> dict[int, int]:
+def new_block_ids(blocks: list[int], num_blocks: int, fixed: dict[int, int], in_use: list[int]) -> dict[int, int]:
     """Ids in a pool of num_blocks for `blocks` (each used once): those in `fixed` keep theirs, the others
     their own where it fits and is free, else the lowest free ids, avoiding ids other blocks in use hold now
     where possible (so those can keep theirs later)."""
@@ -75,8 +77,8 @@ def new_block_ids(blocks: list[int], num_blocks: int, fixed: dict[int, int], sch
         if b < num_blocks and b not in taken:
             out[b] = b
             taken.add(b)
-    in_use = set(scheduler.blocks_in_use())
-    free = (i for i in sorted(range(num_blocks), key=lambda i: i in in_use) if i not in taken)
+    held = set(in_use)
+    free = (i for i in sorted(range(num_blocks), key=lambda i: i in held) if i not in taken)
     for b in rest:
         if b not in out:
             out[b] = next(free)
@@ -84,18 +86,23 @@ def new_block_ids(blocks: list[int], num_blocks: int, fixed: dict[int, int], sch
 
 
 class SwitchDriver:
-    """Owned by the engine; `engine` supplies the executor, the scheduler, drain() and the step log."""
+    """Owned by the engine, which it sees through `host` (host.py)."""
 
-    def __init__(self, engine, staging_gb: float, precopy_duty: float, timeout_s: float):
-        self.engine, self.staging_gb, self.precopy_duty, self.timeout_s = engine, staging_gb, precopy_duty, timeout_s
+    def __init__(self, host: SwitchHost, staging_gb: float, precopy_duty: float, timeout_s: float):
+        self.host, self.staging_gb, self.precopy_duty, self.timeout_s = host, staging_gb, precopy_duty, timeout_s
         self.pending: PendingSwitch | None = None
         self.link_costs = True  # price bytes per link (intra/inter node) when placing; False: bytes alone
+
+    def interrupt(self) -> PendingSwitch | None:
+        """A worker was lost: the switch in progress (returned) is over; the recovery ends it."""
+        sw, self.pending = self.pending, None
+        return sw
 
     def start(
         self,
         target: Topology,
         num_blocks: int,
-        mode: str,
+        mode: SwitchMode,
         on_done: Callable[[SwitchReport | None, BaseException | None], None],
         old: Topology | None = None,
         lost: frozenset[int] = frozenset(),
@@ -106,9 +113,9 @@ class SwitchDriver:
         with_kv False: the KV in use is not moved (every request recomputes it)."""
         if self.pending is not None:
             raise SwitchInProgress(str(self.pending.target))
-        eng, executor = self.engine, self.engine.executor
-        old, cfg = old or eng.topology, eng.model_config
-        sizer = PieceSizer(cfg, eng.dtype.itemsize, len(eng.scheduler.blocks_in_use()), eng.args.block_size)
+        host, executor = self.host, self.host.executor
+        old, cfg, block_size = old or host.topology, host.model_config, host.args.block_size
+        sizer = PieceSizer(cfg, host.dtype.itemsize, len(host.blocks_in_use()), block_size)
         grow = target.size - executor.pool_size
         pool = list(range(max(executor.pool_size, target.size)))
         links = executor.links(len(pool)) if self.link_costs else None
@@ -117,18 +124,18 @@ class SwitchDriver:
         )
         plan = make_plan(cfg, old, new, sizer, with_kv=with_kv, lost=lost, links=links)
         fallback = None
-        if mode == "live":
-            same_blocks = num_blocks == eng.num_kv_blocks
-            staging = staging_bytes(cfg, plan, sizer, num_blocks, eng.args.block_size, same_blocks)
+        if mode.precopy:
+            same_blocks = num_blocks == host.num_kv_blocks
+            staging = staging_bytes(cfg, plan, sizer, num_blocks, block_size, same_blocks)
             if max(staging.values()) > self.staging_gb * 2**30:
                 worst = max(staging, key=staging.get)
                 fallback = (
                     f"live staging needs {staging[worst] / 2**20:.0f} MiB on worker {worst}, over the "
                     f"switch_staging_gb budget ({self.staging_gb:g} GiB): stop-the-world instead"
                 )
-                mode = "stop"
+                mode = STOP
         duty = self.precopy_duty
-        if eng.args.device == "cpu":  # workers sharing cores: the duty is of the machine, not of each worker
+        if host.args.device == "cpu":  # workers sharing cores: the duty is of the machine, not of each worker
             duty *= min(1.0, (os.cpu_count() or 1) / len(pool))
         self.pending = PendingSwitch(
             mode,
@@ -149,14 +156,14 @@ class SwitchDriver:
             self._prepare(self.pending)
 
     def _prepare(self, sw: PendingSwitch) -> None:
-        self.engine.executor.broadcast(PrepareSwitch(sw.switch_id, sw.plan, sw.num_blocks, sw.mode == "live", sw.duty))
+        self.host.executor.broadcast(PrepareSwitch(sw.switch_id, sw.plan, sw.num_blocks, sw.mode.precopy, sw.duty))
 
     def advance(self, wait_s: float = 0.0) -> None:
         """Called between steps: cut over once the workers are ready, or finish an abort."""
         sw = self.pending
         if sw is None:
             return
-        executor = self.engine.executor
+        executor = self.host.executor
         if sw.joining:
             if executor.joining_started():
                 executor.regroup(executor.topology)  # a world with the new workers; then the switch
@@ -176,11 +183,13 @@ class SwitchDriver:
             elif time.perf_counter() - sw.t_start > self.timeout_s:
                 self._abort(sw, f"the workers were not ready to cut over within {self.timeout_s:g} s")
             elif len(progress) == n and all(p.stage == sw.expect for p in progress.values()):
-                if sw.expect == "precopied" and (snapshot := self._full_blocks(sw.num_blocks)):
+                # the blocks full of written KV now (append-only: unchanged while their request holds them);
+                # oldest requests first, as many as the new pool holds (fit_kv preempts the youngest)
+                if sw.expect == "precopied" and (snapshot := self.host.block_owners(True, sw.num_blocks)):
                     sw.kv_snapshot, sw.expect = snapshot, "kv_precopied"
-                    sw.kv_new_ids = new_block_ids(sorted(snapshot), sw.num_blocks, {}, self.engine.scheduler)
                     blocks = sorted(snapshot)
-                    self.engine.executor.broadcast(PrecopyKV(sw.switch_id, blocks, [sw.kv_new_ids[b] for b in blocks]))
+                    sw.kv_new_ids = new_block_ids(blocks, sw.num_blocks, {}, self.host.blocks_in_use())
+                    executor.broadcast(PrecopyKV(sw.switch_id, blocks, [sw.kv_new_ids[b] for b in blocks]))
                 else:
                     sw.t_ready = time.perf_counter()
                     self._cut_over(sw)
@@ -191,59 +200,34 @@ class SwitchDriver:
                 None, SwitchAborted(f"switch to {sw.plan.new} called off, still serving {sw.old}: {sw.abort_reason}")
             )
 
-    def _full_blocks(self, num_blocks: int) -> dict[int, tuple]:
-        """Blocks full of tokens whose KV is written (steps done): append-only, so unchanged until their request
-        lets them go."""
-        eng, size = self.engine, self.engine.args.block_size
-        in_flight = eng.tokens_in_flight()  # being written now: not full yet for this purpose
-        out, held = {}, 0
-        for r in eng.scheduler.running:  # oldest first: a smaller pool keeps them, scheduler.fit preempts the rest
-            held += len(r.block_ids)
-            if held > num_blocks:
-                break
-            for i, b in enumerate(r.block_ids[: (r.num_computed_tokens - in_flight.get(r, 0)) // size]):
-                out[b] = (r.request_id, i, r.num_preemptions)
-        return out
-
-    def _still_clean(self, sw: PendingSwitch) -> list[int]:
-        snap = sw.kv_snapshot or {}
-        return [
-            b
-            for r in self.engine.scheduler.running
-            for i, b in enumerate(r.block_ids)
-            if snap.get(b) == (r.request_id, i, r.num_preemptions)
-        ]
-
     def _abort(self, sw: PendingSwitch, reason: str) -> None:
         sw.abort_reason = reason
-        self.engine.executor.broadcast(AbortSwitch(sw.switch_id))
+        self.host.executor.broadcast(AbortSwitch(sw.switch_id))
 
     def _cut_over(self, sw: PendingSwitch) -> None:
-        eng = self.engine
+        host = self.host
         t_pause = time.perf_counter()
-        last_step = eng.last_step_time()
-        eng.drain()
+        last_step = host.step_log.last_step_time()
+        host.drain()
         if self.pending is not sw:  # a worker was lost meanwhile: the recovery ended this switch
             return
-        preempted = eng.scheduler.fit(sw.num_blocks)
-        used = eng.scheduler.blocks_in_use()
-        clean = self._still_clean(sw)
-        mapping = new_block_ids(used, sw.num_blocks, {b: sw.kv_new_ids[b] for b in clean}, eng.scheduler)
+        preempted = host.fit_kv(sw.num_blocks)
+        used = host.blocks_in_use()
+        clean = sorted(owners_unchanged(sw.kv_snapshot or {}, host.block_owners(False)))
+        mapping = new_block_ids(used, sw.num_blocks, {b: sw.kv_new_ids[b] for b in clean}, used)
         new_ids = [mapping[b] for b in used]
         sw.committing = True  # from here the old shards are consumed: a failure is a loss or ends the engine
-        with eng.fatal_worker_errors() as guard:
-            eng.executor.broadcast(CommitSwitch(sw.switch_id, used, new_ids, clean))
-            progress = eng.executor.await_switch(sw.switch_id, {"committed"}, eng.args.worker_timeout_s)
+        with host.fatal_worker_errors() as guard:
+            host.executor.broadcast(CommitSwitch(sw.switch_id, used, new_ids, clean))
+            progress = host.executor.await_switch(sw.switch_id, {"committed"}, host.args.worker_timeout_s)
             failed = [p for p in progress.values() if p.stage == "failed"]
             if failed:
                 raise WorkerError(f"worker {failed[0].rank} failed to commit the switch:\n{failed[0].error}")
         if guard.recovered:
             return
-        eng.executor.use_topology(sw.plan.new)
-        eng.scheduler.resize(sw.num_blocks, mapping)
-        eng.num_kv_blocks = sw.num_blocks
-        with eng.fatal_worker_errors() as guard:
-            eng.executor.remove_idle(sw.plan.new)  # workers the new topology leaves idle hold nothing now: stop
+        host.adopt(sw.plan.new, sw.num_blocks, mapping)
+        with host.fatal_worker_errors() as guard:
+            host.executor.remove_idle(sw.plan.new)  # workers the new topology leaves idle hold nothing now: stop
         if guard.recovered:
             return
         report = self._report(sw, progress, used, clean, preempted, t_pause, time.perf_counter(), last_step)
@@ -251,23 +235,23 @@ class SwitchDriver:
         sw.on_done(report, None)
 
     def _report(self, sw, progress: dict[int, SwitchProgress], used, clean, preempted, t_pause, t_end, last_step):
-        eng, plan = self.engine, sw.plan
+        host, plan = self.host, sw.plan
         stats = [progress[r].stats for r in sorted(progress)]
         # KV bytes depend on the blocks in use at the cut-over, not at planning: count with that sizer
-        sizer = PieceSizer(eng.model_config, eng.dtype.itemsize, len(used), eng.args.block_size)
-        final = make_plan(eng.model_config, sw.old, plan.new, sizer, with_kv=sw.with_kv, lost=sw.lost)
-        per_block = PieceSizer(eng.model_config, eng.dtype.itemsize, 1, eng.args.block_size).kv_piece_bytes
+        cfg, itemsize, block_size = host.model_config, host.dtype.itemsize, host.args.block_size
+        final = make_plan(cfg, sw.old, plan.new, PieceSizer(cfg, itemsize, len(used), block_size), sw.with_kv, sw.lost)
+        per_block = PieceSizer(cfg, itemsize, 1, block_size).kv_piece_bytes
         kv_pieces = sum(isinstance(t.piece, KVPiece) and t.src >= 0 for t in plan.transfers)
         precopied = sw.kv_snapshot or {}
-        weights_in_pause = plan.moved.weights if sw.mode == "stop" else 0
-        before, during = eng.throughput(sw.t_start, sw.t_ready)
+        weights_in_pause = 0 if sw.mode.precopy else plan.moved.weights
+        before, during = host.step_log.throughput(sw.t_start, sw.t_ready)
         return SwitchReport(
-            sw.mode,
+            sw.mode.name,
             str(sw.old),
             str(plan.new),
             wall_s=t_end - sw.t_start,
             pause_s=t_end - t_pause,
-            precopy_s=(sw.t_ready - sw.t_start) if sw.mode == "live" else 0.0,
+            precopy_s=(sw.t_ready - sw.t_start) if sw.mode.precopy else 0.0,
             bytes_moved={"weights": plan.moved.weights, "kv": kv_pieces * len(used) * per_block},
             bytes_moved_in_pause={"weights": weights_in_pause, "kv": kv_pieces * (len(used) - len(clean)) * per_block},
             kv_bytes_stale=kv_pieces * (len(precopied) - len(clean)) * per_block,
@@ -285,8 +269,8 @@ class SwitchDriver:
             },
             tokens_per_s_before=before,
             tokens_per_s_during=during,
-            longest_step_gap_s=eng.longest_step_gap(sw.t_start, t_end, last_step),
+            longest_step_gap_s=host.step_log.longest_gap(sw.t_start, t_end, last_step),
             fallback=sw.fallback,
-            pool_size=eng.executor.pool_size,
+            pool_size=host.executor.pool_size,
             bytes_from_checkpoint={"weights": plan.from_checkpoint.weights, "kv": plan.from_checkpoint.kv},
         )

@@ -16,9 +16,11 @@ import time
 
 from remp.executor import MultiprocExecutor, WorkerError
 from remp.logger import init_logger
-from remp.switch.choose import choose_after_loss
-from remp.switch.on_driver import SwitchAborted
-from remp.switch.plan import PieceSizer, kv_only_on
+from remp.planner.choose import choose_after_loss
+from remp.planner.mode import STOP
+from remp.planner.plan import PieceSizer, kv_only_on
+from remp.switch.host import SwitchHost
+from remp.switch.on_driver import SwitchAborted, SwitchDriver
 from remp.switch.report import SwitchReport
 from remp.topology import Topology
 
@@ -27,72 +29,59 @@ logger = init_logger(__name__)
 DEATH_WAIT_S = 2.0  # a survivor's failed step can be reported before the dead worker's exit is seen
 
 
-def recover(engine, error: WorkerError) -> SwitchReport | None:
+def recover(host: SwitchHost, driver: SwitchDriver, error: WorkerError) -> SwitchReport | None:
     """Serve on without the dead worker(s); None if this failure is not a recoverable loss (no dead process,
     none left, recovery off). Raises WorkerError if the recovery itself fails."""
-    ex = engine.executor
-    if not isinstance(ex, MultiprocExecutor) or not engine.args.worker_recovery:
+    ex, args = host.executor, host.args
+    if not isinstance(ex, MultiprocExecutor) or not args.worker_recovery:
         return None
     lost = ex.lost_workers(DEATH_WAIT_S)
-    if not lost or (len(lost) == ex.pool_size and not engine.args.respawn):
+    if not lost or (len(lost) == ex.pool_size and not args.respawn):
         return None
     t0 = time.perf_counter()
-    last_step = engine.last_step_time()
-    engine.recovering = True
+    last_step = host.step_log.last_step_time()
     logger.warning("worker(s) %s lost (%s); recovering", lost, str(error).splitlines()[0])
-    try:
-        old = ex.topology
-        interrupted = engine.switcher.pending
-        engine.switcher.pending = None
-        cfg = engine.model_config
-        # a loss during a commit leaves the survivors' shards half consumed: they start over from the checkpoint
-        committing = interrupted is not None and interrupted.committing
-        kv_lost = committing or bool(kv_only_on(cfg, old, set(lost)))
-        if kv_lost:
-            requeued, recomputed = engine.requeue_all()
-        else:  # every KV piece of the lost workers has a copy on a survivor (TP > KV heads): keep the cache
-            engine.forget_in_flight()
-            requeued, recomputed = [], 0
-        rank_of = ex.drop_lost(lost, engine.args.respawn, engine.args.worker_timeout_s, committing)
-        # the old topology in the new ranks; the lost coordinates on ranks past the pool, held by nobody
-        beyond = iter(range(ex.pool_size, ex.pool_size + len(lost)))
-        old_here = dataclasses.replace(
-            old, placement=tuple(rank_of[w] if w in rank_of else next(beyond) for w in old.placement)
-        )
-        gone = frozenset(w for w in old_here.placement if w >= ex.pool_size)
-        if committing:
-            gone = frozenset(old_here.placement)
-        if engine.args.respawn:
-            target = Topology(old.tp, old.pp, None, old.layers_per_stage)
-        else:
-            used = len(engine.scheduler.blocks_in_use())
-            sizer = PieceSizer(cfg, engine.dtype.itemsize, used, engine.args.block_size)
-            links = ex.links(ex.pool_size) if engine.switcher.link_costs else None
-            target = choose_after_loss(cfg, old_here, list(range(ex.pool_size)), sizer, gone, not kv_lost, links)
-        done: dict = {}
-        engine.switcher.start(
-            target,
-            engine.kv_blocks_for(target),
-            "stop",
-            lambda r, e: done.update(r=r, e=e),
-            old_here,
-            gone,
-            with_kv=not kv_lost,
-        )
-        while not done:
-            engine.switcher.advance(0.05)
-        if done["e"] is not None:
-            raise WorkerError(f"recovery onto the surviving workers failed: {done['e']}")
-        report: SwitchReport = done["r"]
-    finally:
-        engine.recovering = False
+    old = ex.topology
+    interrupted = driver.interrupt()
+    cfg = host.model_config
+    # a loss during a commit leaves the survivors' shards half consumed: they start over from the checkpoint
+    committing = interrupted is not None and interrupted.committing
+    kv_lost = committing or bool(kv_only_on(cfg, old, set(lost)))
+    if kv_lost:
+        requeued, recomputed = host.requeue_running()
+    else:  # every KV piece of the lost workers has a copy on a survivor (TP > KV heads): keep the cache
+        host.forget_in_flight()
+        requeued, recomputed = [], 0
+    rank_of = ex.drop_lost(lost, args.respawn, args.worker_timeout_s, committing)
+    # the old topology in the new ranks; the lost coordinates on ranks past the pool, held by nobody
+    beyond = iter(range(ex.pool_size, ex.pool_size + len(lost)))
+    old_here = dataclasses.replace(
+        old, placement=tuple(rank_of[w] if w in rank_of else next(beyond) for w in old.placement)
+    )
+    gone = frozenset(w for w in old_here.placement if w >= ex.pool_size)
+    if committing:
+        gone = frozenset(old_here.placement)
+    if args.respawn:
+        target = Topology(old.tp, old.pp, None, old.layers_per_stage)
+    else:
+        sizer = PieceSizer(cfg, host.dtype.itemsize, len(host.blocks_in_use()), args.block_size)
+        links = ex.links(ex.pool_size) if driver.link_costs else None
+        target = choose_after_loss(cfg, old_here, list(range(ex.pool_size)), sizer, gone, not kv_lost, links)
+    done: dict = {}
+    driver.start(
+        target, host.kv_blocks_for(target), STOP, lambda r, e: done.update(r=r, e=e), old_here, gone, not kv_lost
+    )
+    while not done:
+        driver.advance(0.05)
+    if done["e"] is not None:
+        raise WorkerError(f"recovery onto the surviving workers failed: {done['e']}")
+    report: SwitchReport = done["r"]
     report.cause = "worker_lost"
     report.old_topology = str(old)
     report.recomputed_tokens, report.preempted, report.lost_workers = recomputed, requeued, lost
     report.wall_s = report.pause_s = time.perf_counter() - t0
     report.longest_step_gap_s = round(time.perf_counter() - (last_step or t0), 4)
-    engine.stats.switches.append(report)
-    logger.warning("recovered: %s -> %s in %.2f s", old, engine.topology, report.wall_s)
+    logger.warning("recovered: %s -> %s in %.2f s", old, host.topology, report.wall_s)
     if interrupted is not None:
         interrupted.on_done(None, SwitchAborted(f"a worker was lost during the switch; recovered onto {target}"))
     return report

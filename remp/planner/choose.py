@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from remp.config import ModelConfig
 from remp.nodes import Links
-from remp.switch.plan import PieceSizer, best_placement, make_plan
+from remp.planner.plan import PieceSizer, best_placement, make_plan
 from remp.topology import Topology
 
 

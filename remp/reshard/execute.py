@@ -16,38 +16,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from remp.kv_cache import new_kv_layer
-from remp.model.reader import CheckpointReader
+from remp.messages import SwitchStats
+from remp.model.checkpoint import CheckpointReader
 from remp.model.schema import slices, tensor
+from remp.planner.plan import CHECKPOINT, KVPiece, Piece, Plan, Transfer, WeightPiece, weight_ranges
+from remp.shard_state import ShardState
 from remp.sharding import ShardSpec
-from remp.switch.plan import CHECKPOINT, KVPiece, Piece, Plan, Transfer, WeightPiece, weight_ranges
-
-
-@dataclass
-class ShardState:
-    """What a worker holds: canonical weights (with the range of each along its shard axis) and KV layers."""
-
-    spec: ShardSpec | None
-    weights: dict[str, torch.Tensor]
-    kv_layers: dict[int, torch.Tensor]  # global layer -> [2, kv_heads, blocks, block_size, D]
-
-
-@dataclass
-class SwitchStats:
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    bytes_received_in_pause: int = 0
-    bytes_from_checkpoint: int = 0
-    peak_extra_bytes: int = 0
-    seconds: dict = field(default_factory=dict)  # where the time went: groups, precopy, transfers, kv, install
-
-    def add_time(self, part: str, seconds: float) -> None:
-        self.seconds[part] = self.seconds.get(part, 0.0) + seconds
 
 
 class Memory:

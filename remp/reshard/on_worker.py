@@ -13,11 +13,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from remp.messages import AbortSwitch, CommitSwitch, PrecopyKV, PrepareSwitch, SwitchProgress
+from remp.messages import AbortSwitch, CommitSwitch, PrecopyKV, PrepareSwitch, SwitchProgress, SwitchStats
 from remp.model.schema import tensor_layer
-from remp.switch.execute import Memory, PieceIO, SwitchStats, stop_the_world
-from remp.switch.live import LiveSwitch
-from remp.switch.plan import weight_ranges
+from remp.planner.plan import weight_ranges
+from remp.reshard.execute import Memory, PieceIO, stop_the_world
+from remp.reshard.live import LiveSwitch
 
 
 class WorkerSwitch:

@@ -26,19 +26,18 @@ import torch
 import torch.distributed as dist
 
 from remp.kv_cache import new_kv_layer
-from remp.messages import PrepareSwitch
+from remp.messages import PrepareSwitch, SwitchStats
 from remp.model.llama import Layer
-from remp.switch.execute import (
+from remp.planner.plan import KVPiece, weight_ranges
+from remp.reshard.execute import (
     Memory,
     PieceIO,
-    ShardState,
-    SwitchStats,
     assemble_kv_layer,
     assemble_weight,
     can_keep_kv_layer,
     phase_groups,
 )
-from remp.switch.plan import KVPiece, weight_ranges
+from remp.shard_state import ShardState
 
 PRECOPY_CHUNK_BYTES = 16 << 20  # small chunks: short bursts of copying between serving steps
 
