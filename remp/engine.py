@@ -100,7 +100,13 @@ class LLMEngine:
         if args.device == "cpu":
             build_kernels()  # once, here, rather than in every worker at its first step
         self.executor = self._start_executor(reader, topology)
-        self.scheduler = Scheduler(self.num_kv_blocks, args.block_size, args.max_num_seqs, args.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.num_kv_blocks,
+            args.block_size,
+            args.max_num_seqs,
+            args.max_num_batched_tokens,
+            args.enable_prefix_caching,
+        )
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._step_ids = itertools.count()
@@ -354,6 +360,8 @@ class LLMEngine:
         now = time.time()
         out = result.sampled
         outputs = []
+        for req, _ in batch.scheduled:  # their KV of this step is written: full blocks become findable
+            self.scheduler.cache_computed(req)
         for row, req in enumerate(sampled):
             if req.finished:  # aborted while its micro-batch was in flight: freed below
                 continue
@@ -534,17 +542,7 @@ class LLMEngine:
         return self.scheduler.blocks_in_use()
 
     def block_owners(self, full_only: bool, limit: int | None = None) -> dict[int, BlockOwner]:
-        size = self.args.block_size
-        in_flight = self.tokens_in_flight() if full_only else {}  # being written now: not full yet
-        out, held = {}, 0
-        for r in self.scheduler.running:  # oldest first
-            held += len(r.block_ids)
-            if limit is not None and held > limit:
-                break
-            blocks = r.block_ids[: (r.num_computed_tokens - in_flight.get(r, 0)) // size] if full_only else r.block_ids
-            for i, b in enumerate(blocks):
-                out[b] = (r.request_id, i, r.num_preemptions)
-        return out
+        return self.scheduler.block_owners(full_only, limit, self.tokens_in_flight() if full_only else {})
 
     def fit_kv(self, num_blocks: int) -> list[Request]:
         return self.scheduler.fit(num_blocks)
@@ -566,6 +564,7 @@ class LLMEngine:
 
     def requeue_running(self) -> tuple[list[str], int]:
         self.forget_in_flight()
+        self.scheduler.drop_cache()
         running = list(self.scheduler.running)
         recompute = sum(r.num_computed_tokens for r in running)
         for req in reversed(running):  # preempt puts each at the front of the queue

@@ -25,6 +25,7 @@ class EngineArgs:
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True  # reuse the KV of prompt prefixes seen before (as vLLM V1, on by default)
     seed: int = 0
     device: str = "cpu"
     # "uni": a single worker runs in this process; "mp": worker processes (always, when tp*pp > 1). None picks

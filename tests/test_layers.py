@@ -23,6 +23,7 @@ FLOORS: list[tuple[str, list[str]]] = [
             "nodes",
             "outputs",
             "step_log",
+            "block_pool",
             "sampling_params",
             "request",
             "scheduler",

@@ -23,6 +23,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV cache of prompt prefixes seen before (default on, as vLLM)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker-timeout-s", type=float, default=120.0)
     p.add_argument("--no-worker-recovery", dest="worker_recovery", action="store_false", help="stop when a worker dies")
@@ -65,6 +71,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
         num_kv_blocks=a.num_kv_blocks,
         max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens,
+        enable_prefix_caching=a.enable_prefix_caching,
         seed=a.seed,
         worker_timeout_s=a.worker_timeout_s,
         worker_recovery=a.worker_recovery,

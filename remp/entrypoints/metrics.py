@@ -112,6 +112,13 @@ class ServerMetrics:
             registry=r,
             labelnames=["model_name", "action"],
         )
+        self.prefix_queries = Counter(
+            "remp:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r, **label
+        )
+        self.prefix_hits = Counter(
+            "remp:prefix_cache_hits", "Prompt tokens found in the prefix cache (their KV reused)", registry=r, **label
+        )
+        self._prefix_seen = (0, 0)
         self._reports_seen = 0
         self._decisions_seen: dict[str, int] = {}
         self.model = model_name
@@ -153,6 +160,10 @@ class ServerMetrics:
                 self.on_topology(engine.topology.tp, engine.topology.pp, report)
         self._reports_seen = len(reports)
         self._count_policy(engine)
+        pool, (queries, hits) = engine.scheduler.pool, self._prefix_seen
+        self.prefix_queries.labels(m).inc(pool.queries - queries)
+        self.prefix_hits.labels(m).inc(pool.hits - hits)
+        self._prefix_seen = (pool.queries, pool.hits)
         self.generation_tokens.labels(m).inc(len(outputs))
         for out in outputs:
             met = out.metrics

@@ -17,9 +17,10 @@ from remp.request import Request
 from remp.step_log import StepLog
 from remp.topology import Topology
 
-# a KV block's owner: (request id, the block's index in its table, the request's preemptions so far); a block
-# whose owner is unchanged between two looks holds the same KV (blocks are append-only while owned)
-BlockOwner = tuple[str, int, int]
+# what a KV block holds, as far as a switch can tell: ("cached", its content's hash) for a block in the prefix
+# cache, else (request id, the block's index in its table, the request's preemptions so far); a block whose
+# owner is unchanged between two looks holds the same KV (blocks are append-only while owned)
+BlockOwner = tuple[str, int, int] | tuple[str, bytes]
 
 
 @dataclass
@@ -43,12 +44,12 @@ class SwitchHost(Protocol):
     def num_kv_blocks(self) -> int: ...
 
     def blocks_in_use(self) -> list[int]:
-        """The KV blocks running requests hold, sorted."""
+        """The KV blocks a switch keeps, sorted: those running requests hold, and the cached free ones."""
         ...
 
     def block_owners(self, full_only: bool, limit: int | None = None) -> dict[int, BlockOwner]:
-        """The owner of each block running requests hold (full_only: only blocks whose every token's KV is
-        written by steps that finished), oldest request first, stopping before `limit` blocks are passed."""
+        """The owner of each block to keep (full_only: only blocks whose every token's KV is written by steps
+        that finished), oldest request first, then cached free blocks; stops before `limit` blocks are passed."""
         ...
 
     def kv_blocks_for(self, target: Topology) -> int:
@@ -60,7 +61,8 @@ class SwitchHost(Protocol):
         ...
 
     def fit_kv(self, num_blocks: int) -> list[Request]:
-        """Preempt the youngest running requests until the blocks in use fit a pool of num_blocks."""
+        """Make the blocks to keep fit a pool of num_blocks: evict cached free blocks (least recently used
+        first), then preempt the youngest running requests; the preempted."""
         ...
 
     def adopt(self, topology: Topology, num_blocks: int, block_map: dict[int, int]) -> None:
@@ -76,8 +78,8 @@ class SwitchHost(Protocol):
         ...
 
     def requeue_running(self) -> tuple[list[str], int]:
-        """Forget the micro-batches in flight and send every running request back to the queue to recompute
-        its KV; their ids and the tokens to recompute."""
+        """The KV cache is lost: forget the micro-batches in flight and the prefix cache, and send every running
+        request back to the queue to recompute its KV; their ids and the tokens to recompute."""
         ...
 
 
