@@ -113,22 +113,34 @@ class BlockPool:
         for b in [b for b in self._free if b in self.hash_of][:n]:
             self._uncache(b)
 
-    def rename(self, num_blocks: int, block_map: dict[int, int]) -> BlockPool:
-        """This pool's state in a pool of num_blocks after a switch moved each block b to block_map[b]; blocks not
-        in the map are gone (their references must be gone too)."""
-        new = BlockPool(num_blocks, self.caching)
-        new.queries, new.hits = self.queries, self.hits
-        lru_rank = {b: i for i, b in enumerate(self._free)}
+    @classmethod
+    def merged(
+        cls,
+        num_blocks: int,
+        caching: bool,
+        sources: list[tuple[BlockPool, dict[int, int]]],
+        held: Iterable[Sequence[int]],
+    ) -> BlockPool:
+        """A pool of num_blocks after a switch moved blocks of the `sources` pools, block b of a source to
+        block_map[b] (several sources when replicas merge): `held` are the block tables of the requests that
+        run on here. Blocks not in a map are gone; moved blocks keep their hash (the first of equal ones), and
+        free cached ones their LRU order (source by source). The counts of queries and hits are the caller's."""
+        new = cls(num_blocks, caching)
+        for table in held:
+            for b in table:
+                new.refs[b] += 1
         moved_free = []
-        for old, b in block_map.items():
-            new.refs[b] = self.refs[old]
-            if old in self.hash_of:
-                new.hash_of[b] = self.hash_of[old]
-                new._by_hash[self.hash_of[old]] = b
-            if self.refs[old] == 0:
-                moved_free.append((lru_rank[old], b))
-        kept = {b for _, b in moved_free}
+        for pool, block_map in sources:
+            lru_rank = {b: i for i, b in enumerate(pool._free)}
+            for old, b in sorted(block_map.items(), key=lambda kv: lru_rank.get(kv[0], -1)):
+                h = pool.hash_of.get(old)
+                if h is not None and h not in new._by_hash:
+                    new.hash_of[b] = h
+                    new._by_hash[h] = b
+                if new.refs[b] == 0:
+                    moved_free.append(b)
+        kept = set(moved_free)
         empty = [b for b in range(num_blocks) if new.refs[b] == 0 and b not in kept]
-        # free blocks without KV first (handed out first), then the moved cached ones in their LRU order
-        new._free = OrderedDict((b, None) for b in empty + [b for _, b in sorted(moved_free)])
+        # free blocks without KV first (handed out first), then the moved ones in their LRU order
+        new._free = OrderedDict((b, None) for b in empty + moved_free)
         return new

@@ -100,11 +100,15 @@ class Scheduler:
         return preempted
 
     def resize(self, num_blocks: int, block_map: dict[int, int]) -> None:
-        """A new pool of num_blocks after a topology switch: every block of blocks_in_use() moved to
-        block_map[b] (those missing lost their KV: a restart). Waiting requests hold no blocks."""
+        """A new pool of num_blocks after a topology switch: running requests' blocks renamed by block_map (the
+        same id where it has none), cached free blocks kept where it names them (the others lost their KV).
+        Waiting requests hold no blocks."""
+        held = {b: block_map.get(b, b) for r in self.running for b in r.block_ids}
         for req in self.running:
-            req.block_ids = [block_map[b] for b in req.block_ids]
-        self.pool = self.pool.rename(num_blocks, block_map)
+            req.block_ids = [held[b] for b in req.block_ids]
+        old, sources = self.pool, [(self.pool, {**block_map, **held})]
+        self.pool = BlockPool.merged(num_blocks, old.caching, sources, [r.block_ids for r in self.running])
+        self.pool.queries, self.pool.hits = old.queries, old.hits
 
     def block_owners(
         self, full_only: bool, limit: int | None, in_flight: dict[Request, int]
@@ -128,6 +132,11 @@ class Scheduler:
                 break
             out[b] = ("cached", self.pool.hash_of[b])
         return out
+
+    def cached_prefix_tokens(self, req: Request) -> int:
+        """Tokens of req's prompt this scheduler's prefix cache holds now (a router's hint)."""
+        hashes = self._hashes(req)[: (len(req.token_ids) - 1) // self.block_size]
+        return len(self.pool.lookup(hashes)) * self.block_size
 
     def drop_cache(self) -> None:
         """The KV of every block is gone (a lost worker): nothing may be found in the cache any more."""

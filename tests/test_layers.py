@@ -24,6 +24,7 @@ FLOORS: list[tuple[str, list[str]]] = [
             "outputs",
             "step_log",
             "block_pool",
+            "replicas",
             "sampling_params",
             "request",
             "scheduler",

@@ -91,7 +91,7 @@ def test_renaming_keeps_hashes_and_the_lru_order():
     for b, h in zip(blocks, [b"a", b"b", b"c", b"d"], strict=True):
         pool.cache(b, h)
     pool.release(blocks[2:])  # c, d free and cached; a, b held
-    new = pool.rename(4, {blocks[0]: 3, blocks[1]: 2, blocks[2]: 1, blocks[3]: 0})
+    new = BlockPool.merged(4, True, [(pool, {blocks[0]: 3, blocks[1]: 2, blocks[2]: 1, blocks[3]: 0})], [[3, 2]])
     assert new.lookup([b"a", b"b"]) == [3, 2] and new.refs[3] == new.refs[2] == 1
     assert new.cached_free() == [1, 0] and new.num_free == 2  # c freed after d: most recent first
 

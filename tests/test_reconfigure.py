@@ -100,7 +100,7 @@ def test_invalid_target_refused_and_old_topology_keeps_serving(tiny_llama):
         engine.add_request("a", {"prompt_token_ids": PROMPTS[1]}, params(0))
         engine.step()
         for bad, match in [
-            ((4, 2), "needs tp\\*pp = 8 workers, but the pool has at most 4"),
+            ((4, 2), "needs dp\\*tp\\*pp = 8 workers, but the pool has at most 4"),
             ((1, 5), "pool has at most 4"),
             ((2, 2, [3, 3]), "summing to 4"),
             ((2, 2, [0, 4]), "positive"),

@@ -132,7 +132,7 @@ def test_schema_shapes_match_a_checkpoint(tiny_qwen2):
 
 def test_topology_validation():
     c = cfg()
-    with pytest.raises(ValueError, match="needs tp\\*pp = 4 workers"):
+    with pytest.raises(ValueError, match="needs dp\\*tp\\*pp = 4 workers"):
         Topology(2, 2).validate(c, num_workers=3)
     with pytest.raises(ValueError, match="attention heads"):
         Topology(7, 1).validate(c)

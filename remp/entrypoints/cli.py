@@ -15,6 +15,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1)
+    p.add_argument("-dp", "--data-parallel-size", type=int, default=1, help="replicas of the TP x PP shape")
     p.add_argument(
         "--max-workers", type=int, default=None, help="the most workers a switch may grow the pool to (default tp*pp)"
     )
@@ -65,6 +66,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
         max_model_len=a.max_model_len,
         tensor_parallel_size=a.tensor_parallel_size,
         pipeline_parallel_size=a.pipeline_parallel_size,
+        data_parallel_size=a.data_parallel_size,
         max_workers=a.max_workers,
         block_size=a.block_size,
         kv_cache_memory_gb=a.kv_cache_memory_gb,
@@ -131,7 +133,9 @@ def cmd_headless(a: argparse.Namespace) -> int:
 
     if a.nnodes < 2 or a.node_rank < 1 or a.node_rank >= a.nnodes:
         raise ValueError(f"--headless needs --nnodes 2 or more and --node-rank 1..nnodes-1, got {a.node_rank}")
-    workers = workers_on_node(a.tensor_parallel_size, a.pipeline_parallel_size, a.nnodes, a.workers_per_node)
+    workers = workers_on_node(
+        a.data_parallel_size * a.tensor_parallel_size * a.pipeline_parallel_size, a.nnodes, a.workers_per_node
+    )
     if workers < 1:
         raise ValueError("give --workers-per-node (or -tp/-pp as on the head)")
     if a.device == "cpu":
