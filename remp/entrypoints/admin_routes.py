@@ -19,9 +19,19 @@ async def topology(request: Request) -> dict:
     core, t = state.core, state.core.topology
     return {
         "topology": str(t),
+        "data_parallel_size": t.dp,
         "tensor_parallel_size": t.tp,
         "pipeline_parallel_size": t.pp,
         "placement": list(t.placement),
+        "replicas": [
+            {
+                "workers": list(t.replica_workers(i)),
+                "running": len(rep.scheduler.running),
+                "waiting": len(rep.scheduler.waiting),
+                "kv_cache_usage": round(rep.scheduler.pool.usage, 4),
+            }
+            for i, rep in enumerate(core.replicas)
+        ],
         "num_workers": getattr(core.executor, "pool_size", 1),
         "max_workers": core.max_workers,
         "pool_generation": getattr(core.executor, "generation", 0),
@@ -46,7 +56,7 @@ async def reconfigure(req: ReconfigureRequest, request: Request) -> dict:
     state = server_state(request)
     try:
         report = await state.engine.reconfigure(
-            req.tensor_parallel_size, req.pipeline_parallel_size, req.layer_split, req.mode
+            req.tensor_parallel_size, req.pipeline_parallel_size, req.layer_split, req.mode, req.data_parallel_size
         )
     except SwitchInProgress as e:
         raise APIError(409, f"a switch to {e} is in progress; try again when it is done") from None
@@ -57,5 +67,5 @@ async def reconfigure(req: ReconfigureRequest, request: Request) -> dict:
     except WorkerError as e:
         raise APIError(500, f"switch failed: {e}") from None
     t = state.core.topology
-    state.metrics.on_topology(t.tp, t.pp, report)
+    state.metrics.on_topology(t, report)
     return report.to_dict()

@@ -58,6 +58,6 @@ def build_app(
     for routes in (openai_routes, ops_routes, admin_routes):
         app.include_router(routes.router)
 
-    state.metrics.on_topology(core.topology.tp, core.topology.pp)
+    state.metrics.on_topology(core.topology)
     state.metrics.watch(core)
     return app
