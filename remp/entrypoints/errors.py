@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from remp.entrypoints.fields import refusal
 from remp.logger import init_logger
 
 logger = init_logger(__name__)
@@ -64,7 +65,7 @@ def install_error_handlers(app: FastAPI) -> None:
         first = errs[0] if errs else {}
         if first.get("type") == "json_invalid":
             return error_response(400, f"malformed JSON body: {first.get('msg')}")
-        msg = "; ".join(f"{_loc(err) or 'body'}: {err.get('msg')}" for err in errs)
+        msg = "; ".join(_message(err) for err in errs)
         return error_response(400, msg, param=_loc(first) or None)
 
     @app.exception_handler(HTTPException)
@@ -84,6 +85,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def _loc(err: dict) -> str:
     return ".".join(str(x) for x in err.get("loc", ())[1:])
+
+
+def _message(err: dict) -> str:
+    """One validation error, naming its field; a field the request model does not declare is refused by name."""
+    if err.get("type") == "extra_forbidden":
+        where = _loc(err).rpartition(".")[0]
+        return refusal(str(err["loc"][-1])) + (f" (in {where})" if where else "")
+    return f"{_loc(err) or 'body'}: {err.get('msg')}"
 
 
 class BodyTooLarge(HTTPException):

@@ -12,7 +12,7 @@ from remp.sampling_params import SamplingParams
 
 INT64 = {"ge": -(2**63), "le": 2**63 - 1}  # bounds of integers that reach torch or numpy
 TOKEN_COUNT = {"ge": 0, "le": 2**31 - 1}
-STRICT = ConfigDict(strict=True, extra="ignore")  # unknown fields are ignored: clients send many
+STRICT = ConfigDict(strict=True, extra="forbid")  # a field not declared here is refused by name (fields.py)
 
 
 class StreamOptions(BaseModel):
