@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from remp.config import ModelConfig
+from remp.model.families import config_from_hf
 from remp.planner.plan import (
     CHECKPOINT,
     ByteCounts,
@@ -20,13 +20,13 @@ from remp.tools.random_model import tiny_config
 from remp.topology import Topology
 
 MODELS = {
-    "6h2kv": ModelConfig.from_hf_dict(tiny_config()),
-    "9h3kv_tied": ModelConfig.from_hf_dict(
+    "6h2kv": config_from_hf(tiny_config()),
+    "9h3kv_tied": config_from_hf(
         tiny_config(
             num_attention_heads=9, num_key_value_heads=3, hidden_size=72, tie_word_embeddings=True, num_hidden_layers=5
         )
     ),
-    "mha4": ModelConfig.from_hf_dict(tiny_config(num_attention_heads=4, num_key_value_heads=4, hidden_size=64)),
+    "mha4": config_from_hf(tiny_config(num_attention_heads=4, num_key_value_heads=4, hidden_size=64)),
 }
 FOUR = [(4, 1), (2, 2), (1, 4)]
 PAIRS = [(a, b) for a in FOUR for b in FOUR if a != b]

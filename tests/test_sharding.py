@@ -2,7 +2,7 @@
 
 import pytest
 
-from remp.config import ModelConfig
+from remp.model.families import config_from_hf, config_from_hf_dir
 from remp.model.schema import shard_tensors, slices, tensor
 from remp.sharding import head_split, layer_split, split_evenly
 from remp.tools.random_model import tiny_config
@@ -10,7 +10,7 @@ from remp.topology import Topology
 
 
 def cfg(**kw):
-    return ModelConfig.from_hf_dict(tiny_config(**kw))
+    return config_from_hf(tiny_config(**kw))
 
 
 def test_nine_heads_three_kv_on_two_ranks_is_six_plus_three():
@@ -121,7 +121,7 @@ def test_schema_shapes_match_a_checkpoint(tiny_qwen2):
     """The schema's shapes and shard axes are those of a real checkpoint (q/k/v biases included)."""
     from safetensors.torch import load_file
 
-    c = ModelConfig.from_hf_dir(tiny_qwen2)
+    c = config_from_hf_dir(tiny_qwen2)
     weights = load_file(str(tiny_qwen2 / "model.safetensors"))
     held = shard_tensors(c, Topology(1, 1).spec(c, 0))
     assert set(held) == set(weights)
