@@ -1,11 +1,15 @@
-"""Random tiny checkpoints written as safetensors load and match Hugging Face transformers."""
+"""Random tiny checkpoints written as safetensors load and match Hugging Face transformers; a config feature a family
+cannot run is refused, not ignored."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from remp import LLM, SamplingParams
+from remp.config import UnsupportedModelError
+from remp.model.families import config_from_hf
 from remp.model.reader import open_checkpoint
+from remp.tools.random_model import tiny_config
 
 PROMPT = [256, 5, 77, 13, 200, 31, 9, 120, 64, 3, 250, 17]
 
@@ -70,3 +74,17 @@ def test_llama3_rope_scaling_changes_frequencies(tiny_llama3_rope):
     scaled = inv_frequencies(cfg)
     plain = inv_frequencies(type(cfg)(**{**cfg.__dict__, "rope_scaling": None}))
     assert not torch.allclose(scaled, plain)
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides, message",
+    [
+        ("qwen3", {"use_sliding_window": True, "sliding_window": 64}, "use_sliding_window"),
+        ("mixtral", {"sliding_window": 64}, "sliding_window=64"),
+        ("mixtral", {"num_experts_per_tok": 4}, "num_experts_per_tok \\(4\\)"),
+        ("llama", {"architectures": ["Gemma3ForCausalLM"]}, "Gemma3ForCausalLM.*Qwen3ForCausalLM, MixtralForCausalLM"),
+    ],
+)
+def test_what_a_family_cannot_run_is_refused(model_type, overrides, message):
+    with pytest.raises(UnsupportedModelError, match=message):
+        config_from_hf(tiny_config(model_type=model_type, **overrides))
