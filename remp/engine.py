@@ -30,10 +30,11 @@ from remp.outputs import CompletionOutput, Logprob, RequestOutput
 from remp.planner.mode import LIVE, RESTART, SwitchMode, switch_mode
 from remp.policy.decide import Decision
 from remp.policy.runner import LoadCounts, PolicyRunner
+from remp.replicas import InFlight, Replica, rebuild, route
 from remp.request import Request, Status
 from remp.sampler import SampleRow
 from remp.sampling_params import SamplingParams
-from remp.scheduler import ScheduledBatch, Scheduler
+from remp.scheduler import Scheduler
 from remp.step_log import StepLog
 from remp.switch.host import BlockOwner, WorkerFailureGuard
 from remp.switch.on_driver import PendingSwitch, SwitchDriver, SwitchInProgress
@@ -61,7 +62,9 @@ class LLMEngine:
     def __init__(self, args: EngineArgs | None = None, **kwargs: Any):
         exit_if_spawning_worker()
         self.args = args = args or EngineArgs.from_kwargs(**kwargs)
-        self.max_workers = args.max_workers or args.tensor_parallel_size * args.pipeline_parallel_size
+        self.max_workers = args.max_workers or (
+            args.data_parallel_size * args.tensor_parallel_size * args.pipeline_parallel_size
+        )
         if args.nnodes > 1:
             bind_gloo_toward(args.master_addr)  # before the fork server starts: its workers inherit it
             if args.master_addr.startswith("127.") or args.master_addr in ("localhost", "::1"):
@@ -82,8 +85,8 @@ class LLMEngine:
                 f"max_model_len {self.max_model_len} exceeds the model's maximum context "
                 f"({cfg.max_position_embeddings})"
             )
-        topology = Topology(args.tensor_parallel_size, args.pipeline_parallel_size)
-        topology.validate(cfg)
+        topology = Topology(args.tensor_parallel_size, args.pipeline_parallel_size, dp=args.data_parallel_size)
+        topology.validate(cfg, self.max_workers)
         self.num_kv_blocks = args.num_kv_blocks or int(args.kv_cache_memory_gb * 2**30 // self._block_bytes(topology))
         if self.num_kv_blocks * args.block_size < self.max_model_len:
             raise ValueError(
@@ -100,11 +103,10 @@ class LLMEngine:
         if args.device == "cpu":
             build_kernels()  # once, here, rather than in every worker at its first step
         self.executor = self._start_executor(reader, topology)
-        self.scheduler = Scheduler(self.num_kv_blocks, args.block_size, args.max_num_seqs, args.max_num_batched_tokens)
+        self.replicas = [Replica(self._new_scheduler(self.num_kv_blocks)) for _ in range(topology.dp)]
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._step_ids = itertools.count()
-        self._in_flight: deque[tuple[ScheduledBatch, list[Request], float]] = deque()
         self.stats = EngineStats()
         self._drained_outputs: list[RequestOutput] = []
         self.num_steps = 0  # steps completed
@@ -121,8 +123,18 @@ class LLMEngine:
                 self.shutdown()
                 raise
 
+    def _new_scheduler(self, num_blocks: int) -> Scheduler:
+        a = self.args
+        return Scheduler(num_blocks, a.block_size, a.max_num_seqs, a.max_num_batched_tokens, a.enable_prefix_caching)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """Replica 0's scheduler: the engine's only one without data parallelism (see `replicas`)."""
+        return self.replicas[0].scheduler
+
     def _block_bytes(self, topology: Topology) -> int:
-        """KV bytes of one logical block summed over every worker (replicated KV heads count each time)."""
+        """KV bytes of one logical block summed over every worker of every replica (replicated KV heads count
+        each time): a budget buys this many blocks for each replica."""
         cfg = self.model_config
         specs = [topology.spec(cfg, w) for w in topology.placement]
         return sum(
@@ -197,7 +209,8 @@ class LLMEngine:
             ),
         )
         self.requests[request_id] = req
-        self.scheduler.add(req)
+        req.replica = route(self.replicas, req)
+        self.replicas[req.replica].scheduler.add(req)
         if self.policy is not None:
             self.policy.arrival(req)
         return request_id
@@ -239,16 +252,17 @@ class LLMEngine:
             req = self.requests.pop(rid, None)
             if req is not None and not req.finished:
                 req.status, req.finish_reason = Status.FINISHED, "abort"
+                scheduler = self.replicas[req.replica].scheduler
                 if req in busy:  # its blocks are still being written: free them when its batch returns
-                    self.scheduler.forget(req)
+                    scheduler.forget(req)
                 else:
-                    self.scheduler.free(req)
+                    scheduler.free(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._drained_outputs)
+        return any(r.scheduler.has_unfinished() for r in self.replicas) or bool(self._drained_outputs)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.scheduler.waiting) + len(self.scheduler.running)
+        return sum(len(r.scheduler.waiting) + len(r.scheduler.running) for r in self.replicas)
 
     # ---- one step ---------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -269,19 +283,20 @@ class LLMEngine:
         if self.policy is not None and self.switching is None and not self.recovering:
             self._act_on(self.policy.tick(self.policy_load()))
         with self.fatal_worker_errors() as guard:
-            while len(self._in_flight) < self.executor.max_in_flight and self._submit_next():
-                pass
-            if not self._in_flight:
+            for i, rep in enumerate(self.replicas):
+                while len(rep.in_flight) < self.executor.max_in_flight and self._submit_next(i):
+                    pass
+            oldest = {rep.in_flight[0].step_id: rep for rep in self.replicas if rep.in_flight}
+            if not oldest:
                 return []
-            alone = len(self._in_flight) == 1
-            batch, sampled, submitted = self._in_flight[0]
-            result = self.executor.wait()
+            alone = sum(len(rep.in_flight) for rep in self.replicas) == 1
+            result = self.executor.wait(oldest)
+            rep = oldest[result.step_id]
             if alone:
-                self.stats.control_overhead_s.append(time.perf_counter() - submitted - result.worker_s)
+                self.stats.control_overhead_s.append(time.perf_counter() - rep.in_flight[0].submitted - result.worker_s)
         if guard.recovered:  # the requests go on after recomputing their KV
             return []
-        self._in_flight.popleft()
-        outputs = self._process(batch, sampled, result)
+        outputs = self._process(rep, rep.in_flight.popleft(), result)
         self.step_log.record(len(outputs))
         self.num_steps += 1
         return outputs
@@ -311,20 +326,13 @@ class LLMEngine:
             self.stats.switches.append(report)
             guard.recovered = True
 
-    def tokens_in_flight(self) -> dict[Request, int]:
-        """Tokens of each request in micro-batches still in the pipeline (counted as computed already)."""
-        out: dict[Request, int] = {}
-        for batch, *_ in self._in_flight:
-            for r, n in batch.scheduled:
-                out[r] = out.get(r, 0) + n
-        return out
-
     def busy_requests(self) -> set[Request]:
         """Requests in a micro-batch still in the pipeline."""
-        return {r for b, *_ in self._in_flight for r, _ in b.scheduled}
+        return set().union(*(rep.busy() for rep in self.replicas))
 
-    def _submit_next(self) -> bool:
-        batch = self.scheduler.schedule(self.busy_requests(), self.executor.max_in_flight)
+    def _submit_next(self, replica: int) -> bool:
+        rep = self.replicas[replica]
+        batch = rep.scheduler.schedule(rep.busy(), self.executor.max_in_flight)
         if not batch.scheduled:
             return False
         now = time.time()
@@ -339,9 +347,9 @@ class LLMEngine:
                 rows.append(SampleRow.of(req.params, req.num_output_tokens, self._banned(req)))
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-        submitted = time.perf_counter()
-        self.executor.submit(StepMsg(next(self._step_ids), chunks, rows))
-        self._in_flight.append((batch, sampled, submitted))
+        step_id, submitted = next(self._step_ids), time.perf_counter()
+        self.executor.submit(StepMsg(step_id, chunks, rows), replica)
+        rep.in_flight.append(InFlight(step_id, batch, sampled, submitted))
         return True
 
     def _banned(self, req: Request) -> tuple[int, ...]:
@@ -350,11 +358,13 @@ class LLMEngine:
             return ()
         return tuple(sorted(req.eos_token_ids | set(req.params.stop_token_ids)))
 
-    def _process(self, batch: ScheduledBatch, sampled: list[Request], result: StepResult) -> list[RequestOutput]:
+    def _process(self, rep: Replica, done: InFlight, result: StepResult) -> list[RequestOutput]:
         now = time.time()
-        out = result.sampled
+        out, scheduler = result.sampled, rep.scheduler
         outputs = []
-        for row, req in enumerate(sampled):
+        for req, _ in done.batch.scheduled:  # their KV of this step is written: full blocks become findable
+            scheduler.cache_computed(req)
+        for row, req in enumerate(done.sampled):
             if req.finished:  # aborted while its micro-batch was in flight: freed below
                 continue
             self._append_token(
@@ -371,12 +381,12 @@ class LLMEngine:
                 req.metrics.finished_time = now
                 if self.policy is not None:
                     self.policy.finished(req)
-                self.scheduler.free(req)
+                scheduler.free(req)
                 self.requests.pop(req.request_id, None)
             outputs.append(self._output(req))
-        for req, _ in batch.scheduled:
+        for req, _ in done.batch.scheduled:
             if req.finished and req.block_ids:  # aborted while in flight: its blocks were kept until now
-                self.scheduler.free(req)
+                scheduler.free(req)
         return outputs
 
     def _append_token(self, req: Request, token: int, logprob: float, rank: int, top: list[tuple[int, float]]) -> None:
@@ -419,6 +429,7 @@ class LLMEngine:
         pipeline_parallel_size: int,
         layer_split: list[int] | None = None,
         mode: str | SwitchMode = LIVE,
+        data_parallel_size: int = 1,
     ) -> SwitchReport:
         """Change TP/PP with requests in flight and return when the new topology serves. mode="live" moves the
         weights while this engine keeps stepping (their outputs come from the next step() calls) and pauses only
@@ -428,7 +439,12 @@ class LLMEngine:
         raises SwitchAborted; in both cases the old topology keeps serving."""
         done: dict = {}
         self.start_reconfigure(
-            tensor_parallel_size, pipeline_parallel_size, layer_split, mode, lambda r, e: done.update(r=r, e=e)
+            tensor_parallel_size,
+            pipeline_parallel_size,
+            layer_split,
+            mode,
+            lambda r, e: done.update(r=r, e=e),
+            data_parallel_size=data_parallel_size,
         )
         while not done:
             if self.scheduler.has_unfinished():
@@ -447,6 +463,7 @@ class LLMEngine:
         mode: str | SwitchMode = LIVE,
         on_done: Callable[[SwitchReport | None, BaseException | None], None] | None = None,
         cause: str = "request",
+        data_parallel_size: int = 1,
     ) -> None:
         """Begin a switch and return: it completes during later step() / advance_switch() calls, which then
         call on_done(report, None), or on_done(None, error) if it was called off. Raises ValueError for an
@@ -460,11 +477,11 @@ class LLMEngine:
             raise SwitchInProgress(str(self.switching.target))
         old = self.topology
         split = tuple(layer_split) if layer_split else None
-        target = Topology(tensor_parallel_size, pipeline_parallel_size, None, split)
+        target = Topology(tensor_parallel_size, pipeline_parallel_size, None, split, data_parallel_size)
         if target.size > self.max_workers:
             raise ValueError(
-                f"{target} needs tp*pp = {target.size} workers, but the pool has at most {self.max_workers}: start "
-                f"the engine with max_workers (--max-workers) of at least {target.size}"
+                f"{target} needs dp*tp*pp = {target.size} workers, but the pool has at most {self.max_workers}: "
+                f"start the engine with max_workers (--max-workers) of at least {target.size}"
             )
         target.validate(self.model_config)
         num_blocks = self.kv_blocks_for(target)
@@ -501,8 +518,9 @@ class LLMEngine:
 
     def policy_load(self) -> LoadCounts:
         """What the policy observes of the engine between steps."""
-        s = self.scheduler
-        return LoadCounts(self.topology.tp, self.topology.pp, len(s.waiting), len(s.running), s.num_blocks_used())
+        s = [rep.scheduler for rep in self.replicas]
+        waiting, running = sum(len(x.waiting) for x in s), sum(len(x.running) for x in s)
+        return LoadCounts(self.topology.tp, self.topology.pp, waiting, running, sum(x.num_blocks_used() for x in s))
 
     def check_workers(self) -> None:
         """Notice a worker lost while nothing runs (and recover): called by a server's idle loop."""
@@ -530,57 +548,67 @@ class LLMEngine:
             )
         return num_blocks
 
-    def blocks_in_use(self) -> list[int]:
-        return self.scheduler.blocks_in_use()
+    def running(self, replica: int) -> list[Request]:
+        return list(self.replicas[replica].scheduler.running)
 
-    def block_owners(self, full_only: bool, limit: int | None = None) -> dict[int, BlockOwner]:
-        size = self.args.block_size
-        in_flight = self.tokens_in_flight() if full_only else {}  # being written now: not full yet
-        out, held = {}, 0
-        for r in self.scheduler.running:  # oldest first
-            held += len(r.block_ids)
-            if limit is not None and held > limit:
-                break
-            blocks = r.block_ids[: (r.num_computed_tokens - in_flight.get(r, 0)) // size] if full_only else r.block_ids
-            for i, b in enumerate(blocks):
-                out[b] = (r.request_id, i, r.num_preemptions)
-        return out
+    def blocks_in_use(self, replica: int) -> list[int]:
+        return self.replicas[replica].scheduler.blocks_in_use()
 
-    def fit_kv(self, num_blocks: int) -> list[Request]:
-        return self.scheduler.fit(num_blocks)
+    def cached_free(self, replica: int) -> list[int]:
+        return self.replicas[replica].scheduler.pool.cached_free()
 
-    def adopt(self, topology: Topology, num_blocks: int, block_map: dict[int, int]) -> None:
+    def block_owners(self, replica: int, full_only: bool) -> dict[int, BlockOwner]:
+        rep = self.replicas[replica]
+        return rep.scheduler.block_owners(full_only, None, rep.tokens_in_flight() if full_only else {})
+
+    def preempt(self, requests: list[Request]) -> None:
+        for req in reversed(requests):  # preempt puts each at the front of the queue: keep their order
+            self.replicas[req.replica].scheduler.preempt(req)
+
+    def adopt(
+        self, topology: Topology, num_blocks: int, assignment: dict[str, int], block_maps: dict[tuple, dict]
+    ) -> None:
         self.executor.use_topology(topology)
-        self.scheduler.resize(num_blocks, block_map)
+        self.replicas = rebuild(self.replicas, topology.dp, num_blocks, assignment, block_maps, self._new_scheduler)
+        for d, rep in enumerate(self.replicas):
+            for req in [*rep.scheduler.running, *rep.scheduler.waiting]:
+                req.replica = d
         self.num_kv_blocks = num_blocks
 
     def forget_in_flight(self) -> None:
-        for batch, *_ in self._in_flight:
-            for req, n in batch.scheduled:
-                if req.finished:
-                    if req.block_ids:  # aborted while in flight: its blocks were kept until now
-                        self.scheduler.free(req)
-                else:
-                    req.num_computed_tokens -= n
-        self._in_flight.clear()
+        for rep in self.replicas:
+            for f in rep.in_flight:
+                for req, n in f.batch.scheduled:
+                    if req.finished:
+                        if req.block_ids:  # aborted while in flight: its blocks were kept until now
+                            rep.scheduler.free(req)
+                    else:
+                        req.num_computed_tokens -= n
+            rep.in_flight.clear()
 
-    def requeue_running(self) -> tuple[list[str], int]:
+    def requeue_running(self, replicas: set[int]) -> tuple[list[str], int]:
         self.forget_in_flight()
-        running = list(self.scheduler.running)
-        recompute = sum(r.num_computed_tokens for r in running)
-        for req in reversed(running):  # preempt puts each at the front of the queue
-            self.scheduler.preempt(req)
-        return [r.request_id for r in running], recompute
+        ids, recompute = [], 0
+        for i in sorted(replicas):
+            scheduler = self.replicas[i].scheduler
+            scheduler.drop_cache()
+            running = list(scheduler.running)
+            recompute += sum(r.num_computed_tokens for r in running)
+            for req in reversed(running):  # preempt puts each at the front of the queue
+                scheduler.preempt(req)
+            ids += [r.request_id for r in running]
+        return ids, recompute
 
     def drain(self) -> None:
         """Finish the micro-batches in flight; their outputs are returned by the next step()."""
-        while self._in_flight:
+        while any(rep.in_flight for rep in self.replicas):
+            oldest = {rep.in_flight[0].step_id: rep for rep in self.replicas if rep.in_flight}
             with self.fatal_worker_errors() as guard:
-                result = self.executor.wait()
+                result = self.executor.wait(oldest)
             if guard.recovered:  # nothing left in flight
                 return
-            batch, sampled, _ = self._in_flight.popleft()
-            self._drained_outputs += self._process(batch, sampled, result)
+            rep = oldest[result.step_id]
+            self._drained_outputs += self._process(rep, rep.in_flight.popleft(), result)
 
     def _restart(self, old: Topology, target: Topology, num_blocks: int) -> SwitchReport:
         """What a user does today: stop the engine's workers, start new ones from the checkpoint, re-submit
@@ -588,15 +616,13 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.drain()
         t_pause = time.perf_counter()
-        recompute = sum(r.num_computed_tokens for r in self.scheduler.running)
-        for req in list(self.scheduler.running):
-            self.scheduler.preempt(req)
+        _, recompute = self.requeue_running(set(range(len(self.replicas))))
         self.executor.shutdown()
         reader = open_checkpoint(self.args.model)
         self.tokenizer = reader.load_tokenizer()  # a new engine loads its tokenizer too
         self.num_kv_blocks = num_blocks
         self.executor = self._start_executor(reader, target)
-        self.scheduler.resize(num_blocks, {})
+        self.adopt(target, num_blocks, {}, {})
         weight_bytes = sum(math.prod(reader.shape(n)) for n in reader.names()) * self.dtype.itemsize
         t_end = time.perf_counter()
         return SwitchReport(
@@ -614,7 +640,8 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
-        self.scheduler.waiting.clear()
-        self.scheduler.running.clear()
+        for rep in self.replicas:
+            rep.scheduler.waiting.clear()
+            rep.scheduler.running.clear()
+            rep.in_flight.clear()
         self.requests.clear()
-        self._in_flight.clear()

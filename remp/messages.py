@@ -14,6 +14,10 @@ from remp.planner.plan import Plan
 from remp.sampler import SamplerOutput, SampleRow
 from remp.topology import Topology
 
+# the KV blocks a switch moves, by route (old replica, new replica): their ids in the old replica's pool, and
+# the ids they take in the new replica's pool, in the same order
+KVFlows = dict[tuple[int, int], tuple[list[int], list[int]]]
+
 
 # ---- driver -> workers -------------------------------------------------------------------------------------
 class StepMsg(NamedTuple):
@@ -40,8 +44,7 @@ class PrecopyKV:
     holds them) into the new layout in the background. Answered by SwitchProgress("kv_precopied")."""
 
     switch_id: int
-    blocks: list[int]
-    new_ids: list[int]  # where each goes in the new pool
+    flows: KVFlows
 
 
 @dataclass
@@ -50,9 +53,8 @@ class CommitSwitch:
     written or reassigned since), install the new shard."""
 
     switch_id: int
-    used_blocks: list[int]  # KV blocks in use, in this order ...
-    new_block_ids: list[int]  # ... become these in the new pool
-    clean_blocks: list[int] = field(default_factory=list)  # pre-copied and unchanged since: not moved again
+    flows: KVFlows  # every KV block in use
+    clean: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # by route: pre-copied, unchanged since
 
 
 @dataclass

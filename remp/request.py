@@ -35,6 +35,9 @@ class Request:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks of tokens (prefix caching)
+    num_cached_blocks: int = 0  # its first blocks that are in the prefix cache (their KV is written)
+    replica: int = 0  # the data-parallel replica that serves it
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
 
     def __post_init__(self) -> None:

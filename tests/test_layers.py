@@ -23,6 +23,8 @@ FLOORS: list[tuple[str, list[str]]] = [
             "nodes",
             "outputs",
             "step_log",
+            "block_pool",
+            "replicas",
             "sampling_params",
             "request",
             "scheduler",

@@ -312,6 +312,6 @@ def test_the_torch_fallback_generates_what_the_kernels_do(fixture, request, monk
     for module in (native, native_ops, sampling):
         monkeypatch.setattr(module, "available", lambda *_: False)
     slow = run()
-    for a, b in zip(fast, slow):
+    for a, b in zip(fast, slow, strict=True):
         assert a.token_ids == b.token_ids
         assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-9)

@@ -5,6 +5,7 @@ with chunked prefill, several micro-batches in flight and preemption under a sma
 import pytest
 
 from remp import LLM, SamplingParams
+from tests.engine_utils import assert_same_logprobs, assert_same_tokens
 
 TOPOLOGIES = [(2, 1), (3, 1), (4, 1), (1, 2), (1, 3), (1, 4), (2, 2)]
 PROMPTS = [[256] + [(i * 37 + k * 11) % 256 for k in range(n)] for i, n in enumerate([5, 40, 17, 70, 3, 52, 33])]
@@ -26,12 +27,9 @@ def run(path, tp, pp, **kw):
 
 
 def assert_equal(ref, out):
-    for (ids_a, lp_a), (ids_b, lp_b) in zip(ref, out):
-        assert ids_a == ids_b
-        for step_a, step_b in zip(lp_a, lp_b):
-            assert step_a.keys() == step_b.keys()
-            for tid in step_a:
-                assert step_a[tid].logprob == pytest.approx(step_b[tid].logprob, abs=1e-9)
+    for i, ((ids_a, lp_a), (ids_b, lp_b)) in enumerate(zip(ref, out, strict=True)):
+        assert_same_tokens(ids_a, ids_b, f"request {i}")
+        assert_same_logprobs(lp_a, lp_b, 1e-9, f"request {i}")
 
 
 @pytest.fixture(scope="module", params=["tiny_llama", "tiny_qwen2", "tiny_llama3_rope", "tiny_qwen3", "tiny_mixtral"])

@@ -144,7 +144,7 @@ def test_schema_shapes_match_a_checkpoint(model, request):
 
 def test_topology_validation():
     c = cfg()
-    with pytest.raises(ValueError, match="needs tp\\*pp = 4 workers"):
+    with pytest.raises(ValueError, match="needs dp\\*tp\\*pp = 4 workers"):
         Topology(2, 2).validate(c, num_workers=3)
     with pytest.raises(ValueError, match="attention heads"):
         Topology(7, 1).validate(c)

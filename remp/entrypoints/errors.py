@@ -134,20 +134,3 @@ class BodySizeLimit:
 
 async def _no_receive() -> dict:
     return {"type": "http.disconnect"}
-
-
-class Gate:
-    """ASGI middleware: `check(path, authorization header)` may answer a request before it is routed. (Plain
-    ASGI, not BaseHTTPMiddleware: that one runs the app in a task group, which turns an HTTPException raised
-    while the body is read into an ExceptionGroup, and it gets in the way of streaming.)"""
-
-    def __init__(self, app: Callable[..., Awaitable[None]], check: Callable[[str, str], JSONResponse | None]):
-        self.app, self.check = app, check
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http":
-            auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-            refusal = self.check(scope["path"], auth)
-            if refusal is not None:
-                return await refusal(scope, receive, send)
-        await self.app(scope, receive, send)

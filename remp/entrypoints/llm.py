@@ -89,9 +89,12 @@ class LLM:
         pipeline_parallel_size: int,
         layer_split: list[int] | None = None,
         mode: str | SwitchMode = LIVE,
+        data_parallel_size: int = 1,
     ):
         """Switch the running engine's topology; see LLMEngine.reconfigure. Returns a SwitchReport."""
-        return self.llm_engine.reconfigure(tensor_parallel_size, pipeline_parallel_size, layer_split, mode)
+        return self.llm_engine.reconfigure(
+            tensor_parallel_size, pipeline_parallel_size, layer_split, mode, data_parallel_size
+        )
 
     def shutdown(self) -> None:
         self.llm_engine.shutdown()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 from remp.engine import LLMEngine
 from remp.outputs import RequestOutput
 from remp.switch.report import SwitchReport
+from remp.topology import Topology
 
 LATENCY_BUCKETS = (
     0.005,
@@ -81,6 +83,7 @@ class ServerMetrics:
             registry=r,
             labelnames=["model_name", "reason"],
         )
+        self.dp = Gauge("remp:data_parallel_size", "Current data parallel size (replicas)", registry=r, **label)
         self.tp = Gauge("remp:tensor_parallel_size", "Current tensor parallel size", registry=r, **label)
         self.pp = Gauge("remp:pipeline_parallel_size", "Current pipeline parallel size", registry=r, **label)
         self.pool = Gauge("remp:num_workers", "Worker processes in the pool", registry=r, **label)
@@ -112,6 +115,13 @@ class ServerMetrics:
             registry=r,
             labelnames=["model_name", "action"],
         )
+        self.prefix_queries = Counter(
+            "remp:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r, **label
+        )
+        self.prefix_hits = Counter(
+            "remp:prefix_cache_hits", "Prompt tokens found in the prefix cache (their KV reused)", registry=r, **label
+        )
+        self._prefix_seen = (0, 0)
         self._reports_seen = 0
         self._decisions_seen: dict[str, int] = {}
         self.model = model_name
@@ -119,10 +129,14 @@ class ServerMetrics:
     def watch(self, engine: LLMEngine) -> None:
         """Scheduler gauges are read at scrape time, so they are current even when no step runs (after aborts)."""
         m = self.model
-        self.running.labels(m).set_function(lambda: len(engine.scheduler.running))
-        self.waiting.labels(m).set_function(lambda: len(engine.scheduler.waiting))
-        self.kv_usage.labels(m).set_function(lambda: engine.scheduler.pool.usage)
-        self.preemptions.labels(m).set_function(lambda: engine.scheduler.num_preemptions)
+        schedulers = lambda: [rep.scheduler for rep in engine.replicas]
+        self.running.labels(m).set_function(lambda: sum(len(s.running) for s in schedulers()))
+        self.waiting.labels(m).set_function(lambda: sum(len(s.waiting) for s in schedulers()))
+        self.kv_usage.labels(m).set_function(
+            lambda: sum(s.pool.num_used for s in schedulers()) / sum(s.pool.num_blocks for s in schedulers())
+        )
+        self.preemptions.labels(m).set_function(lambda: sum(s.num_preemptions for s in schedulers()))
+        self.registry.register(ReplicaCollector(engine, m))
         self.pool.labels(m).set_function(lambda: getattr(engine.executor, "pool_size", 1))
         self.generation.labels(m).set_function(lambda: getattr(engine.executor, "generation", 0))
 
@@ -148,11 +162,16 @@ class ServerMetrics:
                 self.recoveries.labels(m).inc()
                 self.recovery_seconds.labels(m).observe(report.wall_s)
                 self.requests_recomputed.labels(m).inc(len(report.preempted))
-                self.on_topology(engine.topology.tp, engine.topology.pp)
+                self.on_topology(engine.topology)
             elif report.cause == "policy":
-                self.on_topology(engine.topology.tp, engine.topology.pp, report)
+                self.on_topology(engine.topology, report)
         self._reports_seen = len(reports)
         self._count_policy(engine)
+        pools, (queries, hits) = [rep.scheduler.pool for rep in engine.replicas], self._prefix_seen
+        now = (sum(p.queries for p in pools), sum(p.hits for p in pools))
+        self.prefix_queries.labels(m).inc(now[0] - queries)
+        self.prefix_hits.labels(m).inc(now[1] - hits)
+        self._prefix_seen = now
         self.generation_tokens.labels(m).inc(len(outputs))
         for out in outputs:
             met = out.metrics
@@ -167,10 +186,30 @@ class ServerMetrics:
                 if n > 1 and met.first_token_time:
                     self.tpot.labels(m).observe((met.finished_time - met.first_token_time) / (n - 1))
 
-    def on_topology(self, tp: int, pp: int, report: SwitchReport | None = None) -> None:
-        self.tp.labels(self.model).set(tp)
-        self.pp.labels(self.model).set(pp)
+    def on_topology(self, topology: Topology, report: SwitchReport | None = None) -> None:
+        self.dp.labels(self.model).set(topology.dp)
+        self.tp.labels(self.model).set(topology.tp)
+        self.pp.labels(self.model).set(topology.pp)
         if report is not None:
             self.switches.labels(self.model, report.mode).inc()
             self.switch_duration.labels(self.model).observe(report.wall_s)
             self.switch_pause.labels(self.model).observe(report.pause_s)
+
+
+class ReplicaCollector:
+    """Per-replica gauges, read at scrape time from the replicas there are now (a switch changes them)."""
+
+    def __init__(self, engine: LLMEngine, model_name: str):
+        self.engine, self.model = engine, model_name
+
+    def collect(self):
+        names = ["model_name", "replica"]
+        running = GaugeMetricFamily("remp:replica_num_requests_running", "Running requests of a replica", labels=names)
+        waiting = GaugeMetricFamily("remp:replica_num_requests_waiting", "Waiting requests of a replica", labels=names)
+        usage = GaugeMetricFamily("remp:replica_kv_cache_usage_perc", "KV blocks in use of a replica", labels=names)
+        for i, rep in enumerate(list(self.engine.replicas)):
+            s, labels = rep.scheduler, [self.model, str(i)]
+            running.add_metric(labels, len(s.running))
+            waiting.add_metric(labels, len(s.waiting))
+            usage.add_metric(labels, s.pool.usage)
+        return [running, waiting, usage]

@@ -109,5 +109,6 @@ class ReconfigureRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     tensor_parallel_size: int = Field(**PARALLEL_SIZE)
     pipeline_parallel_size: int = Field(**PARALLEL_SIZE)
+    data_parallel_size: int = Field(1, **PARALLEL_SIZE)
     layer_split: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = None
     mode: Literal[MODE_NAMES] = LIVE.name

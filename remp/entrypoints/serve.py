@@ -63,7 +63,7 @@ async def _serve(app, engine: AsyncLLMEngine, sock: socket.socket, shutdown_time
     loop = asyncio.get_running_loop()
 
     async def drain() -> None:
-        app.state.draining = True
+        app.state.server.draining = True
         deadline = loop.time() + shutdown_timeout_s
         while engine.num_open_streams() and loop.time() < deadline:
             await asyncio.sleep(0.05)
@@ -98,6 +98,6 @@ def serve(
             where = f"http://{url_host(sock)}:{sock.getsockname()[1]}"
             print(f"remp: serving {name} as {engine.engine.topology} on {where}", flush=True)
             asyncio.run(_serve(app, engine, sock, shutdown_timeout_s, log_level))
-            app.state.prompts.close()
+            app.state.server.prompts.close()
         finally:
             engine.shutdown()
