@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from remp import LLMEngine, SamplingParams
-from remp.config import ModelConfig
+from remp.model.families import config_from_hf
 from remp.planner.plan import KVPiece, PieceSizer, best_placement, kv_routes, make_plan, worker_pieces
 from remp.replicas import Replica, route
 from remp.request import Request
@@ -18,7 +18,7 @@ from remp.tools.random_model import tiny_config
 from remp.topology import Topology
 from tests.test_reconfigure import ENGINE, PROMPTS, assert_same, params
 
-CFG = ModelConfig.from_hf_dict(tiny_config())  # 6 q heads, 2 KV heads, 4 layers
+CFG = config_from_hf(tiny_config())  # 6 q heads, 2 KV heads, 4 layers
 
 
 def run(path, dp, tp, pp, switches=None, mode="live", kill=None, **kw):

@@ -1,39 +1,53 @@
-"""Random tiny checkpoints written as safetensors load and match Hugging Face transformers."""
+"""Random tiny checkpoints written as safetensors load and match Hugging Face transformers; a config feature a family
+cannot run is refused, not ignored."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from remp import LLM, SamplingParams
+from remp.config import UnsupportedModelError
+from remp.model.families import config_from_hf
 from remp.model.reader import open_checkpoint
+from remp.tools.random_model import tiny_config
 
 PROMPT = [256, 5, 77, 13, 200, 31, 9, 120, 64, 3, 250, 17]
 
 
-def transformers_logprobs(path, token_ids):
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float64)
+def transformers_logprobs(path, token_ids, dtype=torch.float64):
+    # eager experts: transformers' grouped matmul has no float64
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, experts_implementation="eager")
     with torch.no_grad():
         logits = model(torch.tensor([token_ids])).logits[0]
     return torch.log_softmax(logits, -1)
 
 
-def check_against_transformers(path, n_tokens=12):
-    with LLM(str(path), dtype="float64") as llm:
+def check_against_transformers(path, n_tokens=12, dtype=torch.float64, tolerance=1e-5):
+    with LLM(str(path), dtype=dtype) as llm:
         out = llm.generate(
             {"prompt_token_ids": PROMPT},
             SamplingParams(max_tokens=n_tokens, temperature=0, logprobs=5, ignore_eos=True),
         )[0]
     ids = out.outputs[0].token_ids
-    ref = transformers_logprobs(path, PROMPT + ids)
+    ref = transformers_logprobs(path, PROMPT + ids, dtype)
     for i, tok in enumerate(ids):
         row = ref[len(PROMPT) - 1 + i]
         assert tok == int(row.argmax()), f"greedy token {i} differs"
         for tid, lp in out.outputs[0].logprobs[i].items():
             # transformers builds its RoPE tables in float32 even for float64 models: ~1e-7 differences
-            assert lp.logprob == pytest.approx(float(row[tid]), abs=1e-5)
+            assert lp.logprob == pytest.approx(float(row[tid]), abs=tolerance)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_sharded", "tiny_qwen2", "tiny_llama3_rope"])
+@pytest.mark.parametrize("fixture", ["tiny_qwen3", "tiny_mixtral"])
+def test_float32_matches_transformers(fixture, request):
+    """In float32 the native kernels run around each family's own parts (the q/k norm ahead of the fused RoPE
+    and cache write; experts over the few rows routed to them)."""
+    check_against_transformers(request.getfixturevalue(fixture), dtype=torch.float32, tolerance=1e-4)
+
+
+@pytest.mark.parametrize(
+    "fixture", ["tiny_llama", "tiny_llama_sharded", "tiny_qwen2", "tiny_llama3_rope", "tiny_qwen3", "tiny_mixtral"]
+)
 def test_matches_transformers(fixture, request):
     check_against_transformers(request.getfixturevalue(fixture))
 
@@ -60,3 +74,17 @@ def test_llama3_rope_scaling_changes_frequencies(tiny_llama3_rope):
     scaled = inv_frequencies(cfg)
     plain = inv_frequencies(type(cfg)(**{**cfg.__dict__, "rope_scaling": None}))
     assert not torch.allclose(scaled, plain)
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides, message",
+    [
+        ("qwen3", {"use_sliding_window": True, "sliding_window": 64}, "use_sliding_window"),
+        ("mixtral", {"sliding_window": 64}, "sliding_window=64"),
+        ("mixtral", {"num_experts_per_tok": 4}, "num_experts_per_tok \\(4\\)"),
+        ("llama", {"architectures": ["Gemma3ForCausalLM"]}, "Gemma3ForCausalLM.*Qwen3ForCausalLM, MixtralForCausalLM"),
+    ],
+)
+def test_what_a_family_cannot_run_is_refused(model_type, overrides, message):
+    with pytest.raises(UnsupportedModelError, match=message):
+        config_from_hf(tiny_config(model_type=model_type, **overrides))

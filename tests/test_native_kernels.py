@@ -13,13 +13,13 @@ import time
 import pytest
 import torch
 
-from remp.config import ModelConfig
 from remp.cpu_features import cpu_features
 from remp.kernels import attention as native
 from remp.kernels import build
 from remp.kernels import layer_ops as native_ops
 from remp.model import attention
 from remp.model.attention import SeqChunk, build_metadata, paged_attention, write_kv
+from remp.model.families import config_from_hf
 from remp.model.layer_ops import TorchOps
 from remp.model.rope import RotaryEmbedding
 from remp.tools.random_model import tiny_config
@@ -95,7 +95,7 @@ def test_fused_layer_ops_match_torch(dtype):
     gate_up = rnd(T, 2 * I, scale=30)
     close(native_ops.silu_mul(gate_up), TorchOps.silu_mul(gate_up))
     # RoPE on q and k in place, then k and v into the cache at scattered slots
-    cfg = ModelConfig.from_hf_dict(tiny_config())  # 6 q heads, 2 KV heads of 16
+    cfg = config_from_hf(tiny_config())  # 6 q heads, 2 KV heads of 16
     rope = RotaryEmbedding(cfg, 512, dtype)
     cos, sin = rope.tables(torch.randint(0, 512, (T,), generator=g))
     slots = torch.randperm(40 * 4, generator=g)[:T]

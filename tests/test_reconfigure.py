@@ -47,7 +47,7 @@ def assert_same(ref, out):
 SEQUENCE = {2: (2, 2), 4: (1, 4), 7: (4, 1), 9: (2, 2, [1, 3]), 12: (1, 4), 15: (4, 1)}
 
 
-@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_mixtral"])
 def test_switch_sequence_matches_unswitched(model, request):
     path = request.getfixturevalue(model)
     ref, *_ = run(path, {}, num_kv_blocks=64)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from remp.kv_cache import new_kv_layer
 from remp.messages import KVFlows, SwitchStats
 from remp.model.checkpoint import CheckpointReader
-from remp.model.schema import slices, tensor
+from remp.model.schema import read_range, tensor
 from remp.planner.plan import CHECKPOINT, KVPiece, Piece, Plan, Transfer, WeightPiece, weight_ranges
 from remp.shard_state import ShardState
 from remp.sharding import ShardSpec
@@ -132,7 +132,7 @@ class PieceIO:
                 if t.src == CHECKPOINT:
                     if isinstance(p, KVPiece):
                         raise RuntimeError(f"KV of layer {p.layer} head {p.kv_head} has no holder")
-                    buf.copy_(self.reader.read(p.name, slices(self.config, p.name, p.start, p.stop)).to(self.dtype))
+                    buf.copy_(read_range(self.reader, p.name, p.start, p.stop).to(self.dtype))
                     self.stats.bytes_from_checkpoint += nbytes(buf)
                 else:
                     posts.append((dist.irecv, buf, t.src))

@@ -27,7 +27,6 @@ import torch.distributed as dist
 
 from remp.kv_cache import new_kv_layer
 from remp.messages import KVFlows, PrepareSwitch, SwitchStats
-from remp.model.llama import Layer
 from remp.planner.plan import KVPiece, weight_ranges
 from remp.reshard.execute import (
     Memory,
@@ -188,7 +187,7 @@ class LiveSwitch:
             if self.cancel.is_set():
                 return False
             t0 = time.thread_time()
-            built[layer] = Layer.of(self.weights, layer, built.get(layer))
+            built[layer] = self.runner.build_layer(self.new_spec, self.weights, layer, built.get(layer))
             self._rest(time.thread_time() - t0)
         self.shard = self.runner.build_shard(self.new_spec, self.weights, built)
         self.stats.add_time("build", time.perf_counter() - t_build)
