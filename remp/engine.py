@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from remp.config import ModelConfig, resolve_dtype
+from remp.config import ModelConfig, max_model_len, resolve_dtype
 from remp.cpu_features import cpu_features
 from remp.detokenizer import IncrementalDetokenizer
 from remp.engine_args import EngineArgs
@@ -79,12 +79,7 @@ class LLMEngine:
         self.dtype, why = resolve_dtype(args.dtype, cfg, args.device)
         slow = self.dtype == torch.bfloat16 and args.device == "cpu" and not cpu_features().native_bf16
         (logger.warning if slow else logger.info)("dtype %s (%s)", str(self.dtype).removeprefix("torch."), why)
-        self.max_model_len = args.max_model_len or cfg.max_position_embeddings
-        if self.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len {self.max_model_len} exceeds the model's maximum context "
-                f"({cfg.max_position_embeddings})"
-            )
+        self.max_model_len = max_model_len(args.max_model_len, cfg)
         topology = Topology(args.tensor_parallel_size, args.pipeline_parallel_size, dp=args.data_parallel_size)
         topology.validate(cfg, self.max_workers)
         self.num_kv_blocks = args.num_kv_blocks or int(args.kv_cache_memory_gb * 2**30 // self._block_bytes(topology))
