@@ -1,18 +1,24 @@
-"""Batched token sampling: greedy, temperature, top-k, top-p, min-p, logprobs."""
+"""Batched token sampling: the allowed-token mask of guided decoding and min_tokens' bans, logit bias,
+presence / frequency / repetition penalties, then greedy, temperature, top-k, top-p, min-p; and logprobs."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
+from remp.guided.bitmask import unpack_allowed
 from remp.kernels import sampling as native
+from remp.penalties import Penalties, PenaltyHistory, apply_penalties
 from remp.sampling_params import SamplingParams
 
 
 class SampleRow(NamedTuple):
-    """What the sampler needs of one row: the wire form of SamplingParams (cheap to pickle every step)."""
+    """What the sampler needs of one row: the wire form of SamplingParams and of the request's state that the
+    sampling depends on (cheap to pickle every step; the optional fields cost only the rows that use them)."""
 
     temperature: float
     top_p: float
@@ -21,15 +27,36 @@ class SampleRow(NamedTuple):
     logprobs: int | None
     seed: int | None  # per-token seed (see token_seed), None: the sampling process's default RNG
     banned: tuple[int, ...] = ()  # token ids that must not be sampled now (min_tokens)
+    allowed: np.ndarray | None = None  # guided decoding: the bitmask of the tokens allowed now (remp.guided)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    penalties: Penalties | None = None  # presence / frequency / repetition, with the history they read
 
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 
     @classmethod
-    def of(cls, p: SamplingParams, output_index: int, banned: tuple[int, ...] = ()) -> SampleRow:
+    def of(
+        cls,
+        p: SamplingParams,
+        output_index: int,
+        banned: tuple[int, ...] = (),
+        *,
+        history: PenaltyHistory | None = None,
+        mask: np.ndarray | None = None,
+    ) -> SampleRow:
+        """The row of a request about to sample its output token `output_index`. history: its PenaltyHistory
+        (needed when p has penalties); mask: its guided matcher's bitmask for this token (when p.guided)."""
         seed = None if p.seed is None else token_seed(p.seed, output_index)
-        return cls(p.temperature, p.top_p, p.top_k, p.min_p, p.logprobs, seed, banned)
+        if (mask is None) != (p.guided is None):
+            raise ValueError("a guided request samples under its matcher's mask, and only a guided one does")
+        penalties = None
+        if p.has_penalties:
+            if history is None:
+                raise ValueError("a request with penalties needs its PenaltyHistory")
+            penalties = history.wire(p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
+        bias = tuple(p.logit_bias.items()) if p.logit_bias else ()
+        return cls(p.temperature, p.top_p, p.top_k, p.min_p, p.logprobs, seed, banned, mask, bias, penalties)
 
 
 def token_seed(seed: int, output_index: int) -> int:
@@ -127,8 +154,13 @@ def _plain(sp: SamplingParams, vocab: int) -> bool:
 
 
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams | SampleRow],
+    generators: list[torch.Generator | None],
+    raw: tuple[list[int], torch.Tensor] | None = None,
 ) -> SamplerOutput:
+    """Sample a token per row of `logits`. raw: (rows, their logits before logit bias and penalties reshaped
+    them) for such rows: their logprobs describe those (vLLM's default: logprobs before processing)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
     B, V = logits.shape
@@ -162,17 +194,19 @@ def sample(
             tokens[drawn] = _random_sample(
                 xf[drawn], [params[filtered[k]] for k in drawn], u[[filtered[k] for k in drawn]]
             )
-        raw = torch.log_softmax(xf, dim=-1)
-        lp = raw.gather(-1, tokens[:, None])
-        token_ids[filtered], chosen_lp[filtered] = tokens, lp[:, 0]
-        ranks[filtered] = (raw > lp).sum(dim=-1) + 1
+        token_ids[filtered] = tokens
+        chosen_lp[filtered], ranks[filtered] = _chosen_logprob_rank(xf, tokens)
 
     top: list[list[tuple[int, float]]] | None = None
     ns = [min(sp.logprobs or 0, V) for sp in params]
     if max(ns, default=0) > 0:
-        vals, idx = torch.log_softmax(x, dim=-1).topk(max(ns), dim=-1)  # sorted descending
-        vals_l, idx_l = vals.tolist(), idx.tolist()
-        top = [list(zip(idx_l[i][:n], vals_l[i][:n])) for i, n in enumerate(ns)]
+        top = _top_logprobs(x, ns)
+    if raw is not None and raw[0]:  # the reshaped rows: their logprobs from the logits before the reshaping
+        rows, xr = raw[0], raw[1].to(x.dtype)
+        chosen_lp[rows], ranks[rows] = _chosen_logprob_rank(xr, token_ids[rows])
+        if top is not None:
+            for i, t in zip(rows, _top_logprobs(xr, [ns[i] for i in rows])):
+                top[i] = t
 
     return SamplerOutput(
         token_ids=token_ids.tolist(),
@@ -182,14 +216,75 @@ def sample(
     )
 
 
+def _chosen_logprob_rank(x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen tokens' log_softmax in x, and their 1-based rank there."""
+    lsm = torch.log_softmax(x, dim=-1)
+    lp = lsm.gather(-1, tokens[:, None])
+    return lp[:, 0], (lsm > lp).sum(dim=-1) + 1
+
+
+def _top_logprobs(x: torch.Tensor, ns: list[int]) -> list[list[tuple[int, float]]]:
+    """Per row, its top-n (token id, log_softmax) pairs, sorted descending ([] for n = 0)."""
+    if max(ns, default=0) == 0:
+        return [[] for _ in ns]
+    vals, idx = torch.log_softmax(x, dim=-1).topk(max(ns), dim=-1)
+    vals_l, idx_l = vals.tolist(), idx.tolist()
+    return [list(zip(idx_l[i][:n], vals_l[i][:n])) for i, n in enumerate(ns)]
+
+
 def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """x[rows], without a copy when that is all of x in order (the common case: one path for the batch)."""
     return x if rows == list(range(x.shape[0])) else x[rows]
 
 
 def sample_rows(logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
-    """sample() for wire-form rows: bans tokens (min_tokens) and seeds each seeded row's generator."""
-    for i, row in enumerate(rows):
-        if row.banned:
-            logits[i, list(row.banned)] = float("-inf")
-    return sample(logits, rows, [make_generator(r.seed) for r in rows])
+    """sample() for wire-form rows, in vLLM's order: the allowed-token mask and the bans (-inf: the logprobs see
+    these, as vLLM's see the grammar's mask), then logit bias and penalties (the logprobs do not see these: raw,
+    as vLLM's by default), then temperature, top-k, top-p, min-p. Each row depends on its own logits and
+    parameters only. May overwrite `logits`."""
+    if logits.dim() != 2 or logits.shape[0] != len(rows):
+        raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(rows)} rows")
+    x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32).contiguous()
+    constrain(x, rows)
+    shaped = [i for i, r in enumerate(rows) if r.logit_bias or r.penalties is not None]
+    raw = None
+    if shaped:
+        raw = (shaped, x[shaped])  # a copy: the logprobs' logits
+        reshape(x, rows, shaped)
+    return sample(x, rows, [make_generator(r.seed) for r in rows], raw)
+
+
+def constrain(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
+    """Disallowed tokens (outside a guided row's mask, or banned by min_tokens) to -inf, in place. Where the mask
+    allows nothing but banned tokens (a finished grammar allows only EOS, which min_tokens bans), the mask wins:
+    a constraint that can only end, ends."""
+    V = x.shape[-1]
+    masked = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if masked:
+        allowed = unpack_allowed(np.stack([rows[i].allowed for i in masked]), V)
+        for k, i in enumerate(masked):
+            if rows[i].banned:
+                kept = allowed[k].copy()
+                kept[[t for t in rows[i].banned if t < V]] = False
+                if kept.any():
+                    allowed[k] = kept
+            if not allowed[k].any():
+                raise ValueError(f"row {i}: its guided mask allows no token")
+        x[masked] = x[masked].masked_fill_(torch.from_numpy(~allowed).to(x.device), float("-inf"))
+    for i, r in enumerate(rows):
+        if r.banned and r.allowed is None:
+            x[i, list(r.banned)] = float("-inf")
+
+
+def reshape(x: torch.Tensor, rows: Sequence[SampleRow], shaped: list[int]) -> None:
+    """Logit bias, then penalties, on rows `shaped` of x, in place."""
+    V = x.shape[-1]
+    for i in shaped:
+        if rows[i].logit_bias:
+            ids, bias = zip(*rows[i].logit_bias)
+            if max(ids) >= V or min(ids) < 0:
+                raise ValueError(f"row {i}: logit_bias token ids outside the vocabulary [0, {V})")
+            x[i, list(ids)] += torch.tensor(bias, dtype=x.dtype, device=x.device)
+    pen = [i for i in shaped if rows[i].penalties is not None]
+    if pen:
+        apply_penalties(x, pen, [rows[i].penalties for i in pen])
