@@ -62,6 +62,14 @@ class PenaltyHistory:
         return Penalties(presence, frequency, repetition, self._ids[:n].copy(), self._counts[:n].copy(), seen)
 
 
+def penalised_ids(p: Penalties) -> list[np.ndarray]:
+    """The token ids whose logits apply_penalties may change (they may repeat)."""
+    return [
+        p.seen_ids if p.repetition != 1.0 else p.seen_ids[:0],
+        p.output_ids if p.frequency or p.presence else p.output_ids[:0],
+    ]
+
+
 def apply_penalties(logits: torch.Tensor, rows: Sequence[int], penalties: Sequence[Penalties]) -> None:
     """Penalise logits[rows[k]] by penalties[k], in place. Elementwise on each row's own entries, so a row's result
     never depends on its batch-mates."""
@@ -72,25 +80,25 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[int], penalties: Sequen
     dt, dev = logits.dtype, logits.device
 
     def flat_index(sel: list[int], ids: list[np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate([rows[k] * V + i for k, i in zip(sel, ids)])).to(dev)
+        every = np.concatenate(ids)
+        if len(every) and (every.min() < 0 or every.max() >= V):
+            raise ValueError(f"penalty history has token ids outside the vocabulary [0, {V})")
+        return torch.from_numpy(every + np.repeat(np.asarray([rows[k] for k in sel]) * V, [len(i) for i in ids])).to(
+            dev
+        )
 
     def per_entry(values: list[float], ids: list[np.ndarray]) -> torch.Tensor:
         return torch.from_numpy(np.repeat(np.asarray(values, dtype=np.float64), [len(i) for i in ids])).to(dev, dt)
 
-    def check(ids: np.ndarray) -> np.ndarray:
-        if len(ids) and (ids.min() < 0 or ids.max() >= V):
-            raise ValueError(f"penalty history has token ids outside the vocabulary [0, {V})")
-        return ids
-
     rep = [k for k, p in enumerate(penalties) if p.repetition != 1.0]
     if rep:
-        ids = [check(penalties[k].seen_ids) for k in rep]
+        ids = [penalties[k].seen_ids for k in rep]
         idx, r = flat_index(rep, ids), per_entry([penalties[k].repetition for k in rep], ids)
         x = flat[idx]
         flat[idx] = torch.where(x > 0, x / r, x * r)
     out = [k for k, p in enumerate(penalties) if (p.frequency or p.presence) and len(p.output_ids)]
     if out:
-        ids = [check(penalties[k].output_ids) for k in out]
+        ids = [penalties[k].output_ids for k in out]
         idx = flat_index(out, ids)
         counts = torch.from_numpy(np.concatenate([penalties[k].output_counts for k in out])).to(dev, dt)
         x = flat[idx]

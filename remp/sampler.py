@@ -12,7 +12,7 @@ import torch
 
 from remp.guided.bitmask import unpack_allowed
 from remp.kernels import sampling as native
-from remp.penalties import Penalties, PenaltyHistory, apply_penalties
+from remp.penalties import Penalties, PenaltyHistory, apply_penalties, penalised_ids
 from remp.sampling_params import SamplingParams
 
 
@@ -157,10 +157,7 @@ def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams | SampleRow],
     generators: list[torch.Generator | None],
-    raw: tuple[list[int], torch.Tensor] | None = None,
 ) -> SamplerOutput:
-    """Sample a token per row of `logits`. raw: (rows, their logits before logit bias and penalties reshaped
-    them) for such rows: their logprobs describe those (vLLM's default: logprobs before processing)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
     B, V = logits.shape
@@ -201,12 +198,6 @@ def sample(
     ns = [min(sp.logprobs or 0, V) for sp in params]
     if max(ns, default=0) > 0:
         top = _top_logprobs(x, ns)
-    if raw is not None and raw[0]:  # the reshaped rows: their logprobs from the logits before the reshaping
-        rows, xr = raw[0], raw[1].to(x.dtype)
-        chosen_lp[rows], ranks[rows] = _chosen_logprob_rank(xr, token_ids[rows])
-        if top is not None:
-            for i, t in zip(rows, _top_logprobs(xr, [ns[i] for i in rows])):
-                top[i] = t
 
     return SamplerOutput(
         token_ids=token_ids.tolist(),
@@ -246,12 +237,24 @@ def sample_rows(logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
         raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(rows)} rows")
     x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32).contiguous()
     constrain(x, rows)
+    generators = [make_generator(r.seed) for r in rows]
     shaped = [i for i, r in enumerate(rows) if r.logit_bias or r.penalties is not None]
-    raw = None
-    if shaped:
-        raw = (shaped, x[shaped])  # a copy: the logprobs' logits
-        reshape(x, rows, shaped)
-    return sample(x, rows, [make_generator(r.seed) for r in rows], raw)
+    if not shaped:
+        return sample(x, rows, generators)
+    changed, before = reshape(x, rows, shaped)
+    out = sample(x, rows, generators)
+    x.view(-1)[changed] = before  # back to the logits before the reshaping, which the logprobs describe
+    tokens = [out.token_ids[i] for i in shaped]
+    if native.available(x.dtype, x.device):
+        lp, rank = native.logprob_rank(x, shaped, tokens)
+    else:
+        lp, rank = _chosen_logprob_rank(x[shaped], torch.tensor(tokens, device=x.device))
+    for i, a, b in zip(shaped, lp.tolist(), rank.tolist()):
+        out.logprobs[i], out.ranks[i] = a, b
+    if out.top_logprobs is not None:
+        for i, t in zip(shaped, _top_logprobs(x[shaped], [min(rows[i].logprobs or 0, x.shape[1]) for i in shaped])):
+            out.top_logprobs[i] = t
+    return out
 
 
 def constrain(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
@@ -261,30 +264,49 @@ def constrain(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
     V = x.shape[-1]
     masked = [i for i, r in enumerate(rows) if r.allowed is not None]
     if masked:
-        allowed = unpack_allowed(np.stack([rows[i].allowed for i in masked]), V)
+        masks = np.stack([rows[i].allowed for i in masked]).astype(np.int32)  # a copy: bans clear bits in it
+        bits = masks.view(np.uint32)
         for k, i in enumerate(masked):
             if rows[i].banned:
-                kept = allowed[k].copy()
-                kept[[t for t in rows[i].banned if t < V]] = False
+                kept = bits[k].copy()
+                for t in rows[i].banned:
+                    if t < 32 * len(kept):
+                        kept[t >> 5] &= ~np.uint32(1 << (t & 31))
                 if kept.any():
-                    allowed[k] = kept
-            if not allowed[k].any():
+                    bits[k] = kept
+            if not bits[k].any():
                 raise ValueError(f"row {i}: its guided mask allows no token")
-        x[masked] = x[masked].masked_fill_(torch.from_numpy(~allowed).to(x.device), float("-inf"))
+        if native.available(x.dtype, x.device):
+            native.apply_bitmask(x, masked, masks)
+        else:
+            allowed = torch.from_numpy(unpack_allowed(masks, V)).to(x.device)
+            x[masked] = x[masked].masked_fill_(~allowed, float("-inf"))
     for i, r in enumerate(rows):
         if r.banned and r.allowed is None:
             x[i, list(r.banned)] = float("-inf")
 
 
-def reshape(x: torch.Tensor, rows: Sequence[SampleRow], shaped: list[int]) -> None:
-    """Logit bias, then penalties, on rows `shaped` of x, in place."""
+def reshape(x: torch.Tensor, rows: Sequence[SampleRow], shaped: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logit bias, then penalties, on rows `shaped` of x, in place. Returns the flat indices into x of the entries
+    they change and those entries' values before, to put back (sparse: the rows are not copied)."""
     V = x.shape[-1]
+    ids, row_of = [], []  # the token ids whose logits may change, and their rows
     for i in shaped:
-        if rows[i].logit_bias:
-            ids, bias = zip(*rows[i].logit_bias)
-            if max(ids) >= V or min(ids) < 0:
-                raise ValueError(f"row {i}: logit_bias token ids outside the vocabulary [0, {V})")
-            x[i, list(ids)] += torch.tensor(bias, dtype=x.dtype, device=x.device)
+        ids.append(np.fromiter((t for t, _ in rows[i].logit_bias), np.int64, len(rows[i].logit_bias)))
+        if rows[i].penalties is not None:
+            ids += penalised_ids(rows[i].penalties)
+        row_of += [i] * (len(ids) - len(row_of))
+    every = np.concatenate(ids)
+    if len(every) and (every.min() < 0 or every.max() >= V):
+        raise ValueError(f"logit_bias or penalty token ids outside the vocabulary [0, {V})")
+    changed = torch.from_numpy(every + np.repeat(np.asarray(row_of) * V, [len(a) for a in ids])).to(x.device)
+    before = x.view(-1)[changed]  # a copy (advanced indexing)
+    biased = [i for i in shaped if rows[i].logit_bias]
+    if biased:
+        idx = np.concatenate([i * V + np.fromiter((t for t, _ in rows[i].logit_bias), np.int64) for i in biased])
+        bias = np.concatenate([np.fromiter((b for _, b in rows[i].logit_bias), np.float64) for i in biased])
+        x.view(-1)[torch.from_numpy(idx).to(x.device)] += torch.from_numpy(bias).to(x.device, x.dtype)
     pen = [i for i in shaped if rows[i].penalties is not None]
     if pen:
         apply_penalties(x, pen, [rows[i].penalties for i in pen])
+    return changed, before
