@@ -22,9 +22,9 @@ class Penalties(NamedTuple):
     presence: float
     frequency: float
     repetition: float
-    output_ids: np.ndarray  # int64: the distinct tokens of the output so far
-    output_counts: np.ndarray  # int64: how often each occurs there
-    seen_ids: np.ndarray  # int64: the distinct tokens of prompt and output (empty when repetition is 1)
+    output_ids: np.ndarray  # int32: the distinct tokens of the output so far
+    output_counts: np.ndarray  # int32: how often each occurs there
+    seen_ids: np.ndarray  # int32: the distinct tokens of prompt and output (empty when repetition is 1)
 
 
 class PenaltyHistory:
@@ -33,10 +33,10 @@ class PenaltyHistory:
 
     def __init__(self, prompt_ids: Iterable[int], output_ids: Iterable[int] = ()):
         self._seen: dict[int, None] = dict.fromkeys(int(t) for t in prompt_ids)  # insertion-ordered set
-        self._seen_arr = np.fromiter(self._seen, dtype=np.int64, count=len(self._seen))
+        self._seen_arr = np.fromiter(self._seen, dtype=np.int32, count=len(self._seen))
         self._slot: dict[int, int] = {}  # output token -> its index in _ids / _counts
-        self._ids = np.zeros(16, dtype=np.int64)
-        self._counts = np.zeros(16, dtype=np.int64)
+        self._ids = np.zeros(16, dtype=np.int32)
+        self._counts = np.zeros(16, dtype=np.int32)
         for t in output_ids:
             self.append(t)
 
@@ -52,13 +52,13 @@ class PenaltyHistory:
             if token not in self._seen:
                 self._seen[token] = None
                 if len(self._seen) > len(self._seen_arr):
-                    self._seen_arr = np.concatenate([self._seen_arr, np.zeros(len(self._seen_arr) + 16, np.int64)])
+                    self._seen_arr = np.concatenate([self._seen_arr, np.zeros(len(self._seen_arr) + 16, np.int32)])
                 self._seen_arr[len(self._seen) - 1] = token
         self._counts[slot] += 1
 
     def wire(self, presence: float, frequency: float, repetition: float) -> Penalties:
         n = len(self._slot)
-        seen = self._seen_arr[: len(self._seen)].copy() if repetition != 1.0 else np.zeros(0, np.int64)
+        seen = self._seen_arr[: len(self._seen)].copy() if repetition != 1.0 else np.zeros(0, np.int32)
         return Penalties(presence, frequency, repetition, self._ids[:n].copy(), self._counts[:n].copy(), seen)
 
 
@@ -80,7 +80,7 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[int], penalties: Sequen
     dt, dev = logits.dtype, logits.device
 
     def flat_index(sel: list[int], ids: list[np.ndarray]) -> torch.Tensor:
-        every = np.concatenate(ids)
+        every = np.concatenate(ids).astype(np.int64)
         if len(every) and (every.min() < 0 or every.max() >= V):
             raise ValueError(f"penalty history has token ids outside the vocabulary [0, {V})")
         return torch.from_numpy(every + np.repeat(np.asarray([rows[k] for k in sel]) * V, [len(i) for i in ids])).to(

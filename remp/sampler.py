@@ -296,7 +296,7 @@ def reshape(x: torch.Tensor, rows: Sequence[SampleRow], shaped: list[int]) -> tu
         if rows[i].penalties is not None:
             ids += penalised_ids(rows[i].penalties)
         row_of += [i] * (len(ids) - len(row_of))
-    every = np.concatenate(ids)
+    every = np.concatenate(ids).astype(np.int64)
     if len(every) and (every.min() < 0 or every.max() >= V):
         raise ValueError(f"logit_bias or penalty token ids outside the vocabulary [0, {V})")
     changed = torch.from_numpy(every + np.repeat(np.asarray(row_of) * V, [len(a) for a in ids])).to(x.device)

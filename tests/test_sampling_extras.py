@@ -200,7 +200,7 @@ def test_penalties_reject_out_of_vocabulary_history():
         apply_penalties(
             torch.zeros(1, 10),
             [0],
-            [Penalties(0.0, 0.0, 2.0, np.zeros(0, np.int64), np.zeros(0, np.int64), np.array([12]))],
+            [Penalties(0.0, 0.0, 2.0, np.zeros(0, np.int32), np.zeros(0, np.int32), np.array([12], np.int32))],
         )
 
 
