@@ -92,7 +92,7 @@ def test_outputs_follow_json_object_regex_choice_and_grammar(tok, compiler, pref
     text, *_ = generate(tok, compiler, GuidedSpec.regex(pattern), prefer, 4)
     assert re.fullmatch(pattern, text)
     choices = ["positive", "negative", "neutral", "new\nline"]
-    assert [generate(tok, compiler, GuidedSpec.choice(choices), prefer, s)[0] in choices for s in range(4)]
+    assert all(generate(tok, compiler, GuidedSpec.choice(choices), prefer, s)[0] in choices for s in range(4))
     ebnf = 'root ::= item ("," item){0,3}\nitem ::= [0-9]{1,3} | "(" root ")"'
     text, *_ = generate(tok, compiler, GuidedSpec.grammar(ebnf), prefer, 5)
     assert re.fullmatch(r"[0-9(),]+", text) and text.count("(") == text.count(")")
