@@ -25,6 +25,8 @@ FLOORS: list[tuple[str, list[str]]] = [
             "step_log",
             "block_pool",
             "replicas",
+            "guided",
+            "penalties",
             "sampling_params",
             "request",
             "scheduler",

@@ -64,7 +64,7 @@ class GuidedCompiler:
                 self._ll_tokenizer = llguidance.hf.from_tokenizer(
                     self.tokenizer, n_vocab=self.vocab_size, eos_token=list(self.stop_token_ids)
                 )
-        start = llguidance.LLMatcher(self._ll_tokenizer, llguidance_grammar(spec), log_level=0)
+        start = llguidance.LLMatcher(self._ll_tokenizer, llguidance_grammar(spec.kind, spec.text), log_level=0)
         if start.is_error():
             raise ValueError(f"guided {spec.kind}: {start.get_error().strip()}")
         compiled = CompiledGuide(spec, start, self.vocab_size, self.stop_token_ids)

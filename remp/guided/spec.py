@@ -98,7 +98,7 @@ def _parse(spec: GuidedSpec) -> None:
     in the engine later."""
     import llguidance
 
-    error = llguidance.LLMatcher.validate_grammar(llguidance_grammar(spec))
+    error = llguidance.LLMatcher.validate_grammar(llguidance_grammar(spec.kind, spec.text))
     if error:
         raise ValueError(error.strip())
 
