@@ -310,3 +310,24 @@ def reshape(x: torch.Tensor, rows: Sequence[SampleRow], shaped: list[int]) -> tu
     if pen:
         apply_penalties(x, pen, [rows[i].penalties for i in pen])
     return changed, before
+
+
+# (logprob, 1-based rank, top-k (token id, logprob) pairs) of one known token
+TokenLogprob = tuple[float, int, list[tuple[int, float]]]
+
+
+def prompt_logprobs(logits: torch.Tensor, chunks: Sequence) -> dict[int, list[TokenLogprob]]:
+    """The raw logprob, rank and top-k of each next prompt token, for the chunks that ask (their rows follow the
+    sampled ones, chunk by chunk, one per target: SeqChunk.prompt_logprobs)."""
+    x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    out, row = {}, 0
+    for i, c in enumerate(chunks):
+        if c.prompt_logprobs is None:
+            continue
+        k, targets = c.prompt_logprobs
+        part = x[row : row + len(targets)]
+        row += len(targets)
+        lp, rank = _chosen_logprob_rank(part, torch.tensor(targets, device=x.device))
+        tops = _top_logprobs(part, [min(k, x.shape[1])] * len(targets))
+        out[i] = list(zip(lp.tolist(), rank.tolist(), tops))
+    return out

@@ -22,7 +22,8 @@ def _is_num(x: object) -> bool:
 
 @dataclass
 class SamplingParams:
-    n: int = 1
+    n: int = 1  # sequences returned for the prompt (they share the prompt's KV)
+    best_of: int | None = None  # sequences generated, the n with the highest cumulative logprob returned
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 disables (vLLM accepts both)
@@ -34,6 +35,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # normalised to list[int]
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs besides the chosen token; 0 = chosen only
+    prompt_logprobs: int | None = None  # the same for each prompt token (after the first)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     presence_penalty: float = 0.0  # minus this, once, for each token already in the output
@@ -48,8 +50,10 @@ class SamplingParams:
 
         if not _is_int(self.n) or self.n < 1:
             raise bad("n", "must be a positive int")
-        if self.n != 1:
-            raise bad("n", "only n=1 is supported")
+        if self.best_of is not None and (not _is_int(self.best_of) or self.best_of < self.n):
+            raise bad("best_of", f"must be an int >= n ({self.n})")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
+            raise bad("prompt_logprobs", "must be an int >= 0 or None")
         if not _is_num(self.temperature) or self.temperature < 0:
             raise bad("temperature", "must be a finite number >= 0")
         if not _is_num(self.top_p) or not 0 < self.top_p <= 1:
@@ -107,6 +111,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    @property
+    def sequences(self) -> int:
+        """Sequences generated for the prompt: best_of, else n."""
+        return self.best_of or self.n
 
     @property
     def has_penalties(self) -> bool:

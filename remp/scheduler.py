@@ -171,8 +171,8 @@ class Scheduler:
     def _reuse_cached(self, req: Request) -> None:
         """A request about to be admitted with nothing computed takes the cached blocks of its longest cached
         prefix (at most all but its last token: that one's logits are needed)."""
-        if not self.pool.caching or req.block_ids:
-            return
+        if not self.pool.caching or req.block_ids or req.params.prompt_logprobs is not None:
+            return  # (prompt logprobs need every prompt position computed)
         hashes = self._hashes(req)[: (len(req.token_ids) - 1) // self.block_size]
         found = self.pool.lookup(hashes)
         self.pool.take(found)

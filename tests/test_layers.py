@@ -27,6 +27,7 @@ FLOORS: list[tuple[str, list[str]]] = [
             "replicas",
             "guided",
             "penalties",
+            "parallel_sampling",
             "sampling_params",
             "request",
             "scheduler",
@@ -51,7 +52,7 @@ FLOORS: list[tuple[str, list[str]]] = [
     ("pool (driver side)", ["multinode", "executor"]),
     ("switch (driver side)", ["switch"]),
     ("policy", ["policy"]),
-    ("engine", ["engine"]),
+    ("engine", ["engine", "output_processor"]),
     ("front ends", ["entrypoints", "sim", "bench", ""]),
 ]
 
