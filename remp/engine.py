@@ -190,22 +190,24 @@ class LLMEngine:
         *,
         prompt_token_ids: list[int] | None = None,
     ) -> str:
-        """Queue a request. `prompt` is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}.
+        """Queue a request. `prompt` is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}
+        (with "cache_salt": prefix-cache blocks are shared only among prompts with the same salt, as vLLM).
         Raises ValueError (and queues nothing) for an empty or too-long prompt or a duplicate id."""
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.requests or request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = sampling_params or SamplingParams()
         text, ids = self._tokenize(prompt, prompt_token_ids)
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         self.check_prompt(ids)
         params.check_vocab(self.model_config.vocab_size)
         guide = self.guides.compile(params.guided) if params.guided is not None else None  # ValueError: refused
         if params.sequences == 1:
-            requests = [self._request(request_id, text, ids, params, guide)]
+            requests = [self._request(request_id, text, ids, params, guide, salt=salt)]
         else:  # one request per sequence; the prefix cache shares the prompt's KV among them
             parent = self._parents[request_id] = ParentRequest(request_id, params.n)
             parent.sequences = requests = [
-                self._request(f"{request_id}#{i}", text, ids, sequence_params(params, i), guide, parent)
+                self._request(f"{request_id}#{i}", text, ids, sequence_params(params, i), guide, parent, salt)
                 for i in range(params.sequences)
             ]
         for req in requests:
@@ -216,7 +218,9 @@ class LLMEngine:
                 self.policy.arrival(req)
         return request_id
 
-    def _request(self, request_id: str, text, ids: list[int], params: SamplingParams, guide, parent=None) -> Request:
+    def _request(
+        self, request_id: str, text, ids: list[int], params: SamplingParams, guide, parent=None, salt: str | None = None
+    ) -> Request:
         room = self.max_model_len - len(ids)
         return Request(
             request_id=request_id,
@@ -236,6 +240,7 @@ class LLMEngine:
             guide=GuidedMatcher(guide) if guide is not None else None,
             history=PenaltyHistory(ids) if params.has_penalties else None,
             parent=parent,
+            cache_salt=salt,
         )
 
     def check_prompt(self, ids: list[int]) -> None:

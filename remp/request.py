@@ -42,6 +42,7 @@ class Request:
     history: Any = None  # penalties.PenaltyHistory: what its penalties read (presence, frequency, repetition)
     parent: Any = None  # parallel_sampling.ParentRequest: the request it is one sequence of (n > 1, best_of)
     prompt_logprobs: list | None = None  # [None, one entry per prompt token after the first] (params.prompt_logprobs)
+    cache_salt: str | None = None  # its prefix-cache blocks are shared only with requests of the same salt
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
 
     def __post_init__(self) -> None:

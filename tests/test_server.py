@@ -123,7 +123,11 @@ def test_logprobs(client):
         ({"prompt": "a", "max_tokens": "many"}, 400, "max_tokens"),
         ({"prompt": 12}, 400, "prompt"),
         ({"prompt": "a", "model": "gpt-17"}, 404, "does not exist"),
-        ({"prompt": "a", "n": 3}, 400, "n"),
+        ({"prompt": "a", "suffix": "b"}, 400, "`suffix` is not supported by remp"),
+        ({"prompt": "a", "no_such_field": 1}, 400, "unknown field `no_such_field`"),
+        ({"prompt": "a", "n": 2, "best_of": 1}, 400, "best_of"),
+        ({"prompt": "a", "guided_regex": "(", "max_tokens": 2}, 400, "guided_regex"),
+        ({"prompt": "a", "logit_bias": {"999999": 1.0}}, 400, "logit_bias"),
     ],
 )
 def test_bad_requests(server, body, status, needle):
