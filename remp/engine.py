@@ -62,6 +62,7 @@ class EngineStats:
     # worker's own time (pickling, pipes, scheduling handoff); recent steps only
     control_overhead_s: deque = field(default_factory=lambda: deque(maxlen=4096))
     switches: list = field(default_factory=list)
+    prompt_tokens: int = 0  # prompt tokens computed (prefill; recomputed ones count again)
 
 
 class LLMEngine:
@@ -369,6 +370,7 @@ class LLMEngine:
         for req, n in batch.scheduled:
             start = req.num_computed_tokens
             done = start + n == len(req.token_ids)
+            self.stats.prompt_tokens += max(0, min(n, req.num_prompt_tokens - start))
             chunks.append(
                 SeqChunk(req.token_ids[start : start + n], start, list(req.block_ids), done, _prompt_rows(req, n))
             )
