@@ -102,3 +102,19 @@ def test_a_sliding_window_bounds_the_context(model_type, overrides):
         max_model_len(65, cfg)
     off = config_from_hf(tiny_config(model_type="qwen3", use_sliding_window=False, sliding_window=64))
     assert off.sliding_window is None and max_model_len(None, off) == off.max_position_embeddings
+
+
+def test_generation_config_gives_the_sampling_defaults(tmp_path):
+    """As vLLM (--generation-config auto): the model's generation_config.json fills what a request leaves unset."""
+    import json
+
+    from remp.entrypoints.protocol import CompletionRequest
+    from remp.model.families import config_from_hf_dir
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config()))
+    gen = {"temperature": 0.6, "top_k": 3, "repetition_penalty": 1.2, "max_new_tokens": 7, "do_sample": True}
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    defaults = config_from_hf_dir(tmp_path).generation_defaults
+    assert defaults == {"temperature": 0.6, "top_k": 3, "repetition_penalty": 1.2, "max_new_tokens": 7}
+    params = CompletionRequest(prompt="a", top_k=5, max_tokens=None).sampling_params(None, None, defaults, None)
+    assert (params.temperature, params.top_k, params.repetition_penalty, params.max_tokens) == (0.6, 5, 1.2, 7)
