@@ -8,8 +8,8 @@ every token of the valid output is allowed at its step, and only EOS once the ou
 
     PYTHONPATH=$PWD flock /tmp/remp-cpu.lock python bench/grammar_libs.py
 
-Needs `pip install xgrammar llguidance outlines-core` (only xgrammar is a dependency of remp; the others are in
-the `bench` extra). Results: bench/results/grammar_libs.json.
+Needs the `grammars` extra (`pip install -e '.[grammars]'`: xgrammar and outlines-core; llguidance, the one remp
+uses, is a dependency). Results: bench/results/grammar_libs.json.
 """
 
 from __future__ import annotations
