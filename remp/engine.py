@@ -456,7 +456,7 @@ class LLMEngine:
             data_parallel_size=data_parallel_size,
         )
         while not done:
-            if self.scheduler.has_unfinished():
+            if any(rep.scheduler.has_unfinished() for rep in self.replicas):
                 self._drained_outputs += self._step_once()  # keep serving; step() hands these out later
             else:
                 self.advance_switch(wait_s=0.05)
