@@ -486,12 +486,15 @@ class LLMEngine:
             raise SwitchInProgress(str(self.switching.target))
         old = self.topology
         split = tuple(layer_split) if layer_split else None
-        target = Topology(tensor_parallel_size, pipeline_parallel_size, None, split, data_parallel_size)
-        if target.size > self.max_workers:
+        sizes = (data_parallel_size, tensor_parallel_size, pipeline_parallel_size)
+        if all(isinstance(n, int) and n >= 1 for n in sizes) and math.prod(sizes) > self.max_workers:
+            # before the Topology: one of a million workers would take seconds to build, only to be refused
             raise ValueError(
-                f"{target} needs dp*tp*pp = {target.size} workers, but the pool has at most {self.max_workers}: "
-                f"start the engine with max_workers (--max-workers) of at least {target.size}"
+                f"DP{sizes[0]}xTP{sizes[1]}xPP{sizes[2]} needs dp*tp*pp = {math.prod(sizes)} workers, but the pool "
+                f"has at most {self.max_workers}: start the engine with max_workers (--max-workers) of at least "
+                f"{math.prod(sizes)}"
             )
+        target = Topology(tensor_parallel_size, pipeline_parallel_size, None, split, data_parallel_size)
         target.validate(self.model_config)
         num_blocks = self.kv_blocks_for(target)
         if not isinstance(self.executor, MultiprocExecutor):

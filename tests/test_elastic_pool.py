@@ -59,6 +59,8 @@ def test_pool_limits(tiny_llama):
     try:
         with pytest.raises(ValueError, match="pool has at most 2"):
             engine.reconfigure(2, 2)
+        with pytest.raises(ValueError, match="DP655xTP495xPP229 needs dp\\*tp\\*pp = 74247525 workers"):
+            engine.reconfigure(495, 229, data_parallel_size=655)  # refused at once, not after building its placement
         assert engine.topology.size == 1 and engine.executor.pool_size == 1
     finally:
         engine.shutdown()
