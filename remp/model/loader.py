@@ -12,7 +12,12 @@ from remp.sharding import ShardSpec
 def load_shard_weights(
     reader: CheckpointReader, spec: ShardSpec, dtype: torch.dtype, device: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor]:
-    return {
-        name: read_range(reader, name, lo, hi).to(device=device, dtype=dtype).contiguous()
-        for name, (lo, hi) in shard_tensors(reader.config, spec).items()
-    }
+    """Each tensor copied into memory of its own (a read may map the file: safetensors does, privately, so an
+    unconverted tensor would stay a view of it and count as the file's pages); the reader's maps are closed
+    after, so the checkpoint leaves the process's memory."""
+    weights = {}
+    for name, (lo, hi) in shard_tensors(reader.config, spec).items():
+        t = read_range(reader, name, lo, hi)
+        weights[name] = torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
+    reader.close()
+    return weights
