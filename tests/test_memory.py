@@ -64,15 +64,15 @@ def test_a_float64_shard_holds_no_fused_copy(tiny_llama):
 
 @pytest.fixture(scope="module")
 def small_llama(tmp_path_factory):
-    """Large enough (about 30 MB of float64 weights per worker at TP2) that an old shard, or the allocator's
-    free pages after a switch, would be far above the tolerance below."""
+    """Large enough (about 55 MB of float64 weights per worker at TP2) that an old shard, or the allocator's
+    free pages after the switches (about 70 MB without malloc_trim), would be far above the tolerance below."""
     return write_random_llama(
         tmp_path_factory.mktemp("small_llama"),
         seed=7,
-        hidden_size=384,
-        intermediate_size=1024,
+        hidden_size=512,
+        intermediate_size=1536,
         num_hidden_layers=4,
-        num_attention_heads=6,
+        num_attention_heads=8,
         num_key_value_heads=2,
         vocab_size=512,
     )
@@ -85,7 +85,9 @@ def memory_now(engine: LLMEngine) -> list:
     return engine.executor.worker_memory()
 
 
-TOLERANCE = 8 * MiB  # per worker: what steps' activations and the allocator's bookkeeping may move
+# per worker: what a step in flight, the allocator's bookkeeping and the pages of libraries and of the shared
+# all-reduce segment touched since may move (measured: -5 to +12 MiB)
+TOLERANCE = 16 * MiB
 
 
 def test_switches_back_to_the_start_give_back_what_they_took(small_llama):
@@ -110,7 +112,7 @@ def test_switches_back_to_the_start_give_back_what_they_took(small_llama):
         start = memory_now(engine)
         assert all(m is not None and m.staging == 0 for m in start)
         for m in start:  # the kinds add up to the RSS, and the shard is what the account says
-            assert sum(m.kinds().values()) == m.total and m.weights > 20 * MiB and m.kv > 0
+            assert sum(m.kinds().values()) == m.total and m.weights > 40 * MiB and m.kv > 0
         reports = [
             engine.reconfigure(3, 1, mode="live"),  # the pool grows
             engine.reconfigure(2, 2, mode="stop"),  # and again
@@ -127,7 +129,6 @@ def test_switches_back_to_the_start_give_back_what_they_took(small_llama):
         shard = lambda ms: sorted((m.weights, m.execution, m.kv) for m in ms)
         assert shard(end) == shard(start)
         for m0, m1 in zip(sorted(start, key=lambda m: m.total), sorted(end, key=lambda m: m.total)):
-            print(f"RSS {m0.total / MiB:.1f} -> {m1.total / MiB:.1f} MiB")
             assert m1.total - m0.total < TOLERANCE, (m0, m1)
         assert set(KINDS) <= set(reports[-1].memory_after[0])
     finally:
