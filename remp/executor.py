@@ -18,8 +18,12 @@ import weakref
 from collections.abc import Collection
 from multiprocessing.connection import wait as wait_ready
 
+import torch
+
+from remp.memory import MemoryAccount, WorkerMemory
 from remp.messages import (
     HEARTBEAT_S,
+    Heartbeat,
     Ready,
     Regroup,
     Shutdown,
@@ -67,6 +71,7 @@ class LocalExecutor:
 
     def __init__(self, reader: CheckpointReader, topology: Topology, cfg: WorkerConfig):
         self.topology = topology
+        self.account = MemoryAccount(torch.device(cfg.device))  # this process is the worker
         self.runner = ModelRunner(
             reader,
             topology.spec(reader.config, 0),
@@ -83,6 +88,9 @@ class LocalExecutor:
 
     def wait(self, step_ids: Collection[int]) -> StepResult:
         return self._results.pop(next(i for i in step_ids if i in self._results))
+
+    def worker_memory(self) -> list[WorkerMemory | None]:
+        return [self.account.measure(self.runner.held)]
 
     def shutdown(self, grace_s: float = 5.0) -> None:
         self._results.clear()
@@ -137,6 +145,7 @@ class MultiprocExecutor:
         # a worker silent this long (no heartbeat, no reply) is hung: it is treated as lost
         self.hang_s = min(cfg.timeout_s, max(5.0, 4 * HEARTBEAT_S))
         self._heard: dict = {}  # pipe -> when it last had something to say
+        self._memory: dict = {}  # pipe -> the worker's memory by kind, from its latest heartbeat
         self._results: dict[int, StepResult] = {}  # step id -> result, until the engine takes it
         self._progress: dict[int, dict[int, SwitchProgress]] = {}  # switch id -> rank -> latest progress
         self._ready: dict[int, set[int]] = {}  # generation (-1: started, waiting to join) -> ranks
@@ -271,6 +280,7 @@ class MultiprocExecutor:
                 self.procs[r].join(1.0)
                 self.conns[r].close()
                 self._heard.pop(self.conns[r], None)
+                self._memory.pop(self.conns[r], None)
             self._keep(survivors)
             if respawn:
                 self.add_workers(len(lost))
@@ -309,6 +319,7 @@ class MultiprocExecutor:
                 p.join(2.0)
             c.close()
             self._heard.pop(c, None)
+            self._memory.pop(c, None)
         self._await_ready(self.generation, self.timeout_s)
         return renumbered
 
@@ -372,7 +383,8 @@ class MultiprocExecutor:
                     self.procs[rank].pid = msg.pid  # its pid on its own node (for logs, and tests that kill it)
                 if msg.generation > 0 and len(self._ready[msg.generation]) == len(self.procs):
                     self.rendezvous.forget_generations_before(msg.generation)  # every worker left them
-            # Heartbeat: only that it came (above)
+            elif isinstance(msg, Heartbeat):  # that it came counts (above); and what it says of memory
+                self._memory[c] = msg.memory
             elif isinstance(msg, WorkerFailed):
                 raise WorkerError(f"{self._describe(msg.rank)} failed:\n{msg.traceback}")
             elif isinstance(msg, StepFailed) and not self._recovering:  # while recovering: the known loss
@@ -444,6 +456,10 @@ class MultiprocExecutor:
                 )
                 raise WorkerError(f"{self._describe_all(missing)} did not finish the switch within {timeout_s:.0f} s")
             self._pump(min(left, 0.5))
+
+    def worker_memory(self) -> list[WorkerMemory | None]:
+        """Each worker's memory by kind, in rank order, as its latest heartbeat said (None: none came yet)."""
+        return [self._memory.get(c) for c in list(self.conns)]
 
     def use_topology(self, topology: Topology) -> None:
         self.topology = topology

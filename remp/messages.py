@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from remp.memory import WorkerMemory
 from remp.model.attention import SeqChunk
 from remp.planner.plan import Plan
 from remp.sampler import SamplerOutput, SampleRow, TokenLogprob
@@ -111,6 +112,7 @@ class SwitchStats:
     bytes_from_checkpoint: int = 0
     peak_extra_bytes: int = 0
     seconds: dict[str, float] = field(default_factory=dict)  # where the time went: groups, precopy, transfers, ...
+    memory_after: WorkerMemory | None = None  # committed: after the old shard and the staging were given back
 
     def add_time(self, part: str, seconds: float) -> None:
         self.seconds[part] = self.seconds.get(part, 0.0) + seconds
@@ -128,9 +130,11 @@ class SwitchProgress:
 
 @dataclass
 class Heartbeat:
-    """Sent every HEARTBEAT_S by a thread of each worker: one that falls silent is hung (or stopped)."""
+    """Sent every HEARTBEAT_S by a thread of each worker: one that falls silent is hung (or stopped). It carries
+    the worker's memory by kind (a read of /proc/self/status: no extra message, no round trip)."""
 
     rank: int
+    memory: WorkerMemory | None = None
 
 
 HEARTBEAT_S = 0.5

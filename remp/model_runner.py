@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from remp.kv_cache import KVCache
+from remp.memory import ShardBytes, shard_bytes
 from remp.messages import StepMsg, StepResult
 from remp.model.attention import build_metadata
 from remp.model.checkpoint import CheckpointReader
@@ -49,6 +50,7 @@ class ModelRunner:
         self.reader, self.block_size, self.dtype, self.comm = reader, block_size, dtype, comm
         self.family = family_of(cfg)  # its shard forward and layer builder
         self.model: DecoderShard | None = None
+        self.held = ShardBytes()  # what the installed shard holds, by kind (memory.py)
         self.device = torch.device(device)
         self.rope = RotaryEmbedding(cfg, max_model_len, dtype, reader.rope_freq_factors(), device)
         if spec is None:  # a worker that joins a running pool: it gets its shard from a switch
@@ -65,10 +67,13 @@ class ModelRunner:
         spec = self.spec = state.spec
         if spec is None:
             self.model = self.kv = None
+            self.held = ShardBytes()
             return
         self.model = shard or self.build_shard(spec, state.weights)
         self.set_comm(self.comm)
         self.kv = KVCache([state.kv_layers[i] for i in spec.layers], self.block_size)
+        execution = [*self.model.execution_layers().values(), self.rope]
+        self.held = shard_bytes(self.model.weights, execution, self.kv.layers)
 
     def set_comm(self, comm: StageComm | None) -> None:
         """Talk to the other workers through `comm` from now on (the pool changed size)."""
@@ -98,6 +103,7 @@ class ModelRunner:
         the layers in `keep_layers` (to reuse). This runner holds nothing until install()."""
         state, layers = self.state(), self.model.execution_layers() if self.model is not None else {}
         self.model = self.kv = None
+        self.held = ShardBytes()
         return state, {i: layers[i] for i in keep_layers if i in layers}
 
     @torch.inference_mode()

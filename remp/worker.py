@@ -103,12 +103,17 @@ def _device(cfg: WorkerConfig, rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _heartbeat(send, me: list[int]) -> None:
-    """Runs while the main thread computes or waits in a collective; silent only if the process is stuck."""
+def _heartbeat(send, me: list[int], memory) -> None:
+    """Runs while the main thread computes or waits in a collective; silent only if the process is stuck.
+    `memory()`: the worker's memory by kind now, which each heartbeat carries."""
     while True:
         time.sleep(HEARTBEAT_S)
         try:
-            send(Heartbeat(me[0]))
+            now = memory()
+        except Exception:  # an account that fails must not silence the heartbeat: the worker would count as hung
+            now = None
+        try:
+            send(Heartbeat(me[0], now))
         except OSError:  # the driver went away
             return
 
@@ -130,6 +135,7 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology | None, conn: C
 
     try:
         from remp.comm import WorkerComm
+        from remp.memory import MemoryAccount, give_back
         from remp.model.reader import open_checkpoint
         from remp.model_runner import ModelRunner
         from remp.reshard.on_worker import WorkerSwitch
@@ -139,6 +145,7 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology | None, conn: C
         device = _device(cfg, rank)
         shm = ShmSegment(cfg.shm_slots, cfg.shm_elems, cfg.shm_name) if cfg.shm_name else None
         reader = open_checkpoint(cfg.model)
+        account = MemoryAccount(device)  # what the process holds before its shard is runtime
 
         def join(
             rank: int, world_size: int, init_method: str, topology: Topology | None, epoch: int, nodes
@@ -156,7 +163,8 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology | None, conn: C
         runner = ModelRunner(
             reader, spec, cfg.dtype, cfg.num_blocks, cfg.block_size, cfg.max_model_len, str(device), comm
         )
-        switch = WorkerSwitch(rank, runner, comm, send)
+        give_back(device)  # what loading allocated and freed (checkpoint reads, conversions)
+        switch = WorkerSwitch(rank, runner, comm, send, account)
         handlers = {
             PrepareSwitch: switch.prepare,
             PrecopyKV: switch.precopy_kv,
@@ -165,7 +173,8 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology | None, conn: C
         }
         broken = False  # a step failed here: no part in steps until the driver's Regroup
         send(Ready(rank, os.getpid(), 0 if topology is not None else -1))
-        threading.Thread(target=_heartbeat, args=(send, me), name="remp-heartbeat", daemon=True).start()
+        memory = lambda: account.measure(runner.held)
+        threading.Thread(target=_heartbeat, args=(send, me, memory), name="remp-heartbeat", daemon=True).start()
         while True:
             msg = pickle.loads(conn.recv_bytes())
             if isinstance(msg, StepMsg):
@@ -189,6 +198,7 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology | None, conn: C
                 me[0], broken = msg.rank, False
                 if msg.drop_shard:
                     runner.install(ShardState(None, {}, {}))
+                give_back(device)  # the old world's groups, what a cut-short switch staged
                 runner.set_comm(comm)
                 switch.rank, switch.comm = msg.rank, comm
                 send(Ready(msg.rank, os.getpid(), msg.generation))

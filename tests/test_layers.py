@@ -33,6 +33,7 @@ FLOORS: list[tuple[str, list[str]]] = [
             "scheduler",
             "detokenizer",
             "kv_cache",
+            "memory",
             "multinode.protocol",
             "multinode.net",
             "bench.datasets",

@@ -35,6 +35,8 @@ async def topology(request: Request) -> dict:
         "num_workers": getattr(core.executor, "pool_size", 1),
         "max_workers": core.max_workers,
         "pool_generation": getattr(core.executor, "generation", 0),
+        # each worker's memory by kind, in rank order (remp/memory.py), from its latest heartbeat
+        "worker_memory": [m.to_dict() if m is not None else None for m in core.executor.worker_memory()],
         "switching_to": state.engine.switching,
         "switches": [
             {
@@ -44,6 +46,8 @@ async def topology(request: Request) -> dict:
                 "mode": ev.report.mode,
                 "wall_s": ev.report.wall_s,
                 "pause_s": ev.report.pause_s,
+                "rss_before": sum(m["total"] for m in ev.report.memory_before if m),
+                "rss_after": sum(m["total"] for m in ev.report.memory_after if m),
             }
             for ev in state.engine.switches
         ],

@@ -169,6 +169,7 @@ class ServerMetrics:
             lambda: sum(s.pool.num_used for s in schedulers()) / sum(s.pool.num_blocks for s in schedulers())
         )
         self.registry.register(ReplicaCollector(engine, m))
+        self.registry.register(WorkerMemoryCollector(engine, m))
         self.pool.labels(m).set_function(lambda: getattr(engine.executor, "pool_size", 1))
         self.generation.labels(m).set_function(lambda: getattr(engine.executor, "generation", 0))
 
@@ -269,6 +270,27 @@ class ReplicaCollector:
             waiting.add_metric(labels, len(s.waiting))
             usage.add_metric(labels, s.pool.usage)
         return [running, waiting, usage]
+
+
+class WorkerMemoryCollector:
+    """Each worker's memory by kind (remp/memory.py; the kinds sum to its RSS), read at scrape time from the
+    latest heartbeats."""
+
+    def __init__(self, engine: LLMEngine, model_name: str):
+        self.engine, self.model = engine, model_name
+
+    def collect(self):
+        memory = GaugeMetricFamily(
+            "remp:worker_memory_bytes",
+            "A worker's memory by kind: weights, execution (packed copies), kv, staging (a switch's buffers), "
+            "runtime, unaccounted; they sum to its RSS",
+            labels=["model_name", "worker", "kind"],
+        )
+        for rank, m in enumerate(self.engine.executor.worker_memory()):
+            if m is not None:
+                for kind, n in m.kinds().items():
+                    memory.add_metric([self.model, str(rank), kind], n)
+        return [memory]
 
 
 class StatsLog:

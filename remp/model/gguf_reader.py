@@ -92,6 +92,9 @@ class GGUFReader:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_map": None}  # the memory map is reopened where the reader lands
 
+    def close(self) -> None:
+        self._map = None  # every read copies out of it: nothing else holds the map
+
     def names(self) -> list[str]:
         return list(self._by_hf)
 

@@ -13,11 +13,17 @@ from remp.sharding import ShardSpec
 def load_shard_weights(
     reader: CheckpointReader, spec: ShardSpec, dtype: torch.dtype, device: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """A progress bar on stderr from the first shard of the pipeline (the others load alongside it)."""
+    """Each tensor copied into memory of its own (a read may map the file: safetensors does, privately, so an
+    unconverted tensor would stay a view of it and count as the file's pages); the reader's maps are closed
+    after, so the checkpoint leaves the process's memory. A progress bar on stderr from the first shard of the
+    pipeline (the others load alongside it)."""
     names = shard_tensors(reader.config, spec)
     bar = tqdm(
         names.items(), desc="Loading weights", unit="tensor", disable=bool(spec.stage or spec.tp_rank), leave=False
     )
-    return {
-        name: read_range(reader, name, lo, hi).to(device=device, dtype=dtype).contiguous() for name, (lo, hi) in bar
-    }
+    weights = {}
+    for name, (lo, hi) in bar:
+        t = read_range(reader, name, lo, hi)
+        weights[name] = torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
+    reader.close()
+    return weights

@@ -39,6 +39,9 @@ class SafetensorsReader:
             self._handles[f] = safe_open(f, framework="pt")
         return self._handles[f]
 
+    def close(self) -> None:
+        self._handles.clear()  # a file's map goes once the tensors read from it (views of it) are gone too
+
     def names(self) -> list[str]:
         return list(self._file_of)
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from remp.kv_cache import new_kv_layer
+from remp.memory import STAGING
 from remp.messages import KVFlows, SwitchStats
 from remp.model.checkpoint import CheckpointReader
 from remp.model.schema import read_range, tensor
@@ -30,12 +31,14 @@ from remp.sharding import ShardSpec
 
 
 class Memory:
-    """Bytes allocated beyond the worker's starting footprint, and their peak."""
+    """Bytes allocated beyond the worker's starting footprint, and their peak; every buffer also goes on the
+    process's staging list (remp/memory.py), which reports what of them is still alive."""
 
     def __init__(self, stats: SwitchStats):
         self.stats, self.extra = stats, 0
 
     def grow(self, t: torch.Tensor) -> torch.Tensor:
+        STAGING.add(t)
         self.extra += nbytes(t)
         self.stats.peak_extra_bytes = max(self.stats.peak_extra_bytes, self.extra)
         return t

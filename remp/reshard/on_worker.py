@@ -13,16 +13,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from remp.memory import MemoryAccount, give_back
 from remp.messages import AbortSwitch, CommitSwitch, PrecopyKV, PrepareSwitch, SwitchProgress, SwitchStats
 from remp.model.schema import tensor_layer
 from remp.planner.plan import weight_ranges
 from remp.reshard.execute import Memory, PieceIO, stop_the_world
 from remp.reshard.live import LiveSwitch
+from remp.shard_state import ShardState
 
 
 class WorkerSwitch:
-    def __init__(self, rank: int, runner, comm, send: Callable[[object], None]):
-        self.rank, self.runner, self.comm, self.send = rank, runner, comm, send
+    def __init__(self, rank: int, runner, comm, send: Callable[[object], None], account: MemoryAccount):
+        self.rank, self.runner, self.comm, self.send, self.account = rank, runner, comm, send, account
         self.pending: PrepareSwitch | None = None
         self.live: LiveSwitch | None = None
         self.groups_s = 0.0
@@ -48,25 +50,37 @@ class WorkerSwitch:
         if self.live is not None:
             state, shard, stats = self.live.commit(msg.flows, msg.clean)
         else:
-            stats = SwitchStats()
-            t0 = time.perf_counter()
-            old, reuse = runner.detach(self._unchanged_layers(new_spec))
-            io = PieceIO(
-                self.rank, config, old, msg.flows, runner.block_size, runner.dtype, runner.device,
-                self.comm.switch_group, stats, Memory(stats), runner.reader,
-                plan.old.replica_of(self.rank) if plan.old is not None else None, plan.new.replica_of(self.rank),
-            )  # fmt: skip
-            state = stop_the_world(io, plan, new_spec, self.pending.num_blocks)
-            stats.bytes_received_in_pause = stats.bytes_received
-            stats.add_time("execute", time.perf_counter() - t0)
-            shard = runner.build_shard(new_spec, state.weights, reuse) if new_spec is not None else None
+            state, shard, stats = self._stop_the_world(msg, new_spec)
         t0 = time.perf_counter()
         self.comm.use_topology(plan.new, config, runner.dtype)
         runner.install(state, shard)
         stats.add_time("install", time.perf_counter() - t0)
         stats.seconds["groups"] = self.groups_s
-        self._progress("committed", stats)
-        self.pending = self.live = None
+        switch_id, self.pending, self.live = self.pending.switch_id, None, None  # the old shard goes with them
+        del state, shard
+        t0 = time.perf_counter()
+        runner.reader.close()  # pieces read from the checkpoint (a recovery) leave its pages mapped
+        give_back(runner.device)
+        stats.add_time("give_back", time.perf_counter() - t0)
+        stats.memory_after = self.account.measure(runner.held)
+        self.send(SwitchProgress(self.rank, switch_id, "committed", stats))
+
+    def _stop_the_world(self, msg: CommitSwitch, new_spec) -> tuple[ShardState, object, SwitchStats]:
+        """The whole plan now; the old shard is consumed as the new one is built (and gone on return)."""
+        plan, runner = self.pending.plan, self.runner
+        stats = SwitchStats()
+        t0 = time.perf_counter()
+        old, reuse = runner.detach(self._unchanged_layers(new_spec))
+        io = PieceIO(
+            self.rank, runner.reader.config, old, msg.flows, runner.block_size, runner.dtype, runner.device,
+            self.comm.switch_group, stats, Memory(stats), runner.reader,
+            plan.old.replica_of(self.rank) if plan.old is not None else None, plan.new.replica_of(self.rank),
+        )  # fmt: skip
+        state = stop_the_world(io, plan, new_spec, self.pending.num_blocks)
+        stats.bytes_received_in_pause = stats.bytes_received
+        stats.add_time("execute", time.perf_counter() - t0)
+        shard = runner.build_shard(new_spec, state.weights, reuse) if new_spec is not None else None
+        return state, shard, stats
 
     def precopy_kv(self, msg: PrecopyKV) -> None:
         if self.live is not None and msg.switch_id == self.pending.switch_id:
@@ -79,6 +93,7 @@ class WorkerSwitch:
             self.live.abort()
         self._progress("aborted")
         self.pending = self.live = None
+        give_back(self.runner.device)
 
     def reset(self) -> None:
         """The pool regroups (a worker was lost, or the pool changed size): a switch still in progress here is

@@ -65,6 +65,7 @@ class PendingSwitch:
     lost: frozenset[int] = frozenset()  # recovery: workers of `old` that are gone
     with_kv: bool = True  # the KV in use moves (not after a loss of KV that only the lost workers held)
     committing: bool = False  # the cut-over's commit was sent: the workers' old shards are being consumed
+    memory_before: list = field(default_factory=list)  # each worker's memory by kind at the start (heartbeats)
 
     def __post_init__(self) -> None:
         self.expect = "precopied" if self.mode.precopy else "prepared"  # the stage that lets it move on
@@ -138,6 +139,7 @@ class SwitchDriver:
             duty=duty,
             lost=lost,
             with_kv=with_kv,
+            memory_before=executor.worker_memory(),
         )
         if grow > 0:  # they start while the pool serves; the switch begins once they can join (advance)
             executor.add_workers(grow)
@@ -288,4 +290,6 @@ class SwitchDriver:
             fallback=sw.fallback,
             pool_size=host.executor.pool_size,
             bytes_from_checkpoint={"weights": plan.from_checkpoint.weights, "kv": plan.from_checkpoint.kv},
+            memory_before=[m.to_dict() if m is not None else None for m in sw.memory_before],
+            memory_after=[s.memory_after.to_dict() if s.memory_after is not None else None for s in stats],
         )

@@ -38,6 +38,12 @@ class SwitchReport:
     cause: str = "request"  # or "worker_lost": a recovery onto the survivors (or replacements)
     bytes_from_checkpoint: dict[str, int] = field(default_factory=dict)  # pieces only lost workers held
     lost_workers: list[int] = field(default_factory=list)  # their ranks in the pool before the loss
+    # each worker's memory by kind (remp/memory.py: weights, execution, kv, staging, runtime, unaccounted, and
+    # their total, the RSS), in rank order: from its last heartbeat before the switch, and measured right after
+    # the commit, once the old shard and the staging were given back (workers the new topology leaves idle hold
+    # nothing then, and exit)
+    memory_before: list[dict | None] = field(default_factory=list)
+    memory_after: list[dict | None] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import torch
 
 from remp.config import ModelConfig
+from remp.model.linear import colocate
 from remp.model.tensors import (
     LAYER_PREFIX,
     LayerTensor,
@@ -52,6 +53,9 @@ class Family:
     # (config.json, config.architecture) -> ModelConfig fields of its own; refuses what it cannot run
     config_fields: Callable[[dict[str, Any], str], dict[str, Any]] = no_fields
     gguf: GGUFNames | None = None
+    # the roles whose tensors build_layer fuses into one linear, with the axis they are concatenated along:
+    # they are kept side by side in one buffer, so the fused weight is a view and not a copy
+    fused: tuple[tuple[tuple[str, ...], int], ...] = ()
 
     def tensor(self, config: ModelConfig, name: str) -> TensorSpec:
         if not name.startswith(LAYER_PREFIX):
@@ -76,7 +80,13 @@ class Family:
     ) -> ExecutionLayer:
         """Layer `layer`'s execution form from a shard's canonical weights; `reuse` itself if it was built from
         the very same tensors (then it holds the same ranges, so it is the same layer)."""
-        w = {role: weights.get(f"{LAYER_PREFIX}{layer}.{t.suffix}") for role, t in self.layer_tensors(config).items()}
+        names = {role: f"{LAYER_PREFIX}{layer}.{t.suffix}" for role, t in self.layer_tensors(config).items()}
+        w = {role: weights.get(name) for role, name in names.items()}
         if reuse is not None and all(reuse.sources.get(r) is t for r, t in w.items()):
             return reuse
+        for roles, dim in self.fused:  # the shard's dict takes the views, so a switch moves what runs
+            present = [r for r in roles if w.get(r) is not None]
+            if len(present) > 1:
+                for r, t in zip(present, colocate([w[r] for r in present], dim)):
+                    w[r] = weights[names[r]] = t
         return self.build_layer(config, spec, w)

@@ -45,6 +45,10 @@ GGUF_ATTENTION = {
 GGUF_MLP = {"ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 
 
+# q | k | v and gate | up run as one linear each
+FUSED = ((("q", "k", "v"), 0), (("q_bias", "k_bias", "v_bias"), 0), (("gate", "up"), 0))
+
+
 def layer_tensors(config: ModelConfig) -> dict[str, LayerTensor]:
     return {**ATTENTION, **(QKV_BIAS if config.attention_bias else {}), **MLP}
 
@@ -73,6 +77,7 @@ LLAMA = Family(
     build_layer=build_layer,
     shard=DecoderShard,
     config_fields=config_fields,
+    fused=FUSED,
     gguf=GGUFNames(
         "llama",
         {**GGUF_ATTENTION, **GGUF_MLP},

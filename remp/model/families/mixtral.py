@@ -13,7 +13,7 @@ import torch
 from remp.config import ModelConfig, UnsupportedModelError
 from remp.model.decoder import DecoderShard, Layer
 from remp.model.families.family import Family, GGUFNames
-from remp.model.families.llama import ATTENTION, GGUF_ATTENTION, attention_layer, qkv
+from remp.model.families.llama import ATTENTION, FUSED, GGUF_ATTENTION, attention_layer, qkv
 from remp.model.moe import SparseMoE
 from remp.model.tensors import LayerTensor
 from remp.sharding import ShardSpec
@@ -52,6 +52,8 @@ MIXTRAL = Family(
     build_layer=build_layer,
     shard=DecoderShard,
     config_fields=config_fields,
+    # each expert's w1 | w3 (its gate | up) side by side: [experts, 2 * ffn, hidden]
+    fused=(*FUSED[:2], (("w1", "w3"), 1)),
     gguf=GGUFNames(
         "llama",  # llama.cpp writes Mixtral as a llama with experts
         {

@@ -10,7 +10,16 @@ import torch
 from remp.config import ModelConfig
 from remp.model.decoder import DecoderShard, DenseMLP, Layer
 from remp.model.families.family import Family, GGUFNames
-from remp.model.families.llama import ATTENTION, GGUF_ATTENTION, GGUF_MLP, MLP, QKV_BIAS, attention_layer, qkv
+from remp.model.families.llama import (
+    ATTENTION,
+    FUSED,
+    GGUF_ATTENTION,
+    GGUF_MLP,
+    MLP,
+    QKV_BIAS,
+    attention_layer,
+    qkv,
+)
 from remp.model.layer_ops import rms_norm
 from remp.model.linear import FusedLinear
 from remp.model.tensors import LayerTensor
@@ -58,6 +67,7 @@ QWEN3 = Family(
     build_layer=build_layer,
     shard=DecoderShard,
     config_fields=config_fields,
+    fused=FUSED,
     gguf=GGUFNames(
         "qwen3",
         {**GGUF_ATTENTION, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", **GGUF_MLP},
