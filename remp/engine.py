@@ -111,7 +111,9 @@ class LLMEngine:
         self._drained_outputs: list[RequestOutput] = []
         self.num_steps = 0  # steps completed
         self.step_log = StepLog()  # when steps finished: switch reports
-        self.switcher = SwitchDriver(self, args.switch_staging_gb, args.switch_precopy_duty, args.switch_timeout_s)
+        self.switcher = SwitchDriver(
+            self, args.switch_staging_gb, args.switch_precopy_duty, args.switch_timeout_s, args.switch_max_precopy_s
+        )
         self.policy: PolicyRunner | None = None
         if args.topology_policy == "auto":
             if not isinstance(self.executor, MultiprocExecutor):
@@ -280,6 +282,9 @@ class LLMEngine:
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped after a worker failure: {self.error}")
         self.advance_switch()
+        if self._drained_outputs:  # a cut-over drained the pipeline: those tokens are due now, not after a step
+            out, self._drained_outputs = self._drained_outputs, []
+            return out
         if self.policy is not None and self.switching is None and not self.recovering:
             self._act_on(self.policy.tick(self.policy_load()))
         with self.fatal_worker_errors() as guard:
