@@ -13,6 +13,9 @@ from typing import Any
 import torch
 
 from remp.cpu_features import cpu_features
+from remp.logger import init_logger
+
+logger = init_logger(__name__)
 
 SUPPORTED_ROPE_SCALING = ("llama3", "linear", "default")
 
@@ -42,6 +45,9 @@ class ModelConfig:
     torch_dtype: torch.dtype | None = None  # dtype the checkpoint was saved in (None: quantized / unknown)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None  # tokens each position attends to (None: the whole context)
+    # the checkpoint's generation_config.json sampling defaults (vLLM's --generation-config auto applies them)
+    generation_defaults: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -66,8 +72,20 @@ class ModelConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
 
+# generation_config.json fields a request's defaults take (as vLLM's --generation-config auto); max_new_tokens
+# becomes max_tokens
+GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
 def hf_fields(cfg: dict[str, Any], generation_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ModelConfig fields every family reads alike from a config.json (all but `architecture`)."""
+    quant = cfg.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise UnsupportedModelError(
+            f"the checkpoint is quantized ({method}, config.json's quantization_config): remp does not run "
+            "quantized safetensors (their weights need their scales); use an unquantized checkpoint or a GGUF file"
+        )
     heads = cfg["num_attention_heads"]
     rope_scaling = cfg.get("rope_scaling")
     if rope_scaling is not None:
@@ -96,6 +114,8 @@ def hf_fields(cfg: dict[str, Any], generation_config: dict[str, Any] | None = No
         torch_dtype=getattr(torch, dtype_name) if isinstance(dtype_name, str) else None,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
+        sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+        generation_defaults={k: v for k, v in (generation_config or {}).items() if k in GENERATION_DEFAULTS},
     )
 
 
@@ -129,8 +149,35 @@ def gguf_fields(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
         torch_dtype=None,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=eos_ids,
+        sliding_window=int(meta[p + "attention.sliding_window"]) if meta.get(p + "attention.sliding_window") else None,
         extra={"rope_freqs": "rope_freqs.weight" in tensor_names},
     )
+
+
+def max_model_len(asked: int | None, config: ModelConfig) -> int:
+    """The context an engine serves: `asked`, or the model's own. remp attends to the whole context, which is the
+    model's sliding-window attention exactly when the context is no longer than the window: a longer one is
+    refused, and without `asked` the context is the window."""
+    window = (
+        config.sliding_window
+        if config.sliding_window and config.sliding_window < config.max_position_embeddings
+        else None
+    )
+    if asked is None:
+        if window is not None:
+            logger.info("max_model_len %d: the model's sliding window (attention beyond it is not implemented)", window)
+        return window or config.max_position_embeddings
+    if asked > config.max_position_embeddings:
+        raise ValueError(
+            f"max_model_len {asked} exceeds the model's maximum context ({config.max_position_embeddings})"
+        )
+    if window is not None and asked > window:
+        raise ValueError(
+            f"max_model_len {asked} exceeds the model's sliding_window ({window}): remp attends to the whole "
+            f"context, which equals the model's windowed attention only up to {window} tokens; use "
+            f"--max-model-len {window} or less"
+        )
+    return asked
 
 
 _DTYPES = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -13,11 +14,13 @@ from typing import Any
 
 import torch
 
-from remp.config import ModelConfig, resolve_dtype
+from remp.config import ModelConfig, max_model_len, resolve_dtype
 from remp.cpu_features import cpu_features
 from remp.detokenizer import IncrementalDetokenizer
 from remp.engine_args import EngineArgs
 from remp.executor import LocalExecutor, MultiprocExecutor, WorkerError, exit_if_spawning_worker
+from remp.guided.compiler import GuidedCompiler
+from remp.guided.matcher import GuidedMatcher, fill_masks
 from remp.kernels.build import build_all as build_kernels
 from remp.kv_cache import kv_bytes_per_block
 from remp.logger import init_logger
@@ -26,7 +29,10 @@ from remp.model.attention import SeqChunk
 from remp.model.reader import open_checkpoint
 from remp.multinode.head import ClusterHost
 from remp.multinode.net import bind_gloo_toward
-from remp.outputs import CompletionOutput, Logprob, RequestOutput
+from remp.output_processor import append_token, record_prompt_logprobs, request_output
+from remp.outputs import RequestOutput
+from remp.parallel_sampling import ParentRequest, sequence_params
+from remp.penalties import PenaltyHistory
 from remp.planner.mode import LIVE, RESTART, SwitchMode, switch_mode
 from remp.policy.decide import Decision
 from remp.policy.runner import LoadCounts, PolicyRunner
@@ -56,6 +62,7 @@ class EngineStats:
     # worker's own time (pickling, pipes, scheduling handoff); recent steps only
     control_overhead_s: deque = field(default_factory=lambda: deque(maxlen=4096))
     switches: list = field(default_factory=list)
+    prompt_tokens: int = 0  # prompt tokens computed (prefill; recomputed ones count again)
 
 
 class LLMEngine:
@@ -79,12 +86,7 @@ class LLMEngine:
         self.dtype, why = resolve_dtype(args.dtype, cfg, args.device)
         slow = self.dtype == torch.bfloat16 and args.device == "cpu" and not cpu_features().native_bf16
         (logger.warning if slow else logger.info)("dtype %s (%s)", str(self.dtype).removeprefix("torch."), why)
-        self.max_model_len = args.max_model_len or cfg.max_position_embeddings
-        if self.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len {self.max_model_len} exceeds the model's maximum context "
-                f"({cfg.max_position_embeddings})"
-            )
+        self.max_model_len = max_model_len(args.max_model_len, cfg)
         topology = Topology(args.tensor_parallel_size, args.pipeline_parallel_size, dp=args.data_parallel_size)
         topology.validate(cfg, self.max_workers)
         self.num_kv_blocks = args.num_kv_blocks or int(args.kv_cache_memory_gb * 2**30 // self._block_bytes(topology))
@@ -105,6 +107,7 @@ class LLMEngine:
         self.executor = self._start_executor(reader, topology)
         self.replicas = [Replica(self._new_scheduler(self.num_kv_blocks)) for _ in range(topology.dp)]
         self.requests: dict[str, Request] = {}
+        self._parents: dict[str, ParentRequest] = {}  # requests of several sequences (n > 1, best_of)
         self._ids = itertools.count()
         self._step_ids = itertools.count()
         self.stats = EngineStats()
@@ -124,6 +127,11 @@ class LLMEngine:
             except BaseException:
                 self.shutdown()
                 raise
+
+    @functools.cached_property
+    def guides(self) -> GuidedCompiler:
+        """Structured output's grammars, compiled once per spec for this tokenizer (made on first use)."""
+        return GuidedCompiler(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
 
     def _new_scheduler(self, num_blocks: int) -> Scheduler:
         a = self.args
@@ -185,16 +193,39 @@ class LLMEngine:
         *,
         prompt_token_ids: list[int] | None = None,
     ) -> str:
-        """Queue a request. `prompt` is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}.
+        """Queue a request. `prompt` is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}
+        (with "cache_salt": prefix-cache blocks are shared only among prompts with the same salt, as vLLM).
         Raises ValueError (and queues nothing) for an empty or too-long prompt or a duplicate id."""
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = sampling_params or SamplingParams()
         text, ids = self._tokenize(prompt, prompt_token_ids)
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         self.check_prompt(ids)
+        params.check_vocab(self.model_config.vocab_size)
+        guide = self.guides.compile(params.guided) if params.guided is not None else None  # ValueError: refused
+        if params.sequences == 1:
+            requests = [self._request(request_id, text, ids, params, guide, salt=salt)]
+        else:  # one request per sequence; the prefix cache shares the prompt's KV among them
+            parent = self._parents[request_id] = ParentRequest(request_id, params.n)
+            parent.sequences = requests = [
+                self._request(f"{request_id}#{i}", text, ids, sequence_params(params, i), guide, parent, salt)
+                for i in range(params.sequences)
+            ]
+        for req in requests:
+            self.requests[req.request_id] = req
+            req.replica = route(self.replicas, req)
+            self.replicas[req.replica].scheduler.add(req)
+            if self.policy is not None:
+                self.policy.arrival(req)
+        return request_id
+
+    def _request(
+        self, request_id: str, text, ids: list[int], params: SamplingParams, guide, parent=None, salt: str | None = None
+    ) -> Request:
         room = self.max_model_len - len(ids)
-        req = Request(
+        return Request(
             request_id=request_id,
             prompt=text,
             prompt_token_ids=ids,
@@ -209,13 +240,11 @@ class LLMEngine:
                 params.include_stop_str_in_output,
                 params.min_tokens,
             ),
+            guide=GuidedMatcher(guide) if guide is not None else None,
+            history=PenaltyHistory(ids) if params.has_penalties else None,
+            parent=parent,
+            cache_salt=salt,
         )
-        self.requests[request_id] = req
-        req.replica = route(self.replicas, req)
-        self.replicas[req.replica].scheduler.add(req)
-        if self.policy is not None:
-            self.policy.arrival(req)
-        return request_id
 
     def check_prompt(self, ids: list[int]) -> None:
         """ValueError unless `ids` is a prompt this engine can run: non-empty, room to generate, in the vocabulary."""
@@ -250,7 +279,8 @@ class LLMEngine:
 
     def abort_request(self, request_id: str | list[str]) -> None:
         busy = self.busy_requests()
-        for rid in [request_id] if isinstance(request_id, str) else request_id:
+        ids = [request_id] if isinstance(request_id, str) else request_id
+        for rid in [r.request_id for i in ids if (p := self._parents.pop(i, None)) for r in p.sequences] + ids:
             req = self.requests.pop(rid, None)
             if req is not None and not req.finished:
                 req.status, req.finish_reason = Status.FINISHED, "abort"
@@ -341,20 +371,28 @@ class LLMEngine:
         if not batch.scheduled:
             return False
         now = time.time()
-        chunks, sampled, rows = [], [], []
+        chunks, sampled = [], []
         for req, n in batch.scheduled:
             start = req.num_computed_tokens
             done = start + n == len(req.token_ids)
-            chunks.append(SeqChunk(req.token_ids[start : start + n], start, list(req.block_ids), done))
+            self.stats.prompt_tokens += max(0, min(n, req.num_prompt_tokens - start))
+            chunks.append(
+                SeqChunk(req.token_ids[start : start + n], start, list(req.block_ids), done, _prompt_rows(req, n))
+            )
             req.num_computed_tokens += n
             if done:
                 sampled.append(req)
-                rows.append(SampleRow.of(req.params, req.num_output_tokens, self._banned(req)))
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
+        guided = [r for r in sampled if r.guide is not None]
+        masks = dict(zip(guided, fill_masks([r.guide for r in guided]))) if guided else {}
+        rows = [
+            SampleRow.of(r.params, r.num_output_tokens, self._banned(r), history=r.history, mask=masks.get(r))
+            for r in sampled
+        ]
         step_id, submitted = next(self._step_ids), time.perf_counter()
         self.executor.submit(StepMsg(step_id, chunks, rows), replica)
-        rep.in_flight.append(InFlight(step_id, batch, sampled, submitted))
+        rep.in_flight.append(InFlight(step_id, batch, sampled, submitted, [c.start_pos for c in chunks]))
         return True
 
     def _banned(self, req: Request) -> tuple[int, ...]:
@@ -366,19 +404,18 @@ class LLMEngine:
     def _process(self, rep: Replica, done: InFlight, result: StepResult) -> list[RequestOutput]:
         now = time.time()
         out, scheduler = result.sampled, rep.scheduler
-        outputs = []
+        for k, entries in (result.prompt_logprobs or {}).items():
+            req, _ = done.batch.scheduled[k]
+            record_prompt_logprobs(req, done.starts[k], entries, self.tokenizer)
         for req, _ in done.batch.scheduled:  # their KV of this step is written: full blocks become findable
             scheduler.cache_computed(req)
+        progressed = []
         for row, req in enumerate(done.sampled):
             if req.finished:  # aborted while its micro-batch was in flight: freed below
                 continue
-            self._append_token(
-                req,
-                out.token_ids[row],
-                out.logprobs[row],
-                out.ranks[row],
-                out.top_logprobs[row] if out.top_logprobs else [],
-            )
+            top = out.top_logprobs[row] if out.top_logprobs else []
+            token = out.token_ids[row]
+            append_token(req, token, out.logprobs[row], out.ranks[row], top, self.tokenizer, self.max_model_len)
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
             req.metrics.last_token_time = now
@@ -388,44 +425,16 @@ class LLMEngine:
                     self.policy.finished(req)
                 scheduler.free(req)
                 self.requests.pop(req.request_id, None)
-            outputs.append(self._output(req))
+                if req.parent is not None and req.parent.finished:
+                    self._parents.pop(req.parent.request_id, None)
+            progressed.append(req.parent or req)
         for req, _ in done.batch.scheduled:
             if req.finished and req.block_ids:  # aborted while in flight: its blocks were kept until now
                 scheduler.free(req)
-        return outputs
-
-    def _append_token(self, req: Request, token: int, logprob: float, rank: int, top: list[tuple[int, float]]) -> None:
-        req.token_ids.append(token)
-        req.cumulative_logprob += logprob
-        if req.logprobs is not None:
-            entry = {tid: Logprob(lp, i + 1, self.tokenizer.decode([tid])) for i, (tid, lp) in enumerate(top)}
-            entry[token] = Logprob(logprob, rank, self.tokenizer.decode([token]))
-            req.logprobs.append(entry)
-        stop_str = req.detokenizer.add_token(token)
-        n_out = req.num_output_tokens
-        if token in req.eos_token_ids and n_out >= req.params.min_tokens:
-            req.finish_reason = "stop"
-        elif token in req.params.stop_token_ids and n_out >= req.params.min_tokens:
-            req.finish_reason, req.stop_reason = "stop", token
-        elif stop_str is not None:
-            req.finish_reason, req.stop_reason = "stop", stop_str
-        elif n_out >= req.max_tokens or len(req.token_ids) >= self.max_model_len:
-            req.finish_reason = "length"
-        if req.finish_reason is not None:
-            req.status = Status.FINISHED
-            req.detokenizer.flush()
-
-    def _output(self, req: Request) -> RequestOutput:
-        completion = CompletionOutput(
-            index=0,
-            text=req.detokenizer.visible_text,
-            token_ids=list(req.output_token_ids),
-            cumulative_logprob=req.cumulative_logprob,
-            logprobs=list(req.logprobs) if req.logprobs is not None else None,
-            finish_reason=req.finish_reason,
-            stop_reason=req.stop_reason,
-        )
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], req.finished, req.metrics)
+        outputs = [
+            request_output(r.sequences[0] if isinstance(r, ParentRequest) else r) for r in dict.fromkeys(progressed)
+        ]
+        return [o for o in outputs if o is not None]
 
     # ---- topology switches --------------------------------------------------------------------------------
     def reconfigure(
@@ -452,8 +461,10 @@ class LLMEngine:
             data_parallel_size=data_parallel_size,
         )
         while not done:
-            if self.scheduler.has_unfinished():
-                self._drained_outputs += self._step_once()  # keep serving; step() hands these out later
+            if any(rep.scheduler.has_unfinished() for rep in self.replicas):
+                # keep serving; step() hands these out later (out may be the drained list itself, taken first)
+                out = self._step_once()
+                self._drained_outputs += out
             else:
                 self.advance_switch(wait_s=0.05)
         if done["e"] is not None:
@@ -507,8 +518,9 @@ class LLMEngine:
 
         if mode.restarts:
             finish(self._restart(old, target, num_blocks), None)
-        else:
-            self.switcher.start(target, num_blocks, mode, finish)
+        else:  # a worker found lost as the switch begins: a recovery, which calls the switch off (on_done)
+            with self.fatal_worker_errors():
+                self.switcher.start(target, num_blocks, mode, finish)
 
     def _act_on(self, decision: Decision | None) -> None:
         """The policy's decision: a switch it wants starts live while serving goes on."""
@@ -650,3 +662,13 @@ class LLMEngine:
             rep.scheduler.running.clear()
             rep.in_flight.clear()
         self.requests.clear()
+
+
+def _prompt_rows(req: Request, n: int) -> tuple[int, tuple[int, ...]] | None:
+    """What a chunk of n tokens from req.num_computed_tokens gives of req's prompt logprobs: (top-k, the next
+    prompt token of each of its first tokens), or None."""
+    k, start = req.params.prompt_logprobs, req.num_computed_tokens
+    rows = min(n, req.num_prompt_tokens - 1 - start)
+    if k is None or rows <= 0:
+        return None
+    return k, tuple(req.prompt_token_ids[start + 1 : start + 1 + rows])

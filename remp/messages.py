@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from remp.model.attention import SeqChunk
 from remp.planner.plan import Plan
-from remp.sampler import SamplerOutput, SampleRow
+from remp.sampler import SamplerOutput, SampleRow, TokenLogprob
 from remp.topology import Topology
 
 # the KV blocks a switch moves, by route (old replica, new replica): their ids in the old replica's pool, and
@@ -94,6 +94,8 @@ class StepResult(NamedTuple):
     step_id: int
     sampled: SamplerOutput
     worker_s: float  # sampler worker: message received -> result ready (includes waiting for upstream stages)
+    # per chunk that asked for prompt logprobs (chunk index): (logprob, rank, top) of each of its targets
+    prompt_logprobs: dict[int, list[TokenLogprob]] | None = None
 
 
 @dataclass

@@ -21,7 +21,7 @@ from remp.model.decoder import DecoderShard, Layer
 from remp.model.families import family_of
 from remp.model.loader import load_shard_weights
 from remp.model.rope import RotaryEmbedding
-from remp.sampler import SamplerOutput, sample_rows
+from remp.sampler import SamplerOutput, prompt_logprobs, sample_rows
 from remp.shard_state import ShardState
 from remp.sharding import ShardSpec
 
@@ -113,7 +113,7 @@ class ModelRunner:
         if not self.spec.is_last_stage:
             self.comm.send_hidden(hidden)
             return None
-        if not msg.rows:  # only partial prefill chunks: nothing to sample, but the driver awaits one result
+        if not len(meta.logits_rows):  # only partial prefill chunks: nothing to sample, but the driver awaits one
             sampled = SamplerOutput([], [], [], None)
             return StepResult(msg.step_id, sampled, time.perf_counter() - t0) if self.spec.is_sampler else None
         logits = self.model.logits(hidden[meta.logits_rows])
@@ -122,4 +122,7 @@ class ModelRunner:
             logits = self.comm.gather_vocab(logits)
         if not self.spec.is_sampler:
             return None
-        return StepResult(msg.step_id, sample_rows(logits, msg.rows), time.perf_counter() - t0)
+        n = meta.num_sampled
+        sampled = sample_rows(logits[:n], msg.rows) if n else SamplerOutput([], [], [], None)
+        prompt = prompt_logprobs(logits[n:], msg.chunks) if len(logits) > n else None
+        return StepResult(msg.step_id, sampled, time.perf_counter() - t0, prompt)

@@ -18,6 +18,7 @@ class InFlight:
     batch: ScheduledBatch
     sampled: list[Request]
     submitted: float  # perf_counter at submission
+    starts: list[int]  # the first position of each scheduled request's chunk
 
 
 @dataclass

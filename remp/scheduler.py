@@ -146,8 +146,9 @@ class Scheduler:
     def _hashes(self, req: Request) -> list[BlockHash]:
         """The hashes of req's full blocks of tokens (computed or not), extended as it grows."""
         size, hashes = self.block_size, req.block_hashes
+        root = ROOT_HASH if req.cache_salt is None else chain_hash(req.cache_salt.encode(), ())
         for i in range(len(hashes), len(req.token_ids) // size):
-            hashes.append(chain_hash(hashes[-1] if hashes else ROOT_HASH, req.token_ids[i * size : (i + 1) * size]))
+            hashes.append(chain_hash(hashes[-1] if hashes else root, req.token_ids[i * size : (i + 1) * size]))
         return hashes
 
     def cache_computed(self, req: Request) -> None:
@@ -171,8 +172,8 @@ class Scheduler:
     def _reuse_cached(self, req: Request) -> None:
         """A request about to be admitted with nothing computed takes the cached blocks of its longest cached
         prefix (at most all but its last token: that one's logits are needed)."""
-        if not self.pool.caching or req.block_ids:
-            return
+        if not self.pool.caching or req.block_ids or req.params.prompt_logprobs is not None:
+            return  # (prompt logprobs need every prompt position computed)
         hashes = self._hashes(req)[: (len(req.token_ids) - 1) // self.block_size]
         found = self.pool.lookup(hashes)
         self.pool.take(found)

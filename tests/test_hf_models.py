@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from remp import LLM, SamplingParams
-from remp.config import UnsupportedModelError
+from remp.config import UnsupportedModelError, max_model_len
 from remp.model.families import config_from_hf
 from remp.model.reader import open_checkpoint
 from remp.tools.random_model import tiny_config
@@ -79,12 +79,42 @@ def test_llama3_rope_scaling_changes_frequencies(tiny_llama3_rope):
 @pytest.mark.parametrize(
     "model_type, overrides, message",
     [
-        ("qwen3", {"use_sliding_window": True, "sliding_window": 64}, "use_sliding_window"),
-        ("mixtral", {"sliding_window": 64}, "sliding_window=64"),
         ("mixtral", {"num_experts_per_tok": 4}, "num_experts_per_tok \\(4\\)"),
+        ("llama", {"quantization_config": {"quant_method": "fp8"}}, "quantized \\(fp8"),
         ("llama", {"architectures": ["Gemma3ForCausalLM"]}, "Gemma3ForCausalLM.*Qwen3ForCausalLM, MixtralForCausalLM"),
     ],
 )
 def test_what_a_family_cannot_run_is_refused(model_type, overrides, message):
     with pytest.raises(UnsupportedModelError, match=message):
         config_from_hf(tiny_config(model_type=model_type, **overrides))
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides",
+    [("llama", {"sliding_window": 64}), ("qwen3", {"use_sliding_window": True, "sliding_window": 64})],
+)
+def test_a_sliding_window_bounds_the_context(model_type, overrides):
+    """Attention over the whole context is the model's windowed attention up to the window: the context is the
+    window by default, and a longer one is refused, naming the window."""
+    cfg = config_from_hf(tiny_config(model_type=model_type, **overrides))
+    assert cfg.sliding_window == 64 and max_model_len(None, cfg) == 64 and max_model_len(48, cfg) == 48
+    with pytest.raises(ValueError, match="sliding_window \\(64\\)"):
+        max_model_len(65, cfg)
+    off = config_from_hf(tiny_config(model_type="qwen3", use_sliding_window=False, sliding_window=64))
+    assert off.sliding_window is None and max_model_len(None, off) == off.max_position_embeddings
+
+
+def test_generation_config_gives_the_sampling_defaults(tmp_path):
+    """As vLLM (--generation-config auto): the model's generation_config.json fills what a request leaves unset."""
+    import json
+
+    from remp.entrypoints.protocol import CompletionRequest
+    from remp.model.families import config_from_hf_dir
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config()))
+    gen = {"temperature": 0.6, "top_k": 3, "repetition_penalty": 1.2, "max_new_tokens": 7, "do_sample": True}
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    defaults = config_from_hf_dir(tmp_path).generation_defaults
+    assert defaults == {"temperature": 0.6, "top_k": 3, "repetition_penalty": 1.2, "max_new_tokens": 7}
+    params = CompletionRequest(prompt="a", top_k=5, max_tokens=None).sampling_params(None, None, defaults, None)
+    assert (params.temperature, params.top_k, params.repetition_penalty, params.max_tokens) == (0.6, 5, 1.2, 7)

@@ -25,6 +25,9 @@ FLOORS: list[tuple[str, list[str]]] = [
             "step_log",
             "block_pool",
             "replicas",
+            "guided",
+            "penalties",
+            "parallel_sampling",
             "sampling_params",
             "request",
             "scheduler",
@@ -49,7 +52,7 @@ FLOORS: list[tuple[str, list[str]]] = [
     ("pool (driver side)", ["multinode", "executor"]),
     ("switch (driver side)", ["switch"]),
     ("policy", ["policy"]),
-    ("engine", ["engine"]),
+    ("engine", ["engine", "output_processor"]),
     ("front ends", ["entrypoints", "sim", "bench", ""]),
 ]
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -213,6 +214,37 @@ def test_native_sampling_of_nan_and_infinite_rows_follows_torch(monkeypatch):
     slow = sampler.sample(logits.clone(), params, [None] * 4)
     assert fast.token_ids == slow.token_ids == [0, 17, 0, 40]
     assert all(math.isnan(lp) for lp in fast.logprobs) and all(math.isnan(lp) for lp in slow.logprobs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_native_bitmask_and_logprob_rank_match_torch(dtype):
+    from remp.guided.bitmask import unpack_allowed
+    from remp.kernels import sampling
+
+    g = torch.Generator().manual_seed(3)
+    B, V = 6, 1000
+    logits = (torch.randn(B, V, generator=g) * 3).to(dtype)
+    rng = np.random.default_rng(3)
+    words = rng.integers(-(2**31), 2**31, (3, 30), dtype=np.int64).astype(np.int32)  # 960 bits: 40 past the mask
+    words[0, :5] = -1  # whole words allowed
+    words[1, 5:9] = 0  # whole words not
+    rows = [4, 0, 2]
+    got = logits.clone()
+    sampling.apply_bitmask(got, rows, words)
+    want = logits.clone()
+    want[rows] = want[rows].masked_fill(~torch.from_numpy(unpack_allowed(words, V)), float("-inf"))
+    assert torch.equal(got, want)
+
+    got[5, 10] = float("nan")  # as torch: a NaN row has NaN logprobs, rank 1
+    tokens = [int(got[r].argmax()) if k == 0 else int(torch.nonzero(got[r] > -1e9)[k]) for k, r in enumerate(rows)]
+    lp, rank = sampling.logprob_rank(got, [*rows, 5], [*tokens, 3])
+    ref = torch.log_softmax(got.double(), -1)
+    for k, (r, t) in enumerate(zip(rows, tokens)):
+        assert lp[k].item() == pytest.approx(ref[r, t].item(), abs=1e-5 if dtype == torch.float32 else 1e-12)
+        assert rank[k].item() == int((got[r] > got[r, t]).sum()) + 1
+    assert math.isnan(lp[3].item()) and rank[3].item() == 1
+    with pytest.raises(ValueError):
+        sampling.logprob_rank(got, [6], [0])
 
 
 def test_a_row_samples_the_same_whatever_its_batch_mates():

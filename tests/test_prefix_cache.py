@@ -189,3 +189,16 @@ def test_a_lost_worker_drops_lost_kv_and_recomputes_the_prefix_once(tiny_llama, 
     assert recovery.recomputed_tokens > 0
     # the requeued requests recompute the prefix once: all but the first find it again
     assert engine.scheduler.pool.hits - seen["hits"] >= (2 * len(PROMPTS) - 1) * len(SYSTEM)
+
+
+def test_shared_blocks_split_between_replicas(tiny_llama, uncached):
+    """TP2xPP2 -> DP2xTP2 with the shared prefix in use: requests that share its blocks go to both replicas (each
+    gets a copy); back to one replica between the waves, the cache still serves the second wave."""
+
+    def to_one(engine):
+        engine.reconfigure(2, 2)
+
+    steps = {3: lambda e: e.reconfigure(2, 1, data_parallel_size=2)}
+    out, engine = serve(tiny_llama, True, tp=2, pp=2, steps=steps, between=to_one)
+    assert_same(uncached, out)
+    assert [r.new_topology for r in engine.stats.switches] == ["DP2xTP2xPP1", "TP2xPP2"]

@@ -123,7 +123,11 @@ def test_logprobs(client):
         ({"prompt": "a", "max_tokens": "many"}, 400, "max_tokens"),
         ({"prompt": 12}, 400, "prompt"),
         ({"prompt": "a", "model": "gpt-17"}, 404, "does not exist"),
-        ({"prompt": "a", "n": 3}, 400, "n"),
+        ({"prompt": "a", "suffix": "b"}, 400, "`suffix` is not supported by remp"),
+        ({"prompt": "a", "no_such_field": 1}, 400, "unknown field `no_such_field`"),
+        ({"prompt": "a", "n": 2, "best_of": 1}, 400, "best_of"),
+        ({"prompt": "a", "guided_regex": "(", "max_tokens": 2}, 400, "guided_regex"),
+        ({"prompt": "a", "logit_bias": {"999999": 1.0}}, 400, "logit_bias"),
     ],
 )
 def test_bad_requests(server, body, status, needle):
@@ -169,6 +173,11 @@ def test_metrics(server, client):
         "remp:prefix_cache_queries_total",
         "remp:prefix_cache_hits_total",
         'remp:replica_kv_cache_usage_perc{model_name="tiny",replica="0"}',
+        "remp:inter_token_latency_seconds_bucket",
+        "remp:request_queue_time_seconds_count",
+        "remp:request_prefill_time_seconds_count",
+        "remp:request_decode_time_seconds_count",
+        "remp:num_preemptions_total",
     ):
         assert name in text
 
@@ -346,3 +355,21 @@ def test_health_503_after_a_worker_dies_without_recovery(tiny_llama):
         assert code == 503 and "worker 1" in body
         code, err = post(url, "/v1/completions", {"prompt": "abc", "max_tokens": 2})
         assert code == 503
+
+
+def test_the_periodic_stats_line(caplog):
+    """vLLM's stats line: throughputs over the interval, requests, KV use, prefix hits."""
+    from types import SimpleNamespace
+
+    from remp.entrypoints.metrics import StatsLog
+    from remp.scheduler import Scheduler
+
+    scheduler = Scheduler(10, 16, 8, 64, enable_prefix_caching=True)
+    scheduler.pool.allocate(4)
+    scheduler.pool.queries, scheduler.pool.hits = 200, 50
+    engine = SimpleNamespace(replicas=[SimpleNamespace(scheduler=scheduler)], stats=SimpleNamespace(prompt_tokens=0))
+    log = StatsLog(interval_s=0.0)
+    with caplog.at_level("INFO", logger="remp"):
+        log.step(engine, 7)
+    (line,) = [r.getMessage() for r in caplog.records if "throughput" in r.getMessage()]
+    assert "KV cache usage: 40.0%" in line and "Prefix cache hit rate: 25.0%" in line and "Running: 0 reqs" in line

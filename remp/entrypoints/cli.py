@@ -126,8 +126,27 @@ def cmd_serve(a: argparse.Namespace) -> int:
         a.admin_token,
         a.max_request_bytes,
         a.shutdown_timeout,
+        chat_template=load_chat_template(a.chat_template),
+        generation_config=a.generation_config,
     )
     return 0
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file with the template, or the template itself (as vLLM's); checked now."""
+    if value is None:
+        return None
+    from pathlib import Path
+
+    import jinja2
+
+    path = Path(value)
+    text = path.read_text() if path.is_file() else value
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template {value!r}: not a file, and not a valid Jinja template ({e})") from None
+    return text
 
 
 def cmd_headless(a: argparse.Namespace) -> int:
@@ -227,6 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--admin-token", default=None, help="enable /admin (reconfigure, topology) with this token")
     s.add_argument(
         "--max-request-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413 (default 4 MiB)"
+    )
+    s.add_argument("--chat-template", default=None, help="a chat template (file or text) instead of the model's")
+    s.add_argument(
+        "--generation-config",
+        default="auto",
+        choices=["auto", "vllm"],
+        help="auto: sampling defaults from the model's generation_config.json; vllm: vLLM's defaults",
     )
     s.add_argument(
         "--shutdown-timeout",

@@ -4,6 +4,7 @@ request id and no traceback (the traceback goes to the server log). Also the req
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Awaitable, Callable
@@ -102,9 +103,14 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"the request body is larger than the limit of {limit} bytes (--max-request-bytes)")
 
 
+DRAIN_BYTES, DRAIN_S = 64 * 2**20, 10.0  # a refused body is read (and dropped) up to this much, this long
+
+
 class BodySizeLimit:
-    """ASGI middleware: a body over `limit` bytes gets 413 without being read (by its Content-Length) or as
-    soon as the bytes received pass the limit (chunked uploads)."""
+    """ASGI middleware: a body over `limit` bytes gets 413 without being parsed (by its Content-Length) or as
+    soon as the bytes received pass the limit (chunked uploads). The 413 goes out at once; then, as nginx does,
+    the rest of the body is read and dropped (up to DRAIN_BYTES / DRAIN_S) before the response ends: a client
+    that sends its whole body before it reads (urllib, httpx) gets the 413, not a connection reset."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], limit: int):
         self.app, self.limit = app, limit
@@ -114,7 +120,7 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, send)
+            return await self._refuse(receive, send)
         received, started = 0, False
 
         async def limited_receive() -> dict:
@@ -135,11 +141,24 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._refuse(scope, send)
+                await self._refuse(receive, send)
 
-    async def _refuse(self, scope: dict, send: Callable) -> None:
-        await error_response(413, BodyTooLarge(self.limit).detail)(scope, _no_receive, send)
+    async def _refuse(self, receive: Callable, send: Callable) -> None:
+        response = error_response(413, BodyTooLarge(self.limit).detail)
+        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body, "more_body": True})
+        try:
+            await asyncio.wait_for(_drain(receive), DRAIN_S)
+        except TimeoutError:
+            pass
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _no_receive() -> dict:
-    return {"type": "http.disconnect"}
+async def _drain(receive: Callable) -> None:
+    """Read and drop the request body until it ends, the client goes, or DRAIN_BYTES are read."""
+    read = 0
+    while read <= DRAIN_BYTES:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        read += len(message.get("body", b""))

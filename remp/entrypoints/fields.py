@@ -37,7 +37,6 @@ REFUSED: dict[str, str] = {
     "vllm_xargs": "remp takes no vLLM extension arguments",
     "truncate_prompt_tokens": "not implemented: a prompt longer than the context is refused",
     "allowed_token_ids": "not implemented: use `logit_bias` or `guided_choice`",
-    "continue_final_message": "not implemented",
 }
 
 

@@ -15,13 +15,16 @@ from remp.sampling_params import SamplingParams
 
 
 async def start(
-    engine: AsyncLLMEngine, items: list[tuple[str, list[int], SamplingParams]]
+    engine: AsyncLLMEngine, items: list[tuple[str, list[int], SamplingParams, str | None]]
 ) -> list[AsyncIterator[RequestOutput]]:
-    """Queue (request id, prompt token ids, params) together: all or none. One output iterator each."""
+    """Queue (request id, prompt token ids, params, cache salt) together: all or none. One output iterator
+    each."""
     if engine.dead is not None:
         raise APIError(503, f"the engine is not serving: {engine.dead}")
     try:
-        return await engine.add_requests([(rid, {"prompt_token_ids": ids}, p) for rid, ids, p in items])
+        return await engine.add_requests(
+            [(rid, {"prompt_token_ids": ids, "cache_salt": salt}, p) for rid, ids, p, salt in items]
+        )
     except EngineStopped as e:
         raise APIError(503, str(e)) from None
     except ValueError as e:

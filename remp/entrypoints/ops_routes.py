@@ -1,6 +1,8 @@
-"""Operations: /health (for load balancers and launchers) and /metrics (Prometheus)."""
+"""Operations: /health (for load balancers and launchers), /metrics (Prometheus), /version."""
 
 from __future__ import annotations
+
+import importlib.metadata
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -27,3 +29,8 @@ async def health(request: Request) -> Response:
 @router.get("/metrics")
 async def prometheus(request: Request) -> Response:
     return Response(generate_latest(server_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/version")
+async def version() -> dict:
+    return {"version": importlib.metadata.version("remp")}

@@ -19,6 +19,7 @@ class ServerState:
     metrics: ServerMetrics
     prompts: PromptProcessor
     max_model_len: int
+    generation_defaults: dict  # requests' sampling defaults: the model's generation_config.json, or {} (vLLM's)
     draining: bool = False  # set on the first SIGINT/SIGTERM: new /v1 and /admin requests get 503
 
     @property

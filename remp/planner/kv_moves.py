@@ -11,19 +11,20 @@ from remp.request import Request
 
 Key = tuple[int, int]  # (old replica, block id in its pool)
 Route = tuple[int, int]  # (old replica, new replica)
+Move = tuple[Key, int]  # a block to a new replica (a block shared by requests that go to two replicas: two moves)
 
 
 @dataclass
 class KVMoves:
     assignment: dict[str, int] = field(default_factory=dict)  # running request id -> new replica
     preempted: list[Request] = field(default_factory=list)  # running requests no new replica has room for
-    destination: dict[Key, tuple[int, int]] = field(default_factory=dict)  # block -> (new replica, new id)
+    destination: dict[Move, int] = field(default_factory=dict)  # (block, new replica) -> its id there
 
-    def flows(self, only: set[Key] | None = None) -> dict[Route, tuple[list[int], list[int]]]:
+    def flows(self, only: set[Move] | None = None) -> dict[Route, tuple[list[int], list[int]]]:
         """route -> (old ids, new ids) of the blocks it moves (only those in `only`, if given)."""
         out: dict[Route, tuple[list[int], list[int]]] = {}
-        for (s, b), (d, n) in sorted(self.destination.items()):
-            if only is None or (s, b) in only:
+        for ((s, b), d), n in sorted(self.destination.items()):
+            if only is None or ((s, b), d) in only:
                 old, new = out.setdefault((s, d), ([], []))
                 old.append(b)
                 new.append(n)
@@ -39,13 +40,14 @@ def plan_kv_moves(
     cached_free: Sequence[Sequence[int]],
     num_blocks: int,
     sticky: dict[str, int] | None = None,
-    fixed: dict[Key, tuple[int, int]] | None = None,
+    fixed: dict[Move, int] | None = None,
 ) -> KVMoves:
     """running[s]: old replica s's running requests, oldest first; cached_free[s]: its free blocks that hold
     cached KV, most recently used first. Each request goes to a new replica among routes[s]: the one `sticky`
     names if it still has room, else the one with the fewest blocks so far that has room; a request that fits
     nowhere is preempted (the youngest, as a pool too small preempts). Cached free blocks follow, while there is
-    room. `fixed`: blocks that keep the (new replica, id) chosen before (pre-copied), where they still go there."""
+    room. `fixed`: blocks that keep the id chosen before in a new replica (pre-copied), where they still go there.
+    A block that requests going to two new replicas share is moved to both."""
     sticky, fixed = sticky or {}, fixed or {}
     held: dict[int, set[Key]] = {d: set() for ds in routes.values() for d in ds}
     moves = KVMoves()
@@ -67,8 +69,8 @@ def plan_kv_moves(
             if fits:
                 held[min(fits, key=lambda d: (len(held[d]), d))].add((s, b))
     for d, keys in held.items():
-        for key, n in new_ids(sorted(keys), num_blocks, {k: v[1] for k, v in fixed.items() if v[0] == d and k in keys}):
-            moves.destination[key] = (d, n)
+        for key, n in new_ids(sorted(keys), num_blocks, {k: n for (k, e), n in fixed.items() if e == d and k in keys}):
+            moves.destination[(key, d)] = n
     return moves
 
 

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from remp.cache_dir import cache_root
 from remp.config import ModelConfig
@@ -194,7 +195,7 @@ def measure(
         date=datetime.date.today().isoformat(),
     )
     moved, paused = 0, 0.0
-    for tp, pp in candidates:
+    for tp, pp in tqdm(candidates, desc="Profiling topologies", unit="topology"):
         name = shape_name((tp, pp))
         if (engine.topology.tp, engine.topology.pp) != (tp, pp):
             report = engine.reconfigure(tp, pp, mode=STOP)

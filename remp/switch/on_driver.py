@@ -4,13 +4,15 @@ start: plan (placement over the pool, pieces); if the target needs more workers 
 (they hold nothing) and, once they are up (advance), regroup the pool into a new world with them; then send
 PrepareSwitch; the workers create the new groups and, in live mode,
 pre-copy the weights while the engine keeps stepping. advance (each step): once every worker is "precopied",
-name the KV blocks that are full now (with their owner, to tell later whether they stayed put) and let the
+name the KV blocks that are full now (with their owner, to tell later whether they stayed put), decide where
+they go (planner/kv_moves.py: which new replica takes each running request, the blocks' new ids) and let the
 workers copy them too; once they are "kv_precopied" (live) or "prepared" (stop), cut over: drain the in-flight
-micro-batches (the pause starts), fit the blocks in use into the new pool, CommitSwitch with the blocks still
-clean, wait, swap the scheduler's block table, stop the workers the new topology leaves idle (the rest
-regroup), report. A worker that reports a
-failure before the cut-over, or a pre-copy that outlives `timeout_s`, aborts the switch: the workers drop
-what they staged and the old topology goes on serving. A worker that dies is a recovery (recovery.py).
+micro-batches (the pause starts), decide again (keeping the pre-copy's choices where they still hold; requests
+no new replica has room for are preempted), CommitSwitch with the blocks still clean, wait, hand the engine
+its new replicas and block tables, stop the workers the new topology leaves idle (the rest regroup), report.
+A worker that reports a failure before the cut-over, or a pre-copy that outlives `timeout_s`, aborts the
+switch: the workers drop what they staged and the old topology goes on serving. A worker that dies is a
+recovery (recovery.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 
 from remp.executor import WorkerError
 from remp.messages import AbortSwitch, CommitSwitch, PrecopyKV, PrepareSwitch, SwitchProgress
-from remp.planner.kv_moves import Key, KVMoves, plan_kv_moves
+from remp.planner.kv_moves import Key, KVMoves, Move, plan_kv_moves
 from remp.planner.mode import STOP, SwitchMode
 from remp.planner.plan import KVPiece, PieceSizer, Plan, best_placement, kv_routes, make_plan, staging_bytes
 from remp.switch.host import BlockOwner, SwitchHost
@@ -57,7 +59,7 @@ class PendingSwitch:
     t_ready: float | None = None
     abort_reason: str | None = None
     kv_snapshot: dict[Key, BlockOwner] | None = None  # pre-copied block (old replica, id) -> its owner then
-    precopied: dict[Key, tuple[int, int]] = field(default_factory=dict)  # ... -> (new replica, id) it went to
+    precopied: dict[Move, int] = field(default_factory=dict)  # (such a block, a new replica) -> its id there
     assignment: dict[str, int] = field(default_factory=dict)  # running request -> new replica, at the pre-copy
     joining: bool = False  # workers added for this switch have yet to join the world (then PrepareSwitch)
     duty: float = 1.0
@@ -202,7 +204,7 @@ class SwitchDriver:
                     moves = self._moves(sw)
                     sw.kv_snapshot, sw.expect = snapshot, "kv_precopied"
                     sw.assignment = moves.assignment
-                    sw.precopied = {k: moves.destination[k] for k in snapshot if k in moves.destination}
+                    sw.precopied = {m: n for m, n in moves.destination.items() if m[0] in snapshot}
                     executor.broadcast(PrecopyKV(sw.switch_id, moves.flows(set(sw.precopied)), self._goal_left(sw)))
                 else:
                     sw.t_ready = time.perf_counter()
@@ -217,7 +219,7 @@ class SwitchDriver:
     def _owners(self, old: Topology, full_only: bool) -> dict[Key, BlockOwner]:
         return {(s, b): o for s in range(old.dp) for b, o in self.host.block_owners(s, full_only).items()}
 
-    def _moves(self, sw: PendingSwitch, fixed: dict[Key, tuple[int, int]] | None = None) -> KVMoves:
+    def _moves(self, sw: PendingSwitch, fixed: dict[Move, int] | None = None) -> KVMoves:
         """Where each old replica's requests and blocks go now (the pre-copy's choices kept where they can)."""
         host, dp = self.host, sw.old.dp
         running = [host.running(s) for s in range(dp)] if sw.with_kv else [[]] * dp
@@ -237,13 +239,13 @@ class SwitchDriver:
         if self.pending is not sw:  # a worker was lost meanwhile: the recovery ended this switch
             return
         now = self._owners(sw.old, False)
-        unchanged = {k for k, owner in (sw.kv_snapshot or {}).items() if now.get(k) == owner and k in sw.precopied}
-        moves = self._moves(sw, {k: sw.precopied[k] for k in unchanged})
+        unchanged = {k for k, owner in (sw.kv_snapshot or {}).items() if now.get(k) == owner}
+        moves = self._moves(sw, {m: n for m, n in sw.precopied.items() if m[0] in unchanged})
         host.preempt(moves.preempted)
         flows = moves.flows()
         clean: dict[tuple[int, int], list[int]] = {}
-        for (s, b), (d, n) in sorted(moves.destination.items()):
-            if (s, b) in unchanged and sw.precopied[(s, b)] == (d, n):
+        for ((s, b), d), n in sorted(moves.destination.items()):
+            if (s, b) in unchanged and sw.precopied.get(((s, b), d)) == n:
                 clean.setdefault((s, d), []).append(b)
         sw.committing = True  # from here the old shards are consumed: a failure is a loss or ends the engine
         with host.fatal_worker_errors() as guard:
@@ -271,7 +273,7 @@ class SwitchDriver:
         moved = {route: len(old) for route, (old, _) in flows.items()}
         final = make_plan(cfg, sw.old, plan.new, PieceSizer(cfg, itemsize, moved, block_size), sw.with_kv, sw.lost)
         precopied: dict[tuple[int, int], int] = {}
-        for s, d in ((s, d) for (s, _), (d, _) in sw.precopied.items()):
+        for (s, _), d in sw.precopied:
             precopied[(s, d)] = precopied.get((s, d), 0) + 1
         done = {route: len(blocks) for route, blocks in clean.items()}
 

@@ -36,10 +36,6 @@ def build_layer(config: ModelConfig, spec: ShardSpec, w: dict[str, torch.Tensor 
 
 
 def config_fields(cfg: dict[str, Any], architecture: str) -> dict[str, Any]:
-    if cfg.get("sliding_window") is not None:
-        raise UnsupportedModelError(
-            f"Mixtral with sliding_window={cfg['sliding_window']} is not supported (remp attends to the whole context)"
-        )
     if cfg.get("attention_bias"):
         raise UnsupportedModelError("Mixtral with attention_bias is not supported")
     return {"num_experts": cfg["num_local_experts"], "num_experts_per_tok": cfg["num_experts_per_tok"]}

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from remp.config import ModelConfig, UnsupportedModelError
+from remp.config import ModelConfig
 from remp.model.decoder import DecoderShard, DenseMLP, Layer
 from remp.model.families.family import Family, GGUFNames
 from remp.model.families.llama import ATTENTION, GGUF_ATTENTION, GGUF_MLP, MLP, QKV_BIAS, attention_layer, qkv
@@ -48,10 +48,6 @@ def build_layer(config: ModelConfig, spec: ShardSpec, w: dict[str, torch.Tensor 
 
 
 def config_fields(cfg: dict[str, Any], architecture: str) -> dict[str, Any]:
-    if cfg.get("use_sliding_window"):
-        raise UnsupportedModelError(
-            "Qwen3 with use_sliding_window is not supported (remp attends to the whole context)"
-        )
     return {}
 
 
