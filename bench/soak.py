@@ -163,10 +163,12 @@ class Soak:
         self.rng = random.Random(seed)
         self.load = Load(random.Random(seed + 1))
         self.n, self.time_limit_s, self.tag = switches, time_limit_s, tag
-        # kills spread over the run: half between two switches, half during a live switch
-        self.kill_at = {
-            round((k + 1) * switches / (kills + 1)): ("during" if k % 2 else "between") for k in range(kills)
-        }
+        # kills spread over the run (by switch count, or by time when the time bound comes first): half between
+        # two switches, half during a live switch
+        self.kill_plan = [
+            ((k + 1) * switches / (kills + 1), (k + 1) * time_limit_s / (kills + 1), "during" if k % 2 else "between")
+            for k in range(kills)
+        ]
         self.requests: dict[str, tuple[list[int], SamplingParams]] = {}
         self.outputs: dict[str, tuple[list[int], str]] = {}
         self.pids: set[int] = set()
@@ -198,7 +200,7 @@ class Soak:
                 self.outputs[o.request_id] = (list(o.outputs[0].token_ids), o.outputs[0].finish_reason)
 
     def switch(self, i: int) -> None:
-        engine, kill = self.engine, self.kill_at.get(i)
+        engine, kill = self.engine, self.due_kill(i)
         if kill == "between" and self.kill():
             recovered = len(engine.stats.switches)
             while len(engine.stats.switches) == recovered:  # the next steps notice the loss and recover
@@ -229,6 +231,12 @@ class Soak:
         self.counts["fallback_stop" if r.fallback else r.mode] += 1
         self.counts["grow" if new.size > old.size else "shrink" if new.size < old.size else "same_size"] += 1
         self.counts["dp"] += new.dp > 1 or old.dp > 1
+
+    def due_kill(self, i: int) -> str | None:
+        """The next planned kill's kind if switch i reaches its place in the run (by count or time), else None."""
+        if self.kill_plan and (i >= self.kill_plan[0][0] or time.perf_counter() - self.t0 >= self.kill_plan[0][1]):
+            return self.kill_plan.pop(0)[2]
+        return None
 
     def kill(self) -> bool:
         """SIGKILL a random worker of the pool (not the last one: nothing would survive to recover onto)."""

@@ -3,6 +3,7 @@ workers SIGKILLed and recovered from: no request lost, no token changed against 
 shared-memory segment, file descriptor or thread left behind."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ SOAK = Path(__file__).resolve().parents[1] / "bench" / "soak.py"
 def load_soak():
     spec = importlib.util.spec_from_file_location("soak", SOAK)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
