@@ -312,9 +312,6 @@ class LLMEngine:
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped after a worker failure: {self.error}")
         self.advance_switch()
-        if self._drained_outputs:  # a cut-over drained the pipeline: those tokens are due now, not after a step
-            out, self._drained_outputs = self._drained_outputs, []
-            return out
         if self.policy is not None and self.switching is None and not self.recovering:
             self._act_on(self.policy.tick(self.policy_load()))
         with self.fatal_worker_errors() as guard:
@@ -462,9 +459,7 @@ class LLMEngine:
         )
         while not done:
             if any(rep.scheduler.has_unfinished() for rep in self.replicas):
-                # keep serving; step() hands these out later (out may be the drained list itself, taken first)
-                out = self._step_once()
-                self._drained_outputs += out
+                self._drained_outputs += self._step_once()  # keep serving; step() hands these out later
             else:
                 self.advance_switch(wait_s=0.05)
         if done["e"] is not None:
