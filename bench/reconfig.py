@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from remp import LLMEngine, SamplingParams
 from remp.bench.results import describe_machine, save_result
+from remp.topology import parse_shape
 
 TOPOLOGIES = [(4, 1), (2, 2), (1, 4)]
 MODES = ("live", "stop", "restart")
@@ -88,24 +89,33 @@ def fill(engine: LLMEngine, n: int, prompt_len: int, tag: str) -> None:
         engine.step()
 
 
-def median_step_s(engine: LLMEngine, steps: int = 32) -> float:
+def median_step_s(engine: LLMEngine, steps: int = 32) -> tuple[float, float, float]:
     """Steps as usual (after a previous switch: decode again, not recompute), timed; also the window the
-    switch report's `tokens_per_s_before` covers."""
+    switch report's `tokens_per_s_before` covers. Returns the median step, the median time between two tokens
+    of one request (a decode step as a request sees it: pp steps with pipelining) and the output tokens/s."""
     # after a restart the requests recompute their KV first: those steps are not the decode rate
     while engine.scheduler.waiting or any(r.num_uncomputed_tokens > 1 for r in engine.scheduler.running):
         engine.step()
-    times = []
+    times, gaps, last, tokens = [], [], {}, 0
+    start = time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        outs = engine.step()
+        now = time.perf_counter()
+        times.append(now - t0)
+        tokens += len(outs)
+        for o in outs:
+            if o.request_id in last:
+                gaps.append(now - last[o.request_id])
+            last[o.request_id] = now
+    return statistics.median(times), statistics.median(gaps), tokens / (time.perf_counter() - start)
 
 
 def measure(engine: LLMEngine, tp: int, pp: int, mode: str) -> dict:
     """Switch while stepping; the interruption is the longest time an in-flight request went without a token,
-    from the last step before the switch until each has had one after it."""
-    step_s = median_step_s(engine)
+    from the last step before the switch until each has had one after it. Also the output tokens/s while the
+    pre-copy ran, against those of the steps just before."""
+    step_s, token_gap_s, rate_before = median_step_s(engine)
     done: dict = {}
     t_last = engine.step_log.last_step_time()
     last_token = {rid: t_last for rid in engine.requests}
@@ -113,9 +123,11 @@ def measure(engine: LLMEngine, tp: int, pp: int, mode: str) -> dict:
     t0 = time.perf_counter()
     engine.start_reconfigure(tp, pp, mode=mode, on_done=lambda r, e: done.update(r=r, e=e, t=time.perf_counter()))
     resumed: set[str] = set()
+    emitted: list[tuple[float, int]] = []
     while not done or resumed != set(last_token):
         outs = engine.step()
         now = time.perf_counter()
+        emitted.append((now, len(outs)))
         for o in outs:
             if o.request_id in last_token:
                 gap[o.request_id] = max(gap[o.request_id], now - last_token[o.request_id])
@@ -125,7 +137,16 @@ def measure(engine: LLMEngine, tp: int, pp: int, mode: str) -> dict:
     if done["e"] is not None:
         raise done["e"]
     d = done["r"].to_dict()
-    d.update(interruption_s=max(gap.values()), median_step_s=step_s, done_s=done["t"] - t0)
+    precopy_end = t0 + d["precopy_s"]
+    rate_during = sum(n for t, n in emitted if t <= precopy_end) / d["precopy_s"] if d["precopy_s"] > 0 else None
+    d.update(
+        interruption_s=max(gap.values()),
+        median_step_s=step_s,
+        median_token_gap_s=token_gap_s,
+        tokens_per_s_steps_before=rate_before,
+        tokens_per_s_precopy=rate_during,
+        done_s=done["t"] - t0,
+    )
     return d
 
 
@@ -136,11 +157,13 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    p.add_argument("--pairs", help="only these switches, e.g. TP2xPP2:TP4xPP1,TP4:TP1xPP4 (default: every pair)")
+    p.add_argument("--label", default="", help="suffix of the result file's name")
     p.add_argument("--table", metavar="JSON", help="print the tables of a saved result and exit")
     a = p.parse_args()
     if a.table:
         result = json.loads(Path(a.table).read_text())
-        print(table(result) + "\n\n" + pause_shares(result))
+        print(table(result) + "\n\n" + pause_shares(result) + "\n\n" + goals(result))
         return
 
     tmp = None
@@ -165,21 +188,21 @@ def main() -> None:
         worker_timeout_s=600,
     )
     fill(engine, a.requests, a.prompt_len, "warm")
+    pairs = [(s, d) for s in TOPOLOGIES for d in TOPOLOGIES if s != d]
+    if a.pairs:
+        pairs = [tuple(parse_shape(x) for x in pair.split(":")) for pair in a.pairs.split(",")]
     rows = []
     try:
-        for src in TOPOLOGIES:
-            for dst in TOPOLOGIES:
-                if src == dst:
-                    continue
-                row = {"from": f"TP{src[0]}xPP{src[1]}", "to": f"TP{dst[0]}xPP{dst[1]}"}
-                for mode in MODES:
-                    if (engine.topology.tp, engine.topology.pp) != src:
-                        engine.reconfigure(*src, mode="stop")
-                    row[mode] = measure(engine, *dst, mode)
-                row["bytes_over_bandwidth_s"] = sum(row["live"]["bytes_moved"].values()) / bw
-                row["pause_kv_over_bandwidth_s"] = row["live"]["bytes_moved_in_pause"]["kv"] / bw
-                rows.append(row)
-                print(json.dumps(summary(row)), flush=True)
+        for src, dst in pairs:
+            row = {"from": f"TP{src[0]}xPP{src[1]}", "to": f"TP{dst[0]}xPP{dst[1]}"}
+            for mode in MODES:
+                if (engine.topology.tp, engine.topology.pp) != src:
+                    engine.reconfigure(*src, mode="stop")
+                row[mode] = measure(engine, *dst, mode)
+            row["bytes_over_bandwidth_s"] = sum(row["live"]["bytes_moved"].values()) / bw
+            row["pause_kv_over_bandwidth_s"] = row["live"]["bytes_moved_in_pause"]["kv"] / bw
+            rows.append(row)
+            print(json.dumps(summary(row)), flush=True)
     finally:
         engine.shutdown()
         if tmp:
@@ -192,8 +215,8 @@ def main() -> None:
         "p2p_bandwidth_Bps": bw,
         "pairs": rows,
     }
-    path = save_result(result, f"reconfig-{label}", dtype=dtype)
-    print(table(json.loads(path.read_text())) + "\n\n" + pause_shares(result))
+    path = save_result(result, f"reconfig-{label}{a.label}", dtype=dtype)
+    print(table(json.loads(path.read_text())) + "\n\n" + pause_shares(result) + "\n\n" + goals(result))
 
 
 def summary(row: dict) -> dict:
@@ -232,6 +255,32 @@ def table(result: dict) -> str:
             f"| {st['pause_s'] * 1e3:.0f} / {st['interruption_s'] * 1e3:.0f} | {mb(moved):.1f} ({mb(least):.1f}) "
             f"| {r['bytes_over_bandwidth_s'] * 1e3:.0f} | {rs['interruption_s'] * 1e3:.0f} "
             f"| {rs['interruption_s'] / lv['interruption_s']:.0f}x |"
+        )
+    return "\n".join(lines)
+
+
+def goals(result: dict) -> str:
+    """Each pair against issue 28's goals: the live switch's wall time (<= 5 s), its longest token gap (<= 2x a
+    request's median time between tokens before it), serving during its pre-copy (>= 70%), the restart's
+    interruption over the live one's (>= 20x), and the stop-the-world pause (<= 2x bytes/bandwidth + 100 ms)."""
+    lines = [
+        "| switch | token gap ms | live wall s | live longest gap ms (x token gap) | tok/s before -> pre-copy "
+        "| restart gap / live gap | stop pause ms (2x bytes/bw + 100 ms) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["pairs"]:
+        lv, st, rs = r["live"], r["stop"], r["restart"]
+        if "median_token_gap_s" not in lv:
+            continue
+        tg = lv["median_token_gap_s"]
+        during = lv["tokens_per_s_precopy"]
+        before = lv["tokens_per_s_steps_before"]
+        serving = f"{before:.0f} -> {during:.0f} ({during / before:.0%})" if during is not None else "-"
+        lines.append(
+            f"| {r['from']} -> {r['to']} | {tg * 1e3:.0f} | {lv['wall_s']:.2f} "
+            f"| {lv['interruption_s'] * 1e3:.0f} ({lv['interruption_s'] / tg:.1f}x) | {serving} "
+            f"| {rs['interruption_s'] / lv['interruption_s']:.0f}x "
+            f"| {st['pause_s'] * 1e3:.0f} ({(2 * r['bytes_over_bandwidth_s'] + 0.1) * 1e3:.0f}) |"
         )
     return "\n".join(lines)
 

@@ -114,7 +114,9 @@ class LLMEngine:
         self._drained_outputs: list[RequestOutput] = []
         self.num_steps = 0  # steps completed
         self.step_log = StepLog()  # when steps finished: switch reports
-        self.switcher = SwitchDriver(self, args.switch_staging_gb, args.switch_precopy_duty, args.switch_timeout_s)
+        self.switcher = SwitchDriver(
+            self, args.switch_staging_gb, args.switch_precopy_duty, args.switch_timeout_s, args.switch_max_precopy_s
+        )
         self.policy: PolicyRunner | None = None
         if args.topology_policy == "auto":
             if not isinstance(self.executor, MultiprocExecutor):

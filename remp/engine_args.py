@@ -34,13 +34,16 @@ class EngineArgs:
     distributed_executor_backend: str | None = None
     worker_timeout_s: float = 120.0  # a worker silent this long (or a collective stuck this long) is an error
     # live switches: extra memory a worker may use to stage the new shard while the old one serves (over it:
-    # stop-the-world instead), the share of time the background copy may take, and how long it may run
+    # stop-the-world instead), the share of time the background copy may take while requests are served (less
+    # if the steps slow down by more than 1/0.7), the time it should take at most (it goes faster when it
+    # must, and serving slows down more), and how long it may run before it is called off
     # a worker that dies: go on with the survivors (a switch onto the best topology they can hold), or with
     # `respawn`, start a replacement and keep the topology; off: the engine stops, as vLLM does
     worker_recovery: bool = True
     respawn: bool = False
     switch_staging_gb: float = 2.0
     switch_precopy_duty: float = 0.3
+    switch_max_precopy_s: float = 4.0
     switch_timeout_s: float = 300.0
     # "auto": a policy picks the topology from the load (live switches among the candidates, by default every
     # shape of the whole pool), from a performance profile measured at start (cached) or given as a file
@@ -100,10 +103,16 @@ class EngineArgs:
             raise ValueError(
                 f"distributed_executor_backend must be 'uni' or 'mp', got {self.distributed_executor_backend!r}"
             )
-        if self.switch_staging_gb < 0 or not 0 < self.switch_precopy_duty <= 1 or self.switch_timeout_s <= 0:
+        if (
+            self.switch_staging_gb < 0
+            or not 0 < self.switch_precopy_duty <= 1
+            or self.switch_timeout_s <= 0
+            or self.switch_max_precopy_s <= 0
+        ):
             raise ValueError(
-                "switch_staging_gb must be >= 0, switch_precopy_duty in (0, 1] and switch_timeout_s positive, got "
-                f"{self.switch_staging_gb}, {self.switch_precopy_duty}, {self.switch_timeout_s}"
+                "switch_staging_gb must be >= 0, switch_precopy_duty in (0, 1], switch_max_precopy_s and "
+                f"switch_timeout_s positive, got {self.switch_staging_gb}, {self.switch_precopy_duty}, "
+                f"{self.switch_max_precopy_s}, {self.switch_timeout_s}"
             )
         if not isinstance(self.nnodes, int) or self.nnodes < 1:
             raise ValueError(f"nnodes must be a positive integer, got {self.nnodes!r}")

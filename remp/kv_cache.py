@@ -7,6 +7,9 @@ cache layer by layer and free the old one as it goes.
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 
@@ -23,7 +26,19 @@ def new_kv_layer(
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     # Zeroed, not empty: masked-out keys still pass through the matmuls, and garbage NaNs would leak.
-    return torch.zeros(2, kv_heads, num_blocks, block_size, head_dim, dtype=dtype, device=device)
+    shape = (2, kv_heads, num_blocks, block_size, head_dim)
+    if torch.device(device).type == "cpu":
+        return zero_pages(shape, dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def zero_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor on fresh anonymous pages: they read as zero and are backed only when first written, so
+    the empty part of a KV pool costs neither time nor memory (zeroing a switch's new layers, ~270 MB a worker
+    on SmolLM2, took ~0.13 s of its pause). The pages go back to the system when the tensor is freed."""
+    count = math.prod(shape)
+    pages = mmap.mmap(-1, max(1, count * dtype.itemsize))
+    return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)
 
 
 class KVCache:

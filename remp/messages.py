@@ -6,6 +6,9 @@ abort) that every worker answers with its progress. Pickled, so keep what travel
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -36,7 +39,9 @@ class PrepareSwitch:
     plan: Plan
     num_blocks: int  # KV blocks of the new pool
     precopy: bool
-    precopy_duty: float = 0.3  # the share of wall time the background copy may keep busy
+    precopy_duty: float = 0.3  # the share of wall time the background copy may keep busy while steps run
+    deadline_s: float = float("inf")  # live: the weights should be in place this long after this message
+    warm_rows: tuple[int, ...] = ()  # live: batch sizes to run each new linear at once (its kernels are made then)
 
 
 @dataclass
@@ -46,6 +51,7 @@ class PrecopyKV:
 
     switch_id: int
     flows: KVFlows
+    deadline_s: float = float("inf")  # the copy should be done this long after this message
 
 
 @dataclass
@@ -113,9 +119,18 @@ class SwitchStats:
     peak_extra_bytes: int = 0
     seconds: dict[str, float] = field(default_factory=dict)  # where the time went: groups, precopy, transfers, ...
     memory_after: WorkerMemory | None = None  # committed: after the old shard and the staging were given back
+    pace: dict[str, float] = field(default_factory=dict)  # live: how the pre-copy was paced (pacing.Pacer.summary)
 
     def add_time(self, part: str, seconds: float) -> None:
         self.seconds[part] = self.seconds.get(part, 0.0) + seconds
+
+    @contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add_time(part, time.perf_counter() - t0)
 
 
 @dataclass

@@ -181,7 +181,8 @@ def worker_main(rank: int, cfg: WorkerConfig, topology: Topology | None, conn: C
                 if runner.spec is None or broken:  # an idle worker has no part in steps
                     continue
                 try:
-                    result = runner.run(msg)
+                    with switch.steps:
+                        result = runner.run(msg)
                 except Exception:  # often a peer lost mid-step: keep the shard, the driver decides
                     broken = True
                     send(StepFailed(me[0], msg.step_id, traceback.format_exc()))

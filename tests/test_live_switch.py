@@ -24,11 +24,13 @@ LONG = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True, logprobs=2
 
 def scripted_run(path, switch_at: int | None, target=(1, 4), duty=1.0, **kw):
     """Requests from the start, two more arriving and one aborted a few steps later; a live switch started
-    (not awaited) at step `switch_at`, throttled to `duty` so that it spans those steps. Returns the outputs
+    (not awaited) at step `switch_at`, throttled to `duty` so that it spans those steps (and paced to end
+    within a second). Returns the outputs
     and whether the arrivals and the abort happened while the switch was in pre-copy."""
     kw = {**ENGINE, "max_model_len": 512, "num_kv_blocks": 256, **kw}
     engine = LLMEngine(model=str(path), tensor_parallel_size=2, pipeline_parallel_size=2, **kw)
     engine.switcher.precopy_duty = duty
+    engine.switcher.max_precopy_s = 1.0  # the goal ends a slow pre-copy while the long requests still run
     for i, p in enumerate(PROMPTS):
         engine.add_request(str(i), {"prompt_token_ids": p}, params(i))
     outs, reports, during, done = {}, [], [], set()

@@ -36,6 +36,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--respawn", action="store_true", help="replace a worker that dies and keep the topology")
     p.add_argument("--switch-staging-gb", type=float, default=2.0, help="live switch: extra memory per worker")
     p.add_argument("--switch-precopy-duty", type=float, default=0.3, help="live switch: share of time to copy")
+    p.add_argument(
+        "--switch-max-precopy-s", type=float, default=4.0, help="live switch: pre-copy time goal (faster if it must)"
+    )
     p.add_argument("--switch-timeout-s", type=float, default=300.0, help="a switch not ready by then is called off")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per worker, NCCL")
     p.add_argument(
@@ -80,6 +83,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
         respawn=a.respawn,
         switch_staging_gb=a.switch_staging_gb,
         switch_precopy_duty=a.switch_precopy_duty,
+        switch_max_precopy_s=a.switch_max_precopy_s,
         switch_timeout_s=a.switch_timeout_s,
         device=a.device,
         topology_policy=a.topology_policy,

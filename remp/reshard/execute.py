@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -111,15 +112,19 @@ class PieceIO:
 
     def send_buffer(self, p: Piece) -> torch.Tensor:
         if isinstance(p, KVPiece):
-            layer = self.old.kv_layers[p.layer]
-            return layer[:, p.kv_head - self.old_heads.start].index_select(1, self.flows[(p.src, p.dst)][0])
+            return gather_blocks(
+                self.old.kv_layers[p.layer], p.kv_head - self.old_heads.start, self.flows[(p.src, p.dst)][0]
+            )
         lo = self.old_ranges[p.name][0]
         return narrow(self.config, p.name, self.old.weights[p.name], p.start, p.stop, lo).contiguous()
 
-    def prepare(self, transfers: list[Transfer]) -> tuple[list, dict, list[torch.Tensor]]:
+    def prepare(
+        self, transfers: list[Transfer], into: NewTensors | None = None
+    ) -> tuple[list, dict, list[torch.Tensor]]:
         """Everything local about this worker's part of `transfers`, before any message is posted: send buffers
-        cut from the old shard, receive buffers, checkpoint reads. Returns (posts, received, sent), where
-        received is piece key -> [(piece, buffer)]."""
+        cut from the old shard, receive buffers, checkpoint reads. A weight piece that is a contiguous part of
+        one of the new tensors `into` is received right there; the others go to buffers of their own. Returns
+        (posts, received, sent), where received is piece key -> [(piece, buffer)] (buffers only)."""
         posts, received, sent = [], {}, []
         for t in transfers:
             if not self.carries(t.piece):  # every worker skips it alike: the same flows everywhere
@@ -130,8 +135,11 @@ class PieceIO:
                 sent.append(buf)
                 self.stats.bytes_sent += nbytes(buf)
             elif t.dst == self.rank:
-                buf = self.memory.grow(torch.empty(self.shape(t.piece), dtype=self.dtype, device=self.device))
                 p = t.piece
+                buf = into.part(p) if into is not None and isinstance(p, WeightPiece) else None
+                in_place = buf is not None
+                if not in_place:
+                    buf = self.memory.grow(torch.empty(self.shape(p), dtype=self.dtype, device=self.device))
                 if t.src == CHECKPOINT:
                     if isinstance(p, KVPiece):
                         raise RuntimeError(f"KV of layer {p.layer} head {p.kv_head} has no holder")
@@ -140,13 +148,20 @@ class PieceIO:
                 else:
                     posts.append((dist.irecv, buf, t.src))
                     self.stats.bytes_received += nbytes(buf)
-                received.setdefault(p if isinstance(p, KVPiece) else p.name, []).append((p, buf))
+                if not in_place:
+                    received.setdefault(p if isinstance(p, KVPiece) else p.name, []).append((p, buf))
         return posts, received, sent
 
     def run(self, posts: list) -> None:
         """Post the messages prepared and wait for all of them (in the order every worker shares)."""
+        self.wait(self.start(posts))
+
+    def start(self, posts: list) -> list:
+        """Post the messages prepared (in the order every worker shares); they move while this thread goes on."""
+        return [op(buf, peer, group=self.group) for op, buf, peer in posts]
+
+    def wait(self, works: list) -> None:
         t0 = time.perf_counter()
-        works = [op(buf, peer, group=self.group) for op, buf, peer in posts]
         for work in works:
             work.wait()
         self.stats.add_time("transfers", time.perf_counter() - t0)
@@ -161,15 +176,45 @@ class PieceIO:
             self.memory.release(buf)
 
 
+class NewTensors:
+    """This worker's new weight tensors of some phases, allocated before their pieces arrive, so that a piece that
+    is a contiguous part of one (a range along the first axis, or all of it) is received in place: no buffer,
+    no copy. Tensors whose range does not change are not here: the old tensor is kept as it is."""
+
+    def __init__(self, io: PieceIO, ranges: dict[str, tuple[int, int]]):
+        self.config, self.ranges = io.config, ranges
+        self.tensors = {
+            name: io.memory.grow(torch.empty(io.shape(WeightPiece(name, lo, hi)), dtype=io.dtype, device=io.device))
+            for name, (lo, hi) in ranges.items()
+            if io.old_ranges.get(name) != (lo, hi)
+        }
+
+    def part(self, p: WeightPiece) -> torch.Tensor | None:
+        """Where piece `p` goes in its new tensor, if that is one contiguous block of memory."""
+        out = self.tensors.get(p.name)
+        if out is None:
+            return None
+        view = narrow(self.config, p.name, out, p.start, p.stop, self.ranges[p.name][0])
+        return view if view.is_contiguous() else None
+
+
 def assemble_weight(
-    io: PieceIO, name: str, lo: int, hi: int, received: list[tuple[WeightPiece, torch.Tensor]]
+    io: PieceIO,
+    name: str,
+    lo: int,
+    hi: int,
+    received: list[tuple[WeightPiece, torch.Tensor]],
+    into: NewTensors | None = None,
 ) -> torch.Tensor:
     """This worker's new range [lo, hi) of tensor `name`: the very old tensor when the range is unchanged,
-    else a new one from the overlap with the old range and the received pieces."""
+    else a new one (`into`'s, where the pieces received in place already are) from the overlap with the old
+    range and the pieces received into buffers."""
     old_range = io.old_ranges.get(name)
     if old_range == (lo, hi):
         return io.old.weights[name]
-    out = io.memory.grow(torch.empty(io.shape(WeightPiece(name, lo, hi)), dtype=io.dtype, device=io.device))
+    out = into.tensors.get(name) if into is not None else None
+    if out is None:
+        out = io.memory.grow(torch.empty(io.shape(WeightPiece(name, lo, hi)), dtype=io.dtype, device=io.device))
     if old_range is not None:
         olo, ohi = max(lo, old_range[0]), min(hi, old_range[1])
         if olo < ohi:
@@ -179,6 +224,18 @@ def assemble_weight(
     for p, buf in received:
         narrow(io.config, name, out, p.start, p.stop, lo).copy_(buf)
     return out
+
+
+def gather_blocks(layer: torch.Tensor, head: int, ids: torch.Tensor) -> torch.Tensor:
+    """[2, len(ids), block_size, head_dim]: one head's blocks `ids` of a KV layer, contiguous. Selecting along the
+    blocks axis of a one-head slice copies whole blocks; the same selection on `layer[:, head]` goes element by
+    element through a strided view (10x slower: it was most of a live switch's pause)."""
+    return layer[:, head : head + 1].index_select(2, ids).squeeze(1)
+
+
+def scatter_blocks(layer: torch.Tensor, head: int, ids: torch.Tensor, blocks: torch.Tensor) -> None:
+    """The inverse of gather_blocks: write `blocks` ([2, len(ids), block_size, head_dim]) at `ids` of one head."""
+    layer[:, head : head + 1].index_copy_(2, ids, blocks.unsqueeze(1))
 
 
 def can_keep_kv_layer(io: PieceIO, layer: int, new_heads: range, same_blocks: bool) -> bool:
@@ -206,10 +263,10 @@ def assemble_kv_layer(io: PieceIO, layer: int, new_heads: range, target: torch.T
             continue
         for i, h in enumerate(new_heads):
             if old_layer is not None and h in io.old_heads and src_replica == io.old_replica:
-                src = old_layer[:, h - io.old_heads.start].index_select(1, old_ids)
+                src = gather_blocks(old_layer, h - io.old_heads.start, old_ids)
             else:
                 src = received[KVPiece(layer, h, src_replica, dst_replica)][0][1]
-            target[:, i].index_copy_(1, new_ids, src)
+            scatter_blocks(target, i, new_ids, src)
     return target
 
 
@@ -230,30 +287,61 @@ def phase_groups(plan: Plan, config, piece_bytes, chunk_bytes: int = 64 << 20, w
     return groups + [current] if current else groups
 
 
-def stop_the_world(io: PieceIO, plan: Plan, new_spec: ShardSpec | None, new_num_blocks: int) -> ShardState:
+def stop_the_world(
+    io: PieceIO,
+    plan: Plan,
+    new_spec: ShardSpec | None,
+    new_num_blocks: int,
+    build: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+) -> ShardState:
     """The whole plan in the pause, chunk by chunk, freeing each old phase as soon as its chunk is done (new_spec
-    None: this worker only sends, and ends holding nothing)."""
+    None: this worker only sends, and ends holding nothing). The next chunk's messages are posted before this
+    one is assembled, so its bytes move meanwhile; `build(phase, weights)` is called once a phase's weights
+    are in place (the execution form of its layer can be built then, beside the transfers)."""
     config, old = io.config, io.old
     new_ranges = weight_ranges(config, new_spec)
     same_blocks = blocks_stay(io, new_num_blocks)
     new = ShardState(new_spec, {}, {})
-    for group in phase_groups(plan, config, io.piece_bytes):
-        received, sent = io.exchange([t for t in plan.transfers if t.piece.layer in group])
+    stats = io.stats
+
+    def post(group: list[int]) -> tuple:
+        with stats.timed("prepare"):
+            into = NewTensors(io, {n: r for n, r in new_ranges.items() if WeightPiece(n, *r).layer in group})
+            posts, received, sent = io.prepare([t for t in plan.transfers if t.piece.layer in group], into)
+        return into, received, sent, io.start(posts)
+
+    groups = phase_groups(plan, config, io.piece_bytes)
+    pending = post(groups[0]) if groups else None
+    for k, group in enumerate(groups):
+        into, received, sent, works = pending
+        io.wait(works)
+        pending = post(groups[k + 1]) if k + 1 < len(groups) else None
         for phase in group:
-            for name, (lo, hi) in new_ranges.items():
-                if WeightPiece(name, lo, hi).layer == phase:
-                    new.weights[name] = assemble_weight(io, name, lo, hi, received.get(name, []))
+            with stats.timed("assemble"):
+                for name, (lo, hi) in new_ranges.items():
+                    if WeightPiece(name, lo, hi).layer == phase:
+                        new.weights[name] = assemble_weight(io, name, lo, hi, received.get(name, []), into)
             if new_spec is not None and phase >= 0 and phase in new_spec.layers:
-                if can_keep_kv_layer(io, phase, new_spec.kv_heads, same_blocks):
-                    new.kv_layers[phase] = old.kv_layers[phase]
-                else:
-                    target = io.memory.grow(
-                        new_kv_layer(
-                            len(new_spec.kv_heads), new_num_blocks, io.block_size, config.head_dim, io.dtype, io.device
+                with stats.timed("kv_assemble"):
+                    if can_keep_kv_layer(io, phase, new_spec.kv_heads, same_blocks):
+                        new.kv_layers[phase] = old.kv_layers[phase]
+                    else:
+                        target = io.memory.grow(
+                            new_kv_layer(
+                                len(new_spec.kv_heads),
+                                new_num_blocks,
+                                io.block_size,
+                                config.head_dim,
+                                io.dtype,
+                                io.device,
+                            )
                         )
-                    )
-                    new.kv_layers[phase] = assemble_kv_layer(io, phase, new_spec.kv_heads, target, received)
-            free_phase(io, phase, new)
+                        new.kv_layers[phase] = assemble_kv_layer(io, phase, new_spec.kv_heads, target, received)
+                if build is not None:
+                    with stats.timed("build"):
+                        build(phase, new.weights)
+            with stats.timed("free"):
+                free_phase(io, phase, new)
         io.release(received, sent)
     return new
 

@@ -19,6 +19,7 @@ from remp.model.schema import tensor_layer
 from remp.planner.plan import weight_ranges
 from remp.reshard.execute import Memory, PieceIO, stop_the_world
 from remp.reshard.live import LiveSwitch
+from remp.reshard.pacing import StepClock
 from remp.shard_state import ShardState
 
 
@@ -28,6 +29,7 @@ class WorkerSwitch:
         self.pending: PrepareSwitch | None = None
         self.live: LiveSwitch | None = None
         self.groups_s = 0.0
+        self.steps = StepClock()  # the worker's main thread times its steps: a live pre-copy paces itself by them
 
     def _progress(self, stage: str, stats: SwitchStats | None = None, error: str | None = None) -> None:
         self.send(SwitchProgress(self.rank, self.pending.switch_id, stage, stats, error))
@@ -38,7 +40,7 @@ class WorkerSwitch:
         self.groups_s = time.perf_counter() - t0
         self.pending = msg
         if msg.precopy:
-            self.live = LiveSwitch(self.rank, msg, self.runner, self.comm.switch_group, self._progress)
+            self.live = LiveSwitch(self.rank, msg, self.runner, self.comm.switch_group, self._progress, self.steps)
             self.live.start()
         else:
             self._progress("prepared")
@@ -76,15 +78,20 @@ class WorkerSwitch:
             self.comm.switch_group, stats, Memory(stats), runner.reader,
             plan.old.replica_of(self.rank) if plan.old is not None else None, plan.new.replica_of(self.rank),
         )  # fmt: skip
-        state = stop_the_world(io, plan, new_spec, self.pending.num_blocks)
+
+        def build(layer: int, weights: dict) -> None:
+            reuse[layer] = runner.build_layer(new_spec, weights, layer, reuse.get(layer))
+
+        state = stop_the_world(io, plan, new_spec, self.pending.num_blocks, build)
         stats.bytes_received_in_pause = stats.bytes_received
         stats.add_time("execute", time.perf_counter() - t0)
-        shard = runner.build_shard(new_spec, state.weights, reuse) if new_spec is not None else None
+        with stats.timed("build"):
+            shard = runner.build_shard(new_spec, state.weights, reuse) if new_spec is not None else None
         return state, shard, stats
 
     def precopy_kv(self, msg: PrecopyKV) -> None:
         if self.live is not None and msg.switch_id == self.pending.switch_id:
-            self.live.precopy_kv(msg.flows)
+            self.live.precopy_kv(msg.flows, msg.deadline_s)
 
     def abort(self, msg: AbortSwitch) -> None:
         if self.pending is None or msg.switch_id != self.pending.switch_id:
@@ -102,7 +109,7 @@ class WorkerSwitch:
         if self.live is not None:
             self.live.cancel.set()
             self.live.thread.join(timeout=1.0)
-            self.live.weights, self.live.kv_targets, self.live.shard = {}, {}, None
+            self.live.drop()
         self.pending = self.live = None
 
     def _unchanged_layers(self, new_spec) -> set[int]:

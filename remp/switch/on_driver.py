@@ -18,6 +18,7 @@ recovery (recovery.py).
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
 from collections.abc import Callable
@@ -74,8 +75,11 @@ class PendingSwitch:
 class SwitchDriver:
     """Owned by the engine, which it sees through `host` (host.py)."""
 
-    def __init__(self, host: SwitchHost, staging_gb: float, precopy_duty: float, timeout_s: float):
+    def __init__(
+        self, host: SwitchHost, staging_gb: float, precopy_duty: float, timeout_s: float, max_precopy_s: float = 4.0
+    ):
         self.host, self.staging_gb, self.precopy_duty, self.timeout_s = host, staging_gb, precopy_duty, timeout_s
+        self.max_precopy_s = max_precopy_s  # the pre-copy's goal: the workers pace themselves to end by then
         self.pending: PendingSwitch | None = None
         self.link_costs = True  # price bytes per link (intra/inter node) when placing; False: bytes alone
 
@@ -125,8 +129,8 @@ class SwitchDriver:
                 )
                 mode = STOP
         duty = self.precopy_duty
-        if host.args.device == "cpu":  # workers sharing cores: the duty is of the machine, not of each worker
-            duty *= min(1.0, (os.cpu_count() or 1) / len(pool))
+        if host.args.device == "cpu" and duty < 1:  # workers sharing cores: the duty is of the machine, not of each
+            duty *= min(1.0, (os.cpu_count() or 1) / len(pool))  # worker (1: unthrottled, serving or not)
         self.pending = PendingSwitch(
             mode,
             old,
@@ -147,7 +151,29 @@ class SwitchDriver:
             self._prepare(self.pending)
 
     def _prepare(self, sw: PendingSwitch) -> None:
-        self.host.executor.broadcast(PrepareSwitch(sw.switch_id, sw.plan, sw.num_blocks, sw.mode.precopy, sw.duty))
+        # the weights get the goal's share of their bytes (at least half): the KV blocks follow in what is left
+        moved = sw.plan.moved
+        share = max(0.5, moved.weights / moved.total) if moved.total else 1.0
+        msg = PrepareSwitch(
+            sw.switch_id,
+            sw.plan,
+            sw.num_blocks,
+            sw.mode.precopy,
+            sw.duty,
+            deadline_s=self._goal_left(sw) * share,
+            warm_rows=self._batch_rows(sw.old, sw.plan.new),
+        )
+        self.host.executor.broadcast(msg)
+
+    def _goal_left(self, sw: PendingSwitch) -> float:
+        return max(0.0, self.max_precopy_s - (time.perf_counter() - sw.t_start))
+
+    def _batch_rows(self, old: Topology, new: Topology) -> tuple[int, ...]:
+        """The rows of a decode micro-batch under `new` if the requests running now go on: each replica's share of
+        them, split over its pp micro-batches."""
+        running = sum(len(self.host.running(s)) for s in range(old.dp))
+        per_batch = running / (new.dp * new.pp)
+        return tuple(sorted({n for n in (math.floor(per_batch), math.ceil(per_batch)) if n > 0}))
 
     def advance(self, wait_s: float = 0.0) -> None:
         """Called between steps: cut over once the workers are ready, or finish an abort."""
@@ -181,7 +207,7 @@ class SwitchDriver:
                     sw.kv_snapshot, sw.expect = snapshot, "kv_precopied"
                     sw.assignment = moves.assignment
                     sw.precopied = {m: n for m, n in moves.destination.items() if m[0] in snapshot}
-                    executor.broadcast(PrecopyKV(sw.switch_id, moves.flows(set(sw.precopied))))
+                    executor.broadcast(PrecopyKV(sw.switch_id, moves.flows(set(sw.precopied)), self._goal_left(sw)))
                 else:
                     sw.t_ready = time.perf_counter()
                     self._cut_over(sw)
@@ -266,6 +292,8 @@ class SwitchDriver:
             wall_s=t_end - sw.t_start,
             pause_s=t_end - t_pause,
             precopy_s=(sw.t_ready - sw.t_start) if sw.mode.precopy else 0.0,
+            precopy_goal_s=self.max_precopy_s if sw.mode.precopy else None,
+            precopy_pace=_pace(stats),
             bytes_moved={"weights": plan.moved.weights, "kv": kv_bytes(moved)},
             bytes_moved_in_pause={
                 "weights": weights_in_pause,
@@ -293,3 +321,16 @@ class SwitchDriver:
             memory_before=[m.to_dict() if m is not None else None for m in sw.memory_before],
             memory_after=[s.memory_after.to_dict() if s.memory_after is not None else None for s in stats],
         )
+
+
+def _pace(stats: list) -> dict[str, float]:
+    """The workers' pacing: the lowest duty any used, whether any was late, the largest slowdown any measured."""
+    paces = [s.pace for s in stats if s.pace]
+    if not paces:
+        return {}
+    return {
+        "share": max(p["share"] for p in paces),
+        "lowest_duty": min(p["lowest_duty"] for p in paces),
+        "late": max(p["late"] for p in paces),
+        "slowdown": max(p["slowdown"] for p in paces),
+    }

@@ -15,6 +15,11 @@ class SwitchReport:
     wall_s: float  # from the request to the resumed serving
     pause_s: float  # the cut-over alone: time no step could run (in-flight micro-batches drained first)
     precopy_s: float = 0.0  # live: from the request until every worker had the new shard ready
+    precopy_goal_s: float | None = None  # live: the pre-copy's goal (switch_max_precopy_s)
+    # live: how the workers paced it (reshard/pacing.py): the duty allowed while serving, the lowest one used,
+    # whether the goal needed more than serving allowed (1.0: it did, serving slowed down more), and the steps'
+    # slowdown last measured (during / before; -1: none measured)
+    precopy_pace: dict[str, float] = field(default_factory=dict)
     bytes_moved: dict[str, int] = field(default_factory=dict)  # per kind: weights, kv (restart: checkpoint bytes read)
     bytes_moved_in_pause: dict[str, int] = field(default_factory=dict)
     # KV blocks pre-copied, then freed or reassigned before the cut-over: moved for nothing (not in bytes_moved)
