@@ -20,6 +20,7 @@ from remp.sim.models import model_config
 from remp.sim.pipeline import Pipeline
 from remp.sim.simulator import SimOptions, Simulator
 from remp.sim.workload import phased_requests
+from remp.topology import Shape
 from tests.policy_utils import ToyModel
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "azure_conv_2023.csv"
@@ -74,7 +75,7 @@ def test_steady_state_matches_the_prediction(topology):
     run = simulate(poisson(rate, 600, p, o), topology)
     steady = [r for r in run.results if 40 < r.send_time < 160]
     sim_tpot = sorted((r.latency - r.ttft) / (r.output_tokens - 1) for r in steady)[len(steady) // 2]
-    pred = predict(ToyModel(), *topology, Load(rate, p, o), Limits(256, 8192), Slo(2.0, 0.15))
+    pred = predict(ToyModel(), topology, Load(rate, p, o), Limits(256, 8192), Slo(2.0, 0.15))
     assert sim_tpot == pytest.approx(pred.tpot_s, rel=0.25)
 
 
@@ -109,7 +110,7 @@ def test_restart_switches_recompute_every_running_request():
 
     def submit():
         if sim.t > 20 and not done:
-            done.append(len(sim.scheduler.running))
+            done.append(len(sim.replicas[0].scheduler.running))
             sim.start_switch((2, 2), "test")
         orig()
 
@@ -197,3 +198,44 @@ def test_measured_stages_share_the_profiled_cores():
     model = MeasuredModel(Profile("m", "float32", "cpu", 4, 16, fits={"TP1xPP4": [0.01, 0.0, 0.0]}, cores=2))
     assert [model.busy_factor(1, 4, k) for k in (1, 2, 3, 4)] == pytest.approx([0.5, 0.5, 0.75, 1.0])
     assert model.busy_factor(4, 1, 1) == 1.0
+
+
+def test_data_parallel_replicas_are_routed_and_a_dp_switch_moves_the_running_requests():
+    """TP4 -> DP2xTP2 mid-run: the running requests move with their KV (none recomputed) and split between the
+    two replicas, later arrivals go to both, and everything finishes."""
+    requests = poisson(6.0, 300, 600, 100)
+    sim = Simulator(ToyModel(), requests, (4, 1), SimOptions(), toy_costs())
+    submit, regroup, seen = sim._submit, sim._regroup, {}
+
+    def switch_then_submit():
+        if sim.t > 15 and not seen:
+            sim.start_switch(Shape(2, 1, 2), "test")
+            seen["asked"] = True
+        submit()
+
+    def watch(target, mode):
+        before = {r.request_id for r in sim._running()}
+        moved = regroup(target, mode)
+        seen["split"] = [{r.request_id for r in rep.scheduler.running} for rep in sim.replicas]
+        seen["before"] = before
+        return moved
+
+    sim._submit, sim._regroup = switch_then_submit, watch
+    run = sim.run()
+    assert [(s["from"], s["to"], s["preempted"]) for s in run.switches] == [("TP4xPP1", "DP2xTP2xPP1", 0)]
+    a, b = seen["split"]
+    assert a and b and not a & b and a | b == seen["before"]
+    assert all(r.success and r.output_tokens == 100 for r in run.results)
+    assert all(len(rep.scheduler.running) == 0 for rep in sim.replicas)
+
+
+def test_a_data_parallel_switch_makes_every_replica_whole():
+    costs = toy_costs()
+    quarter = costs.model_bytes(2) / 4
+    # two copies from one: one copy moves. The replicas interleave over the TP4 ranks (0 and 2, 1 and 3), so
+    # each TP2 rank keeps the quarter it held and receives one quarter (contiguous, one would receive a half)
+    to_dp = costs.moves(Shape(4, 1), Shape(2, 1, 2))
+    assert to_dp.weight_bytes == pytest.approx(4 * quarter, rel=0.03)
+    assert to_dp.weights_s == pytest.approx(quarter / 100e9, rel=0.03)
+    back = costs.moves(Shape(2, 1, 2), Shape(4, 1))  # each keeps a half of what it holds: nothing moves
+    assert back.weight_bytes == 0 and back.weights_s == 0

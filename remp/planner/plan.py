@@ -113,6 +113,18 @@ def worker_pieces(config: ModelConfig, topology: Topology, worker: int, with_kv:
     return pieces
 
 
+def held_pieces(
+    config: ModelConfig, old: Topology, worker: int, with_kv: bool, peers: tuple[Topology, ...] = ()
+) -> list[Piece]:
+    """What a worker holds before a switch: its pieces under `old`, or, on a worker of one of `peers` (the old
+    model's other data-parallel replicas, on workers of their own), that replica's weights. A replica's KV is
+    its own requests', so only `old`'s KV counts: a plan moves the KV of one old replica at a time."""
+    if worker in old.placement or not peers:
+        return worker_pieces(config, old, worker, with_kv)
+    peer = next((p for p in peers if worker in p.placement), None)
+    return [] if peer is None else worker_pieces(config, peer, worker, with_kv=False)
+
+
 def kv_only_on(config: ModelConfig, topology: Topology, workers: set[int]) -> set[KVPiece]:
     """KV pieces (layer x KV head) that no worker outside `workers` holds: lost with them. Empty when TP
     replicates every KV head of theirs elsewhere (tp > KV heads)."""
@@ -158,34 +170,59 @@ def best_placement(
     with_kv: bool = True,
     workers: list[int] | None = None,
     links: Links | None = None,
+    peers: tuple[Topology, ...] = (),
 ) -> Topology:
     """The placement of the new coordinates on the pool's workers (default: old's) that keeps the most bytes in
     place. A pool larger than the topology leaves the workers that would keep the least idle. With `links` (a
     pool on several nodes) each part a worker must receive is priced at the bandwidth of the fastest link to a
     holder of it, and the placement minimises the receivers' total time (a proxy for the slowest one's);
-    among placements of equal cost, each TP group stays inside a node and the pipeline crosses nodes."""
+    among placements of equal cost, each TP group stays inside a node and the pipeline crosses nodes.
+    `peers`: the old model's other data-parallel replicas (see `held_pieces`)."""
+    return best_placements(config, old, tp, pp, 1, sizer, layers_per_stage, with_kv, workers, links, peers)[0]
+
+
+def best_placements(
+    config: ModelConfig,
+    old: Topology,
+    tp: int,
+    pp: int,
+    dp: int,
+    sizer: PieceSizer,
+    layers_per_stage: tuple[int, ...] | None = None,
+    with_kv: bool = True,
+    workers: list[int] | None = None,
+    links: Links | None = None,
+    peers: tuple[Topology, ...] = (),
+) -> list[Topology]:
+    """`dp` replicas of TP tp x PP pp placed together as in best_placement: every replica's coordinates compete
+    for the pool's workers in one assignment, so the replicas interleave over the old shards where that keeps
+    more (two TP2 replicas after TP4 each take one rank of each old pair). The tie-break fills nodes replica by
+    replica, stage by stage."""
     workers = sorted(old.placement if workers is None else workers)
     draft = Topology(tp, pp, tuple(range(tp * pp)), layers_per_stage)
-    if draft.size > len(workers):
-        raise ValueError(f"{draft} needs {draft.size} workers, but the pool has {len(workers)}")
-    index = {w: _index(worker_pieces(config, old, w, with_kv)) for w in workers}
-    homes = links.stage_homes(tp, pp, workers) if links is not None else [None] * pp
-    cost = np.zeros((draft.size, len(workers)))
+    if dp * draft.size > len(workers):
+        raise ValueError(f"{dp} x {draft} needs {dp * draft.size} workers, but the pool has {len(workers)}")
+    index = {w: _index(held_pieces(config, old, w, with_kv, peers)) for w in workers}
+    homes = links.stage_homes(tp, pp * dp, workers) if links is not None else [None] * pp * dp
+    needs = [worker_pieces(config, draft, c, with_kv) for c in range(draft.size)]
+    rows = dp * draft.size
+    cost = np.zeros((rows, len(workers)))
     for c in range(draft.size):
-        need = worker_pieces(config, draft, c, with_kv)
-        home = homes[c // tp]
         for j, w in enumerate(workers):
             if links is None or not links.multi_node:
-                missing = float(sum(sizer.bytes(p) - _held_bytes(sizer, p, *index[w]) for p in need))
+                missing = float(sum(sizer.bytes(p) - _held_bytes(sizer, p, *index[w]) for p in needs[c]))
             else:
-                missing = round(1e9 * _receive_s(sizer, need, w, index, links))  # nanoseconds
-            away = home is not None and links.nodes[w] != home
-            cost[c, j] = missing * (draft.size + 1) + away  # the tie-break never outweighs a byte or a ns
-    rows, cols = linear_sum_assignment(cost)
-    placement = [0] * draft.size
-    for c, j in zip(rows, cols):
-        placement[c] = workers[j]
-    return Topology(tp, pp, tuple(placement), layers_per_stage)
+                missing = round(1e9 * _receive_s(sizer, needs[c], w, index, links))  # nanoseconds
+            for r in range(dp):
+                home = homes[r * pp + c // tp]
+                away = home is not None and links.nodes[w] != home
+                cost[r * draft.size + c, j] = missing * (rows + 1) + away  # the tie-break never outweighs a byte/ns
+    rows_, cols = linear_sum_assignment(cost)
+    placement = [0] * rows
+    for i, j in zip(rows_, cols):
+        placement[i] = workers[j]
+    n = draft.size
+    return [Topology(tp, pp, tuple(placement[r * n : (r + 1) * n]), layers_per_stage) for r in range(dp)]
 
 
 def _receive_s(sizer: PieceSizer, need: list[Piece], dst: int, index: dict, links: Links) -> float:
@@ -220,17 +257,17 @@ def make_plan(
     with_kv: bool = True,
     lost: frozenset[int] = frozenset(),
     links: Links | None = None,
+    peers: tuple[Topology, ...] = (),
 ) -> Plan:
     """Sources for every piece of every worker under `new`. `old` None means cold start (checkpoint);
     workers in `lost` hold nothing any more (their pieces come from survivors or the checkpoint). With `links`,
-    a holder on the receiver's node is preferred to one across nodes."""
+    a holder on the receiver's node is preferred to one across nodes. `peers`: the old model's other
+    data-parallel replicas, whose workers hold its weights too (see `held_pieces`); a new replica is planned
+    from them all."""
     workers = sorted(new.placement)
     needs = {w: worker_pieces(config, new, w, with_kv) for w in workers}
-    held = (
-        {}
-        if old is None
-        else {w: _index(worker_pieces(config, old, w, with_kv)) for w in old.placement if w not in lost}
-    )
+    holders = sorted({*old.placement, *(w for p in peers for w in p.placement)}) if old is not None else []
+    held = {w: _index(held_pieces(config, old, w, with_kv, peers)) for w in holders if w not in lost}
     plan = Plan(old, new, needs, [])
     load: dict[int, int] = defaultdict(int)  # bytes each holder sends, to spread the sends
 
@@ -255,7 +292,7 @@ def make_plan(
     for part, holders, dst in missing:
         _assign(plan, sizer, load, Transfer(part, source(holders, dst), dst))
     plan.transfers.sort(key=lambda t: (t.piece.layer, str(type(t.piece)), t.piece, t.src, t.dst))
-    plan.minimum = _minimum(config, old, new, sizer, with_kv, lost)
+    plan.minimum = _minimum(config, old, new, sizer, with_kv, lost, peers)
     return plan
 
 
@@ -286,7 +323,13 @@ def _segments(name: str, lo: int, hi: int, held: dict) -> list[tuple[int, int, l
 
 
 def _minimum(
-    config: ModelConfig, old: Topology | None, new: Topology, sizer: PieceSizer, with_kv: bool, lost: frozenset[int]
+    config: ModelConfig,
+    old: Topology | None,
+    new: Topology,
+    sizer: PieceSizer,
+    with_kv: bool,
+    lost: frozenset[int],
+    peers: tuple[Topology, ...] = (),
 ) -> ByteCounts:
     """Bytes any plan must bring to workers: what the new shards need minus what the best placement keeps.
     Split by kind at that optimum."""
@@ -294,9 +337,13 @@ def _minimum(
     if old is None:
         return out
     pool = sorted(set(old.placement) | set(new.placement))
-    best = best_placement(config, old, new.tp, new.pp, sizer, new.layers_per_stage, with_kv, pool) if not lost else new
+    best = (
+        best_placement(config, old, new.tp, new.pp, sizer, new.layers_per_stage, with_kv, pool, peers=peers)
+        if not lost
+        else new
+    )
     for w in best.placement:
-        held = [] if w in lost else worker_pieces(config, old, w, with_kv)
+        held = [] if w in lost else held_pieces(config, old, w, with_kv, peers)
         weights, kv = _index(held)
         for p in worker_pieces(config, best, w, with_kv):
             out.add(p, sizer.bytes(p) - _held_bytes(sizer, p, weights, kv))

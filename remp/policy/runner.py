@@ -18,7 +18,7 @@ from remp.policy.measured import MeasuredModel, Profile, ServingEngine, cache_pa
 from remp.policy.observe import LoadWindow
 from remp.policy.predict import Limits, Slo
 from remp.request import Request
-from remp.topology import parse_shape, shape_name
+from remp.topology import Shape, parse_shape, shape_name
 
 logger = init_logger(__name__)
 
@@ -34,11 +34,12 @@ class LoadCounts:
     blocks_used: int  # KV blocks running requests hold
 
 
-def parse_candidates(text: str | None, config: ModelConfig, max_workers: int) -> list[tuple[int, int]]:
-    """The topologies the policy may pick: `text` ("TP2xPP1,TP1xPP2") or every shape of the whole pool."""
-    allowed = [(t.tp, t.pp) for n in range(1, max_workers + 1) for t in shapes_of(config, n)]
+def parse_candidates(text: str | None, config: ModelConfig, max_workers: int) -> list[Shape]:
+    """The topologies the policy may pick: `text` ("TP2xPP1,TP1xPP2") or every shape of the whole pool. The
+    engine runs one replica (data-parallel shapes are the simulator's until it serves them)."""
+    allowed = [Shape(t.tp, t.pp) for n in range(1, max_workers + 1) for t in shapes_of(config, n)]
     if not text:
-        return [(t.tp, t.pp) for t in shapes_of(config, max_workers)]
+        return [Shape(t.tp, t.pp) for t in shapes_of(config, max_workers)]
     wanted = [parse_shape(c) for c in text.split(",") if c.strip()]
     if bad := [shape_name(c) for c in wanted if c not in allowed]:
         raise ValueError(f"unknown candidate topolog(ies) {', '.join(bad)} for this model on {max_workers} workers")
@@ -46,7 +47,7 @@ def parse_candidates(text: str | None, config: ModelConfig, max_workers: int) ->
 
 
 class PolicyRunner:
-    def __init__(self, args: EngineArgs, config: ModelConfig, profile: Profile, candidates: list[tuple[int, int]]):
+    def __init__(self, args: EngineArgs, config: ModelConfig, profile: Profile, candidates: list[Shape]):
         self.model = MeasuredModel(profile)
         ttft_s, tpot_s = default_slo(self.model, candidates)
         slo = Slo(
@@ -56,7 +57,7 @@ class PolicyRunner:
         self.costs = switch_costs(profile, config, args.block_size, args.switch_precopy_duty)
         policy_config = PolicyConfig(slo, args.policy_interval_s, args.policy_min_dwell_s)
         limits = Limits(args.max_num_seqs, args.max_num_batched_tokens)
-        self.policy = TopologyPolicy(self.model, candidates, limits, policy_config, self._cost)
+        self.policy = TopologyPolicy(self.model, candidates, limits, policy_config, self._cost, args.policy_window_s)
         self.window = LoadWindow(args.policy_window_s)
         self.last_error: str | None = None
         self._blocks_used = 0
@@ -90,7 +91,7 @@ class PolicyRunner:
             raise ValueError(f"the performance profile lacks {', '.join(missing)}: profile them (remp profile)")
         return cls(args, engine.model_config, profile, candidates)
 
-    def _cost(self, old: tuple[int, int], new: tuple[int, int]):
+    def _cost(self, old: Shape, new: Shape):
         return self.costs.cost(old, new, LIVE, self._blocks_used)
 
     def arrival(self, req: Request) -> None:
@@ -113,9 +114,19 @@ class PolicyRunner:
             self.policy.next_t = now + self.policy.config.interval_s
             return None
         self._blocks_used = load.blocks_used
-        d = self.policy.decide(now, snapshot, (load.tp, load.pp))
+        observed = self.window.observe(now, self.policy.since, self.policy.config.slo)
+        d = self.policy.decide(now, snapshot, Shape(load.tp, load.pp), observed)
         if d.action != "switch":
             logger.debug("topology policy: stay on %s: %s", d.current, d.reason)
+        if "factor" in d.observed:
+            logger.info(
+                "topology policy: %s observed TPOT %.1f ms against %.1f ms predicted: correction x%.2f, model error %.0f%%",
+                d.current,
+                d.observed["tpot_observed_s"] * 1e3,
+                d.observed["tpot_predicted_s"] * 1e3,
+                d.observed["factor"],
+                d.observed["model_error"] * 100,
+            )
         return d
 
     def refused(self, target: str, error: Exception) -> None:
@@ -138,6 +149,7 @@ class PolicyRunner:
             "candidates": [shape_name(c) for c in p.candidates],
             "slo_ms": {"ttft": p.config.slo.ttft_s * 1e3, "tpot": p.config.slo.tpot_s * 1e3},
             "decisions_total": dict(p.counts),
+            "calibration": p.calibration.to_json(),
             "last_error": self.last_error,
             "decisions": [d.to_json() for d in list(p.decisions)[-20:]],
         }
