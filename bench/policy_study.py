@@ -2,7 +2,8 @@
 candidate fixed, `--topology-policy auto` (switching live), and the oracle (the best piecewise-constant schedule
 in hindsight over 30 s windows, switch costs included, simulated). One table row per workload: best fixed,
 auto, their ratio, the oracle's gain over the best fixed, the policy's share of that gain, switches (regret
-reverts), round trips (A -> B -> A within 300 s).
+reverts), round trips (A -> B -> A within 300 s). The oracle is the best of two dynamic programmes' schedules,
+simulated: one values each window by the candidates' fixed runs, one by each window served alone (sim/cli.py).
 
     python bench/policy_study.py [--settings h100-8x70b,...] [--workloads conv-x1,...] [--jobs 2]
 
@@ -41,6 +42,7 @@ from remp.policy.predict import Load, predict
 from remp.sim.cli import (
     add_cli_args,
     device_setup,
+    isolated_results,
     load_workload,
     make_policy,
     oracle_schedule,
@@ -132,14 +134,17 @@ def job(spec: tuple[str, str, str, list[str], list | None]) -> tuple[str, str, s
     requests, _ = load_workload(a)
     candidates = pick_candidates(setup, a.candidates)
     policy = None
+    if run.startswith("isolated "):
+        results = isolated_results(setup, requests, parse_shape(run.split()[1]), a.oracle_window_s)
+        return setting, workload, run, {"results": strip(results), "wall_s": round(time.perf_counter() - t0, 1)}
     if run == "auto":
         policy = make_policy(setup, candidates, a)
         start = max(candidates)
-    elif run == "oracle":
+    elif run.startswith("oracle"):
         start, schedule = schedule[0][1], schedule[1:]
     else:
         start = parse_shape(run)
-    sim = run_sim(setup, requests, start, policy, schedule if run == "oracle" else None, a.policy_window_s)
+    sim = run_sim(setup, requests, start, policy, schedule if run.startswith("oracle") else None, a.policy_window_s)
     m = compute_metrics(sim.results, sim.duration_s, (50, 99), slos_ms(setup))
     out = {
         "goodput_req_s": m["request_goodput"],
@@ -158,7 +163,7 @@ def job(spec: tuple[str, str, str, list[str], list | None]) -> tuple[str, str, s
         out["calibration"] = policy.calibration.to_json()
         out["decisions"] = dict(policy.counts)
         out["decision_log"] = [d for d in sim.decisions if d["action"] == "switch" or d["observed"].get("factor")][-40:]
-    if run not in ("auto", "oracle"):
+    if policy is None and not run.startswith("oracle"):
         out["results"] = strip(sim.results)
     return setting, workload, run, out
 
@@ -172,30 +177,40 @@ def study(setting: str, names: list[str], jobs: int) -> dict:
     for w in names:
         argv = [*SETTINGS[setting], *specs[w]]
         first += [(setting, w, str(c), argv, None) for c in candidates] + [(setting, w, "auto", argv, None)]
+        first += [(setting, w, f"isolated {c}", argv, None) for c in candidates]
     with mp.get_context("forkserver").Pool(jobs) as pool:
         done = pool.map(job, first, chunksize=1)
     runs: dict[str, dict] = {}
+    isolated: dict[str, dict] = {}
     for _, w, run, out in done:
-        runs.setdefault(w, {})[run] = out
+        if run.startswith("isolated "):
+            isolated.setdefault(w, {})[parse_shape(run.split()[1])] = out["results"]
+        else:
+            runs.setdefault(w, {})[run] = out
     second, plans = [], {}
     for w in names:
         argv = [*SETTINGS[setting], *specs[w]]
         a = parse(argv)
         requests, _ = load_workload(a)
         fixed = {c: runs[w][str(c)].pop("results") for c in candidates}
-        value, schedule = oracle_schedule(setup, requests, candidates, a.oracle_window_s, fixed)
-        plans[w] = (value, schedule)
-        if len(schedule) > 1:
-            second.append((setting, w, "oracle", argv, schedule))
+        plans[w] = [
+            oracle_schedule(setup, requests, candidates, a.oracle_window_s, fixed),
+            oracle_schedule(setup, requests, candidates, a.oracle_window_s, isolated[w]),
+        ]
+        for k, (_, schedule) in enumerate(plans[w]):
+            if len(schedule) > 1:
+                second.append((setting, w, f"oracle {k}", argv, schedule))
     with mp.get_context("forkserver").Pool(jobs) as pool:
-        for _, w, _, out in pool.map(job, second, chunksize=1):
-            runs[w]["oracle"] = out
+        for _, w, run, out in pool.map(job, second, chunksize=1):
+            runs[w][run] = out
     table = {}
     for w in names:
         good = {c: runs[w][str(c)]["goodput_req_s"] for c in candidates}
-        value, schedule = plans[w]
-        achieved = runs[w]["oracle"]["goodput_req_s"] if "oracle" in runs[w] else good[schedule[0][1]]
-        o = oracle_summary(good, value, schedule, achieved, 30.0)
+        tried = []
+        for k, (value, schedule) in enumerate(plans[w]):
+            run = runs[w].get(f"oracle {k}")
+            tried.append((run["goodput_req_s"] if run else good[schedule[0][1]], value, schedule))
+        o = oracle_summary(good, tried, 30.0)
         auto = runs[w]["auto"]
         base, gain = o["best_fixed_goodput_req_s"], o["goodput_req_s"] - o["best_fixed_goodput_req_s"]
         table[w] = {

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from remp.planner.mode import SwitchCost
-from remp.policy.calibrate import Calibration, Scaled
+from remp.policy.calibrate import Calibration
 from remp.policy.observe import Observation
 from remp.policy.perf_model import PerfModel
 from remp.policy.predict import Limits, Load, Prediction, Slo, predict, step_time
@@ -47,7 +47,7 @@ class PolicyConfig:
     switch_window_s: float = 900.0
     min_observed: int = 10  # requests the current topology must have served before its observations count
     regime_tolerance: float = 1.5  # loads whose rate and mean lengths are within this factor: the same regime
-    max_margin: float = 0.3  # the model's error as a margin, at most this
+    max_margin: float = 1.0  # the model's error as a margin, at most this (steps twice as slow)
 
 
 @dataclass
@@ -76,7 +76,9 @@ class _Switch:
     at: float
     load: Load
     good_before: float | None  # the old topology's observed SLO attainment
+    served_before: float | None  # what it served a second, where it had a backlog all along (its capacity)
     judged: bool = False
+    clear_at: float | None = None  # when the backlog the new topology inherited was served
 
 
 def horizon_goodput(p: Prediction, load: Load, horizon_s: float, slo: Slo) -> float:
@@ -125,7 +127,7 @@ class TopologyPolicy:
         self.model, self.limits, self.config = model, limits, config
         self.candidates = [Shape(*c) for c in candidates]
         self.switch_cost = switch_cost
-        self.calibration = Calibration(model)
+        self.calibration = Calibration(model, period_s=window_s)
         self.decisions: deque[Decision] = deque(maxlen=200)
         self.counts = {"stay": 0, "switch": 0}
         self.last_switch_t = -math.inf
@@ -142,6 +144,15 @@ class TopologyPolicy:
 
     def due(self, now: float) -> bool:
         return now >= self.next_t
+
+    @property
+    def observe_from(self) -> float:
+        """Observations count the requests that arrived from here on: on the current topology, and after the
+        backlog it inherited from the last switch (which delays whoever waits behind it, whatever the topology)."""
+        last = self._last
+        if last is not None and last.clear_at is not None and last.clear_at > self.since:
+            return last.clear_at
+        return self.since
 
     def switched(self, now: float) -> None:
         """A switch ended (by this policy or anyone else): the dwell time and the observations start again."""
@@ -169,7 +180,7 @@ class TopologyPolicy:
         )
         # ... and only without a backlog from before that window (the requests served would be another mix)
         fresh = load.queue <= load.arrival_rate * self.window_s / 2
-        seen = self._calibrate(current, load, observed) if valid and steady and fresh else {}
+        seen = self._calibrate(now, current, load, observed) if valid and steady and fresh else {}
         self._steady = steady and fresh
         seen["steady"] = self._steady
         # plan for the upper end of the measured rate: a topology at the edge of its capacity under the mean rate
@@ -178,10 +189,16 @@ class TopologyPolicy:
         shapes = {*self.candidates, current} | ({self._last.old} if self._last else set())
         # the current topology as the corrected model sees it; the others slower by the model's recent error
         margin = min(self.calibration.error(), cfg.max_margin)
-        preds = {
-            c: predict(self.calibration.corrected(c, 0.0 if c == current else margin), c, upper, self.limits, slo)
-            for c in shapes
-        }
+        if valid and observed.queue_min > 0 and load.queue > load.arrival_rate * slo.ttft_s:
+            # a backlog all along: the current topology serves at its capacity, with the real spread of lengths
+            cap = predict(self.calibration.corrected(current), current, load, self.limits, slo).capacity_req_s
+            if cap > 0:
+                seen |= {"capacity_observed_req_s": round(observed.throughput_req_s, 3)}
+                seen |= {"capacity_predicted_req_s": round(cap * self.calibration.capacity_factor(current), 3)}
+                seen |= self.calibration.update_capacity(now, current, observed.throughput_req_s, cap)
+                margin = min(self.calibration.error(), cfg.max_margin)
+        cal = self.calibration
+        preds = {c: cal.predict(c, upper, self.limits, slo, 0.0 if c == current else margin) for c in shapes}
         good = {c: horizon_goodput(p, upper, cfg.horizon_s, slo) for c, p in preds.items()}
         value = good[current]
         if valid:
@@ -224,10 +241,10 @@ class TopologyPolicy:
             self.switched(now)
         return d
 
-    def _calibrate(self, current: Shape, load: Load, observed: Observation) -> dict:
+    def _calibrate(self, now: float, current: Shape, load: Load, observed: Observation) -> dict:
         """Correct the current topology's step times from what it delivered; the entry for the decision's log."""
         slo = self.config.slo
-        corrected = predict(self.calibration.corrected(current), current, load, self.limits, slo)
+        corrected = self.calibration.predict(current, load, self.limits, slo)
         out = {"finished": observed.finished, "good_fraction": round(observed.good_fraction, 3)}
         if observed.ttft_p50_s is not None and math.isfinite(corrected.ttft_s):
             out |= {"ttft_observed_s": round(observed.ttft_p50_s, 4), "ttft_predicted_s": round(corrected.ttft_s, 4)}
@@ -236,8 +253,7 @@ class TopologyPolicy:
             return out
         model = self.calibration.corrected(current)
         step = step_time(model, current, load, max(observed.running_mean, 1.0), self.limits)
-        # what the prediction missed by: TPOT at this load; and, where the queue grows in a steady load, the
-        # capacity it serves at against the capacity predicted
+        # what the prediction missed by: TPOT at this load
         error = math.log(tpot / corrected.tpot_s)
         out |= {
             "tpot_observed_s": round(tpot, 4),
@@ -245,14 +261,8 @@ class TopologyPolicy:
             "step_model_s": round(step, 4),
             "running": round(observed.running_mean, 1),
         }
-        if observed.queue_growth_req_s > 0.05 * load.arrival_rate and observed.throughput_req_s > 0:
-            error = max(abs(error), math.log(max(corrected.capacity_req_s / observed.throughput_req_s, 1.0)))
-            out |= {
-                "capacity_predicted_req_s": round(corrected.capacity_req_s, 3),
-                "throughput_observed_req_s": round(observed.throughput_req_s, 3),
-            }
-        factor = model.factor if isinstance(model, Scaled) else 1.0
-        return out | self.calibration.update(current, factor * tpot / step, error)
+        factor = self.calibration.factor(current)
+        return out | self.calibration.update(now, current, factor * tpot / step, error)
 
     def _revert(
         self,
@@ -271,18 +281,33 @@ class TopologyPolicy:
             return current, "", ""
         if now - self.since < 2 * cfg.interval_s:
             return current, "", ""
-        last.judged = True
         if not same_regime(last.load, load, cfg.regime_tolerance):
+            last.judged = True
             return current, "", ""  # the load moved on: nothing to compare
-        worse_observed = last.good_before is not None and observed.good_fraction < last.good_before - 0.1
+        # SLO attainment says something once the inherited backlog is served (observe_from then counts only the
+        # requests that came after it); while a backlog lasts, what counts is the rate it is served at
+        short = load.queue <= load.arrival_rate * cfg.slo.ttft_s
+        if short and last.clear_at is None:
+            last.clear_at = now
+            return current, "", ""
+        cleared = last.clear_at is not None and observed.since >= last.clear_at
+        busy = observed.queue_min > 0 and not short
+        worse_observed = False
+        if cleared and last.good_before is not None:
+            worse_observed = observed.good_fraction < last.good_before - 0.1
+        elif busy and last.served_before is not None:
+            worse_observed = observed.throughput_req_s < last.served_before * (1 - cfg.gain_threshold)
         worse_model = good[last.old] > value + abs(value) * cfg.gain_threshold
+        if cleared or (busy and last.served_before is not None) or worse_model:
+            last.judged = True
         if not (worse_observed or worse_model):
             return current, "", ""
-        why = (
-            f"SLO attainment {observed.good_fraction:.0%} against {last.good_before:.0%} on {last.old}"
-            if worse_observed
-            else f"the corrected model now gives {last.old} {good[last.old]:.2f} req/s against {value:.2f}"
-        )
+        if worse_observed and cleared:
+            why = f"SLO attainment {observed.good_fraction:.0%} against {last.good_before:.0%} on {last.old}"
+        elif worse_observed:
+            why = f"it serves {observed.throughput_req_s:.2f} req/s against {last.served_before:.2f} on {last.old}"
+        else:
+            why = f"the corrected model now gives {last.old} {good[last.old]:.2f} req/s against {value:.2f}"
         return last.old, "revert", f"regret: {current} does worse than {last.old} did under this load ({why})"
 
     def _weigh(
@@ -399,4 +424,5 @@ class TopologyPolicy:
         if kind != "revert":
             self._switch_times.append(now)
         good = observed.good_fraction if observed is not None else None
-        self._last = _Switch(current, target, now, load, good, judged=kind == "revert")
+        served = observed.throughput_req_s if observed is not None and observed.queue_min > 0 else None
+        self._last = _Switch(current, target, now, load, good, served, judged=kind == "revert")

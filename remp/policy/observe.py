@@ -24,6 +24,7 @@ class Observation:
     throughput_req_s: float  # finished per second since `since` (within the window)
     queue_growth_req_s: float  # waiting requests gained per second (a queue that grows: over capacity)
     running_mean: float = 0.0  # requests running, on average over the snapshots since `since`
+    queue_min: int = 0  # the fewest waiting at any snapshot since `since` (> 0: busy all along)
 
     def to_json(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -95,6 +96,7 @@ class LoadWindow:
             throughput_req_s=sum(1 for f in self._finished if f[0] >= since) / span,
             queue_growth_req_s=growth,
             running_mean=float(np.mean([s[2] for s in q])) if q else 0.0,
+            queue_min=min((s[1] for s in q), default=0),
         )
 
     def latency(self) -> dict[str, float | None]:

@@ -97,20 +97,15 @@ def _state(model: PerfModel, tp: int, pp: int, load: Load, rate: float, limits: 
 
 
 def step_time(model: PerfModel, shape: Shape, load: Load, running: float, limits: Limits) -> float:
-    """The iteration time (a running request's TPOT) with `running` requests decoding (split over the replicas)
-    and the load's prompts prefilled alongside: the performance model's step times for the batch the scheduler
-    actually has, without the queueing model (what the closed loop corrects the step times by)."""
+    """The iteration time (a running request's TPOT) with `running` requests decoding (split over the replicas):
+    each runs ~o + 1 iterations, so running / (o + 1) of them join per iteration, each with its prompt to
+    prefill (whatever the queue: admissions keep pace with departures). The performance model's step times for
+    the batch the scheduler has, without the queueing model: what the closed loop corrects the step times by."""
     tp, pp, dp = Shape(*shape)
     p, o = max(load.prompt_len, 1.0), max(load.output_len, 1.0)
-    n, rate = max(running / dp, 1.0), load.arrival_rate / dp
-    r = _iteration(model, tp, pp, p, o, n, 0)
-    for _ in range(60):
-        x = min(rate * r * p, max(limits.max_num_batched_tokens - n, 0.0))
-        nxt = _mixed(model, tp, pp, p, o, n, x, limits)
-        if abs(nxt - r) < 1e-6 * r:
-            break
-        r = 0.5 * (r + nxt)
-    return r
+    n = max(running / dp, 1.0)
+    x = min(n * p / (o + 1), max(limits.max_num_batched_tokens - n, 0.0))
+    return _mixed(model, tp, pp, p, o, n, x, limits)
 
 
 def _bisect(ok, hi: float) -> float:

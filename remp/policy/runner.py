@@ -114,7 +114,7 @@ class PolicyRunner:
             self.policy.next_t = now + self.policy.config.interval_s
             return None
         self._blocks_used = load.blocks_used
-        observed = self.window.observe(now, self.policy.since, self.policy.config.slo)
+        observed = self.window.observe(now, self.policy.observe_from, self.policy.config.slo)
         d = self.policy.decide(now, snapshot, Shape(load.tp, load.pp), observed)
         if d.action != "switch":
             logger.debug("topology policy: stay on %s: %s", d.current, d.reason)

@@ -223,23 +223,43 @@ def round_trips(switches: list[dict], within_s: float = THRASH_WINDOW_S) -> int:
     return sum(1 for a, b in zip(switches, switches[1:]) if a["from"] == b["to"] and b["time"] - a["time"] <= within_s)
 
 
+def windows_of(requests: list[SampleRequest], window_s: float) -> int:
+    return int(max(r.arrival_s for r in requests) // window_s) + 1
+
+
+def isolated_results(setup: Setup, requests: list[SampleRequest], shape: Shape, window_s: float) -> list[RequestResult]:
+    """`shape` serving each window's arrivals from an empty start, without the backlog of the windows before (a
+    topology switched to at a window's start need not inherit its own past): the results, on the run's clock."""
+    out = []
+    for w in range(windows_of(requests, window_s)):
+        mine = [r for r in requests if w * window_s <= r.arrival_s < (w + 1) * window_s]
+        if not mine:
+            continue
+        start = w * window_s
+        shifted = [SampleRequest(r.prompt, r.prompt_len, r.output_len, r.arrival_s - start, r.phase) for r in mine]
+        for res in run_sim(setup, shifted, shape).results:
+            res.send_time += start
+            out.append(res)
+    return out
+
+
 def oracle_schedule(
     setup: Setup,
     requests: list[SampleRequest],
     candidates: list[Shape],
     window_s: float,
-    fixed: dict[Shape, list[RequestResult]],
+    results: dict[Shape, list[RequestResult]],
 ) -> tuple[float, list[tuple[float, Shape]]]:
-    """The best piecewise-constant schedule in hindsight (sim/oracle.py) from the candidates' fixed runs: its
-    value in good requests, and its switches as (time, shape), the first at 0."""
-    end = max(r.arrival_s for r in requests)
-    windows = int(end // window_s) + 1
-    values = {c: window_values(fixed[c], window_s, windows, slos_ms(setup)) for c in candidates}
+    """The best piecewise-constant schedule in hindsight (sim/oracle.py), valuing each window on each candidate
+    by `results` (its fixed run, or its isolated windows): the schedule's value in good requests, and its
+    switches as (time, shape), the first at 0."""
+    windows = windows_of(requests, window_s)
+    values = {c: window_values(results[c], window_s, windows, slos_ms(setup)) for c in candidates}
     mean_kv = sum(r.prompt_len + r.output_len / 2 for r in requests) / len(requests)
     mode, size = setup.options.switch_mode, setup.options.block_size
     losses = {
         c: switch_loss(
-            setup.costs, mode, setup.slo.ttft_s, mean_kv, size, window_concurrency(fixed[c], window_s, windows)
+            setup.costs, mode, setup.slo.ttft_s, mean_kv, size, window_concurrency(results[c], window_s, windows)
         )
         for c in candidates
     }
@@ -254,33 +274,59 @@ def oracle(
     window_s: float,
     fixed: dict[Shape, SimResult] | None = None,
 ) -> dict:
-    """Every candidate fixed, the best schedule in hindsight among them, simulated; `fixed`: runs already made."""
+    """Every candidate fixed, and the best schedule in hindsight among them: two dynamic programmes, one valuing
+    windows by the fixed runs (each window with the backlog its topology built before), one by isolated windows
+    (none); both schedules simulated, and the best of them and the best fixed topology kept. `fixed`: runs
+    already made."""
     fixed = dict(fixed or {})
     for c in candidates:
         if c not in fixed:
             fixed[c] = run_sim(setup, requests, c)
     good = {c: goodput(setup, fixed[c]) for c in candidates}
-    value, schedule = oracle_schedule(setup, requests, candidates, window_s, {c: fixed[c].results for c in candidates})
-    run = (
-        run_sim(setup, requests, schedule[0][1], schedule=schedule[1:]) if len(schedule) > 1 else fixed[schedule[0][1]]
-    )
-    return oracle_summary(good, value, schedule, goodput(setup, run), window_s)
+    plans = [
+        oracle_schedule(setup, requests, candidates, window_s, {c: fixed[c].results for c in candidates}),
+        oracle_schedule(
+            setup,
+            requests,
+            candidates,
+            window_s,
+            {c: isolated_results(setup, requests, c, window_s) for c in candidates},
+        ),
+    ]
+    tried = []
+    for value, schedule in plans:
+        if len(schedule) > 1:
+            achieved = goodput(setup, run_sim(setup, requests, schedule[0][1], schedule=schedule[1:]))
+        else:
+            achieved = good[schedule[0][1]]
+        tried.append((achieved, value, schedule))
+    return oracle_summary(good, tried, window_s)
 
 
 def oracle_summary(
-    good: dict[Shape, float], value: float, schedule: list[tuple[float, Shape]], achieved: float, window_s: float
+    good: dict[Shape, float], tried: list[tuple[float, float, list[tuple[float, Shape]]]], window_s: float
 ) -> dict:
-    """The oracle's figures: the better of the schedule's simulated goodput and the best fixed one's."""
+    """The oracle's figures from the fixed runs' goodputs and the schedules tried (simulated goodput, the
+    programme's value, the schedule): the best of them, or the best fixed topology where none beats it."""
     best_fixed = max(good, key=lambda c: good[c])
+    achieved, value, schedule = max(tried, key=lambda t: t[0])
     best = max(achieved, good[best_fixed])
     return {
         "window_s": window_s,
         "fixed_goodput_req_s": {str(c): round(g, 4) for c, g in good.items()},
         "best_fixed": str(best_fixed),
         "best_fixed_goodput_req_s": round(good[best_fixed], 4),
-        "schedule": [(round(t, 1), str(c)) for t, c in schedule],
-        "schedule_value_good_requests": round(value, 1),
-        "schedule_goodput_req_s": round(achieved, 4),
+        "schedules_tried": [
+            {
+                "goodput_req_s": round(g, 4),
+                "value_good_requests": round(v, 1),
+                "schedule": [(round(t, 1), str(c)) for t, c in s],
+            }
+            for g, v, s in tried
+        ],
+        "schedule": [(round(t, 1), str(c)) for t, c in schedule]
+        if achieved >= good[best_fixed]
+        else [(0.0, str(best_fixed))],
         "goodput_req_s": round(best, 4),
         "gain_over_best_fixed": round(best / good[best_fixed], 4) if good[best_fixed] > 0 else None,
     }

@@ -236,7 +236,7 @@ class Simulator:
         if load is None:
             self.policy.next_t = self.t + self.policy.config.interval_s
             return
-        observed = self.window.observe(self.t, self.policy.since, self.policy.config.slo)
+        observed = self.window.observe(self.t, self.policy.observe_from, self.policy.config.slo)
         d = self.policy.decide(self.t, load, self.shape, observed)
         if d.action == "switch":
             self.start_switch(parse_shape(d.target), d.reason)
