@@ -258,15 +258,21 @@ def main() -> None:
     for setting in a.settings.split(","):
         t0 = time.perf_counter()
         result = study(setting, a.workloads.split(","), a.jobs)
+        out = RESULTS / f"policy-study-{setting}.json"
+        # one run of this script may cover some workloads: the others' rows from earlier runs are kept
+        if out.exists():
+            old = json.loads(out.read_text())
+            result["table"] = {k: v for k, v in old["table"].items() if k not in result["table"]} | result["table"]
+            result["runs"] = {k: v for k, v in old["runs"].items() if k not in result["runs"]} | result["runs"]
+            result["table"] = {w: result["table"][w] for w in WORKLOADS if w in result["table"]}
         result |= {
             "date": datetime.date.today().isoformat(),
             "setting": setting,
             "arguments": SETTINGS[setting],
-            "command": f"python bench/policy_study.py --settings {setting} --workloads {a.workloads}",
+            "command": f"python bench/policy_study.py --settings {setting} --workloads <one or more of {','.join(WORKLOADS)}>",
             "host": platform.processor() or platform.machine(),
             "wall_s": round(time.perf_counter() - t0, 1),
         }
-        out = RESULTS / f"policy-study-{setting}.json"
         out.write_text(json.dumps(result, indent=1, default=str))
         print(markdown(setting, result), flush=True)
         print(f"saved {out} ({result['wall_s']:.0f} s)", flush=True)

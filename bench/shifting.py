@@ -91,6 +91,12 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
+    def state(self) -> dict:
+        """GET /admin/topology: the topology, its switches and the policy's state (decisions, calibration)."""
+        req = urllib.request.Request(self.url + "/admin/topology", headers={"authorization": "Bearer bench"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
     def switch(self, tp: int, pp: int) -> dict:
         req = urllib.request.Request(
             self.url + "/admin/reconfigure",
@@ -176,14 +182,17 @@ def run_variant(name: str, server: Server, schedule: list[tuple[int, int]], mode
                 startup = server.start(*topo)
                 events.append({"at_s": t, "to": f"TP{topo[0]}xPP{topo[1]}", "downtime_s": startup})
         out, _ = bench.communicate(timeout=3600)
+        policy_state = server.state().get("policy") if mode == "policy" else None
     finally:
         if bench.poll() is None:
             bench.kill()
         server.stop()
     r = json.loads(result_file.read_text())
+    extra_out = {}
     if mode == "policy":
         events = (r.get("topology") or {}).get("switches", [])
-    return {
+        extra_out["policy"] = policy_state
+    return extra_out | {
         "variant": name,
         "events": events,
         "completed": r["completed"],

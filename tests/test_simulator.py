@@ -239,3 +239,42 @@ def test_a_data_parallel_switch_makes_every_replica_whole():
     assert to_dp.weights_s == pytest.approx(quarter / 100e9, rel=0.03)
     back = costs.moves(Shape(2, 1, 2), Shape(4, 1))  # each keeps a half of what it holds: nothing moves
     assert back.weight_bytes == 0 and back.weights_s == 0
+
+
+def test_gpu_fabrics_price_what_crosses_nodes_and_pcie():
+    """Two H100 nodes: TP16's all-reduces and a pipeline's hand-off across the nodes go over InfiniBand rails; on
+    PCIe, TP's all-reduces cost more than on NVLink."""
+    from remp.policy.gpu import rtx5090_model
+    from remp.policy.h100 import H100Model
+
+    config = model_config("llama-2-7b")
+    two = H100Model(config, "llama-2-7b", nodes=2)
+    mb = 8 * 2**20
+    assert two.fabric.all_reduce_s(16, mb) > two.fabric.all_reduce_s(8, mb) > two.fabric.all_reduce_s(4, mb)
+    rail, nvlink = two.fabric.rail, two.fabric.send
+    assert two.fabric.hop_s(8, 2, mb) == pytest.approx(rail[0] + rail[1] * mb)  # one stage per node
+    assert two.fabric.hop_s(4, 2, mb) == pytest.approx(nvlink[0] + nvlink[1] * mb)  # both stages in node 0
+    assert two.fabric.hop_s(8, 4, mb) == pytest.approx((2 * (nvlink[0] + nvlink[1] * mb) + rail[0] + rail[1] * mb) / 3)
+    assert two.supports_tp(16) and not H100Model(config, "llama-2-7b").supports_tp(16)
+    pcie = rtx5090_model(config, "llama-2-7b")
+    assert pcie.fabric.all_reduce_s(8, mb) > 3 * two.fabric.all_reduce_s(8, mb)
+    assert pcie.kv_capacity_tokens(1, 1) > 0 and pcie.kv_capacity_tokens(8, 1) > 8 * pcie.kv_capacity_tokens(1, 1)
+
+
+def test_cli_oracle_dp_candidates_and_the_pcie_device(tmp_path):
+    """`remp simulate --oracle` on a small shifting workload of the PCIe device with data-parallel candidates:
+    every candidate fixed, the best schedule in hindsight, and the policy's share of its gain."""
+    phases = [
+        {"request_rate": 6, "duration_s": 30, "input_len": 300, "output_len": 60},
+        {"request_rate": 3, "duration_s": 30, "input_len": 2000, "output_len": 20},
+    ]
+    out = tmp_path / "r.json"
+    args = ["simulate", "--device", "rtx5090", "--model", "llama-2-7b", "--phases", json.dumps(phases)]
+    args += ["--topology-policy", "auto", "--candidates", "TP8,DP2xTP4,DP8xTP1", "--oracle", "--oracle-window-s", "15"]
+    assert main([*args, "--save-result", str(out)]) == 0
+    r = json.loads(out.read_text())
+    o = r["oracle"]
+    assert set(o["fixed_goodput_req_s"]) == {"TP8xPP1", "DP2xTP4xPP1", "DP8xTP1xPP1"} == set(r["candidates"])
+    assert o["goodput_req_s"] >= o["best_fixed_goodput_req_s"] > 0 and len(o["schedules_tried"]) == 2
+    assert r["device"] == "1x8 rtx5090" and r["completed"] == r["requests"]
+    assert o["this_run_vs_best_fixed"] == pytest.approx(r["goodput_req_s"] / o["best_fixed_goodput_req_s"], abs=1e-3)

@@ -16,7 +16,7 @@ from remp.policy.perf_model import Batch, PerfModel
 from remp.policy.predict import Limits, Load, Prediction, Slo, predict
 from remp.topology import Shape
 
-FACTOR_STEP = 0.02  # factors are kept in 2% steps, so predictions for a corrected model are cached and reused
+FACTOR_STEP = 0.05  # factors are applied in 5% steps, so predictions for a corrected model are cached and reused
 PRIOR_ERROR = 0.1  # the margin before anything was observed
 
 

@@ -32,6 +32,7 @@ from remp.policy.predict import Limits, Load, Prediction, Slo, predict, step_tim
 from remp.topology import Shape, shape_name
 
 STEADY_TOLERANCE = 1.25  # loads within this factor of each other over a window: a steady state
+RETURN_BAR = 0.25  # the extra gain a return to the previous topology needs under the load it left
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,18 @@ class Decision:
     predictions: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return self.__dict__.copy()
+        """Plain JSON (an infinite latency, a topology that cannot keep up, is null)."""
+        return _finite(self.__dict__.copy())
+
+
+def _finite(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
 
 
 @dataclass
@@ -203,7 +215,10 @@ class TopologyPolicy:
         value = good[current]
         if valid:
             observed_good = observed.good_fraction * upper.arrival_rate
-            growing = observed.queue_growth_req_s > 0.05 * load.arrival_rate and load.queue > 0
+            # a queue that grows, or one already past what the TTFT SLO lets newcomers wait behind
+            growing = load.queue > 0 and (
+                observed.queue_growth_req_s > 0.05 * load.arrival_rate or load.queue > load.arrival_rate * slo.ttft_s
+            )
             value = min(observed_good, value) if growing else max(observed_good, value)
             seen |= {"observed_goodput_req_s": round(observed_good, 4), "queue_growing": growing}
         seen |= {"current_value_req_s": round(value, 4), "margin": round(margin, 3)}
@@ -346,6 +361,13 @@ class TopologyPolicy:
         # the bar: a fraction of the current value (the threshold, the model's error, any regret), plus the
         # requests the switch hurts spread over the horizon
         extra = cfg.gain_threshold + self._bars.get((current, best), 0.0)
+        last = self._last
+        if (
+            last is not None
+            and (last.new, last.old) == (current, best)
+            and same_regime(last.load, load, cfg.regime_tolerance)
+        ):
+            extra += RETURN_BAR  # back where it came from under the same load: a round trip, so the bar is higher
         need = abs(value) * extra + hurt / cfg.horizon_s
         if good[best] - value > need:
             return (
@@ -423,6 +445,10 @@ class TopologyPolicy:
             self._bars[pair] = max(0.2, 2 * self._bars.get(pair, 0.0))
         if kind != "revert":
             self._switch_times.append(now)
-        good = observed.good_fraction if observed is not None else None
+        # its SLO attainment counts the requests that finished; with a backlog, those still waiting are missing
+        # from it (and are the ones missing the SLO): then only the rate it served at says what it was worth
+        backlog = load.queue > load.arrival_rate * self.config.slo.ttft_s
+        good = observed.good_fraction if observed is not None and not backlog else None
         served = observed.throughput_req_s if observed is not None and observed.queue_min > 0 else None
-        self._last = _Switch(current, target, now, load, good, served, judged=kind == "revert")
+        # a revert, or any return to where it came from, is not judged again: that would be the loop itself
+        self._last = _Switch(current, target, now, load, good, served, judged=kind == "revert" or back)

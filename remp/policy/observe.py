@@ -37,7 +37,8 @@ class LoadWindow:
     def __init__(self, window_s: float = 60.0):
         self.window_s = window_s
         self._arrivals: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, max tokens)
-        self._finished: deque[tuple[float, int, float, float | None, float | None]] = deque()
+        # (time, output tokens, arrival time, TTFT, TPOT, max_tokens or 0)
+        self._finished: deque[tuple[float, int, float, float | None, float | None, int]] = deque()
         self._queue: deque[tuple[float, int, int]] = deque()  # (time, waiting, running) at each snapshot
         self._first: float | None = None
 
@@ -46,12 +47,19 @@ class LoadWindow:
         self._arrivals.append((t, prompt_tokens, max_tokens))
 
     def finished(
-        self, t: float, output_tokens: int, ttft_s: float | None, tpot_s: float | None, arrived: float | None = None
+        self,
+        t: float,
+        output_tokens: int,
+        ttft_s: float | None,
+        tpot_s: float | None,
+        arrived: float | None = None,
+        max_tokens: int = 0,
     ) -> None:
-        """A request finished at `t`; `arrived` defaults to what its latencies say (t - TTFT - TPOT (n - 1))."""
+        """A request finished at `t`; `arrived` defaults to what its latencies say (t - TTFT - TPOT (n - 1));
+        `max_tokens`, what it asked for (to learn how much of it requests use)."""
         if arrived is None:
             arrived = t - (ttft_s or 0.0) - (tpot_s or 0.0) * max(output_tokens - 1, 0)
-        self._finished.append((t, output_tokens, arrived, ttft_s, tpot_s))
+        self._finished.append((t, output_tokens, arrived, ttft_s, tpot_s, max_tokens))
 
     def _trim(self, now: float) -> None:
         for q in (self._arrivals, self._finished, self._queue):
@@ -66,8 +74,15 @@ class LoadWindow:
             return None
         span = max(min(self.window_s, now - self._first), 1e-3)
         prompts = [p for _, p, _ in self._arrivals]
-        # output lengths: what finished requests produced (max_tokens overstates it when they stop early)
-        outputs = [f[1] for f in self._finished] or [m for *_, m in self._arrivals]
+        # output lengths: what the arrivals ask for, times the share of it that finished requests used
+        # (max_tokens overstates it when they stop early); what finished requests produced where they did not say
+        asked = [m for *_, m in self._arrivals]
+        told = [(f[1], f[5]) for f in self._finished if f[5] > 0]
+        if told and asked:
+            used = sum(o for o, _ in told) / sum(m for _, m in told)
+            outputs = [m * used for m in asked]
+        else:
+            outputs = [f[1] for f in self._finished] or asked
         return Load(
             arrival_rate=len(self._arrivals) / span,
             rate_stderr=max(len(self._arrivals), 1) ** 0.5 / span,

@@ -113,7 +113,7 @@ def _bisect(ok, hi: float) -> float:
     if ok(hi):
         return hi
     lo = 0.0
-    for _ in range(30):
+    for _ in range(20):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return lo
@@ -135,7 +135,7 @@ def _latencies(
     return ttft, r
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=65536)
 def _capacities(
     model: PerfModel, tp: int, pp: int, p: float, o: float, limits: Limits, slo: Slo
 ) -> tuple[float, float]:

@@ -102,7 +102,7 @@ class PolicyRunner:
         ttft = m.first_token_time - m.arrival_time if m.first_token_time else None
         n = req.num_output_tokens
         tpot = (m.last_token_time - m.first_token_time) / (n - 1) if n > 1 and m.first_token_time else None
-        self.window.finished(time.monotonic(), n, ttft, tpot)
+        self.window.finished(time.monotonic(), n, ttft, tpot, max_tokens=req.max_tokens)
 
     def tick(self, load: LoadCounts) -> Decision | None:
         """Between steps (no switch or recovery under way): a decision when one is due, else None."""
@@ -152,4 +152,6 @@ class PolicyRunner:
             "calibration": p.calibration.to_json(),
             "last_error": self.last_error,
             "decisions": [d.to_json() for d in list(p.decisions)[-20:]],
+            # the closed loop at work: the latest decisions that compared the prediction with what was observed
+            "calibrated_decisions": [d.to_json() for d in p.decisions if "model_error" in d.observed][-10:],
         }

@@ -227,7 +227,9 @@ class Simulator:
                 self.finished.append(req)
                 s = self.arrival_of[req]
                 tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
-                self.window.finished(done, req.num_output_tokens, times[0] - s.arrival_s, tpot, s.arrival_s)
+                self.window.finished(
+                    done, req.num_output_tokens, times[0] - s.arrival_s, tpot, s.arrival_s, req.max_tokens
+                )
 
     # --- switches -------------------------------------------------------------------------------------------
 
