@@ -2,28 +2,28 @@
 through the layers, attention at its context, the lm-head for each sampled row) over the fastest float32 matmul
 this machine runs (oneDNN with pre-packed weights where the CPU allows, a prefill-sized GEMM, best of several).
 
-    python bench/floor.py [--num-prompts 64 --input-len 128 --output-len 64] [--measured-tok-s 116.8]
+    python bench/floor.py [--num-prompts 64 --input-len 128 --output-len 64]
     python bench/floor.py --serve-rounds 3 [--remp-args "..."]
 
-Prints the FLOPs, the peak, the floor in seconds and output tok/s, and (given a measured throughput) the
-fraction of the floor reached. Saves bench/results/floor.json. With --serve-rounds, it starts `remp serve` and
-alternates the peak's measurement with a serving run of the workload (the client and prompts of vs_vllm.py,
-after one uncounted warm-up), so that each run is set against the floor of the same minutes: the best peak of
-the whole run, since a peak taken while the host was briefly slow would lower the floor; it saves
-bench/results/floor-serving.json.
+Prints the FLOPs, the peak, and the floor in seconds and output tok/s; saves bench/results/floor.json. The
+fraction of the floor a server reaches is measured with --serve-rounds: it starts `remp serve` and alternates
+the peak's measurement with a serving run of the workload (the client and prompts of vs_vllm.py, after one
+uncounted warm-up), so that each run is set against the floor of the same minutes: the best peak of the whole
+run, since a peak taken while the host was briefly slow would lower the floor; it saves
+bench/results/floor-serving.json. (A throughput measured at another time is no fit for the fraction: this
+host's speed drifts by up to 30% within an hour.)
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from remp.cpu_features import cpu_features
+from remp.bench.results import save_result
 from remp.model.linear import FusedLinear
 from remp.model.reader import open_checkpoint
 
@@ -60,9 +60,8 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--measured-tok-s", type=float, default=None, help="output tok/s a server reached")
     p.add_argument("--serve-rounds", type=int, default=0, help="serve and measure, alternating with the peak")
-    p.add_argument("--remp-args", default="")
+    p.add_argument("--remp-args", default="--dtype float32", help="the floor is float32's: keep --dtype float32")
     a = p.parse_args()
     if a.serve_rounds:
         return serve_rounds(a)
@@ -70,8 +69,6 @@ def main() -> None:
     total, peak = sum(flops.values()), peak_flops()
     floor_s = total / peak
     result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": cpu_features().describe(),
         "torch_threads": torch.get_num_threads(),
         "workload": f"{a.num_prompts} x {a.input_len} in / {a.output_len} out",
         "tflop": {k: round(v / 1e12, 3) for k, v in flops.items()} | {"total": round(total / 1e12, 3)},
@@ -79,37 +76,34 @@ def main() -> None:
         "floor_s": round(floor_s, 2),
         "floor_output_tok_s": round(a.num_prompts * a.output_len / floor_s, 1),
     }
-    if a.measured_tok_s:
-        result["measured_output_tok_s"] = a.measured_tok_s
-        result["fraction_of_floor"] = round(a.measured_tok_s / result["floor_output_tok_s"], 3)
     print(json.dumps(result, indent=1))
-    out = Path(__file__).parent / "results" / "floor.json"
-    out.write_text(json.dumps(result, indent=1))
-    print(f"saved {out}")
+    save_result(result, "floor", dtype="float32")
 
 
 def serve_rounds(a: argparse.Namespace) -> None:
     """peak, serving run, peak, serving run, ..., peak: each run against the floor of the best peak."""
     import tempfile
 
-    from vs_vllm import CLIENT, run_client, start_remp, stop, wait_healthy
+    from vs_vllm import CLIENT, dtype_of, remp_server, run_client
 
     if a.num_prompts != 64 or a.input_len != 128 or a.output_len != 64:
         raise SystemExit("--serve-rounds runs vs_vllm.py's client, whose workload is 64 x 128 in / 64 out")
+    if dtype_of(a.remp_args) != "float32":
+        raise SystemExit("the floor is float32 matmuls': --remp-args must keep --dtype float32")
     total = sum(workload_flops(open_checkpoint(a.model).config, a.num_prompts, a.input_len, a.output_len).values())
     floor_tok_s = lambda peak: a.num_prompts * a.output_len * peak / total
     logs = Path(tempfile.mkdtemp(prefix="floor-"))
-    proc = start_remp(8765, a.remp_args, logs / "remp.log")
+    server = remp_server(8765, a.remp_args, logs / "remp.log")
     rounds = []
     try:
-        wait_healthy("http://127.0.0.1:8765", proc)
+        server.start(timeout_s=900)
         run_client(8765, "", logs / "warmup.json")
         peaks = [peak_flops()]
         for r in range(a.serve_rounds):
             rounds.append({"output_tok_s": round(run_client(8765, "", logs / f"run-{r}.json")["output_throughput"], 1)})
             peaks.append(peak_flops())
     finally:
-        stop(proc, group=False)
+        server.stop(timeout_s=60)
     floor = floor_tok_s(max(peaks))
     for r, one in enumerate(rounds):
         one["fraction_of_floor"] = round(one["output_tok_s"] / floor, 3)
@@ -117,17 +111,13 @@ def serve_rounds(a: argparse.Namespace) -> None:
             f"round {r}: {one['output_tok_s']} output tok/s against a floor of {floor:.1f}: {one['fraction_of_floor']}"
         )
     result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": cpu_features().describe(),
         "workload": CLIENT,
         "remp_args": a.remp_args,
         "peak_gflop_s": [round(p / 1e9, 1) for p in peaks],
         "floor_output_tok_s": round(floor, 1),
         "rounds": rounds,
     }
-    out = Path(__file__).parent / "results" / "floor-serving.json"
-    out.write_text(json.dumps(result, indent=1))
-    print(f"saved {out}")
+    save_result(result, "floor-serving", dtype="float32")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from remp.bench.results import save_result
+
 SEVEN_B_LAYERS = dict(  # Llama-2-7B's layer shape; 4 layers keep the CPU reference quick
     hidden_size=4096,
     intermediate_size=11008,
@@ -294,7 +296,6 @@ def main() -> None:
     except FileNotFoundError:
         gguf = None
     report: dict = {
-        "date": datetime.date.today().isoformat(),
         "gpu": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -327,10 +328,8 @@ def main() -> None:
     else:
         report["remp_two_workers_one_gpu"] = {"skipped": "NCCL cannot put two ranks on the one GPU (check 4)"}
     print("remp_two_workers_one_gpu", json.dumps(report["remp_two_workers_one_gpu"]), flush=True)
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    path = Path(a.out) / "gpu_check.json"
-    path.write_text(json.dumps(report, indent=1))
-    print(f"wrote {path}", flush=True)
+    dtypes = "float32 (checks 1, 2, 5), bfloat16 (3, 4)"
+    save_result(report, "gpu_check", dtype=dtypes, path=Path(a.out) / "gpu_check.json")
     sys.exit(0)
 
 

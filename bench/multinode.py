@@ -15,17 +15,13 @@ Prints a table; writes bench/results/multinode.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 PORT = 29631
 
 
@@ -121,7 +117,7 @@ def main() -> None:
     if a.drive:
         print(json.dumps(drive(json.loads(a.drive))), flush=True)
         return
-    from remp.cpu_features import cpu_features
+    from remp.bench.results import save_result
     from remp.tools import netns
 
     why = netns.reason_unavailable()
@@ -139,12 +135,8 @@ def main() -> None:
         tok = f"{r['decode_tok_s_after']:.1f}" if r["decode_tok_s_after"] else "-"
         print(f"| {r['run']} | {r['placement']} {r['nodes_of_stages']} | {r['pause_s']:.2f} | {r['wall_s']:.2f} | "
               f"{r['bytes_moved'] / 1e6:.0f} | {tok} |")  # fmt: skip
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "multinode.json"
-    meta = {"date": datetime.date.today().isoformat(), "cpu": cpu_features().describe(), "machine": platform.node(),
-            "model": a.model or "default (SmolLM2-135M GGUF)", "dtype": a.dtype, "shape": a.shape}  # fmt: skip
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"saved {out}")
+    result = {"model": a.model or "default (SmolLM2-135M GGUF)", "shape": a.shape, "rows": rows}
+    save_result(result, "multinode", dtype=a.dtype)
 
 
 if __name__ == "__main__":

@@ -19,20 +19,16 @@ by page, depending on glibc's adaptive mmap threshold. The kernel allocates noth
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from remp.cpu_features import cpu_features
+from remp.bench.results import save_result
 from remp.kernels import attention as native
 from remp.model import attention
 from remp.model.attention import SeqChunk, build_metadata, paged_attention, write_kv
 
-RESULTS = Path(__file__).parent / "results"
 KVH, GROUP, D, BS = 3, 3, 64, 16
 LAYERS = 30
 
@@ -111,22 +107,13 @@ def main() -> None:
         each = ", ".join(f"{t:.2f}/{n:.2f}" for t, n in rounds)
         print(f"{threads} thread(s): torch / native ms per layer by round: {each}; medians "
               f"{torch_ms:.2f} / {native_ms:.2f}, {torch_ms / native_ms:.2f}x")  # fmt: skip
-    out = RESULTS / f"paged_attention{'-prefill' if a.prefill else ''}{'-cold' if a.cold else ''}.json"
-    out.write_text(
-        json.dumps(
-            {
-                "date": datetime.date.today().isoformat(),
-                "machine": cpu_features().describe(),
-                "dtype": a.dtype,
-                "cold": a.cold,
-                "shape": f"{a.seqs} {'first chunks of' if a.prefill else 'decode tokens at context'} "
-                f"{a.context}{'' if a.prefill else f'-{a.context * 3 // 2}'}, {KVH} KV x {GROUP} q heads, D {D}",
-                "rows": rows,
-            },
-            indent=1,
-        )
-    )
-    print(f"saved {out}")
+    result = {
+        "cold": a.cold,
+        "shape": f"{a.seqs} {'first chunks of' if a.prefill else 'decode tokens at context'} "
+        f"{a.context}{'' if a.prefill else f'-{a.context * 3 // 2}'}, {KVH} KV x {GROUP} q heads, D {D}",
+        "rows": rows,
+    }
+    save_result(result, f"paged_attention{'-prefill' if a.prefill else ''}{'-cold' if a.cold else ''}", dtype=a.dtype)
 
 
 if __name__ == "__main__":

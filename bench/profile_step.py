@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
-import json
 import time
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from remp import LLM, SamplingParams
-from remp.cpu_features import cpu_features
+from remp.bench.results import save_result
 
-RESULTS = Path(__file__).parent / "results"
 GROUPS = {  # op name -> group; the first pattern that is in the name wins
     "fused layer ops": ("remp::add_rms_norm", "remp::silu_mul", "remp::rope_cache"),
     "matmul": ("addmm", "aten::mm", "linear", "mkldnn", "aten::bmm", "matmul"),
@@ -87,10 +83,8 @@ def main() -> None:
     phases["decode"] = profile_steps(engine, a.decode_steps)
     while engine.has_unfinished_requests():
         engine.step()
+    dtype = str(engine.dtype).removeprefix("torch.")
     result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": cpu_features().describe(),
-        "dtype": str(engine.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "workload": f"{a.num_prompts} x {a.input_len} in / {a.output_len} out",
         "phases": phases,
@@ -102,9 +96,7 @@ def main() -> None:
             print(f"  {grp:40s} {ms:8.1f} ms  {ms / ph['wall_ms_per_step']:5.1%}")
         for op, ms in list(ph["top_ops_ms_per_step"].items())[:8]:
             print(f"    {op:38s} {ms:8.1f} ms")
-    out = RESULTS / f"profile-step-{result['dtype']}.json"
-    out.write_text(json.dumps(result, indent=1))
-    print(f"saved {out}")
+    save_result(result, f"profile-step-{dtype}", dtype=dtype)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,8 @@ with a step plus the pause's bytes / bandwidth. Writes bench/results/reconfig-<m
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import multiprocessing as mp
-import os
 import statistics
 import tempfile
 import time
@@ -27,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from remp import LLMEngine, SamplingParams
-from remp.cpu_features import cpu_features
+from remp.bench.results import describe_machine, save_result
 
 TOPOLOGIES = [(4, 1), (2, 2), (1, 4)]
 MODES = ("live", "stop", "restart")
@@ -186,20 +184,16 @@ def main() -> None:
         engine.shutdown()
         if tmp:
             tmp.cleanup()
+    dtype = str(engine.dtype).removeprefix("torch.")
     result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{os.cpu_count()} cores, {cpu_features().describe()}",
         "model": label,
-        "dtype": str(engine.dtype).removeprefix("torch."),
         "requests_in_flight": a.requests,
         "prompt_len": a.prompt_len,
         "p2p_bandwidth_Bps": bw,
         "pairs": rows,
     }
-    out = Path(__file__).parent / "results" / f"reconfig-{label}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(table(result) + "\n\n" + pause_shares(result))
-    print(f"saved {out}")
+    path = save_result(result, f"reconfig-{label}", dtype=dtype)
+    print(table(json.loads(path.read_text())) + "\n\n" + pause_shares(result))
 
 
 def summary(row: dict) -> dict:
@@ -219,7 +213,7 @@ def table(result: dict) -> str:
     mb = lambda x: x / 1e6
     lines = [
         f"{result['model']} ({result['dtype']}), {result['requests_in_flight']} requests in flight, "
-        f"p2p {result['p2p_bandwidth_Bps'] / 1e9:.2f} GB/s, {result['machine']}",
+        f"p2p {result['p2p_bandwidth_Bps'] / 1e9:.2f} GB/s, {describe_machine(result['machine'])}",
         "",
         "| switch | median step ms | live: pre-copy ms / pause ms / interruption ms | pause KV MB (KV/bw ms) "
         "| tok/s before -> during | stop: pause ms / interruption ms | MB moved (min) | bytes/bw ms "

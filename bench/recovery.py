@@ -15,20 +15,18 @@ bench/results/recovery-<model>.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import signal
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from reconfig import ONE_B, fill
 
 from remp import LLMEngine, SamplingParams
-from remp.cpu_features import cpu_features
+from remp.bench.results import save_result
 
 
 def next_tokens(engine: LLMEngine, ids: list[str], t0: float) -> tuple[dict[str, int], float]:
@@ -56,7 +54,7 @@ def scenario(model: str, dtype: str, rank: int, requests: int, prompt_len: int) 
         os.kill(engine.executor.procs[rank].pid, signal.SIGKILL)
         recovered, recovery_s = next_tokens(engine, ids, t0)
         report = next(r for r in engine.stats.switches if r.cause == "worker_lost")
-        topology = engine.topology
+        topology, dtype = engine.topology, str(engine.dtype).removeprefix("torch.")
     finally:
         engine.shutdown()
     t0 = time.perf_counter()
@@ -78,6 +76,7 @@ def scenario(model: str, dtype: str, rank: int, requests: int, prompt_len: int) 
         fresh.shutdown()
     return {
         "killed_rank": rank,
+        "dtype": dtype,
         "recovered_onto": str(topology),
         "median_step_s": statistics.median(steps),
         "recovery_s": recovery_s,
@@ -116,15 +115,12 @@ def main() -> None:
         if tmp:
             tmp.cleanup()
     result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{os.cpu_count()} cores, {cpu_features().describe()}",
         "model": label,
         "requests_in_flight": a.requests,
         "prompt_len": a.prompt_len,
         "runs": rows,
     }
-    out = Path(__file__).parent / "results" / f"recovery-{label}.json"
-    out.write_text(json.dumps(result, indent=2))
+    save_result(result, f"recovery-{label}", dtype=",".join(dict.fromkeys(r["dtype"] for r in rows)))
     print("| killed | onto | KV recomputed | recovery | restart | restart / recovery | same next tokens |")
     print("| --- | --- | --- | ---: | ---: | ---: | --- |")
     for r in rows:
@@ -132,7 +128,6 @@ def main() -> None:
             f"| rank {r['killed_rank']} | {r['recovered_onto']} | {r['recomputed_tokens']} tokens | "
             f"{r['recovery_s']:.2f} s | {r['restart_s']:.2f} s | {r['speedup']:.1f}x | {r['same_next_tokens']} |"
         )
-    print(f"saved {out}")
 
 
 if __name__ == "__main__":

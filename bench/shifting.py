@@ -12,17 +12,17 @@ Saves bench/results/shifting.json and timeline PNGs next to it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-from remp.topology import parse_shape
+from remp.bench.results import save_result
+from remp.tools.launch import LaunchedServer, remp_serve_command
+from remp.topology import one_replica, parse_shape
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -42,17 +42,16 @@ def phases(seconds: float) -> list[dict]:
 
 
 class Server:
-    def __init__(self, model: str | None, dtype: str, port: int):
-        self.model, self.dtype, self.port, self.proc = model, dtype, port, None
+    """`remp serve` on a fixed port (clients retry against it across restarts), restarted with new flags."""
+
+    def __init__(self, model: str | None, dtype: str, port: int, log: Path):
+        self.model, self.dtype, self.log = model, dtype, log
         self.url = f"http://127.0.0.1:{port}"
+        self.launched: LaunchedServer | None = None
 
     def start(self, tp: int, pp: int, extra: tuple[str, ...] = ()) -> float:
-        t0 = time.perf_counter()
-        cmd = [
-            sys.executable,
-            "-m",
-            "remp",
-            "serve",
+        """Starts it; returns the seconds until /health answered 200."""
+        cmd = remp_serve_command(
             *([self.model] if self.model else []),
             "--dtype",
             self.dtype,
@@ -61,7 +60,7 @@ class Server:
             "-pp",
             str(pp),
             "--port",
-            str(self.port),
+            self.url.rsplit(":", 1)[1],
             "--admin-token",
             "bench",
             "--served-model-name",
@@ -69,27 +68,14 @@ class Server:
             "--max-model-len",
             "2048",
             *extra,
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        while True:
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return time.perf_counter() - t0
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError("server exited during start-up")
-            time.sleep(0.2)
+        )
+        self.launched = LaunchedServer(cmd, url=self.url, log_path=self.log)
+        return self.launched.start(timeout_s=900)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.launched is not None:
+            self.launched.stop()
+            self.launched = None
 
     def state(self) -> dict:
         """GET /admin/topology: the topology, its switches and the policy's state (decisions, calibration)."""
@@ -224,31 +210,30 @@ def main() -> None:
     variants = a.variants.split(",")
     if "policy" in variants and not a.policy_profile:
         raise SystemExit("the policy variant needs --policy-profile (make one: remp profile -tp 4 --candidates ...)")
-    schedule = [parse_shape(s) for s in a.schedule.split(",")]
+    schedule = [one_replica(parse_shape(s)) for s in a.schedule.split(",")]
     RESULTS.mkdir(exist_ok=True)
-    server = Server(a.model, a.dtype, a.port)
+    server = Server(a.model, a.dtype, a.port, Path(tempfile.mkdtemp(prefix="shifting-")) / "server.log")
+    print(f"server log: {server.log}", flush=True)
     rows = []
     for topo in a.fixed.split(",") if "fixed" in variants else []:
-        rows.append(run_variant(f"fixed-{topo}", server, [parse_shape(topo)], "fixed", a, RESULTS))
+        rows.append(run_variant(f"fixed-{topo}", server, [one_replica(parse_shape(topo))], "fixed", a, RESULTS))
         print(json.dumps(rows[-1]), flush=True)
     for mode in ("switch", "restart"):
         if mode in variants:
             rows.append(run_variant(f"{mode}-{a.schedule.replace(',', '-')}", server, schedule, mode, a, RESULTS))
             print(json.dumps(rows[-1]), flush=True)
     if "policy" in variants:
-        start = max(parse_shape(t) for t in a.fixed.split(","))
+        start = max(one_replica(parse_shape(t)) for t in a.fixed.split(","))
         rows.append(run_variant("policy-auto", server, [start], "policy", a, RESULTS))
         print(json.dumps(rows[-1]), flush=True)
     out = {
-        "date": datetime.date.today().isoformat(),
         "model": a.model or "smollm2-135m",
-        "dtype": a.dtype,
         "phases": phases(a.phase_seconds),
         "schedule": a.schedule,
         "goodput_slo": a.goodput,
         "variants": rows,
     }
-    (RESULTS / "shifting.json").write_text(json.dumps(out, indent=2))
+    save_result(out, "shifting", dtype=a.dtype)
     print(
         "| variant | completed | failed | retried | req/s | out tok/s | goodput req/s | p99 TTFT ms | "
         "median TPOT ms |\n|---|---|---|---|---|---|---|---|---|"

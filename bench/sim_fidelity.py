@@ -11,16 +11,16 @@ import argparse
 import json
 from pathlib import Path
 
+from remp.bench.results import RESULTS_DIR, save_result
 from remp.sim.cli import add_cli_args, simulate
 
-RESULTS = Path(__file__).parent / "results"
 KEYS = ("output_throughput", "median_ttft_ms", "median_tpot_ms", "request_goodput")
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--profile", required=True)
-    p.add_argument("--shifting", default=str(RESULTS / "shifting.json"))
+    p.add_argument("--shifting", default=str(RESULTS_DIR / "shifting.json"))
     a = p.parse_args()
     live = json.loads(Path(a.shifting).read_text())
     phases = json.dumps(live["phases"])
@@ -55,8 +55,8 @@ def main() -> None:
                 "live_switches": v["events"],
             }
         )
-    out = RESULTS / "sim-fidelity.json"
-    out.write_text(json.dumps({"date": live["date"], "profile": a.profile, "rows": rows}, indent=2))
+    result = {"live": a.shifting, "live_date": live["date"], "profile": a.profile, "rows": rows}
+    save_result(result, "sim-fidelity", dtype=live.get("dtype"))
     print(
         "| variant | out tok/s live / sim | median TTFT ms live / sim | median TPOT ms live / sim | goodput req/s live / sim |"
     )
@@ -65,7 +65,6 @@ def main() -> None:
         lv, sm = r["live"], r["sim"]
         cells = [f"{lv[k]:.{d}f} / {sm[k]:.{d}f} ({sm[k] / lv[k] - 1:+.0%})" for k, d in zip(KEYS, (1, 0, 0, 2))]
         print(f"| {r['variant']} | " + " | ".join(cells) + " |")
-    print(f"saved {out}")
 
 
 if __name__ == "__main__":

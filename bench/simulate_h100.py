@@ -11,15 +11,14 @@ markdown table per workload: goodput under the model's SLOs, TTFT and TPOT p50/p
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import multiprocessing as mp
 from pathlib import Path
 
+from remp.bench.results import RESULTS_DIR, save_result
 from remp.planner.mode import LIVE, STOP
 from remp.sim.cli import add_cli_args, simulate
 
-RESULTS = Path(__file__).parent / "results"
 TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "traces" / "azure_conv_2023.csv"
 # trace time scales: ~40%, ~65% and ~90% of TP8's predicted capacity for the trace's length mix
 SCALES = {"llama-2-70b": (1.0, 0.6, 0.45), "llama-2-7b": (0.3, 0.18, 0.13)}
@@ -117,7 +116,7 @@ def main() -> None:
     p.add_argument("--phase-s", type=float, default=300.0)
     p.add_argument("--jobs", type=int, default=2)
     a = p.parse_args()
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS_DIR.mkdir(exist_ok=True)
     jobs = []
     for scale in SCALES[a.model]:
         name = f"Azure conversation trace x{1 / scale:.2g} load, first {a.duration_s:.0f} s"
@@ -135,7 +134,7 @@ def main() -> None:
     name = "phased: chat / long prompts / chat"
     base = ["--model", a.model, "--phases", phases_json(a.model, a.phase_s)]
     for s, extra in SETUPS.items():
-        png = ["--timeline", str(RESULTS / f"sim-h100-{a.model}-phased-policy.png")] if s == "policy (live)" else []
+        png = ["--timeline", str(RESULTS_DIR / f"sim-h100-{a.model}-phased-policy.png")] if s == "policy (live)" else []
         jobs.append((name, s, base + extra + png))
     with mp.get_context("forkserver").Pool(a.jobs) as pool:
         done = pool.map(one, jobs, chunksize=1)
@@ -143,17 +142,13 @@ def main() -> None:
     for workload, setup, r in done:
         runs.setdefault(workload, {})[setup] = r
     result = {
-        "date": datetime.date.today().isoformat(),
         "model": a.model,
         "device": "8x H100 SXM (simulated from Vidur's measured operator and NVLink timings)",
-        "command": f"python bench/simulate_h100.py --model {a.model} --duration-s {a.duration_s:g} --phase-s {a.phase_s:g}",
         "runs": runs,
         "switch_times": switch_times(a.model),
     }
-    out = RESULTS / f"sim-h100-{a.model}.json"
-    out.write_text(json.dumps(result, indent=2))
     print(table(result))
-    print(f"saved {out}")
+    save_result(result, f"sim-h100-{a.model}", dtype="bfloat16")  # the H100 model's (policy/h100.py)
 
 
 if __name__ == "__main__":

@@ -12,19 +12,15 @@ and the weights' read rate; writes bench/results/small_linear.json.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from remp.cpu_features import cpu_features
+from remp.bench.results import save_result
 from remp.kernels import small_linear as native
 from remp.model.linear import FusedLinear
 
-RESULTS = Path(__file__).parent / "results"
 LAYERS, H, I, KV, VOCAB = 30, 576, 1536, 192, 49152
 SHAPES = [[(H, H), (KV, H), (KV, H)], [(H, H)], [(I, H), (I, H)], [(H, I)]]  # q|k|v, o, gate|up, down
 
@@ -75,21 +71,8 @@ def main() -> None:
             + f"; medians {onednn:.1f} / {small:.1f}, {onednn / small:.2f}x; "
             f"{weight_bytes / small / 1e6:.1f} against {weight_bytes / onednn / 1e6:.1f} GB/s of weights"
         )
-    out = RESULTS / "small_linear.json"
-    out.write_text(
-        json.dumps(
-            {
-                "date": datetime.date.today().isoformat(),
-                "machine": cpu_features().describe(),
-                "dtype": a.dtype,
-                "torch_threads": torch.get_num_threads(),
-                "weights_mb": round(weight_bytes / 1e6),
-                "rows": rows,
-            },
-            indent=1,
-        )
-    )
-    print(f"saved {out}")
+    result = {"torch_threads": torch.get_num_threads(), "weights_mb": round(weight_bytes / 1e6), "rows": rows}
+    save_result(result, "small_linear", dtype=a.dtype)
 
 
 if __name__ == "__main__":

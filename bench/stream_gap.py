@@ -12,18 +12,15 @@ reported pause, and whether every stream completed. Saves bench/results/stream_g
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import openai
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.server_utils import remp_server
+from remp.bench.results import save_result
+from remp.tools.launch import launched, remp_serve_command
 
 
 def admin(url: str, body: dict) -> dict:
@@ -101,7 +98,8 @@ def main() -> None:
         "1024",
     ]
     results = []
-    with remp_server(*args, timeout=600) as (url, _):
+    with launched(remp_serve_command(*args, "--port", "0"), timeout_s=600) as server:
+        url = server.url
         for event in [
             {"tensor_parallel_size": 2, "pipeline_parallel_size": 2},
             {"tensor_parallel_size": 1, "pipeline_parallel_size": 4},
@@ -111,18 +109,7 @@ def main() -> None:
             r = run_event(url, a.streams, a.tokens, event, delay_s=3.0)
             print(json.dumps(r), flush=True)
             results.append(r)
-    out = Path(__file__).parent / "results" / "stream_gap.json"
-    out.write_text(
-        json.dumps(
-            {
-                "date": datetime.date.today().isoformat(),
-                "model": a.model or "smollm2-135m",
-                "dtype": a.dtype,
-                "results": results,
-            },
-            indent=2,
-        )
-    )
+    save_result({"model": a.model or "smollm2-135m", "results": results}, "stream_gap", dtype=a.dtype)
     print(
         "| event | reported wall s | reported pause s | longest client gap s | median gap s | longest / median "
         "| streams ok |\n|---|---|---|---|---|---|---|"

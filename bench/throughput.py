@@ -7,26 +7,23 @@
     python bench/throughput.py --topologies TP1,TP2,TP1xPP2,TP2xPP2   # these in one run
 
 Prints a summary and writes bench/results/throughput-<topology|all>-<dtype>.json. With --hf-baseline it also times
-transformers' own generate() on the same model and prompt, in the same run, for a side-by-side ratio.
+transformers' own generate() on the same model and prompt, in the same run and in the same dtype as remp's
+(each dtype of --dtype, as `auto` resolved it), for a side-by-side ratio of single-stream decode.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from remp import LLM, SamplingParams
-from remp.cpu_features import cpu_features
+from remp.bench.results import save_result
 from remp.model.reader import open_checkpoint
-from remp.topology import parse_shape
+from remp.topology import one_replica, parse_shape
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -94,7 +91,8 @@ def run_one(a: argparse.Namespace, tp: int, pp: int, dtype: str) -> dict:
     llm.shutdown()
     return {
         "topology": topo,
-        "dtype": f"{resolved} ({dtype})" if dtype == "auto" else resolved,
+        "dtype": resolved,
+        "dtype_asked": dtype,
         "load_s": round(load_s, 2),
         "batch": {
             "num_prompts": a.num_prompts,
@@ -123,8 +121,7 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--single-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--hf-baseline", action="store_true")
-    p.add_argument("--hf-dtype", default="float32", help="transformers computes GGUF weights fastest in float32")
+    p.add_argument("--hf-baseline", action="store_true", help="transformers' single stream, in remp's dtype(s)")
     p.add_argument("--all-topologies", action="store_true", help="every TP x PP with tp*pp <= 4, one after another")
     p.add_argument("--topologies", default=None, help="these, one after another: e.g. TP1,TP2,TP1xPP2,TP2xPP2")
     p.add_argument("--out", default=None)
@@ -132,32 +129,49 @@ def main() -> None:
 
     topologies = ALL_TOPOLOGIES if a.all_topologies else [(a.tensor_parallel_size, a.pipeline_parallel_size)]
     if a.topologies:
-        topologies = [parse_shape(t) for t in a.topologies.split(",")]
+        topologies = [one_replica(parse_shape(t)) for t in a.topologies.split(",")]
     runs = []
     for dtype in a.dtype.split(","):
         for tp, pp in topologies:
             runs.append(run_one(a, tp, pp, dtype))
             print(json.dumps(runs[-1]), flush=True)
     result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()} {os.cpu_count()} cores, {cpu_features().describe()}",
         "model": a.model or "default (SmolLM2-135M-Instruct Q4_1 GGUF)",
-        "dtype": a.dtype,
         "runs": runs,
     }
     if a.hf_baseline:
-        vocab = open_checkpoint(a.model).config.vocab_size
-        hf = hf_single_stream(
-            a.model, getattr(torch, a.hf_dtype), random_prompts(1, a.input_len, vocab)[0], a.single_tokens
-        )
-        result["transformers_single_stream"] = {"dtype": a.hf_dtype, **{k: round(v, 2) for k, v in hf.items()}}
-        result["single_stream_speedup_vs_transformers"] = round(hf["tpot_ms"] / runs[0]["single_stream"]["tpot_ms"], 2)
+        result["vs_transformers_single_stream"] = vs_transformers(a, runs[:: len(topologies)])
     print(json.dumps(result, indent=2))
     print(table(runs))
+    for c in result.get("vs_transformers_single_stream", []):
+        print(
+            f"single stream in {c['dtype']}, both sides: remp {c['remp_tpot_ms']} ms/token, transformers "
+            f"{c['transformers_tpot_ms']} ms/token: remp {c['remp_speedup']}x"
+        )
     name = "all" if a.all_topologies else "-".join(r["topology"] for r in runs[: len(topologies)])
-    out = Path(a.out or Path(__file__).parent / "results" / f"throughput-{name}-{a.dtype.replace(',', '-')}.json")
-    out.write_text(json.dumps(result, indent=2))
-    print(f"saved {out}")
+    dtypes = ",".join(dict.fromkeys(r["dtype"] for r in runs))
+    save_result(result, f"throughput-{name}-{a.dtype.replace(',', '-')}", dtype=dtypes, path=a.out)
+
+
+def vs_transformers(a: argparse.Namespace, firsts: list[dict]) -> list[dict]:
+    """transformers' single-stream decode on the same prompt, in the dtype of each remp run given (the first
+    topology's run of each dtype): the same arithmetic on both sides, so the ratio is one of engines."""
+    vocab = open_checkpoint(a.model).config.vocab_size
+    prompt = random_prompts(1, a.input_len, vocab)[0]
+    out = []
+    for run in firsts:
+        hf = hf_single_stream(a.model, getattr(torch, run["dtype"]), prompt, a.single_tokens)
+        remp_ms = run["single_stream"]["tpot_ms"]
+        out.append(
+            {
+                "dtype": run["dtype"],
+                "remp_topology": run["topology"],
+                "remp_tpot_ms": remp_ms,
+                "transformers_tpot_ms": round(hf["tpot_ms"], 2),
+                "remp_speedup": round(hf["tpot_ms"] / remp_ms, 2),
+            }
+        )
+    return out
 
 
 def table(runs: list[dict]) -> str:
@@ -168,7 +182,7 @@ def table(runs: list[dict]) -> str:
     for r in runs:
         b, s = r["batch"], r["single_stream"]
         rows.append(
-            f"| {r['topology']} | {r['dtype']} | {r['load_s']} | {b['requests_per_s']} | {b['output_tokens_per_s']} | "
+            f"| {r['topology']} | {r['dtype']}{' (auto)' if r['dtype_asked'] == 'auto' else ''} | {r['load_s']} | {b['requests_per_s']} | {b['output_tokens_per_s']} | "
             f"{s['tpot_ms']:.1f} | {s['control_overhead_ms']:.3f} |"
         )
     return "\n".join(rows)

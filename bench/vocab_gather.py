@@ -11,19 +11,16 @@ lm-head shape (49152 x 576, float32, packed as the engine packs it). Writes benc
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import multiprocessing as mp
 import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from remp.cpu_features import cpu_features
+from remp.bench.results import save_result
 from remp.model.linear import FusedLinear
 from remp.shm_allreduce import ShmAllReduce, ShmSegment
 
@@ -93,17 +90,13 @@ def main() -> None:
         times = out.get()
     seg.close(unlink=True)
     result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": cpu_features().describe(),
         "rows": a.rows,
         "iters": a.iters,
         "ms_rank0_median": {k: round(v, 2) for k, v in times.items()},
     }
     for k, v in times.items():
         print(f"{k:22s} {v:7.2f} ms")
-    path = Path(__file__).parent / "results" / f"vocab_gather-rows{a.rows}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {path}")
+    save_result(result, f"vocab_gather-rows{a.rows}", dtype="float32")
 
 
 if __name__ == "__main__":

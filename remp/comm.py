@@ -52,23 +52,26 @@ class WorkerComm:
     def prepare_topology(self, topology: Topology) -> None:
         """Create the process groups a topology needs (cached), and once the group switches move pieces on.
         Collective over the whole world: every worker calls it, with the same topology, in the same order."""
-        for stage in range(topology.pp):
-            key = tuple(sorted(topology.stage_workers(stage)))
-            if len(key) > 1 and key not in self._groups:
-                self._groups[key] = dist.new_group(list(key))
+        for replica in range(topology.dp):
+            for stage in range(topology.pp):
+                key = tuple(sorted(topology.stage_workers(stage, replica)))
+                if len(key) > 1 and key not in self._groups:
+                    self._groups[key] = dist.new_group(list(key))
         if self.switch_group is None:
             # its own group: pre-copy runs in a thread while steps use the default group
             self.switch_group = dist.new_group(list(range(self.world_size)))
 
     def use_topology(self, topology: Topology, config: ModelConfig, dtype: torch.dtype) -> None:
-        """Route steps by this topology (its groups prepared): TP group, previous and next stage."""
+        """Route steps by this topology (its groups prepared): TP group, previous and next stage, all inside this
+        worker's replica."""
         self.hidden_size, self.dtype = config.hidden_size, dtype
         self.epoch += 1
-        coord = topology.coordinate(self.rank)
-        if coord is None:
+        replica = topology.replica_of(self.rank)
+        if replica is None:
             self.tp_group = self.prev = self.next = None
             return
-        stage, tp_rank = coord
+        topology = topology.replica(replica)
+        stage, tp_rank = topology.coordinate(self.rank)
         group = topology.stage_workers(stage)
         self.tp_group = self._groups.get(tuple(sorted(group)))
         # across nodes the TP group sums through the backend; shared memory only joins workers of one machine

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -13,11 +14,13 @@ from typing import Any
 
 import torch
 
-from remp.config import ModelConfig, resolve_dtype
+from remp.config import ModelConfig, max_model_len, resolve_dtype
 from remp.cpu_features import cpu_features
 from remp.detokenizer import IncrementalDetokenizer
 from remp.engine_args import EngineArgs
 from remp.executor import LocalExecutor, MultiprocExecutor, WorkerError, exit_if_spawning_worker
+from remp.guided.compiler import GuidedCompiler
+from remp.guided.matcher import GuidedMatcher, fill_masks
 from remp.kernels.build import build_all as build_kernels
 from remp.kv_cache import kv_bytes_per_block
 from remp.logger import init_logger
@@ -26,14 +29,18 @@ from remp.model.attention import SeqChunk
 from remp.model.reader import open_checkpoint
 from remp.multinode.head import ClusterHost
 from remp.multinode.net import bind_gloo_toward
-from remp.outputs import CompletionOutput, Logprob, RequestOutput
+from remp.output_processor import append_token, record_prompt_logprobs, request_output
+from remp.outputs import RequestOutput
+from remp.parallel_sampling import ParentRequest, sequence_params
+from remp.penalties import PenaltyHistory
 from remp.planner.mode import LIVE, RESTART, SwitchMode, switch_mode
 from remp.policy.decide import Decision
 from remp.policy.runner import LoadCounts, PolicyRunner
+from remp.replicas import InFlight, Replica, rebuild, route
 from remp.request import Request, Status
 from remp.sampler import SampleRow
 from remp.sampling_params import SamplingParams
-from remp.scheduler import ScheduledBatch, Scheduler
+from remp.scheduler import Scheduler
 from remp.step_log import StepLog
 from remp.switch.host import BlockOwner, WorkerFailureGuard
 from remp.switch.on_driver import PendingSwitch, SwitchDriver, SwitchInProgress
@@ -55,13 +62,16 @@ class EngineStats:
     # worker's own time (pickling, pipes, scheduling handoff); recent steps only
     control_overhead_s: deque = field(default_factory=lambda: deque(maxlen=4096))
     switches: list = field(default_factory=list)
+    prompt_tokens: int = 0  # prompt tokens computed (prefill; recomputed ones count again)
 
 
 class LLMEngine:
     def __init__(self, args: EngineArgs | None = None, **kwargs: Any):
         exit_if_spawning_worker()
         self.args = args = args or EngineArgs.from_kwargs(**kwargs)
-        self.max_workers = args.max_workers or args.tensor_parallel_size * args.pipeline_parallel_size
+        self.max_workers = args.max_workers or (
+            args.data_parallel_size * args.tensor_parallel_size * args.pipeline_parallel_size
+        )
         if args.nnodes > 1:
             bind_gloo_toward(args.master_addr)  # before the fork server starts: its workers inherit it
             if args.master_addr.startswith("127.") or args.master_addr in ("localhost", "::1"):
@@ -76,14 +86,9 @@ class LLMEngine:
         self.dtype, why = resolve_dtype(args.dtype, cfg, args.device)
         slow = self.dtype == torch.bfloat16 and args.device == "cpu" and not cpu_features().native_bf16
         (logger.warning if slow else logger.info)("dtype %s (%s)", str(self.dtype).removeprefix("torch."), why)
-        self.max_model_len = args.max_model_len or cfg.max_position_embeddings
-        if self.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len {self.max_model_len} exceeds the model's maximum context "
-                f"({cfg.max_position_embeddings})"
-            )
-        topology = Topology(args.tensor_parallel_size, args.pipeline_parallel_size)
-        topology.validate(cfg)
+        self.max_model_len = max_model_len(args.max_model_len, cfg)
+        topology = Topology(args.tensor_parallel_size, args.pipeline_parallel_size, dp=args.data_parallel_size)
+        topology.validate(cfg, self.max_workers)
         self.num_kv_blocks = args.num_kv_blocks or int(args.kv_cache_memory_gb * 2**30 // self._block_bytes(topology))
         if self.num_kv_blocks * args.block_size < self.max_model_len:
             raise ValueError(
@@ -100,11 +105,11 @@ class LLMEngine:
         if args.device == "cpu":
             build_kernels()  # once, here, rather than in every worker at its first step
         self.executor = self._start_executor(reader, topology)
-        self.scheduler = Scheduler(self.num_kv_blocks, args.block_size, args.max_num_seqs, args.max_num_batched_tokens)
+        self.replicas = [Replica(self._new_scheduler(self.num_kv_blocks)) for _ in range(topology.dp)]
         self.requests: dict[str, Request] = {}
+        self._parents: dict[str, ParentRequest] = {}  # requests of several sequences (n > 1, best_of)
         self._ids = itertools.count()
         self._step_ids = itertools.count()
-        self._in_flight: deque[tuple[ScheduledBatch, list[Request], float]] = deque()
         self.stats = EngineStats()
         self._drained_outputs: list[RequestOutput] = []
         self.num_steps = 0  # steps completed
@@ -121,8 +126,23 @@ class LLMEngine:
                 self.shutdown()
                 raise
 
+    @functools.cached_property
+    def guides(self) -> GuidedCompiler:
+        """Structured output's grammars, compiled once per spec for this tokenizer (made on first use)."""
+        return GuidedCompiler(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
+
+    def _new_scheduler(self, num_blocks: int) -> Scheduler:
+        a = self.args
+        return Scheduler(num_blocks, a.block_size, a.max_num_seqs, a.max_num_batched_tokens, a.enable_prefix_caching)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """Replica 0's scheduler: the engine's only one without data parallelism (see `replicas`)."""
+        return self.replicas[0].scheduler
+
     def _block_bytes(self, topology: Topology) -> int:
-        """KV bytes of one logical block summed over every worker (replicated KV heads count each time)."""
+        """KV bytes of one logical block summed over every worker of every replica (replicated KV heads count
+        each time): a budget buys this many blocks for each replica."""
         cfg = self.model_config
         specs = [topology.spec(cfg, w) for w in topology.placement]
         return sum(
@@ -171,16 +191,39 @@ class LLMEngine:
         *,
         prompt_token_ids: list[int] | None = None,
     ) -> str:
-        """Queue a request. `prompt` is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}.
+        """Queue a request. `prompt` is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}
+        (with "cache_salt": prefix-cache blocks are shared only among prompts with the same salt, as vLLM).
         Raises ValueError (and queues nothing) for an empty or too-long prompt or a duplicate id."""
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = sampling_params or SamplingParams()
         text, ids = self._tokenize(prompt, prompt_token_ids)
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         self.check_prompt(ids)
+        params.check_vocab(self.model_config.vocab_size)
+        guide = self.guides.compile(params.guided) if params.guided is not None else None  # ValueError: refused
+        if params.sequences == 1:
+            requests = [self._request(request_id, text, ids, params, guide, salt=salt)]
+        else:  # one request per sequence; the prefix cache shares the prompt's KV among them
+            parent = self._parents[request_id] = ParentRequest(request_id, params.n)
+            parent.sequences = requests = [
+                self._request(f"{request_id}#{i}", text, ids, sequence_params(params, i), guide, parent, salt)
+                for i in range(params.sequences)
+            ]
+        for req in requests:
+            self.requests[req.request_id] = req
+            req.replica = route(self.replicas, req)
+            self.replicas[req.replica].scheduler.add(req)
+            if self.policy is not None:
+                self.policy.arrival(req)
+        return request_id
+
+    def _request(
+        self, request_id: str, text, ids: list[int], params: SamplingParams, guide, parent=None, salt: str | None = None
+    ) -> Request:
         room = self.max_model_len - len(ids)
-        req = Request(
+        return Request(
             request_id=request_id,
             prompt=text,
             prompt_token_ids=ids,
@@ -195,12 +238,11 @@ class LLMEngine:
                 params.include_stop_str_in_output,
                 params.min_tokens,
             ),
+            guide=GuidedMatcher(guide) if guide is not None else None,
+            history=PenaltyHistory(ids) if params.has_penalties else None,
+            parent=parent,
+            cache_salt=salt,
         )
-        self.requests[request_id] = req
-        self.scheduler.add(req)
-        if self.policy is not None:
-            self.policy.arrival(req)
-        return request_id
 
     def check_prompt(self, ids: list[int]) -> None:
         """ValueError unless `ids` is a prompt this engine can run: non-empty, room to generate, in the vocabulary."""
@@ -235,20 +277,22 @@ class LLMEngine:
 
     def abort_request(self, request_id: str | list[str]) -> None:
         busy = self.busy_requests()
-        for rid in [request_id] if isinstance(request_id, str) else request_id:
+        ids = [request_id] if isinstance(request_id, str) else request_id
+        for rid in [r.request_id for i in ids if (p := self._parents.pop(i, None)) for r in p.sequences] + ids:
             req = self.requests.pop(rid, None)
             if req is not None and not req.finished:
                 req.status, req.finish_reason = Status.FINISHED, "abort"
+                scheduler = self.replicas[req.replica].scheduler
                 if req in busy:  # its blocks are still being written: free them when its batch returns
-                    self.scheduler.forget(req)
+                    scheduler.forget(req)
                 else:
-                    self.scheduler.free(req)
+                    scheduler.free(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._drained_outputs)
+        return any(r.scheduler.has_unfinished() for r in self.replicas) or bool(self._drained_outputs)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.scheduler.waiting) + len(self.scheduler.running)
+        return sum(len(r.scheduler.waiting) + len(r.scheduler.running) for r in self.replicas)
 
     # ---- one step ---------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -269,19 +313,20 @@ class LLMEngine:
         if self.policy is not None and self.switching is None and not self.recovering:
             self._act_on(self.policy.tick(self.policy_load()))
         with self.fatal_worker_errors() as guard:
-            while len(self._in_flight) < self.executor.max_in_flight and self._submit_next():
-                pass
-            if not self._in_flight:
+            for i, rep in enumerate(self.replicas):
+                while len(rep.in_flight) < self.executor.max_in_flight and self._submit_next(i):
+                    pass
+            oldest = {rep.in_flight[0].step_id: rep for rep in self.replicas if rep.in_flight}
+            if not oldest:
                 return []
-            alone = len(self._in_flight) == 1
-            batch, sampled, submitted = self._in_flight[0]
-            result = self.executor.wait()
+            alone = sum(len(rep.in_flight) for rep in self.replicas) == 1
+            result = self.executor.wait(oldest)
+            rep = oldest[result.step_id]
             if alone:
-                self.stats.control_overhead_s.append(time.perf_counter() - submitted - result.worker_s)
+                self.stats.control_overhead_s.append(time.perf_counter() - rep.in_flight[0].submitted - result.worker_s)
         if guard.recovered:  # the requests go on after recomputing their KV
             return []
-        self._in_flight.popleft()
-        outputs = self._process(batch, sampled, result)
+        outputs = self._process(rep, rep.in_flight.popleft(), result)
         self.step_log.record(len(outputs))
         self.num_steps += 1
         return outputs
@@ -311,37 +356,38 @@ class LLMEngine:
             self.stats.switches.append(report)
             guard.recovered = True
 
-    def tokens_in_flight(self) -> dict[Request, int]:
-        """Tokens of each request in micro-batches still in the pipeline (counted as computed already)."""
-        out: dict[Request, int] = {}
-        for batch, *_ in self._in_flight:
-            for r, n in batch.scheduled:
-                out[r] = out.get(r, 0) + n
-        return out
-
     def busy_requests(self) -> set[Request]:
         """Requests in a micro-batch still in the pipeline."""
-        return {r for b, *_ in self._in_flight for r, _ in b.scheduled}
+        return set().union(*(rep.busy() for rep in self.replicas))
 
-    def _submit_next(self) -> bool:
-        batch = self.scheduler.schedule(self.busy_requests(), self.executor.max_in_flight)
+    def _submit_next(self, replica: int) -> bool:
+        rep = self.replicas[replica]
+        batch = rep.scheduler.schedule(rep.busy(), self.executor.max_in_flight)
         if not batch.scheduled:
             return False
         now = time.time()
-        chunks, sampled, rows = [], [], []
+        chunks, sampled = [], []
         for req, n in batch.scheduled:
             start = req.num_computed_tokens
             done = start + n == len(req.token_ids)
-            chunks.append(SeqChunk(req.token_ids[start : start + n], start, list(req.block_ids), done))
+            self.stats.prompt_tokens += max(0, min(n, req.num_prompt_tokens - start))
+            chunks.append(
+                SeqChunk(req.token_ids[start : start + n], start, list(req.block_ids), done, _prompt_rows(req, n))
+            )
             req.num_computed_tokens += n
             if done:
                 sampled.append(req)
-                rows.append(SampleRow.of(req.params, req.num_output_tokens, self._banned(req)))
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-        submitted = time.perf_counter()
-        self.executor.submit(StepMsg(next(self._step_ids), chunks, rows))
-        self._in_flight.append((batch, sampled, submitted))
+        guided = [r for r in sampled if r.guide is not None]
+        masks = dict(zip(guided, fill_masks([r.guide for r in guided]))) if guided else {}
+        rows = [
+            SampleRow.of(r.params, r.num_output_tokens, self._banned(r), history=r.history, mask=masks.get(r))
+            for r in sampled
+        ]
+        step_id, submitted = next(self._step_ids), time.perf_counter()
+        self.executor.submit(StepMsg(step_id, chunks, rows), replica)
+        rep.in_flight.append(InFlight(step_id, batch, sampled, submitted, [c.start_pos for c in chunks]))
         return True
 
     def _banned(self, req: Request) -> tuple[int, ...]:
@@ -350,20 +396,21 @@ class LLMEngine:
             return ()
         return tuple(sorted(req.eos_token_ids | set(req.params.stop_token_ids)))
 
-    def _process(self, batch: ScheduledBatch, sampled: list[Request], result: StepResult) -> list[RequestOutput]:
+    def _process(self, rep: Replica, done: InFlight, result: StepResult) -> list[RequestOutput]:
         now = time.time()
-        out = result.sampled
-        outputs = []
-        for row, req in enumerate(sampled):
+        out, scheduler = result.sampled, rep.scheduler
+        for k, entries in (result.prompt_logprobs or {}).items():
+            req, _ = done.batch.scheduled[k]
+            record_prompt_logprobs(req, done.starts[k], entries, self.tokenizer)
+        for req, _ in done.batch.scheduled:  # their KV of this step is written: full blocks become findable
+            scheduler.cache_computed(req)
+        progressed = []
+        for row, req in enumerate(done.sampled):
             if req.finished:  # aborted while its micro-batch was in flight: freed below
                 continue
-            self._append_token(
-                req,
-                out.token_ids[row],
-                out.logprobs[row],
-                out.ranks[row],
-                out.top_logprobs[row] if out.top_logprobs else [],
-            )
+            top = out.top_logprobs[row] if out.top_logprobs else []
+            token = out.token_ids[row]
+            append_token(req, token, out.logprobs[row], out.ranks[row], top, self.tokenizer, self.max_model_len)
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
             req.metrics.last_token_time = now
@@ -371,46 +418,18 @@ class LLMEngine:
                 req.metrics.finished_time = now
                 if self.policy is not None:
                     self.policy.finished(req)
-                self.scheduler.free(req)
+                scheduler.free(req)
                 self.requests.pop(req.request_id, None)
-            outputs.append(self._output(req))
-        for req, _ in batch.scheduled:
+                if req.parent is not None and req.parent.finished:
+                    self._parents.pop(req.parent.request_id, None)
+            progressed.append(req.parent or req)
+        for req, _ in done.batch.scheduled:
             if req.finished and req.block_ids:  # aborted while in flight: its blocks were kept until now
-                self.scheduler.free(req)
-        return outputs
-
-    def _append_token(self, req: Request, token: int, logprob: float, rank: int, top: list[tuple[int, float]]) -> None:
-        req.token_ids.append(token)
-        req.cumulative_logprob += logprob
-        if req.logprobs is not None:
-            entry = {tid: Logprob(lp, i + 1, self.tokenizer.decode([tid])) for i, (tid, lp) in enumerate(top)}
-            entry[token] = Logprob(logprob, rank, self.tokenizer.decode([token]))
-            req.logprobs.append(entry)
-        stop_str = req.detokenizer.add_token(token)
-        n_out = req.num_output_tokens
-        if token in req.eos_token_ids and n_out >= req.params.min_tokens:
-            req.finish_reason = "stop"
-        elif token in req.params.stop_token_ids and n_out >= req.params.min_tokens:
-            req.finish_reason, req.stop_reason = "stop", token
-        elif stop_str is not None:
-            req.finish_reason, req.stop_reason = "stop", stop_str
-        elif n_out >= req.max_tokens or len(req.token_ids) >= self.max_model_len:
-            req.finish_reason = "length"
-        if req.finish_reason is not None:
-            req.status = Status.FINISHED
-            req.detokenizer.flush()
-
-    def _output(self, req: Request) -> RequestOutput:
-        completion = CompletionOutput(
-            index=0,
-            text=req.detokenizer.visible_text,
-            token_ids=list(req.output_token_ids),
-            cumulative_logprob=req.cumulative_logprob,
-            logprobs=list(req.logprobs) if req.logprobs is not None else None,
-            finish_reason=req.finish_reason,
-            stop_reason=req.stop_reason,
-        )
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], req.finished, req.metrics)
+                scheduler.free(req)
+        outputs = [
+            request_output(r.sequences[0] if isinstance(r, ParentRequest) else r) for r in dict.fromkeys(progressed)
+        ]
+        return [o for o in outputs if o is not None]
 
     # ---- topology switches --------------------------------------------------------------------------------
     def reconfigure(
@@ -419,6 +438,7 @@ class LLMEngine:
         pipeline_parallel_size: int,
         layer_split: list[int] | None = None,
         mode: str | SwitchMode = LIVE,
+        data_parallel_size: int = 1,
     ) -> SwitchReport:
         """Change TP/PP with requests in flight and return when the new topology serves. mode="live" moves the
         weights while this engine keeps stepping (their outputs come from the next step() calls) and pauses only
@@ -428,10 +448,15 @@ class LLMEngine:
         raises SwitchAborted; in both cases the old topology keeps serving."""
         done: dict = {}
         self.start_reconfigure(
-            tensor_parallel_size, pipeline_parallel_size, layer_split, mode, lambda r, e: done.update(r=r, e=e)
+            tensor_parallel_size,
+            pipeline_parallel_size,
+            layer_split,
+            mode,
+            lambda r, e: done.update(r=r, e=e),
+            data_parallel_size=data_parallel_size,
         )
         while not done:
-            if self.scheduler.has_unfinished():
+            if any(rep.scheduler.has_unfinished() for rep in self.replicas):
                 self._drained_outputs += self._step_once()  # keep serving; step() hands these out later
             else:
                 self.advance_switch(wait_s=0.05)
@@ -447,6 +472,7 @@ class LLMEngine:
         mode: str | SwitchMode = LIVE,
         on_done: Callable[[SwitchReport | None, BaseException | None], None] | None = None,
         cause: str = "request",
+        data_parallel_size: int = 1,
     ) -> None:
         """Begin a switch and return: it completes during later step() / advance_switch() calls, which then
         call on_done(report, None), or on_done(None, error) if it was called off. Raises ValueError for an
@@ -460,11 +486,11 @@ class LLMEngine:
             raise SwitchInProgress(str(self.switching.target))
         old = self.topology
         split = tuple(layer_split) if layer_split else None
-        target = Topology(tensor_parallel_size, pipeline_parallel_size, None, split)
+        target = Topology(tensor_parallel_size, pipeline_parallel_size, None, split, data_parallel_size)
         if target.size > self.max_workers:
             raise ValueError(
-                f"{target} needs tp*pp = {target.size} workers, but the pool has at most {self.max_workers}: start "
-                f"the engine with max_workers (--max-workers) of at least {target.size}"
+                f"{target} needs dp*tp*pp = {target.size} workers, but the pool has at most {self.max_workers}: "
+                f"start the engine with max_workers (--max-workers) of at least {target.size}"
             )
         target.validate(self.model_config)
         num_blocks = self.kv_blocks_for(target)
@@ -485,24 +511,26 @@ class LLMEngine:
 
         if mode.restarts:
             finish(self._restart(old, target, num_blocks), None)
-        else:
-            self.switcher.start(target, num_blocks, mode, finish)
+        else:  # a worker found lost as the switch begins: a recovery, which calls the switch off (on_done)
+            with self.fatal_worker_errors():
+                self.switcher.start(target, num_blocks, mode, finish)
 
     def _act_on(self, decision: Decision | None) -> None:
         """The policy's decision: a switch it wants starts live while serving goes on."""
         if decision is None or decision.action != "switch":
             return
-        tp, pp = parse_shape(decision.target)
+        target = parse_shape(decision.target)
         logger.info("topology policy: %s -> %s: %s", decision.current, decision.target, decision.reason)
         try:
-            self.start_reconfigure(tp, pp, mode=LIVE, cause="policy")
+            self.start_reconfigure(target.tp, target.pp, mode=LIVE, cause="policy", data_parallel_size=target.dp)
         except Exception as e:  # e.g. the KV in use does not fit: the old topology serves on
             self.policy.refused(decision.target, e)
 
     def policy_load(self) -> LoadCounts:
         """What the policy observes of the engine between steps."""
-        s = self.scheduler
-        return LoadCounts(self.topology.tp, self.topology.pp, len(s.waiting), len(s.running), s.num_blocks_used())
+        s = [rep.scheduler for rep in self.replicas]
+        waiting, running = sum(len(x.waiting) for x in s), sum(len(x.running) for x in s)
+        return LoadCounts(self.topology.shape, waiting, running, sum(x.num_blocks_used() for x in s))
 
     def check_workers(self) -> None:
         """Notice a worker lost while nothing runs (and recover): called by a server's idle loop."""
@@ -530,57 +558,67 @@ class LLMEngine:
             )
         return num_blocks
 
-    def blocks_in_use(self) -> list[int]:
-        return self.scheduler.blocks_in_use()
+    def running(self, replica: int) -> list[Request]:
+        return list(self.replicas[replica].scheduler.running)
 
-    def block_owners(self, full_only: bool, limit: int | None = None) -> dict[int, BlockOwner]:
-        size = self.args.block_size
-        in_flight = self.tokens_in_flight() if full_only else {}  # being written now: not full yet
-        out, held = {}, 0
-        for r in self.scheduler.running:  # oldest first
-            held += len(r.block_ids)
-            if limit is not None and held > limit:
-                break
-            blocks = r.block_ids[: (r.num_computed_tokens - in_flight.get(r, 0)) // size] if full_only else r.block_ids
-            for i, b in enumerate(blocks):
-                out[b] = (r.request_id, i, r.num_preemptions)
-        return out
+    def blocks_in_use(self, replica: int) -> list[int]:
+        return self.replicas[replica].scheduler.blocks_in_use()
 
-    def fit_kv(self, num_blocks: int) -> list[Request]:
-        return self.scheduler.fit(num_blocks)
+    def cached_free(self, replica: int) -> list[int]:
+        return self.replicas[replica].scheduler.pool.cached_free()
 
-    def adopt(self, topology: Topology, num_blocks: int, block_map: dict[int, int]) -> None:
+    def block_owners(self, replica: int, full_only: bool) -> dict[int, BlockOwner]:
+        rep = self.replicas[replica]
+        return rep.scheduler.block_owners(full_only, None, rep.tokens_in_flight() if full_only else {})
+
+    def preempt(self, requests: list[Request]) -> None:
+        for req in reversed(requests):  # preempt puts each at the front of the queue: keep their order
+            self.replicas[req.replica].scheduler.preempt(req)
+
+    def adopt(
+        self, topology: Topology, num_blocks: int, assignment: dict[str, int], block_maps: dict[tuple, dict]
+    ) -> None:
         self.executor.use_topology(topology)
-        self.scheduler.resize(num_blocks, block_map)
+        self.replicas = rebuild(self.replicas, topology.dp, num_blocks, assignment, block_maps, self._new_scheduler)
+        for d, rep in enumerate(self.replicas):
+            for req in [*rep.scheduler.running, *rep.scheduler.waiting]:
+                req.replica = d
         self.num_kv_blocks = num_blocks
 
     def forget_in_flight(self) -> None:
-        for batch, *_ in self._in_flight:
-            for req, n in batch.scheduled:
-                if req.finished:
-                    if req.block_ids:  # aborted while in flight: its blocks were kept until now
-                        self.scheduler.free(req)
-                else:
-                    req.num_computed_tokens -= n
-        self._in_flight.clear()
+        for rep in self.replicas:
+            for f in rep.in_flight:
+                for req, n in f.batch.scheduled:
+                    if req.finished:
+                        if req.block_ids:  # aborted while in flight: its blocks were kept until now
+                            rep.scheduler.free(req)
+                    else:
+                        req.num_computed_tokens -= n
+            rep.in_flight.clear()
 
-    def requeue_running(self) -> tuple[list[str], int]:
+    def requeue_running(self, replicas: set[int]) -> tuple[list[str], int]:
         self.forget_in_flight()
-        running = list(self.scheduler.running)
-        recompute = sum(r.num_computed_tokens for r in running)
-        for req in reversed(running):  # preempt puts each at the front of the queue
-            self.scheduler.preempt(req)
-        return [r.request_id for r in running], recompute
+        ids, recompute = [], 0
+        for i in sorted(replicas):
+            scheduler = self.replicas[i].scheduler
+            scheduler.drop_cache()
+            running = list(scheduler.running)
+            recompute += sum(r.num_computed_tokens for r in running)
+            for req in reversed(running):  # preempt puts each at the front of the queue
+                scheduler.preempt(req)
+            ids += [r.request_id for r in running]
+        return ids, recompute
 
     def drain(self) -> None:
         """Finish the micro-batches in flight; their outputs are returned by the next step()."""
-        while self._in_flight:
+        while any(rep.in_flight for rep in self.replicas):
+            oldest = {rep.in_flight[0].step_id: rep for rep in self.replicas if rep.in_flight}
             with self.fatal_worker_errors() as guard:
-                result = self.executor.wait()
+                result = self.executor.wait(oldest)
             if guard.recovered:  # nothing left in flight
                 return
-            batch, sampled, _ = self._in_flight.popleft()
-            self._drained_outputs += self._process(batch, sampled, result)
+            rep = oldest[result.step_id]
+            self._drained_outputs += self._process(rep, rep.in_flight.popleft(), result)
 
     def _restart(self, old: Topology, target: Topology, num_blocks: int) -> SwitchReport:
         """What a user does today: stop the engine's workers, start new ones from the checkpoint, re-submit
@@ -588,15 +626,13 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.drain()
         t_pause = time.perf_counter()
-        recompute = sum(r.num_computed_tokens for r in self.scheduler.running)
-        for req in list(self.scheduler.running):
-            self.scheduler.preempt(req)
+        _, recompute = self.requeue_running(set(range(len(self.replicas))))
         self.executor.shutdown()
         reader = open_checkpoint(self.args.model)
         self.tokenizer = reader.load_tokenizer()  # a new engine loads its tokenizer too
         self.num_kv_blocks = num_blocks
         self.executor = self._start_executor(reader, target)
-        self.scheduler.resize(num_blocks, {})
+        self.adopt(target, num_blocks, {}, {})
         weight_bytes = sum(math.prod(reader.shape(n)) for n in reader.names()) * self.dtype.itemsize
         t_end = time.perf_counter()
         return SwitchReport(
@@ -614,7 +650,18 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
-        self.scheduler.waiting.clear()
-        self.scheduler.running.clear()
+        for rep in self.replicas:
+            rep.scheduler.waiting.clear()
+            rep.scheduler.running.clear()
+            rep.in_flight.clear()
         self.requests.clear()
-        self._in_flight.clear()
+
+
+def _prompt_rows(req: Request, n: int) -> tuple[int, tuple[int, ...]] | None:
+    """What a chunk of n tokens from req.num_computed_tokens gives of req's prompt logprobs: (top-k, the next
+    prompt token of each of its first tokens), or None."""
+    k, start = req.params.prompt_logprobs, req.num_computed_tokens
+    rows = min(n, req.num_prompt_tokens - 1 - start)
+    if k is None or rows <= 0:
+        return None
+    return k, tuple(req.prompt_token_ids[start + 1 : start + 1 + rows])

@@ -7,9 +7,9 @@ from dataclasses import dataclass, fields
 from remp.nodes import INTER_NODE_BPS, INTRA_NODE_BPS
 
 
-def workers_on_node(tp: int, pp: int, nnodes: int, workers_per_node: int | None) -> int:
-    """The workers a node runs at start: its --workers-per-node, else an even share of tp*pp."""
-    return workers_per_node or tp * pp // nnodes
+def workers_on_node(num_workers: int, nnodes: int, workers_per_node: int | None) -> int:
+    """The workers a node runs at start: its --workers-per-node, else an even share of dp*tp*pp."""
+    return workers_per_node or num_workers // nnodes
 
 
 @dataclass
@@ -19,12 +19,14 @@ class EngineArgs:
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1  # replicas of the TP x PP shape, each with its own KV cache, behind one engine
     max_workers: int | None = None  # the most workers a switch may grow the pool to (None: tp*pp at start)
     block_size: int = 16
     kv_cache_memory_gb: float = 1.0  # KV cache budget of the whole engine (all workers together)
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True  # reuse the KV of prompt prefixes seen before (as vLLM V1, on by default)
     seed: int = 0
     device: str = "cpu"
     # "uni": a single worker runs in this process; "mp": worker processes (always, when tp*pp > 1). None picks
@@ -63,11 +65,14 @@ class EngineArgs:
     inter_node_bandwidth_gbs: float = INTER_NODE_BPS / 1e9
 
     @property
+    def num_workers(self) -> int:
+        """Workers of the starting topology: dp * tp * pp."""
+        return self.data_parallel_size * self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
     def local_workers(self) -> int:
         """Workers this node runs at start."""
-        return workers_on_node(
-            self.tensor_parallel_size, self.pipeline_parallel_size, self.nnodes, self.workers_per_node
-        )
+        return workers_on_node(self.num_workers, self.nnodes, self.workers_per_node)
 
     def __post_init__(self) -> None:
         for name in (
@@ -76,17 +81,16 @@ class EngineArgs:
             "max_num_batched_tokens",
             "tensor_parallel_size",
             "pipeline_parallel_size",
+            "data_parallel_size",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.max_workers is not None and (
-            not isinstance(self.max_workers, int)
-            or self.max_workers < self.tensor_parallel_size * self.pipeline_parallel_size
+            not isinstance(self.max_workers, int) or self.max_workers < self.num_workers
         ):
             raise ValueError(
-                f"max_workers must be an integer of at least tp*pp = "
-                f"{self.tensor_parallel_size * self.pipeline_parallel_size}, got {self.max_workers!r}"
+                f"max_workers must be an integer of at least dp*tp*pp = {self.num_workers}, got {self.max_workers!r}"
             )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
@@ -109,10 +113,10 @@ class EngineArgs:
                 "`remp serve --headless --node-rank K ...`"
             )
         if self.nnodes > 1 and self.workers_per_node is None:
-            size = self.tensor_parallel_size * self.pipeline_parallel_size
+            size = self.num_workers
             if size % self.nnodes:
                 raise ValueError(
-                    f"tp*pp = {size} workers do not divide over {self.nnodes} nodes: give workers_per_node "
+                    f"dp*tp*pp = {size} workers do not divide over {self.nnodes} nodes: give workers_per_node "
                     "(this node's; each other node gives its own)"
                 )
         if self.workers_per_node is not None and self.workers_per_node < 1:

@@ -15,7 +15,7 @@ import os
 import pickle
 import time
 import weakref
-from collections import deque
+from collections.abc import Collection
 from multiprocessing.connection import wait as wait_ready
 
 from remp.messages import (
@@ -63,7 +63,7 @@ def exit_if_spawning_worker() -> None:
 
 
 class LocalExecutor:
-    max_in_flight = 1
+    max_in_flight = 1  # per replica
 
     def __init__(self, reader: CheckpointReader, topology: Topology, cfg: WorkerConfig):
         self.topology = topology
@@ -76,13 +76,13 @@ class LocalExecutor:
             cfg.max_model_len,
             cfg.device,
         )
-        self._results: deque[StepResult] = deque()
+        self._results: dict[int, StepResult] = {}
 
-    def submit(self, msg: StepMsg) -> None:
-        self._results.append(self.runner.run(msg))
+    def submit(self, msg: StepMsg, replica: int = 0) -> None:
+        self._results[msg.step_id] = self.runner.run(msg)
 
-    def wait(self) -> StepResult:
-        return self._results.popleft()
+    def wait(self, step_ids: Collection[int]) -> StepResult:
+        return self._results.pop(next(i for i in step_ids if i in self._results))
 
     def shutdown(self, grace_s: float = 5.0) -> None:
         self._results.clear()
@@ -131,13 +131,13 @@ class MultiprocExecutor:
         self.nodes: list[int] = []  # nodes[rank]: the node a worker runs on (0: this one)
         self._wids = 0  # worker ids: fixed for a worker's life (its rank changes with the pool)
         self.timeout_s = cfg.timeout_s
-        self.max_in_flight = topology.pp
+        self.max_in_flight = topology.pp  # per replica
         self.generation = 0
         self._recovering = False  # steps failing because of a lost worker are expected, not new failures
         # a worker silent this long (no heartbeat, no reply) is hung: it is treated as lost
         self.hang_s = min(cfg.timeout_s, max(5.0, 4 * HEARTBEAT_S))
         self._heard: dict = {}  # pipe -> when it last had something to say
-        self._results: deque[StepResult] = deque()
+        self._results: dict[int, StepResult] = {}  # step id -> result, until the engine takes it
         self._progress: dict[int, dict[int, SwitchProgress]] = {}  # switch id -> rank -> latest progress
         self._ready: dict[int, set[int]] = {}  # generation (-1: started, waiting to join) -> ranks
         self.procs, self.conns = [], []
@@ -363,7 +363,7 @@ class MultiprocExecutor:
                 raise self._died(rank) from None
             self._heard[c] = now
             if isinstance(msg, StepResult):
-                self._results.append(msg)
+                self._results[msg.step_id] = msg
             elif isinstance(msg, SwitchProgress):
                 self._progress.setdefault(msg.switch_id, {})[msg.rank] = msg
             elif isinstance(msg, Ready):
@@ -408,19 +408,20 @@ class MultiprocExecutor:
         for rank in range(len(self.conns)):
             self._send(rank, msg, data)
 
-    def submit(self, msg: StepMsg) -> None:
-        self.broadcast(msg)
+    def submit(self, msg: StepMsg, replica: int = 0) -> None:
+        """A step of one replica, to its workers (pickled once)."""
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        for rank in self.topology.replica_workers(replica):
+            self._send(rank, msg, data)
 
-    def wait(self) -> StepResult:
-        """The oldest in-flight step's result (results come back in submission order)."""
+    def wait(self, step_ids: Collection[int]) -> StepResult:
+        """The result of whichever of these steps (in flight) finishes first. Within a replica results come
+        back in submission order; replicas run side by side."""
         deadline = time.monotonic() + self.timeout_s
-        while not self._results:
+        while not (done := [i for i in step_ids if i in self._results]):
             if not self._pump(deadline - time.monotonic()) and time.monotonic() >= deadline:
-                rank = self.topology.sampler_worker
-                raise WorkerError(
-                    f"no result from {self._describe(rank)} within {self.timeout_s:.0f} s: a worker hangs"
-                )
-        return self._results.popleft()
+                raise WorkerError(f"no step result within {self.timeout_s:.0f} s: a worker hangs")
+        return self._results.pop(done[0])
 
     def switch_progress(self, switch_id: int, wait_s: float = 0.0) -> dict[int, SwitchProgress]:
         """The latest progress of each worker in a switch, after reading what arrived within wait_s."""

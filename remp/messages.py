@@ -11,8 +11,12 @@ from typing import NamedTuple
 
 from remp.model.attention import SeqChunk
 from remp.planner.plan import Plan
-from remp.sampler import SamplerOutput, SampleRow
+from remp.sampler import SamplerOutput, SampleRow, TokenLogprob
 from remp.topology import Topology
+
+# the KV blocks a switch moves, by route (old replica, new replica): their ids in the old replica's pool, and
+# the ids they take in the new replica's pool, in the same order
+KVFlows = dict[tuple[int, int], tuple[list[int], list[int]]]
 
 
 # ---- driver -> workers -------------------------------------------------------------------------------------
@@ -40,8 +44,7 @@ class PrecopyKV:
     holds them) into the new layout in the background. Answered by SwitchProgress("kv_precopied")."""
 
     switch_id: int
-    blocks: list[int]
-    new_ids: list[int]  # where each goes in the new pool
+    flows: KVFlows
 
 
 @dataclass
@@ -50,9 +53,8 @@ class CommitSwitch:
     written or reassigned since), install the new shard."""
 
     switch_id: int
-    used_blocks: list[int]  # KV blocks in use, in this order ...
-    new_block_ids: list[int]  # ... become these in the new pool
-    clean_blocks: list[int] = field(default_factory=list)  # pre-copied and unchanged since: not moved again
+    flows: KVFlows  # every KV block in use
+    clean: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # by route: pre-copied, unchanged since
 
 
 @dataclass
@@ -86,6 +88,8 @@ class StepResult(NamedTuple):
     step_id: int
     sampled: SamplerOutput
     worker_s: float  # sampler worker: message received -> result ready (includes waiting for upstream stages)
+    # per chunk that asked for prompt logprobs (chunk index): (logprob, rank, top) of each of its targets
+    prompt_logprobs: dict[int, list[TokenLogprob]] | None = None
 
 
 @dataclass

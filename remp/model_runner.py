@@ -17,10 +17,11 @@ from remp.kv_cache import KVCache
 from remp.messages import StepMsg, StepResult
 from remp.model.attention import build_metadata
 from remp.model.checkpoint import CheckpointReader
-from remp.model.llama import LlamaShard
+from remp.model.decoder import DecoderShard, Layer
+from remp.model.families import family_of
 from remp.model.loader import load_shard_weights
 from remp.model.rope import RotaryEmbedding
-from remp.sampler import SamplerOutput, sample_rows
+from remp.sampler import SamplerOutput, prompt_logprobs, sample_rows
 from remp.shard_state import ShardState
 from remp.sharding import ShardSpec
 
@@ -46,7 +47,8 @@ class ModelRunner:
     ):
         cfg = reader.config
         self.reader, self.block_size, self.dtype, self.comm = reader, block_size, dtype, comm
-        self.model: LlamaShard | None = None
+        self.family = family_of(cfg)  # its shard forward and layer builder
+        self.model: DecoderShard | None = None
         self.device = torch.device(device)
         self.rope = RotaryEmbedding(cfg, max_model_len, dtype, reader.rope_freq_factors(), device)
         if spec is None:  # a worker that joins a running pool: it gets its shard from a switch
@@ -57,7 +59,7 @@ class ModelRunner:
             ShardState(spec, load_shard_weights(reader, spec, dtype, device), dict(zip(spec.layers, kv.layers)))
         )
 
-    def install(self, state: ShardState, shard: LlamaShard | None = None) -> None:
+    def install(self, state: ShardState, shard: DecoderShard | None = None) -> None:
         """Run with this shard from now on (after loading or a switch; spec None: hold nothing, take no part in
         steps); `shard` if it was built already."""
         spec = self.spec = state.spec
@@ -74,11 +76,17 @@ class ModelRunner:
         if self.model is not None:
             self.model.all_reduce = comm.all_reduce if comm is not None and self.spec.tp_size > 1 else None
 
-    def build_shard(self, spec: ShardSpec, weights: dict[str, torch.Tensor], reuse: dict | None = None) -> LlamaShard:
+    def build_shard(self, spec: ShardSpec, weights: dict[str, torch.Tensor], reuse: dict | None = None) -> DecoderShard:
         """The execution form of a shard; layers of the running shard built from the same tensors are reused."""
         if reuse is None:
             reuse = self.model.execution_layers() if self.model is not None else {}
-        return LlamaShard(self.reader.config, spec, weights, self.rope, None, reuse)
+        return self.family.shard(self.family, self.reader.config, spec, weights, self.rope, None, reuse)
+
+    def build_layer(
+        self, spec: ShardSpec, weights: dict[str, torch.Tensor], layer: int, reuse: Layer | None = None
+    ) -> Layer:
+        """One layer's execution form (`reuse` itself if built from the same tensors), ahead of build_shard."""
+        return self.family.layer(self.reader.config, spec, weights, layer, reuse)
 
     def state(self) -> ShardState:
         if self.spec is None:
@@ -105,7 +113,7 @@ class ModelRunner:
         if not self.spec.is_last_stage:
             self.comm.send_hidden(hidden)
             return None
-        if not msg.rows:  # only partial prefill chunks: nothing to sample, but the driver awaits one result
+        if not len(meta.logits_rows):  # only partial prefill chunks: nothing to sample, but the driver awaits one
             sampled = SamplerOutput([], [], [], None)
             return StepResult(msg.step_id, sampled, time.perf_counter() - t0) if self.spec.is_sampler else None
         logits = self.model.logits(hidden[meta.logits_rows])
@@ -114,4 +122,7 @@ class ModelRunner:
             logits = self.comm.gather_vocab(logits)
         if not self.spec.is_sampler:
             return None
-        return StepResult(msg.step_id, sample_rows(logits, msg.rows), time.perf_counter() - t0)
+        n = meta.num_sampled
+        sampled = sample_rows(logits[:n], msg.rows) if n else SamplerOutput([], [], [], None)
+        prompt = prompt_logprobs(logits[n:], msg.chunks) if len(logits) > n else None
+        return StepResult(msg.step_id, sampled, time.perf_counter() - t0, prompt)

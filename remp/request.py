@@ -35,6 +35,14 @@ class Request:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks of tokens (prefix caching)
+    num_cached_blocks: int = 0  # its first blocks that are in the prefix cache (their KV is written)
+    replica: int = 0  # the data-parallel replica that serves it
+    guide: Any = None  # guided.GuidedMatcher: where its output is in its grammar (structured output)
+    history: Any = None  # penalties.PenaltyHistory: what its penalties read (presence, frequency, repetition)
+    parent: Any = None  # parallel_sampling.ParentRequest: the request it is one sequence of (n > 1, best_of)
+    prompt_logprobs: list | None = None  # [None, one entry per prompt token after the first] (params.prompt_logprobs)
+    cache_salt: str | None = None  # its prefix-cache blocks are shared only with requests of the same salt
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
 
     def __post_init__(self) -> None:
@@ -42,6 +50,8 @@ class Request:
             self.token_ids = list(self.prompt_token_ids)
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:

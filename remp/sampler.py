@@ -1,18 +1,24 @@
-"""Batched token sampling: greedy, temperature, top-k, top-p, min-p, logprobs."""
+"""Batched token sampling: the allowed-token mask of guided decoding and min_tokens' bans, logit bias,
+presence / frequency / repetition penalties, then greedy, temperature, top-k, top-p, min-p; and logprobs."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
+from remp.guided.bitmask import unpack_allowed
 from remp.kernels import sampling as native
+from remp.penalties import Penalties, PenaltyHistory, apply_penalties, penalised_ids
 from remp.sampling_params import SamplingParams
 
 
 class SampleRow(NamedTuple):
-    """What the sampler needs of one row: the wire form of SamplingParams (cheap to pickle every step)."""
+    """What the sampler needs of one row: the wire form of SamplingParams and of the request's state that the
+    sampling depends on (cheap to pickle every step; the optional fields cost only the rows that use them)."""
 
     temperature: float
     top_p: float
@@ -21,15 +27,36 @@ class SampleRow(NamedTuple):
     logprobs: int | None
     seed: int | None  # per-token seed (see token_seed), None: the sampling process's default RNG
     banned: tuple[int, ...] = ()  # token ids that must not be sampled now (min_tokens)
+    allowed: np.ndarray | None = None  # guided decoding: the bitmask of the tokens allowed now (remp.guided)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    penalties: Penalties | None = None  # presence / frequency / repetition, with the history they read
 
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 
     @classmethod
-    def of(cls, p: SamplingParams, output_index: int, banned: tuple[int, ...] = ()) -> SampleRow:
+    def of(
+        cls,
+        p: SamplingParams,
+        output_index: int,
+        banned: tuple[int, ...] = (),
+        *,
+        history: PenaltyHistory | None = None,
+        mask: np.ndarray | None = None,
+    ) -> SampleRow:
+        """The row of a request about to sample its output token `output_index`. history: its PenaltyHistory
+        (needed when p has penalties); mask: its guided matcher's bitmask for this token (when p.guided)."""
         seed = None if p.seed is None else token_seed(p.seed, output_index)
-        return cls(p.temperature, p.top_p, p.top_k, p.min_p, p.logprobs, seed, banned)
+        if (mask is None) != (p.guided is None):
+            raise ValueError("a guided request samples under its matcher's mask, and only a guided one does")
+        penalties = None
+        if p.has_penalties:
+            if history is None:
+                raise ValueError("a request with penalties needs its PenaltyHistory")
+            penalties = history.wire(p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
+        bias = tuple(p.logit_bias.items()) if p.logit_bias else ()
+        return cls(p.temperature, p.top_p, p.top_k, p.min_p, p.logprobs, seed, banned, mask, bias, penalties)
 
 
 def token_seed(seed: int, output_index: int) -> int:
@@ -127,7 +154,9 @@ def _plain(sp: SamplingParams, vocab: int) -> bool:
 
 
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams | SampleRow],
+    generators: list[torch.Generator | None],
 ) -> SamplerOutput:
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
@@ -162,17 +191,13 @@ def sample(
             tokens[drawn] = _random_sample(
                 xf[drawn], [params[filtered[k]] for k in drawn], u[[filtered[k] for k in drawn]]
             )
-        raw = torch.log_softmax(xf, dim=-1)
-        lp = raw.gather(-1, tokens[:, None])
-        token_ids[filtered], chosen_lp[filtered] = tokens, lp[:, 0]
-        ranks[filtered] = (raw > lp).sum(dim=-1) + 1
+        token_ids[filtered] = tokens
+        chosen_lp[filtered], ranks[filtered] = _chosen_logprob_rank(xf, tokens)
 
     top: list[list[tuple[int, float]]] | None = None
     ns = [min(sp.logprobs or 0, V) for sp in params]
     if max(ns, default=0) > 0:
-        vals, idx = torch.log_softmax(x, dim=-1).topk(max(ns), dim=-1)  # sorted descending
-        vals_l, idx_l = vals.tolist(), idx.tolist()
-        top = [list(zip(idx_l[i][:n], vals_l[i][:n])) for i, n in enumerate(ns)]
+        top = _top_logprobs(x, ns)
 
     return SamplerOutput(
         token_ids=token_ids.tolist(),
@@ -182,14 +207,127 @@ def sample(
     )
 
 
+def _chosen_logprob_rank(x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen tokens' log_softmax in x, and their 1-based rank there."""
+    lsm = torch.log_softmax(x, dim=-1)
+    lp = lsm.gather(-1, tokens[:, None])
+    return lp[:, 0], (lsm > lp).sum(dim=-1) + 1
+
+
+def _top_logprobs(x: torch.Tensor, ns: list[int]) -> list[list[tuple[int, float]]]:
+    """Per row, its top-n (token id, log_softmax) pairs, sorted descending ([] for n = 0)."""
+    if max(ns, default=0) == 0:
+        return [[] for _ in ns]
+    vals, idx = torch.log_softmax(x, dim=-1).topk(max(ns), dim=-1)
+    vals_l, idx_l = vals.tolist(), idx.tolist()
+    return [list(zip(idx_l[i][:n], vals_l[i][:n])) for i, n in enumerate(ns)]
+
+
 def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """x[rows], without a copy when that is all of x in order (the common case: one path for the batch)."""
     return x if rows == list(range(x.shape[0])) else x[rows]
 
 
 def sample_rows(logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
-    """sample() for wire-form rows: bans tokens (min_tokens) and seeds each seeded row's generator."""
-    for i, row in enumerate(rows):
-        if row.banned:
-            logits[i, list(row.banned)] = float("-inf")
-    return sample(logits, rows, [make_generator(r.seed) for r in rows])
+    """sample() for wire-form rows, in vLLM's order: the allowed-token mask and the bans (-inf: the logprobs see
+    these, as vLLM's see the grammar's mask), then logit bias and penalties (the logprobs do not see these: raw,
+    as vLLM's by default), then temperature, top-k, top-p, min-p. Each row depends on its own logits and
+    parameters only. May overwrite `logits`."""
+    if logits.dim() != 2 or logits.shape[0] != len(rows):
+        raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(rows)} rows")
+    x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32).contiguous()
+    constrain(x, rows)
+    generators = [make_generator(r.seed) for r in rows]
+    shaped = [i for i, r in enumerate(rows) if r.logit_bias or r.penalties is not None]
+    if not shaped:
+        return sample(x, rows, generators)
+    changed, before = reshape(x, rows, shaped)
+    out = sample(x, rows, generators)
+    x.view(-1)[changed] = before  # back to the logits before the reshaping, which the logprobs describe
+    tokens = [out.token_ids[i] for i in shaped]
+    if native.available(x.dtype, x.device):
+        lp, rank = native.logprob_rank(x, shaped, tokens)
+    else:
+        lp, rank = _chosen_logprob_rank(x[shaped], torch.tensor(tokens, device=x.device))
+    for i, a, b in zip(shaped, lp.tolist(), rank.tolist()):
+        out.logprobs[i], out.ranks[i] = a, b
+    if out.top_logprobs is not None:
+        for i, t in zip(shaped, _top_logprobs(x[shaped], [min(rows[i].logprobs or 0, x.shape[1]) for i in shaped])):
+            out.top_logprobs[i] = t
+    return out
+
+
+def constrain(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
+    """Disallowed tokens (outside a guided row's mask, or banned by min_tokens) to -inf, in place. Where the mask
+    allows nothing but banned tokens (a finished grammar allows only EOS, which min_tokens bans), the mask wins:
+    a constraint that can only end, ends."""
+    V = x.shape[-1]
+    masked = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if masked:
+        masks = np.stack([rows[i].allowed for i in masked]).astype(np.int32)  # a copy: bans clear bits in it
+        bits = masks.view(np.uint32)
+        for k, i in enumerate(masked):
+            if rows[i].banned:
+                kept = bits[k].copy()
+                for t in rows[i].banned:
+                    if t < 32 * len(kept):
+                        kept[t >> 5] &= ~np.uint32(1 << (t & 31))
+                if kept.any():
+                    bits[k] = kept
+            if not bits[k].any():
+                raise ValueError(f"row {i}: its guided mask allows no token")
+        if native.available(x.dtype, x.device):
+            native.apply_bitmask(x, masked, masks)
+        else:
+            allowed = torch.from_numpy(unpack_allowed(masks, V)).to(x.device)
+            x[masked] = x[masked].masked_fill_(~allowed, float("-inf"))
+    for i, r in enumerate(rows):
+        if r.banned and r.allowed is None:
+            x[i, list(r.banned)] = float("-inf")
+
+
+def reshape(x: torch.Tensor, rows: Sequence[SampleRow], shaped: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logit bias, then penalties, on rows `shaped` of x, in place. Returns the flat indices into x of the entries
+    they change and those entries' values before, to put back (sparse: the rows are not copied)."""
+    V = x.shape[-1]
+    ids, row_of = [], []  # the token ids whose logits may change, and their rows
+    for i in shaped:
+        ids.append(np.fromiter((t for t, _ in rows[i].logit_bias), np.int64, len(rows[i].logit_bias)))
+        if rows[i].penalties is not None:
+            ids += penalised_ids(rows[i].penalties)
+        row_of += [i] * (len(ids) - len(row_of))
+    every = np.concatenate(ids).astype(np.int64)
+    if len(every) and (every.min() < 0 or every.max() >= V):
+        raise ValueError(f"logit_bias or penalty token ids outside the vocabulary [0, {V})")
+    changed = torch.from_numpy(every + np.repeat(np.asarray(row_of) * V, [len(a) for a in ids])).to(x.device)
+    before = x.view(-1)[changed]  # a copy (advanced indexing)
+    biased = [i for i in shaped if rows[i].logit_bias]
+    if biased:
+        idx = np.concatenate([i * V + np.fromiter((t for t, _ in rows[i].logit_bias), np.int64) for i in biased])
+        bias = np.concatenate([np.fromiter((b for _, b in rows[i].logit_bias), np.float64) for i in biased])
+        x.view(-1)[torch.from_numpy(idx).to(x.device)] += torch.from_numpy(bias).to(x.device, x.dtype)
+    pen = [i for i in shaped if rows[i].penalties is not None]
+    if pen:
+        apply_penalties(x, pen, [rows[i].penalties for i in pen])
+    return changed, before
+
+
+# (logprob, 1-based rank, top-k (token id, logprob) pairs) of one known token
+TokenLogprob = tuple[float, int, list[tuple[int, float]]]
+
+
+def prompt_logprobs(logits: torch.Tensor, chunks: Sequence) -> dict[int, list[TokenLogprob]]:
+    """The raw logprob, rank and top-k of each next prompt token, for the chunks that ask (their rows follow the
+    sampled ones, chunk by chunk, one per target: SeqChunk.prompt_logprobs)."""
+    x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    out, row = {}, 0
+    for i, c in enumerate(chunks):
+        if c.prompt_logprobs is None:
+            continue
+        k, targets = c.prompt_logprobs
+        part = x[row : row + len(targets)]
+        row += len(targets)
+        lp, rank = _chosen_logprob_rank(part, torch.tensor(targets, device=x.device))
+        tops = _top_logprobs(part, [min(k, x.shape[1])] * len(targets))
+        out[i] = list(zip(lp.tolist(), rank.tolist(), tops))
+    return out

@@ -2,7 +2,9 @@
 
 Heads are split by KV group as evenly as possible, so any TP degree up to the number of q heads works
 (9 heads / 3 KV heads on TP=2 gives 6+3). When tp > num_kv_heads each rank holds one KV head, replicated
-across the ranks that share it, and that group's q heads are split among them.
+across the ranks that share it, and that group's q heads are split among them. A mixture of experts is split
+by whole experts (each rank runs its experts for every token routed to them); with more ranks than experts some
+ranks hold none, and add nothing to the MLP's all-reduce.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class ShardSpec:
     q_heads: range
     kv_heads: range
     ffn: range
+    experts: range  # of a mixture of experts (empty for a dense MLP)
     vocab: range  # rows of the lm-head (the last stage splits the vocabulary over its TP ranks; empty elsewhere)
 
     @property
@@ -94,5 +97,6 @@ def shard_spec(
         q_heads=q,
         kv_heads=kv,
         ffn=split_evenly(config.intermediate_size, tp)[tp_rank],
+        experts=split_evenly(config.num_experts, tp)[tp_rank],
         vocab=split_evenly(config.vocab_size, tp)[tp_rank] if stage == pp - 1 else range(0),
     )

@@ -45,3 +45,17 @@ def tiny_llama3_rope(tmp_path_factory):
             "original_max_position_embeddings": 64,
         },
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory):
+    """q/k norm; head_dim 16 x 8 heads != hidden 96 (an explicit head_dim)."""
+    return write_random_llama(
+        tmp_path_factory.mktemp("tiny_qwen3"), seed=4, model_type="qwen3", num_attention_heads=8, head_dim=16
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory):
+    """3 experts, top 2: TP2 splits them 2+1, TP4 leaves one rank without experts."""
+    return write_random_llama(tmp_path_factory.mktemp("tiny_mixtral"), seed=5, model_type="mixtral")

@@ -1,15 +1,12 @@
 """Start `remp serve` as a subprocess for tests; always stopped, never orphaned."""
 
 import json
-import os
-import re
-import signal
 import subprocess
-import sys
-import tempfile
-import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
+
+from remp.tools.launch import launched, remp_serve_command
 
 
 def worker_pids(server_pid: int) -> list[int]:
@@ -22,54 +19,12 @@ def worker_pids(server_pid: int) -> list[int]:
     return [w for fs in children(server_pid, "forkserver") for w in children(fs)]
 
 
-def session_processes(sid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-s", str(sid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 @contextmanager
 def remp_server(*args: str, timeout: float = 180.0):
-    """The server in its own session; on exit it gets SIGINT, and no process of its session may outlive it."""
-    # port 0: the server takes a free port itself and names it, so no other process can take it meanwhile
-    cmd = [sys.executable, "-m", "remp", "serve", *args, "--port", "0"]
-    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty server never blocks on a full pipe
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    url = None
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"server exited: {log.read()}")
-            if url is None:
-                log.seek(0)
-                url = next(iter(re.findall(r"^remp: serving .* on (http://\S+)\n", log.read(), re.M)), None)
-            try:
-                if url:
-                    with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                        if r.status == 200:
-                            break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("server did not become healthy")
-            time.sleep(0.3)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        deadline = time.monotonic() + 10
-        while (left := session_processes(proc.pid)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if left:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-    assert not left, f"processes of the server's session outlived it: {left}"
+    """`remp serve ARGS` on a free port (remp/tools/launch.py): yields (url, process); on exit it gets SIGINT, and
+    no process of its session may outlive it."""
+    with launched(remp_serve_command(*args, "--port", "0"), timeout_s=timeout) as server:
+        yield server.url, server.proc
 
 
 def post(url, path, body, token=None, raw=None):

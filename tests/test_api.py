@@ -71,7 +71,8 @@ def test_min_tokens_and_max_model_len(llm):
 def test_logprobs_top_n(llm):
     out = llm.generate("abc", SamplingParams(max_tokens=3, temperature=0, logprobs=3))[0].outputs[0]
     total = 0.0
-    for tok, step in zip(out.token_ids, out.logprobs):
+    assert out.token_ids  # not vacuous
+    for tok, step in zip(out.token_ids, out.logprobs, strict=True):
         assert step[tok].rank == 1 and len(step) == 3
         assert max(lp.logprob for lp in step.values()) == step[tok].logprob
         total += step[tok].logprob

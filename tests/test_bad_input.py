@@ -45,7 +45,7 @@ def test_kv_cache_too_small(tiny_llama):
         ({"top_k": -5}, "top_k"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"min_p": 2}, "min_p"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
         ({"logprobs": -1}, "logprobs"),
     ],
 )

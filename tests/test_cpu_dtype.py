@@ -61,7 +61,8 @@ def test_feature_rules():
 
 def packed_flags(llm: LLM) -> set[bool]:
     model = llm.llm_engine.executor.runner.model
-    linears = [x for layer in model.layers for x in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [model.lm_head]
+    linears = [x for layer in model.layers for x in (layer.qkv, layer.o, layer.mlp.gate_up, layer.mlp.down)]
+    linears.append(model.lm_head)
     return {lin.packed for lin in linears}
 
 

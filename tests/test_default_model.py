@@ -33,7 +33,8 @@ def test_greedy_and_logprobs_match_transformers(llm, hf_model):
     tok = llm.get_tokenizer()
     params = SamplingParams(max_tokens=N_TOKENS, temperature=0, ignore_eos=True, logprobs=5)
     outs = llm.generate(PROMPTS, params)  # batched: exercises mixed prefill/decode steps
-    for prompt, out in zip(PROMPTS, outs):
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        assert len(out.outputs[0].token_ids) == len(out.outputs[0].logprobs) == N_TOKENS, prompt
         ids = tok.encode(prompt)
         full = ids + out.outputs[0].token_ids
         with torch.no_grad():

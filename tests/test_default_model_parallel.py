@@ -27,5 +27,5 @@ def reference():
 @pytest.mark.slow
 @pytest.mark.parametrize("tp, pp", [(2, 1), (3, 1), (2, 2), (1, 3)])
 def test_same_greedy_text_as_tp1(reference, tp, pp):
-    for ref, out in zip(reference, generate(tp, pp)):
+    for ref, out in zip(reference, generate(tp, pp), strict=True):
         assert_same_or_near_tie(ref, out)

@@ -68,5 +68,5 @@ def test_pool_limits(tiny_llama):
             one.reconfigure(2, 1)
     finally:
         one.shutdown()
-    with pytest.raises(ValueError, match="max_workers must be an integer of at least tp\\*pp = 4"):
+    with pytest.raises(ValueError, match="max_workers must be an integer of at least dp\\*tp\\*pp = 4"):
         LLMEngine(model=str(tiny_llama), tensor_parallel_size=4, max_workers=2)

@@ -23,6 +23,11 @@ FLOORS: list[tuple[str, list[str]]] = [
             "nodes",
             "outputs",
             "step_log",
+            "block_pool",
+            "replicas",
+            "guided",
+            "penalties",
+            "parallel_sampling",
             "sampling_params",
             "request",
             "scheduler",
@@ -48,7 +53,7 @@ FLOORS: list[tuple[str, list[str]]] = [
     ("pool (driver side)", ["multinode", "executor"]),
     ("switch (driver side)", ["switch"]),
     ("policy", ["policy"]),
-    ("engine", ["engine"]),
+    ("engine", ["engine", "output_processor"]),
     ("front ends", ["entrypoints", "sim", "bench", ""]),
 ]
 

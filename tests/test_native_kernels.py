@@ -10,16 +10,17 @@ import os
 import shutil
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from remp.config import ModelConfig
 from remp.cpu_features import cpu_features
 from remp.kernels import attention as native
 from remp.kernels import build
 from remp.kernels import layer_ops as native_ops
 from remp.model import attention
 from remp.model.attention import SeqChunk, build_metadata, paged_attention, write_kv
+from remp.model.families import config_from_hf
 from remp.model.layer_ops import TorchOps
 from remp.model.rope import RotaryEmbedding
 from remp.tools.random_model import tiny_config
@@ -95,7 +96,7 @@ def test_fused_layer_ops_match_torch(dtype):
     gate_up = rnd(T, 2 * I, scale=30)
     close(native_ops.silu_mul(gate_up), TorchOps.silu_mul(gate_up))
     # RoPE on q and k in place, then k and v into the cache at scattered slots
-    cfg = ModelConfig.from_hf_dict(tiny_config())  # 6 q heads, 2 KV heads of 16
+    cfg = config_from_hf(tiny_config())  # 6 q heads, 2 KV heads of 16
     rope = RotaryEmbedding(cfg, 512, dtype)
     cos, sin = rope.tables(torch.randint(0, 512, (T,), generator=g))
     slots = torch.randperm(40 * 4, generator=g)[:T]
@@ -215,6 +216,37 @@ def test_native_sampling_of_nan_and_infinite_rows_follows_torch(monkeypatch):
     assert all(math.isnan(lp) for lp in fast.logprobs) and all(math.isnan(lp) for lp in slow.logprobs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_native_bitmask_and_logprob_rank_match_torch(dtype):
+    from remp.guided.bitmask import unpack_allowed
+    from remp.kernels import sampling
+
+    g = torch.Generator().manual_seed(3)
+    B, V = 6, 1000
+    logits = (torch.randn(B, V, generator=g) * 3).to(dtype)
+    rng = np.random.default_rng(3)
+    words = rng.integers(-(2**31), 2**31, (3, 30), dtype=np.int64).astype(np.int32)  # 960 bits: 40 past the mask
+    words[0, :5] = -1  # whole words allowed
+    words[1, 5:9] = 0  # whole words not
+    rows = [4, 0, 2]
+    got = logits.clone()
+    sampling.apply_bitmask(got, rows, words)
+    want = logits.clone()
+    want[rows] = want[rows].masked_fill(~torch.from_numpy(unpack_allowed(words, V)), float("-inf"))
+    assert torch.equal(got, want)
+
+    got[5, 10] = float("nan")  # as torch: a NaN row has NaN logprobs, rank 1
+    tokens = [int(got[r].argmax()) if k == 0 else int(torch.nonzero(got[r] > -1e9)[k]) for k, r in enumerate(rows)]
+    lp, rank = sampling.logprob_rank(got, [*rows, 5], [*tokens, 3])
+    ref = torch.log_softmax(got.double(), -1)
+    for k, (r, t) in enumerate(zip(rows, tokens)):
+        assert lp[k].item() == pytest.approx(ref[r, t].item(), abs=1e-5 if dtype == torch.float32 else 1e-12)
+        assert rank[k].item() == int((got[r] > got[r, t]).sum()) + 1
+    assert math.isnan(lp[3].item()) and rank[3].item() == 1
+    with pytest.raises(ValueError):
+        sampling.logprob_rank(got, [6], [0])
+
+
 def test_a_row_samples_the_same_whatever_its_batch_mates():
     """The path (native or torch) is chosen per row: a batch-mate with top-k changes nothing for the others."""
     from remp import sampler
@@ -312,6 +344,6 @@ def test_the_torch_fallback_generates_what_the_kernels_do(fixture, request, monk
     for module in (native, native_ops, sampling):
         monkeypatch.setattr(module, "available", lambda *_: False)
     slow = run()
-    for a, b in zip(fast, slow):
+    for a, b in zip(fast, slow, strict=True):
         assert a.token_ids == b.token_ids
         assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-9)

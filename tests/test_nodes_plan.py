@@ -5,13 +5,13 @@ import itertools
 
 import pytest
 
-from remp.config import ModelConfig
+from remp.model.families import config_from_hf
 from remp.nodes import Links
 from remp.planner.plan import PieceSizer, best_placement, make_plan
 from remp.tools.random_model import tiny_config
 from remp.topology import Topology
 
-CFG = ModelConfig.from_hf_dict(tiny_config(num_hidden_layers=8))
+CFG = config_from_hf(tiny_config(num_hidden_layers=8))
 SIZER = PieceSizer(CFG, 8, kv_blocks_used=5, block_size=8)
 TWO_BY_TWO = Links((0, 0, 1, 1), intra_Bps=5e9, inter_Bps=1e8)
 SHAPES = [(1, 1), (2, 1), (1, 2), (4, 1), (2, 2), (1, 4), (1, 3)]

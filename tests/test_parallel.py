@@ -1,11 +1,13 @@
 """Every TP x PP topology with tp*pp <= 4 gives the single-worker engine's tokens and logprobs (float64, 1e-9),
-with chunked prefill, several micro-batches in flight and preemption under a small KV pool."""
+with chunked prefill, several micro-batches in flight and preemption under a small KV pool, for every family
+(Qwen3's q/k norm; Mixtral's 3 experts split 2+1 on TP2, 1+1+1 on TP3, none on TP4's last rank)."""
 
 import pytest
 
 from remp import LLM, SamplingParams
+from tests.engine_utils import assert_same_logprobs, assert_same_tokens
 
-TOPOLOGIES = [(2, 1), (3, 1), (4, 1), (1, 2), (1, 3), (2, 2)]
+TOPOLOGIES = [(2, 1), (3, 1), (4, 1), (1, 2), (1, 3), (1, 4), (2, 2)]
 PROMPTS = [[256] + [(i * 37 + k * 11) % 256 for k in range(n)] for i, n in enumerate([5, 40, 17, 70, 3, 52, 33])]
 ENGINE = dict(
     dtype="float64", num_kv_blocks=24, block_size=8, max_model_len=128, max_num_batched_tokens=48, worker_timeout_s=60
@@ -25,15 +27,12 @@ def run(path, tp, pp, **kw):
 
 
 def assert_equal(ref, out):
-    for (ids_a, lp_a), (ids_b, lp_b) in zip(ref, out):
-        assert ids_a == ids_b
-        for step_a, step_b in zip(lp_a, lp_b):
-            assert step_a.keys() == step_b.keys()
-            for tid in step_a:
-                assert step_a[tid].logprob == pytest.approx(step_b[tid].logprob, abs=1e-9)
+    for i, ((ids_a, lp_a), (ids_b, lp_b)) in enumerate(zip(ref, out, strict=True)):
+        assert_same_tokens(ids_a, ids_b, f"request {i}")
+        assert_same_logprobs(lp_a, lp_b, 1e-9, f"request {i}")
 
 
-@pytest.fixture(scope="module", params=["tiny_llama", "tiny_qwen2", "tiny_llama3_rope"])
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_qwen2", "tiny_llama3_rope", "tiny_qwen3", "tiny_mixtral"])
 def model_and_reference(request):
     path = request.getfixturevalue(request.param)
     ref, preempted = run(path, 1, 1)

@@ -1,11 +1,12 @@
 """Planner properties (pure): every needed piece has exactly one source, kept bytes are maximal over all
-placements, moved + kept = needed, replicated KV heads the destination holds are never sent."""
+placements, moved + kept = needed, replicated KV heads the destination holds are never sent; a mixture of
+experts moves ranges of whole experts like any other range."""
 
 import itertools
 
 import pytest
 
-from remp.config import ModelConfig
+from remp.model.families import config_from_hf
 from remp.planner.plan import (
     CHECKPOINT,
     ByteCounts,
@@ -20,13 +21,14 @@ from remp.tools.random_model import tiny_config
 from remp.topology import Topology
 
 MODELS = {
-    "6h2kv": ModelConfig.from_hf_dict(tiny_config()),
-    "9h3kv_tied": ModelConfig.from_hf_dict(
+    "6h2kv": config_from_hf(tiny_config()),
+    "9h3kv_tied": config_from_hf(
         tiny_config(
             num_attention_heads=9, num_key_value_heads=3, hidden_size=72, tie_word_embeddings=True, num_hidden_layers=5
         )
     ),
-    "mha4": ModelConfig.from_hf_dict(tiny_config(num_attention_heads=4, num_key_value_heads=4, hidden_size=64)),
+    "mha4": config_from_hf(tiny_config(num_attention_heads=4, num_key_value_heads=4, hidden_size=64)),
+    "moe3": config_from_hf(tiny_config(model_type="mixtral")),  # 3 experts: TP4 leaves a rank without
 }
 FOUR = [(4, 1), (2, 2), (1, 4)]
 PAIRS = [(a, b) for a in FOUR for b in FOUR if a != b]
@@ -149,3 +151,30 @@ def test_lost_worker_pieces_come_from_survivors_or_checkpoint():
         only_lost.add(p, sz.bytes(p) * missing // n)
     assert only_lost.weights > 0 and only_lost.kv > 0
     assert (plan.from_checkpoint.weights, plan.from_checkpoint.kv) == (only_lost.weights, only_lost.kv)
+
+
+@pytest.mark.parametrize("old, new", [((4, 1), (2, 2)), ((2, 2), (4, 1)), ((2, 1), (3, 1)), ((3, 1), (1, 2))])
+def test_moe_switch_moves_whole_experts_from_their_holders(old, new):
+    """Each expert tensor is one stacked tensor split along the expert axis: a switch sends exactly the experts a
+    worker gains, each from a worker that held it, whole (every row of it), and moves no more than the minimum."""
+    cfg = MODELS["moe3"]
+    sz = sizer(cfg)
+    old_t = Topology(*old)
+    pool = list(range(max(old_t.size, new[0] * new[1])))
+    new_t = best_placement(cfg, old_t, *new, sz, workers=pool)
+    plan = make_plan(cfg, old_t, new_t, sz)
+    coverage(plan, cfg, sz)
+    assert plan.moved.total == plan.minimum.total
+
+    def experts(t, w, layer):
+        spec = t.spec(cfg, w) if t.coordinate(w) is not None else None
+        return set(spec.experts) if spec is not None and layer in spec.layers else set()
+
+    sent = [t for t in plan.transfers if ".experts.*." in getattr(t.piece, "name", "")]
+    assert sent
+    per_expert = cfg.intermediate_size * cfg.hidden_size * sz.itemsize
+    for t in sent:
+        moved, layer = set(range(t.piece.start, t.piece.stop)), t.piece.layer
+        assert moved <= experts(new_t, t.dst, layer) - experts(old_t, t.dst, layer), t
+        assert moved <= experts(old_t, t.src, layer), t
+        assert sz.bytes(t.piece) == len(moved) * per_expert

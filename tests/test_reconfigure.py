@@ -10,7 +10,7 @@ import pytest
 from remp import LLMEngine, SamplingParams
 from remp.engine import EngineDeadError
 from remp.executor import WorkerError
-from tests.engine_utils import run_with_switches
+from tests.engine_utils import assert_same_logprobs, assert_same_tokens, run_with_switches
 
 PROMPTS = [[256] + [(i * 37 + k * 11) % 256 for k in range(n)] for i, n in enumerate([5, 40, 17, 70, 3, 52, 33])]
 ENGINE = dict(
@@ -40,17 +40,14 @@ def run(path, switches, tp=4, pp=1, mode="live", **kw):
 def assert_same(ref, out):
     assert ref.keys() == out.keys()
     for k in ref:
-        assert out[k].token_ids == ref[k].token_ids, k
-        for a, b in zip(ref[k].logprobs, out[k].logprobs):
-            assert a.keys() == b.keys()
-            for t in a:
-                assert a[t].logprob == pytest.approx(b[t].logprob, abs=1e-9)
+        assert_same_tokens(ref[k].token_ids, out[k].token_ids, k)
+        assert_same_logprobs(ref[k].logprobs, out[k].logprobs, 1e-9, k)
 
 
 SEQUENCE = {2: (2, 2), 4: (1, 4), 7: (4, 1), 9: (2, 2, [1, 3]), 12: (1, 4), 15: (4, 1)}
 
 
-@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_mixtral"])
 def test_switch_sequence_matches_unswitched(model, request):
     path = request.getfixturevalue(model)
     ref, *_ = run(path, {}, num_kv_blocks=64)
@@ -103,7 +100,7 @@ def test_invalid_target_refused_and_old_topology_keeps_serving(tiny_llama):
         engine.add_request("a", {"prompt_token_ids": PROMPTS[1]}, params(0))
         engine.step()
         for bad, match in [
-            ((4, 2), "needs tp\\*pp = 8 workers, but the pool has at most 4"),
+            ((4, 2), "needs dp\\*tp\\*pp = 8 workers, but the pool has at most 4"),
             ((1, 5), "pool has at most 4"),
             ((2, 2, [3, 3]), "summing to 4"),
             ((2, 2, [0, 4]), "positive"),

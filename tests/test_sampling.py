@@ -12,8 +12,9 @@ from remp.sampling_params import SamplingParams
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        ({"n": 2}, "n"),
         ({"n": 0}, "n"),
+        ({"n": 3, "best_of": 2}, "best_of"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs"),
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
         ({"top_p": 0.0}, "top_p"),

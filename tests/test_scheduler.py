@@ -4,6 +4,7 @@ import pytest
 
 from remp import LLM, LLMEngine, SamplingParams
 from remp.scheduler import BlockPool
+from tests.engine_utils import assert_same_tokens
 
 PROMPTS = [[256] + [(i * 37 + k * 11) % 256 for k in range(n)] for i, n in enumerate([5, 40, 17, 90, 3, 64, 33])]
 
@@ -22,9 +23,9 @@ def run(path, **kwargs):
 
 
 def assert_same(a, b):
-    for (ids_a, lp_a), (ids_b, lp_b) in zip(a, b):
-        assert ids_a == ids_b
-        assert lp_a == pytest.approx(lp_b, abs=1e-9)
+    for i, ((ids_a, lp_a), (ids_b, lp_b)) in enumerate(zip(a, b, strict=True)):
+        assert_same_tokens(ids_a, ids_b, f"request {i}")
+        assert lp_a == pytest.approx(lp_b, abs=1e-9)  # approx of lists compares their lengths too
 
 
 @pytest.fixture(scope="module")

@@ -123,7 +123,11 @@ def test_logprobs(client):
         ({"prompt": "a", "max_tokens": "many"}, 400, "max_tokens"),
         ({"prompt": 12}, 400, "prompt"),
         ({"prompt": "a", "model": "gpt-17"}, 404, "does not exist"),
-        ({"prompt": "a", "n": 3}, 400, "n"),
+        ({"prompt": "a", "suffix": "b"}, 400, "`suffix` is not supported by remp"),
+        ({"prompt": "a", "no_such_field": 1}, 400, "unknown field `no_such_field`"),
+        ({"prompt": "a", "n": 2, "best_of": 1}, 400, "best_of"),
+        ({"prompt": "a", "guided_regex": "(", "max_tokens": 2}, 400, "guided_regex"),
+        ({"prompt": "a", "logit_bias": {"999999": 1.0}}, 400, "logit_bias"),
     ],
 )
 def test_bad_requests(server, body, status, needle):
@@ -164,7 +168,16 @@ def test_metrics(server, client):
         "remp:time_to_first_token_seconds_bucket",
         "remp:e2e_request_latency_seconds_count",
         "remp:tensor_parallel_size",
+        "remp:data_parallel_size",
         "remp:topology_switches_total",
+        "remp:prefix_cache_queries_total",
+        "remp:prefix_cache_hits_total",
+        'remp:replica_kv_cache_usage_perc{model_name="tiny",replica="0"}',
+        "remp:inter_token_latency_seconds_bucket",
+        "remp:request_queue_time_seconds_count",
+        "remp:request_prefill_time_seconds_count",
+        "remp:request_decode_time_seconds_count",
+        "remp:num_preemptions_total",
     ):
         assert name in text
 
@@ -224,6 +237,45 @@ def test_live_switches_while_streaming(server, client, offline):
     topo = json.loads(get(server, "/admin/topology", token="adm")[1])
     assert len(topo["switches"]) >= 3 and topo["topology"] == "TP2xPP2"
     assert topo["num_workers"] == topo["max_workers"] == 4
+
+
+def test_chat_streams_through_data_parallel_switches(server, client, offline):
+    """The openai client streams chats while the topology goes TP4 -> DP2xTP2 -> DP4xTP1 -> TP4 (and back to
+    where the module's server started): no stream errs, every one equals a run without switches."""
+    prompts = ["one two", "three", "four five six", "seven"]
+    chat = [[{"role": "user", "content": p}] for p in prompts]
+    refs = [
+        o.outputs[0].text for o in offline.chat(chat, SamplingParams(max_tokens=120, temperature=0, ignore_eos=True))
+    ]
+    results, errors = {}, []
+
+    def stream(i):
+        try:
+            chunks = client.chat.completions.create(
+                model="tiny", messages=chat[i], max_tokens=120, temperature=0, stream=True,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            results[i] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        except Exception as e:
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    shapes = []
+    for dp, tp, pp in [(1, 4, 1), (2, 2, 1), (4, 1, 1), (1, 4, 1), (1, 2, 2)]:
+        body = {"data_parallel_size": dp, "tensor_parallel_size": tp, "pipeline_parallel_size": pp}
+        code, rep = post(server, "/admin/reconfigure", body, "adm")
+        assert code == 200, rep
+        shapes.append(rep["new_topology"])
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    assert [results[i] for i in range(len(prompts))] == refs
+    assert shapes == ["TP4xPP1", "DP2xTP2xPP1", "DP4xTP1xPP1", "TP4xPP1", "TP2xPP2"]
+    topo = json.loads(get(server, "/admin/topology", token="adm")[1])
+    assert topo["data_parallel_size"] == 1 and len(topo["replicas"]) == 1
+    assert metric_sum(server, "remp:data_parallel_size") == 1
 
 
 def test_bench_serve_against_live_server(server, tmp_path):
@@ -303,3 +355,21 @@ def test_health_503_after_a_worker_dies_without_recovery(tiny_llama):
         assert code == 503 and "worker 1" in body
         code, err = post(url, "/v1/completions", {"prompt": "abc", "max_tokens": 2})
         assert code == 503
+
+
+def test_the_periodic_stats_line(caplog):
+    """vLLM's stats line: throughputs over the interval, requests, KV use, prefix hits."""
+    from types import SimpleNamespace
+
+    from remp.entrypoints.metrics import StatsLog
+    from remp.scheduler import Scheduler
+
+    scheduler = Scheduler(10, 16, 8, 64, enable_prefix_caching=True)
+    scheduler.pool.allocate(4)
+    scheduler.pool.queries, scheduler.pool.hits = 200, 50
+    engine = SimpleNamespace(replicas=[SimpleNamespace(scheduler=scheduler)], stats=SimpleNamespace(prompt_tokens=0))
+    log = StatsLog(interval_s=0.0)
+    with caplog.at_level("INFO", logger="remp"):
+        log.step(engine, 7)
+    (line,) = [r.getMessage() for r in caplog.records if "throughput" in r.getMessage()]
+    assert "KV cache usage: 40.0%" in line and "Prefix cache hit rate: 25.0%" in line and "Running: 0 reqs" in line

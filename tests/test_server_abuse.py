@@ -161,6 +161,22 @@ def test_huge_bodies_refused_at_once_while_a_stream_flows(server):
     stream.close()
 
 
+def test_a_20_mb_body_from_urllib_and_httpx_gets_the_413(server):
+    """Clients that send the whole body before they read get the 413 itself, not "connection reset by peer"."""
+    import httpx2
+    import requests
+
+    body = b'{"prompt": "' + b"a" * 20_000_000 + b'"}'
+    code, err = post(server, "/v1/completions", None, raw=body)  # urllib
+    assert code == 413 and "--max-request-bytes" in err["error"]["message"]
+    headers = {"content-type": "application/json"}
+    for r in (
+        requests.post(server + "/v1/completions", data=body, headers=headers, timeout=60),
+        httpx2.post(server + "/v1/completions", content=body, headers=headers, timeout=60),
+    ):
+        assert r.status_code == 413 and r.json()["error"]["code"] == 413
+
+
 ODD = [
     ("/v1/completions", {"prompt": "\ud800"}, "prompt"),  # a lone surrogate: valid JSON, not valid Unicode
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi \udfff"}]}, "messages.0.content"),

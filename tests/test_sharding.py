@@ -1,16 +1,18 @@
 """Shard specs for awkward shapes (pure functions, no processes)."""
 
 import pytest
+import torch
 
-from remp.config import ModelConfig
-from remp.model.schema import shard_tensors, slices, tensor
+from remp.model.families import config_from_hf, config_from_hf_dir
+from remp.model.reader import open_checkpoint
+from remp.model.schema import read_range, shard_tensors, slices, tensor
 from remp.sharding import head_split, layer_split, split_evenly
 from remp.tools.random_model import tiny_config
 from remp.topology import Topology
 
 
 def cfg(**kw):
-    return ModelConfig.from_hf_dict(tiny_config(**kw))
+    return config_from_hf(tiny_config(**kw))
 
 
 def test_nine_heads_three_kv_on_two_ranks_is_six_plus_three():
@@ -66,11 +68,13 @@ def test_split_evenly():
     ]
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mixtral"])
 @pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (3, 1), (4, 1), (1, 3), (2, 2), (5, 1), (6, 1)])
-def test_shard_tensors_tile_every_tensor_exactly(tp, pp):
+def test_shard_tensors_tile_every_tensor_exactly(tp, pp, model_type):
     """Per stage, the ranks' ranges of a split tensor tile its shard axis (KV heads replicated when tp > kv
-    heads: then they cover it); unsplit tensors are whole; every layer's tensors live on exactly one stage."""
-    c = cfg()  # 6 heads / 2 kv heads / 4 layers
+    heads: then they cover it; experts: ranks beyond the third hold none); unsplit tensors are whole; every
+    layer's tensors live on exactly one stage."""
+    c = cfg(model_type=model_type)  # 6 heads / 2 kv heads / 4 layers; 3 experts
     topo = Topology(tp, pp)
     for stage in range(pp):
         held = [shard_tensors(c, topo.spec(c, w)) for w in topo.stage_workers(stage)]
@@ -87,7 +91,7 @@ def test_shard_tensors_tile_every_tensor_exactly(tp, pp):
                 assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), (name, ranges)
     per_worker = [shard_tensors(c, topo.spec(c, w)) for w in range(topo.size)]
     for layer in range(c.num_hidden_layers):
-        name = f"model.layers.{layer}.mlp.down_proj.weight"
+        name = f"model.layers.{layer}.self_attn.o_proj.weight"
         assert len({topo.coordinate(w)[0] for w, s in enumerate(per_worker) if name in s}) == 1
     holders = [w for w, s in enumerate(per_worker) if "lm_head.weight" in s]
     assert holders == sorted(topo.stage_workers(pp - 1))  # its vocabulary split over the last stage
@@ -117,22 +121,30 @@ def test_tied_lm_head_is_the_last_stages_vocabulary_slices_of_the_embedding(tp, 
             assert "model.embed_tokens.weight" not in held and "model.norm.weight" not in held
 
 
-def test_schema_shapes_match_a_checkpoint(tiny_qwen2):
-    """The schema's shapes and shard axes are those of a real checkpoint (q/k/v biases included)."""
+@pytest.mark.parametrize("model", ["tiny_qwen2", "tiny_qwen3", "tiny_mixtral"])
+def test_schema_shapes_match_a_checkpoint(model, request):
+    """The schema's shapes and shard axes are those of a real checkpoint (q/k/v biases, q/k norms included); a
+    stacked expert tensor is the checkpoint's per-expert tensors, and a range of it reads those experts."""
     from safetensors.torch import load_file
 
-    c = ModelConfig.from_hf_dir(tiny_qwen2)
-    weights = load_file(str(tiny_qwen2 / "model.safetensors"))
+    path = request.getfixturevalue(model)
+    c = config_from_hf_dir(path)
+    weights = load_file(str(path / "model.safetensors"))
     held = shard_tensors(c, Topology(1, 1).spec(c, 0))
-    assert set(held) == set(weights)
-    for name, w in weights.items():
+    stacked = {n: [n.replace("*", str(e)) for e in range(c.num_experts)] for n in held if "*" in n}
+    assert {n for n in held if n not in stacked} | {e for es in stacked.values() for e in es} == set(weights)
+    for name in held:
+        w = torch.stack([weights[e] for e in stacked[name]]) if name in stacked else weights[name]
         assert tensor(c, name).shape == tuple(w.shape), name
         assert w[slices(c, name, *held[name])].shape == w.shape
+    reader = open_checkpoint(path)
+    for name, parts in stacked.items():
+        assert torch.equal(read_range(reader, name, 1, 3), torch.stack([weights[e] for e in parts[1:3]]))
 
 
 def test_topology_validation():
     c = cfg()
-    with pytest.raises(ValueError, match="needs tp\\*pp = 4 workers"):
+    with pytest.raises(ValueError, match="needs dp\\*tp\\*pp = 4 workers"):
         Topology(2, 2).validate(c, num_workers=3)
     with pytest.raises(ValueError, match="attention heads"):
         Topology(7, 1).validate(c)

@@ -230,13 +230,13 @@ class AsyncLLMEngine:
         self._wake.set()
 
     async def reconfigure(
-        self, tp: int, pp: int, layer_split: list[int] | None = None, mode: str | SwitchMode = LIVE
+        self, tp: int, pp: int, layer_split: list[int] | None = None, mode: str | SwitchMode = LIVE, dp: int = 1
     ) -> SwitchReport:
         """One switch at a time: a second one while the first runs gets SwitchInProgress (its target). Steps go
         on while a live switch pre-copies; this returns once the new topology serves."""
         if self.switching is not None:
             raise SwitchInProgress(self.switching)
-        self.switching = f"TP{tp}xPP{pp}"
+        self.switching = f"{'' if dp == 1 else f'DP{dp}x'}TP{tp}xPP{pp}"
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
@@ -247,7 +247,9 @@ class AsyncLLMEngine:
 
         self._switch_done = (loop, done)  # shutdown ends it, should the switch never finish
         try:
-            await self._call(lambda: self.engine.start_reconfigure(tp, pp, layer_split, mode, on_done))
+            await self._call(
+                lambda: self.engine.start_reconfigure(tp, pp, layer_split, mode, on_done, data_parallel_size=dp)
+            )
             return await done
         finally:
             self.switching, self._switch_done = None, None

@@ -15,6 +15,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1)
+    p.add_argument("-dp", "--data-parallel-size", type=int, default=1, help="replicas of the TP x PP shape")
     p.add_argument(
         "--max-workers", type=int, default=None, help="the most workers a switch may grow the pool to (default tp*pp)"
     )
@@ -23,6 +24,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV cache of prompt prefixes seen before (default on, as vLLM)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker-timeout-s", type=float, default=120.0)
     p.add_argument("--no-worker-recovery", dest="worker_recovery", action="store_false", help="stop when a worker dies")
@@ -59,12 +66,14 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
         max_model_len=a.max_model_len,
         tensor_parallel_size=a.tensor_parallel_size,
         pipeline_parallel_size=a.pipeline_parallel_size,
+        data_parallel_size=a.data_parallel_size,
         max_workers=a.max_workers,
         block_size=a.block_size,
         kv_cache_memory_gb=a.kv_cache_memory_gb,
         num_kv_blocks=a.num_kv_blocks,
         max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens,
+        enable_prefix_caching=a.enable_prefix_caching,
         seed=a.seed,
         worker_timeout_s=a.worker_timeout_s,
         worker_recovery=a.worker_recovery,
@@ -113,8 +122,27 @@ def cmd_serve(a: argparse.Namespace) -> int:
         a.admin_token,
         a.max_request_bytes,
         a.shutdown_timeout,
+        chat_template=load_chat_template(a.chat_template),
+        generation_config=a.generation_config,
     )
     return 0
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file with the template, or the template itself (as vLLM's); checked now."""
+    if value is None:
+        return None
+    from pathlib import Path
+
+    import jinja2
+
+    path = Path(value)
+    text = path.read_text() if path.is_file() else value
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template {value!r}: not a file, and not a valid Jinja template ({e})") from None
+    return text
 
 
 def cmd_headless(a: argparse.Namespace) -> int:
@@ -124,7 +152,9 @@ def cmd_headless(a: argparse.Namespace) -> int:
 
     if a.nnodes < 2 or a.node_rank < 1 or a.node_rank >= a.nnodes:
         raise ValueError(f"--headless needs --nnodes 2 or more and --node-rank 1..nnodes-1, got {a.node_rank}")
-    workers = workers_on_node(a.tensor_parallel_size, a.pipeline_parallel_size, a.nnodes, a.workers_per_node)
+    workers = workers_on_node(
+        a.data_parallel_size * a.tensor_parallel_size * a.pipeline_parallel_size, a.nnodes, a.workers_per_node
+    )
     if workers < 1:
         raise ValueError("give --workers-per-node (or -tp/-pp as on the head)")
     if a.device == "cpu":
@@ -212,6 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--admin-token", default=None, help="enable /admin (reconfigure, topology) with this token")
     s.add_argument(
         "--max-request-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413 (default 4 MiB)"
+    )
+    s.add_argument("--chat-template", default=None, help="a chat template (file or text) instead of the model's")
+    s.add_argument(
+        "--generation-config",
+        default="auto",
+        choices=["auto", "vllm"],
+        help="auto: sampling defaults from the model's generation_config.json; vllm: vLLM's defaults",
     )
     s.add_argument(
         "--shutdown-timeout",

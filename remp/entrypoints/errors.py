@@ -4,6 +4,7 @@ request id and no traceback (the traceback goes to the server log). Also the req
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Awaitable, Callable
@@ -13,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from remp.entrypoints.fields import refusal
 from remp.logger import init_logger
 
 logger = init_logger(__name__)
@@ -64,7 +66,7 @@ def install_error_handlers(app: FastAPI) -> None:
         first = errs[0] if errs else {}
         if first.get("type") == "json_invalid":
             return error_response(400, f"malformed JSON body: {first.get('msg')}")
-        msg = "; ".join(f"{_loc(err) or 'body'}: {err.get('msg')}" for err in errs)
+        msg = "; ".join(_message(err) for err in errs)
         return error_response(400, msg, param=_loc(first) or None)
 
     @app.exception_handler(HTTPException)
@@ -86,6 +88,14 @@ def _loc(err: dict) -> str:
     return ".".join(str(x) for x in err.get("loc", ())[1:])
 
 
+def _message(err: dict) -> str:
+    """One validation error, naming its field; a field the request model does not declare is refused by name."""
+    if err.get("type") == "extra_forbidden":
+        where = _loc(err).rpartition(".")[0]
+        return refusal(str(err["loc"][-1])) + (f" (in {where})" if where else "")
+    return f"{_loc(err) or 'body'}: {err.get('msg')}"
+
+
 class BodyTooLarge(HTTPException):
     """Raised while the body is read; FastAPI passes HTTPExceptions through to the handler above."""
 
@@ -93,9 +103,14 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"the request body is larger than the limit of {limit} bytes (--max-request-bytes)")
 
 
+DRAIN_BYTES, DRAIN_S = 64 * 2**20, 10.0  # a refused body is read (and dropped) up to this much, this long
+
+
 class BodySizeLimit:
-    """ASGI middleware: a body over `limit` bytes gets 413 without being read (by its Content-Length) or as
-    soon as the bytes received pass the limit (chunked uploads)."""
+    """ASGI middleware: a body over `limit` bytes gets 413 without being parsed (by its Content-Length) or as
+    soon as the bytes received pass the limit (chunked uploads). The 413 goes out at once; then, as nginx does,
+    the rest of the body is read and dropped (up to DRAIN_BYTES / DRAIN_S) before the response ends: a client
+    that sends its whole body before it reads (urllib, httpx) gets the 413, not a connection reset."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], limit: int):
         self.app, self.limit = app, limit
@@ -105,7 +120,7 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, send)
+            return await self._refuse(receive, send)
         received, started = 0, False
 
         async def limited_receive() -> dict:
@@ -126,28 +141,24 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._refuse(scope, send)
+                await self._refuse(receive, send)
 
-    async def _refuse(self, scope: dict, send: Callable) -> None:
-        await error_response(413, BodyTooLarge(self.limit).detail)(scope, _no_receive, send)
+    async def _refuse(self, receive: Callable, send: Callable) -> None:
+        response = error_response(413, BodyTooLarge(self.limit).detail)
+        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body, "more_body": True})
+        try:
+            await asyncio.wait_for(_drain(receive), DRAIN_S)
+        except TimeoutError:
+            pass
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _no_receive() -> dict:
-    return {"type": "http.disconnect"}
-
-
-class Gate:
-    """ASGI middleware: `check(path, authorization header)` may answer a request before it is routed. (Plain
-    ASGI, not BaseHTTPMiddleware: that one runs the app in a task group, which turns an HTTPException raised
-    while the body is read into an ExceptionGroup, and it gets in the way of streaming.)"""
-
-    def __init__(self, app: Callable[..., Awaitable[None]], check: Callable[[str, str], JSONResponse | None]):
-        self.app, self.check = app, check
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http":
-            auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-            refusal = self.check(scope["path"], auth)
-            if refusal is not None:
-                return await refusal(scope, receive, send)
-        await self.app(scope, receive, send)
+async def _drain(receive: Callable) -> None:
+    """Read and drop the request body until it ends, the client goes, or DRAIN_BYTES are read."""
+    read = 0
+    while read <= DRAIN_BYTES:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        read += len(message.get("body", b""))

@@ -23,6 +23,13 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a prompt without SamplingParams samples with: the model's generation_config.json defaults (as
+        vLLM's LLM applies them), else SamplingParams()."""
+        d = self.llm_engine.model_config.generation_defaults
+        fields = {k: d[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty") if k in d}
+        return SamplingParams(**fields, **({"max_tokens": d["max_new_tokens"]} if "max_new_tokens" in d else {}))
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -40,7 +47,7 @@ class LLM:
         ids = []
         try:
             for prompt, p in zip(prompts, params):
-                ids.append(engine.add_request(None, prompt, p or SamplingParams()))
+                ids.append(engine.add_request(None, prompt, p or self.get_default_sampling_params()))
         except Exception:
             engine.abort_request(ids)
             raise
@@ -89,9 +96,12 @@ class LLM:
         pipeline_parallel_size: int,
         layer_split: list[int] | None = None,
         mode: str | SwitchMode = LIVE,
+        data_parallel_size: int = 1,
     ):
         """Switch the running engine's topology; see LLMEngine.reconfigure. Returns a SwitchReport."""
-        return self.llm_engine.reconfigure(tensor_parallel_size, pipeline_parallel_size, layer_split, mode)
+        return self.llm_engine.reconfigure(
+            tensor_parallel_size, pipeline_parallel_size, layer_split, mode, data_parallel_size
+        )
 
     def shutdown(self) -> None:
         self.llm_engine.shutdown()

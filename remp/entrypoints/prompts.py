@@ -10,10 +10,12 @@ engine's (empty, too long, out of vocabulary) plus vLLM's server rule: prompt + 
 from __future__ import annotations
 
 import asyncio
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 from remp.engine import LLMEngine
 from remp.entrypoints.errors import APIError
+from remp.entrypoints.tool_calls import hermes_messages
 from remp.sampling_params import SamplingParams
 
 
@@ -24,8 +26,8 @@ def max_token_chars(tokenizer) -> int:
 
 
 class PromptProcessor:
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
+    def __init__(self, engine: LLMEngine, chat_template: str | None = None):
+        self.engine, self.chat_template = engine, chat_template
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.max_chars = self.max_model_len * max_token_chars(self.tokenizer)
@@ -63,29 +65,77 @@ class PromptProcessor:
             )
         return ids
 
-    async def prompt_ids(self, prompt: str | list[int], params: SamplingParams, param: str = "prompt") -> list[int]:
+    async def prompt_ids(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None,
+        param: str = "prompt",
+        add_special_tokens: bool = True,
+    ) -> list[int]:
+        """A prompt's token ids, checked against the context (params None: only tokenized, for /tokenize)."""
         if isinstance(prompt, str):
             self._check_text(prompt, param)
-            prompt = await self._run(lambda: self.tokenizer.encode(prompt, add_special_tokens=True))
-        return self._check_ids(list(prompt), params, param)
+            prompt = await self._run(lambda: self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+        return list(prompt) if params is None else self._check_ids(list(prompt), params, param)
 
-    async def chat_ids(self, messages: list[dict], add_generation_prompt: bool, params: SamplingParams) -> list[int]:
+    async def chat_ids(
+        self,
+        messages: list[dict],
+        params: SamplingParams | None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        chat_template: str | None = None,
+        template_kwargs: dict | None = None,
+        add_special_tokens: bool = False,
+    ) -> list[int]:
+        """A chat rendered by its template (the request's, else --chat-template's, else the model's) and
+        tokenized; params None: only rendered (/tokenize), not checked against the context."""
         for i, m in enumerate(messages):
             self._check_text(m["content"], f"messages.{i}.content")
         if sum(len(m["content"]) for m in messages) > self.max_chars:
             self._check_text("".join(m["content"] for m in messages), "messages")
+        template = chat_template or self.chat_template
 
         def render() -> list[int]:
+            own = template or self.tokenizer.chat_template or ""
+            kwargs = dict(template_kwargs or {})
+            if "tools" in own or "tool_calls" in own:  # the template writes tools and tool turns itself
+                convo = [_with_argument_objects(m) for m in messages]
+                if tools:
+                    kwargs["tools"] = tools
+            else:  # Hermes-style, in plain turns
+                convo = hermes_messages(messages, tools)
             text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                convo,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
+                continue_final_message=continue_final_message,
+                chat_template=template,
+                **kwargs,
             )
-            return self.tokenizer.encode(text, add_special_tokens=False)
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
         try:
             ids = await self._run(render)
-        except Exception as e:  # a template that refuses the conversation (e.g. roles out of order)
+        except Exception as e:  # a template that refuses the conversation (e.g. roles out of order), bad kwargs
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
-        return self._check_ids(ids, params, "messages")
+        return ids if params is None else self._check_ids(ids, params, "messages")
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+def _with_argument_objects(message: dict) -> dict:
+    """Tool calls as templates read them: the arguments a JSON object (OpenAI sends them as a JSON string)."""
+    if not message.get("tool_calls"):
+        return message
+    calls = []
+    for c in message["tool_calls"]:
+        try:
+            args = json.loads(c["function"]["arguments"])
+        except json.JSONDecodeError:
+            args = c["function"]["arguments"]
+        calls.append({**c, "function": {**c["function"], "arguments": args}})
+    return {**message, "tool_calls": calls}

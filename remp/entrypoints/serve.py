@@ -63,7 +63,7 @@ async def _serve(app, engine: AsyncLLMEngine, sock: socket.socket, shutdown_time
     loop = asyncio.get_running_loop()
 
     async def drain() -> None:
-        app.state.draining = True
+        app.state.server.draining = True
         deadline = loop.time() + shutdown_timeout_s
         while engine.num_open_streams() and loop.time() < deadline:
             await asyncio.sleep(0.05)
@@ -88,16 +88,23 @@ def serve(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     shutdown_timeout_s: float = 10.0,
     log_level: str = "info",
+    chat_template: str | None = None,
+    generation_config: str = "auto",
 ) -> None:
     name = served_model_name or args.model or "SmolLM2-135M-Instruct"
     metrics = ServerMetrics(name)
     with listen(host, port) as sock:
         engine = AsyncLLMEngine(args, on_step=metrics.on_step, on_abort=metrics.on_abort)
         try:
-            app = build_app(engine, name, api_key, admin_token, metrics, max_request_bytes)
+            app = build_app(
+                engine, name, api_key, admin_token, metrics, max_request_bytes, chat_template, generation_config
+            )
+            if generation_config == "auto" and app.state.server.generation_defaults:
+                defaults = app.state.server.generation_defaults
+                print(f"remp: requests' sampling defaults from the model's generation_config.json: {defaults}")
             where = f"http://{url_host(sock)}:{sock.getsockname()[1]}"
             print(f"remp: serving {name} as {engine.engine.topology} on {where}", flush=True)
             asyncio.run(_serve(app, engine, sock, shutdown_timeout_s, log_level))
-            app.state.prompts.close()
+            app.state.server.prompts.close()
         finally:
             engine.shutdown()

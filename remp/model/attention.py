@@ -31,6 +31,8 @@ class SeqChunk(NamedTuple):
     start_pos: int
     block_table: list[int]
     sample: bool  # logits of the last token are wanted (prompt complete)
+    # prompt logprobs: (top-k, the next prompt token of each of the chunk's first len(targets) tokens)
+    prompt_logprobs: tuple[int, tuple[int, ...]] | None = None
 
 
 @dataclass
@@ -53,8 +55,9 @@ class AttnMetadata:
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] cache slot written by each token
     groups: list[AttnGroup]
-    logits_rows: torch.Tensor  # flat token indices whose logits are wanted
+    logits_rows: torch.Tensor  # flat token indices whose logits are wanted: the sampled ones, then prompt rows
     num_tokens: int
+    num_sampled: int = 0  # the first rows of logits_rows are sampled; the others give prompt logprobs
 
     def to(self, device: torch.device) -> AttnMetadata:
         if device.type == "cpu":
@@ -64,12 +67,13 @@ class AttnMetadata:
             AttnGroup(*(move(x) if isinstance(x, torch.Tensor) else x for x in vars(g).values())) for g in self.groups
         ]
         return AttnMetadata(
-            move(self.positions), move(self.slot_mapping), groups, move(self.logits_rows), self.num_tokens
-        )
+            move(self.positions), move(self.slot_mapping), groups, move(self.logits_rows), self.num_tokens,
+            self.num_sampled,
+        )  # fmt: skip
 
 
 def build_metadata(chunks: list[SeqChunk], block_size: int, q_per_kv: int) -> AttnMetadata:
-    positions, slots, logits_rows = [], [], []
+    positions, slots, logits_rows, prompt_rows = [], [], [], []
     starts, t = [], 0
     for c in chunks:
         n = len(c.token_ids)
@@ -77,6 +81,8 @@ def build_metadata(chunks: list[SeqChunk], block_size: int, q_per_kv: int) -> At
         positions.extend(pos)
         slots.extend(c.block_table[p // block_size] * block_size + p % block_size for p in pos)
         starts.append(t)
+        if c.prompt_logprobs is not None:
+            prompt_rows.extend(range(t, t + len(c.prompt_logprobs[1])))
         t += n
         if c.sample:
             logits_rows.append(t - 1)
@@ -92,8 +98,9 @@ def build_metadata(chunks: list[SeqChunk], block_size: int, q_per_kv: int) -> At
         torch.tensor(positions, dtype=torch.long),
         torch.tensor(slots, dtype=torch.long),
         groups,
-        torch.tensor(logits_rows, dtype=torch.long),
+        torch.tensor(logits_rows + prompt_rows, dtype=torch.long),
         t,
+        len(logits_rows),
     )
 
 

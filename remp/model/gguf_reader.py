@@ -1,6 +1,7 @@
-"""GGUF files of the llama architecture: config and tokenizer from the metadata, tensors dequantized by `gguf`.
+"""GGUF files: config and tokenizer from the metadata, tensors dequantized by `gguf`, named as Hugging Face
+names them by the family the file's `general.architecture` picks (model/families/).
 
-llama.cpp's converter permutes the rows of attn_q / attn_k (interleaved RoPE pairs); we undo it so the
+llama.cpp's llama converter permutes the rows of attn_q / attn_k (interleaved RoPE pairs); we undo it so the
 tensors are in Hugging Face layout and the forward pass is the same as for safetensors checkpoints.
 The file is parsed once per machine: its metadata and tensor table (name -> type, shape, offset) and the
 converted tokenizer are cached (file_cache), and tensors are read from a memory map by offset.
@@ -9,6 +10,7 @@ converted tokenizer are cached (file_cache), and tensors are read from a memory 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from remp.config import ModelConfig
 from remp.model.checkpoint import Slices
+from remp.model.families import config_from_gguf, family_for_gguf
 from remp.model.file_cache import cached_dir, cached_json
 
 _GLOBAL_NAMES = {
@@ -26,26 +28,16 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, layer_names: Mapping[str, str]) -> str | None:
+    """The Hugging Face name of a GGUF tensor, by the family's names within a block."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _LAYER_RE.match(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in layer_names:
+        return f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"
     return None  # e.g. rope_freqs.weight, handled separately
 
 
@@ -91,8 +83,10 @@ class GGUFReader:
             name: (GGMLQuantizationType(t), tuple(shape), off, n)
             for name, (t, shape, off, n) in index["tensors"].items()
         }
-        self.config = ModelConfig.from_gguf_metadata(self.metadata, set(self._tensors))
-        self._by_hf = {hf: name for name in self._tensors if (hf := _hf_name(name)) is not None}
+        self.config = config_from_gguf(self.metadata, set(self._tensors))
+        names = family_for_gguf(self.metadata).gguf
+        self._permuted_qk = names.permuted_qk
+        self._by_hf = {hf: name for name in self._tensors if (hf := _hf_name(name, names.layer_names)) is not None}
         self._map: np.memmap | None = None
 
     def __getstate__(self) -> dict:
@@ -100,6 +94,9 @@ class GGUFReader:
 
     def names(self) -> list[str]:
         return list(self._by_hf)
+
+    def has(self, name: str) -> bool:
+        return name in self._by_hf
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(reversed(self._tensors[self._gguf_name(name)][1]))  # ggml lists dims innermost first
@@ -125,9 +122,9 @@ class GGUFReader:
         # Quantized blocks run along rows, so the whole tensor is dequantized, then sliced (one tensor at a time).
         w = self._dequantize(self._gguf_name(name))
         cfg = self.config
-        if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
+        if self._permuted_qk and name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
             w = unpermute_rows(w, cfg.num_attention_heads)
-        elif name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj.bias"):
+        elif self._permuted_qk and name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
             w = unpermute_rows(w, cfg.num_key_value_heads)
         out = torch.from_numpy(np.array(w, copy=True))  # copy: the file is memory-mapped read-only
         return out[slices].contiguous() if slices else out

@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from remp.config import ModelConfig
 from remp.model.checkpoint import Slices
+from remp.model.families import config_from_hf_dir
 
 
 class SafetensorsReader:
     def __init__(self, path: Path):
         self.path = path
-        self.config = ModelConfig.from_hf_dir(path)
+        self.config = config_from_hf_dir(path)
         index = path / "model.safetensors.index.json"
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -41,6 +41,9 @@ class SafetensorsReader:
 
     def names(self) -> list[str]:
         return list(self._file_of)
+
+    def has(self, name: str) -> bool:
+        return name in self._file_of
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(name).get_slice(name).get_shape())

@@ -1,14 +1,20 @@
 """Plans: which pieces every worker must end with under a topology, and where each comes from.
 
 A piece is a weight slice (a range of one checkpoint tensor along its shard axis) or a KV slice (one layer x
-one KV head, over every block in use). A plan maps new coordinates onto workers so that the most bytes stay in
-place (an assignment problem), then gives every missing piece exactly one source: a peer that holds it under
-the old topology (spreading sends over holders) or, where no peer has it, the checkpoint. Pure functions:
-no tensors, no processes; the executor in the worker follows the plan.
+one KV head, over the blocks in use that go from an old replica to a new one). A plan maps new coordinates onto
+workers so that the most bytes stay in place (an assignment problem), then gives every missing piece exactly
+one source: a peer that holds it under the old topology (spreading sends over holders) or, where no peer has
+it, the checkpoint. Pure functions: no tensors, no processes; the executor in the worker follows the plan.
+
+With data parallelism every replica holds the whole model and its own KV blocks. The running requests of an old
+replica go to the new replicas that keep the most of its KV in place (`kv_routes`; several when they tie, e.g.
+one TP2 replica split into two TP1 replicas); the KV of a route (old replica -> new replica) is its own set of
+pieces. Weights have no replica: a new replica's worker takes a slice from whichever old worker holds it.
 """
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +47,8 @@ class WeightPiece:
 class KVPiece:
     layer: int
     kv_head: int
+    src: int = 0  # the old replica whose blocks these are ...
+    dst: int = 0  # ... and the new replica they go to
 
 
 Piece = WeightPiece | KVPiece
@@ -79,21 +87,38 @@ class Plan:
     kept: ByteCounts = field(default_factory=ByteCounts)
     minimum: ByteCounts = field(default_factory=ByteCounts)  # the least any plan must move (any placement)
     from_checkpoint: ByteCounts = field(default_factory=ByteCounts)
+    routes: dict[int, list[int]] = field(default_factory=dict)  # old replica -> new replicas its KV may go to
+
+
+Route = tuple[int, int]  # (old replica, new replica)
 
 
 class PieceSizer:
-    """Bytes of pieces for one model, dtype and number of KV blocks in use."""
+    """Bytes of pieces for one model and dtype, with the KV blocks in use: a number (one replica to one), or the
+    blocks of each route (old replica, new replica)."""
 
-    def __init__(self, config: ModelConfig, itemsize: int, kv_blocks_used: int, block_size: int):
+    def __init__(self, config: ModelConfig, itemsize: int, kv_blocks_used: int | dict[Route, int], block_size: int):
         self.config, self.itemsize = config, itemsize
-        self.kv_piece_bytes = 2 * kv_blocks_used * block_size * config.head_dim * itemsize
+        self.block_bytes = 2 * block_size * config.head_dim * itemsize  # one block of one layer x head
+        self.kv_blocks = kv_blocks_used if isinstance(kv_blocks_used, dict) else {(0, 0): kv_blocks_used}
+
+    def with_blocks(self, kv_blocks: dict[Route, int]) -> PieceSizer:
+        """The same model and dtype with other KV blocks in use."""
+        out = copy.copy(self)
+        out.kv_blocks = kv_blocks
+        return out
+
+    @property
+    def kv_piece_bytes(self) -> int:
+        """Bytes of a KV piece of all the blocks in use (one layer x head)."""
+        return sum(self.kv_blocks.values()) * self.block_bytes
 
     def row_bytes(self, name: str) -> int:
         return tensor(self.config, name).rows_per_unit * self.itemsize
 
     def bytes(self, piece: Piece) -> int:
         if isinstance(piece, KVPiece):
-            return self.kv_piece_bytes
+            return self.kv_blocks.get((piece.src, piece.dst), 0) * self.block_bytes
         return (piece.stop - piece.start) * self.row_bytes(piece.name)
 
 
@@ -102,38 +127,67 @@ def weight_ranges(config: ModelConfig, spec: ShardSpec | None) -> dict[str, tupl
     return {} if spec is None else shard_tensors(config, spec)
 
 
-def worker_pieces(config: ModelConfig, topology: Topology, worker: int, with_kv: bool) -> list[Piece]:
-    """Every piece a worker holds under a topology (nothing if the topology leaves it idle)."""
+def kv_heads_of(config: ModelConfig, topology: Topology, worker: int) -> set[tuple[int, int]]:
+    """(layer, KV head) pairs whose KV a worker holds under a topology (for its replica's blocks)."""
+    if topology.coordinate(worker) is None:
+        return set()
+    spec = topology.spec(config, worker)
+    return {(layer, h) for layer in spec.layers for h in spec.kv_heads}
+
+
+def worker_pieces(
+    config: ModelConfig,
+    topology: Topology,
+    worker: int,
+    with_kv: bool,
+    routes: dict[int, list[int]] | None = None,
+    held: bool = True,
+) -> list[Piece]:
+    """Every piece a worker holds under a topology (held=True: the old one; its KV leaves by the routes out of
+    its replica) or needs under it (held=False: the new one; its KV arrives by the routes into its replica).
+    Nothing if the topology leaves it idle. routes None: one replica to one (route (0, 0))."""
     if topology.coordinate(worker) is None:
         return []
     spec = topology.spec(config, worker)
     pieces: list[Piece] = [WeightPiece(name, *r) for name, r in weight_ranges(config, spec).items()]
     if with_kv:
-        pieces += [KVPiece(layer, h) for layer in spec.layers for h in spec.kv_heads]
+        r = topology.replica_of(worker)
+        routes = routes if routes is not None else {0: [0]}
+        pairs = [(r, d) for d in routes.get(r, [])] if held else [(s, r) for s, ds in routes.items() if r in ds]
+        pieces += [
+            KVPiece(layer, h, s, d) for s, d in pairs for layer, h in sorted(kv_heads_of(config, topology, worker))
+        ]
     return pieces
 
 
-def held_pieces(
-    config: ModelConfig, old: Topology, worker: int, with_kv: bool, peers: tuple[Topology, ...] = ()
-) -> list[Piece]:
-    """What a worker holds before a switch: its pieces under `old`, or, on a worker of one of `peers` (the old
-    model's other data-parallel replicas, on workers of their own), that replica's weights. A replica's KV is
-    its own requests', so only `old`'s KV counts: a plan moves the KV of one old replica at a time."""
-    if worker in old.placement or not peers:
-        return worker_pieces(config, old, worker, with_kv)
-    peer = next((p for p in peers if worker in p.placement), None)
-    return [] if peer is None else worker_pieces(config, peer, worker, with_kv=False)
+def kv_routes(
+    config: ModelConfig, old: Topology, new: Topology, lost: frozenset[int] = frozenset()
+) -> dict[int, list[int]]:
+    """For each old replica, the new replicas its requests (and their KV) may go to: those whose workers keep
+    the most of its KV in place (every one that ties; all of them when none keeps any)."""
+    routes = {}
+    for s in range(old.dp):
+        kept = []
+        for d in range(new.dp):
+            n = 0
+            for w in new.replica_workers(d):
+                if w not in lost and old.replica_of(w) == s:
+                    n += len(kv_heads_of(config, old, w) & kv_heads_of(config, new, w))
+            kept.append(n)
+        routes[s] = [d for d in range(new.dp) if kept[d] == max(kept)]
+    return routes
 
 
-def kv_only_on(config: ModelConfig, topology: Topology, workers: set[int]) -> set[KVPiece]:
-    """KV pieces (layer x KV head) that no worker outside `workers` holds: lost with them. Empty when TP
-    replicates every KV head of theirs elsewhere (tp > KV heads)."""
-
-    def kv(w: int) -> set:
-        return {p for p in worker_pieces(config, topology, w, True) if isinstance(p, KVPiece)}
-
-    theirs = set().union(*(kv(w) for w in workers if w in topology.placement))
-    return theirs - set().union(*(kv(w) for w in topology.placement if w not in workers))
+def kv_lost_replicas(config: ModelConfig, topology: Topology, workers: set[int]) -> set[int]:
+    """Replicas of which some KV (a layer x KV head) is held only by `workers`: lost with them. Empty when TP
+    replicates every KV head of theirs inside their replica (tp > KV heads)."""
+    out = set()
+    for r in range(topology.dp):
+        members = topology.replica_workers(r)
+        theirs = set().union(*(kv_heads_of(config, topology, w) for w in members if w in workers))
+        if theirs - set().union(*(kv_heads_of(config, topology, w) for w in members if w not in workers)):
+            out.add(r)
+    return out
 
 
 def _index(pieces: list[Piece]) -> tuple[dict[str, tuple[int, int]], set[KVPiece]]:
@@ -170,59 +224,45 @@ def best_placement(
     with_kv: bool = True,
     workers: list[int] | None = None,
     links: Links | None = None,
-    peers: tuple[Topology, ...] = (),
+    dp: int = 1,
 ) -> Topology:
-    """The placement of the new coordinates on the pool's workers (default: old's) that keeps the most bytes in
-    place. A pool larger than the topology leaves the workers that would keep the least idle. With `links` (a
-    pool on several nodes) each part a worker must receive is priced at the bandwidth of the fastest link to a
-    holder of it, and the placement minimises the receivers' total time (a proxy for the slowest one's);
-    among placements of equal cost, each TP group stays inside a node and the pipeline crosses nodes.
-    `peers`: the old model's other data-parallel replicas (see `held_pieces`)."""
-    return best_placements(config, old, tp, pp, 1, sizer, layers_per_stage, with_kv, workers, links, peers)[0]
-
-
-def best_placements(
-    config: ModelConfig,
-    old: Topology,
-    tp: int,
-    pp: int,
-    dp: int,
-    sizer: PieceSizer,
-    layers_per_stage: tuple[int, ...] | None = None,
-    with_kv: bool = True,
-    workers: list[int] | None = None,
-    links: Links | None = None,
-    peers: tuple[Topology, ...] = (),
-) -> list[Topology]:
-    """`dp` replicas of TP tp x PP pp placed together as in best_placement: every replica's coordinates compete
-    for the pool's workers in one assignment, so the replicas interleave over the old shards where that keeps
-    more (two TP2 replicas after TP4 each take one rank of each old pair). The tie-break fills nodes replica by
-    replica, stage by stage."""
+    """The placement of the new coordinates (dp replicas of TP x PP) on the pool's workers (default: old's) that
+    keeps the most bytes in place. A pool larger than the topology leaves the workers that would keep the least
+    idle. With `links` (a pool on several nodes) each part a worker must receive is priced at the bandwidth of
+    the fastest link to a holder of it, and the placement minimises the receivers' total time (a proxy for the
+    slowest one's); among placements of equal cost, each TP group stays inside a node and the pipeline crosses
+    nodes. The KV is counted as if every replica's went where its layer x head is kept (a new replica takes
+    1/dp of the blocks in use): which requests go where is decided once the placement is known (kv_routes)."""
     workers = sorted(old.placement if workers is None else workers)
-    draft = Topology(tp, pp, tuple(range(tp * pp)), layers_per_stage)
-    if dp * draft.size > len(workers):
-        raise ValueError(f"{dp} x {draft} needs {dp * draft.size} workers, but the pool has {len(workers)}")
-    index = {w: _index(held_pieces(config, old, w, with_kv, peers)) for w in workers}
-    homes = links.stage_homes(tp, pp * dp, workers) if links is not None else [None] * pp * dp
-    needs = [worker_pieces(config, draft, c, with_kv) for c in range(draft.size)]
-    rows = dp * draft.size
-    cost = np.zeros((rows, len(workers)))
+    draft = Topology(tp, pp, tuple(range(dp * tp * pp)), layers_per_stage, dp)
+    if draft.size > len(workers):
+        raise ValueError(f"{draft} needs {draft.size} workers, but the pool has {len(workers)}")
+    sizer = sizer.with_blocks({(0, 0): -(-sum(sizer.kv_blocks.values()) // dp)})
+    index = {
+        w: _index(_merged_kv(worker_pieces(config, old, w, with_kv, {r: [0] for r in range(old.dp)}))) for w in workers
+    }
+    homes = links.stage_homes(tp, dp * pp, workers) if links is not None else [None] * (dp * pp)
+    cost = np.zeros((draft.size, len(workers)))
     for c in range(draft.size):
+        need = _merged_kv(worker_pieces(config, draft, c, with_kv, {r: [r] for r in range(dp)}, held=False))
+        home = homes[c // tp]
         for j, w in enumerate(workers):
             if links is None or not links.multi_node:
-                missing = float(sum(sizer.bytes(p) - _held_bytes(sizer, p, *index[w]) for p in needs[c]))
+                missing = float(sum(sizer.bytes(p) - _held_bytes(sizer, p, *index[w]) for p in need))
             else:
-                missing = round(1e9 * _receive_s(sizer, needs[c], w, index, links))  # nanoseconds
-            for r in range(dp):
-                home = homes[r * pp + c // tp]
-                away = home is not None and links.nodes[w] != home
-                cost[r * draft.size + c, j] = missing * (rows + 1) + away  # the tie-break never outweighs a byte/ns
-    rows_, cols = linear_sum_assignment(cost)
-    placement = [0] * rows
-    for i, j in zip(rows_, cols):
-        placement[i] = workers[j]
-    n = draft.size
-    return [Topology(tp, pp, tuple(placement[r * n : (r + 1) * n]), layers_per_stage) for r in range(dp)]
+                missing = round(1e9 * _receive_s(sizer, need, w, index, links))  # nanoseconds
+            away = home is not None and links.nodes[w] != home
+            cost[c, j] = missing * (draft.size + 1) + away  # the tie-break never outweighs a byte or a ns
+    rows, cols = linear_sum_assignment(cost)
+    placement = [0] * draft.size
+    for c, j in zip(rows, cols):
+        placement[c] = workers[j]
+    return Topology(tp, pp, tuple(placement), layers_per_stage, dp)
+
+
+def _merged_kv(pieces: list[Piece]) -> list[Piece]:
+    """KV pieces whatever their route: (layer, head) only, as the placement counts them."""
+    return list(dict.fromkeys(KVPiece(p.layer, p.kv_head) if isinstance(p, KVPiece) else p for p in pieces))
 
 
 def _receive_s(sizer: PieceSizer, need: list[Piece], dst: int, index: dict, links: Links) -> float:
@@ -257,18 +297,19 @@ def make_plan(
     with_kv: bool = True,
     lost: frozenset[int] = frozenset(),
     links: Links | None = None,
-    peers: tuple[Topology, ...] = (),
 ) -> Plan:
     """Sources for every piece of every worker under `new`. `old` None means cold start (checkpoint);
     workers in `lost` hold nothing any more (their pieces come from survivors or the checkpoint). With `links`,
-    a holder on the receiver's node is preferred to one across nodes. `peers`: the old model's other
-    data-parallel replicas, whose workers hold its weights too (see `held_pieces`); a new replica is planned
-    from them all."""
+    a holder on the receiver's node is preferred to one across nodes."""
     workers = sorted(new.placement)
-    needs = {w: worker_pieces(config, new, w, with_kv) for w in workers}
-    holders = sorted({*old.placement, *(w for p in peers for w in p.placement)}) if old is not None else []
-    held = {w: _index(held_pieces(config, old, w, with_kv, peers)) for w in holders if w not in lost}
-    plan = Plan(old, new, needs, [])
+    routes = kv_routes(config, old, new, lost) if old is not None and with_kv else {}
+    needs = {w: worker_pieces(config, new, w, with_kv, routes, held=False) for w in workers}
+    held = (
+        {}
+        if old is None
+        else {w: _index(worker_pieces(config, old, w, with_kv, routes)) for w in old.placement if w not in lost}
+    )
+    plan = Plan(old, new, needs, [], routes=routes)
     load: dict[int, int] = defaultdict(int)  # bytes each holder sends, to spread the sends
 
     def source(holders: list[int], dst: int) -> int:
@@ -292,7 +333,7 @@ def make_plan(
     for part, holders, dst in missing:
         _assign(plan, sizer, load, Transfer(part, source(holders, dst), dst))
     plan.transfers.sort(key=lambda t: (t.piece.layer, str(type(t.piece)), t.piece, t.src, t.dst))
-    plan.minimum = _minimum(config, old, new, sizer, with_kv, lost, peers)
+    plan.minimum = _minimum(config, old, new, sizer, with_kv, lost)
     return plan
 
 
@@ -323,13 +364,7 @@ def _segments(name: str, lo: int, hi: int, held: dict) -> list[tuple[int, int, l
 
 
 def _minimum(
-    config: ModelConfig,
-    old: Topology | None,
-    new: Topology,
-    sizer: PieceSizer,
-    with_kv: bool,
-    lost: frozenset[int],
-    peers: tuple[Topology, ...] = (),
+    config: ModelConfig, old: Topology | None, new: Topology, sizer: PieceSizer, with_kv: bool, lost: frozenset[int]
 ) -> ByteCounts:
     """Bytes any plan must bring to workers: what the new shards need minus what the best placement keeps.
     Split by kind at that optimum."""
@@ -337,15 +372,14 @@ def _minimum(
     if old is None:
         return out
     pool = sorted(set(old.placement) | set(new.placement))
-    best = (
-        best_placement(config, old, new.tp, new.pp, sizer, new.layers_per_stage, with_kv, pool, peers=peers)
-        if not lost
-        else new
-    )
+    best = new
+    if not lost:
+        best = best_placement(config, old, new.tp, new.pp, sizer, new.layers_per_stage, with_kv, pool, dp=new.dp)
+    routes = kv_routes(config, old, best, lost) if with_kv else {}
     for w in best.placement:
-        held = [] if w in lost else held_pieces(config, old, w, with_kv, peers)
+        held = [] if w in lost else worker_pieces(config, old, w, with_kv, routes)
         weights, kv = _index(held)
-        for p in worker_pieces(config, best, w, with_kv):
+        for p in worker_pieces(config, best, w, with_kv, routes, held=False):
             out.add(p, sizer.bytes(p) - _held_bytes(sizer, p, weights, kv))
     return out
 
@@ -357,6 +391,7 @@ def staging_bytes(
     changed range) and the pieces it receives for them, and the KV layers it cannot keep (other heads, or a
     pool of another size). The old shard serves until the cut-over, so none of this replaces anything yet."""
     kv_head_bytes = 2 * num_blocks * block_size * config.head_dim * sizer.itemsize
+    into = {d: [s for s, ds in plan.routes.items() if d in ds] for d in range(plan.new.dp)}
     out = {}
     for w in plan.new.placement:
         new_spec = plan.new.spec(config, w)
@@ -365,6 +400,7 @@ def staging_bytes(
         total = sum((hi - lo) * sizer.row_bytes(n) for n, (lo, hi) in new.items() if old.get(n) != (lo, hi))
         total += sum(sizer.bytes(t.piece) for t in plan.transfers if t.dst == w and isinstance(t.piece, WeightPiece))
         kept = same_blocks and old_spec is not None and old_spec.kv_heads == new_spec.kv_heads
+        kept = kept and into[plan.new.replica_of(w)] == [plan.old.replica_of(w)]  # its own replica's blocks only
         total += sum(
             len(new_spec.kv_heads) * kv_head_bytes
             for layer in new_spec.layers

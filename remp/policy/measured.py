@@ -17,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from remp.cache_dir import cache_root
 from remp.config import ModelConfig
@@ -193,7 +194,7 @@ def measure(engine: ServingEngine, candidates: list[Shape], machine: str, engine
         date=datetime.date.today().isoformat(),
     )
     moved, paused = 0, 0.0
-    for shape in (Shape(*c) for c in candidates):
+    for shape in tqdm([Shape(*c) for c in candidates], desc="Profiling topologies", unit="topology"):
         if shape.dp != 1:
             raise ValueError(f"the engine profiles one replica, not {shape}")
         tp, pp, name = shape.tp, shape.pp, shape_name(shape)

@@ -27,8 +27,7 @@ logger = init_logger(__name__)
 class LoadCounts:
     """The engine between two steps, as the policy sees it."""
 
-    tp: int
-    pp: int
+    shape: Shape
     waiting: int
     running: int
     blocks_used: int  # KV blocks running requests hold
@@ -115,7 +114,7 @@ class PolicyRunner:
             return None
         self._blocks_used = load.blocks_used
         observed = self.window.observe(now, self.policy.observe_from, self.policy.config.slo)
-        d = self.policy.decide(now, snapshot, Shape(load.tp, load.pp), observed)
+        d = self.policy.decide(now, snapshot, load.shape, observed)
         if d.action != "switch":
             logger.debug("topology policy: stay on %s: %s", d.current, d.reason)
         if "factor" in d.observed:

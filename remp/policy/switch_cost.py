@@ -2,11 +2,9 @@
 (weights, and KV per block in use) under the minimum-bytes placement, each at the bandwidth of the link it
 crosses (`nodes.Links`), plus fixed overheads.
 
-Data-parallel shapes: the new replicas are placed together (they may interleave over the old shards where that
-keeps more bytes), and each is planned on its workers from every old holder (the old replicas all hold the
-weights), so each ends whole; the running requests are split evenly over the new replicas, and each replica
-receives the KV of the requests it takes from the old replica that ran them (one old replica's KV per plan:
-with the same dp, replica i's; otherwise the old replica on most of its workers)."""
+Data-parallel shapes are the engine's `Topology.dp`, planned by the engine's planner: every new replica ends
+whole (weights from whichever old worker holds them), and each old replica's running requests, with their KV,
+go to the new replicas `kv_routes` allows (those that keep the most of it in place), split evenly."""
 
 from __future__ import annotations
 
@@ -15,7 +13,7 @@ from functools import cache
 from remp.config import ModelConfig
 from remp.nodes import Links
 from remp.planner.mode import Moves, Overheads, SwitchCost, SwitchMode
-from remp.planner.plan import CHECKPOINT, KVPiece, PieceSizer, best_placements, make_plan
+from remp.planner.plan import CHECKPOINT, KVPiece, PieceSizer, best_placement, kv_routes, make_plan
 from remp.topology import Shape, Topology
 
 # The cut-over's fixed part: drain the pipeline, swap process groups and block tables (remp measures ~20 ms of
@@ -29,13 +27,6 @@ PRECOPY_SLOWDOWN = 0.05
 # graph capture: ~20 s for vLLM on 8 GPUs, its own startup logs); every running request recomputes its KV.
 DISK_BPS = 5e9
 ENGINE_START_S = 20.0
-
-
-def replicas(shape: Shape) -> list[Topology]:
-    """A shape's replicas on the pool's workers in order: replica r on workers r * size .. (r + 1) * size - 1."""
-    s = Shape(*shape)
-    n = s.tp * s.pp
-    return [Topology(s.tp, s.pp, tuple(range(r * n, (r + 1) * n))) for r in range(s.dp)]
 
 
 class SwitchCostModel:
@@ -78,44 +69,30 @@ class SwitchCostModel:
         """The slowest receiver's seconds of weights, and of KV per block in use, for old -> new."""
         old, new = Shape(*old), Shape(*new)
         links = self._links(max(old.size, new.size))
-        olds = replicas(old)
+        before = Topology(old.tp, old.pp, dp=old.dp)
         workers = list(range(max(old.size, new.size)))
-        # every new replica placed at once (they may interleave over the old shards), from the old holders
-        placed = best_placements(
-            self.config,
-            olds[0],
-            new.tp,
-            new.pp,
-            new.dp,
-            self.sizer,
-            with_kv=True,
-            workers=workers,
-            links=links,
-            peers=tuple(olds[1:]),
-        )
+        # the planner's placement (replicas interleave over the old shards where that keeps more) and its plan:
+        # weights from any old holder, each old replica's KV to the new replicas kv_routes allows
+        after = best_placement(self.config, before, new.tp, new.pp, self.sizer, None, True, workers, links, new.dp)
+        routes = kv_routes(self.config, before, after)
+        # the blocks in use: 1/dp_old on each old replica, split evenly over the new replicas it may go to
+        share = {(s, d): 1 / (old.dp * len(ds)) for s, ds in routes.items() for d in ds}
+        sizer = self.sizer.with_blocks(dict.fromkeys(share, 1))
+        plan = make_plan(self.config, before, after, sizer, with_kv=True, links=links)
         weights: dict[int, float] = {}  # receiver -> seconds
-        kv: dict[int, float] = {}  # receiver -> seconds for the blocks its replica takes, per block in use
-        moved_weights, kv_bytes = 0, 0
-        for r, target in enumerate(placed):
-            # its requests' KV from the old replica that ran them: the same index with the same dp, else the one
-            # on most of its workers
-            main = (
-                olds[r] if old.dp == new.dp else max(olds, key=lambda o: len(set(o.placement) & set(target.placement)))
-            )
-            peers = tuple(o for o in olds if o is not main)
-            plan = make_plan(self.config, main, target, self.sizer, with_kv=True, links=links, peers=peers)
-            for t in plan.transfers:
-                n = self.sizer.bytes(t.piece)
-                bw = DISK_BPS if t.src == CHECKPOINT else links.bandwidth(t.src, t.dst)
-                if isinstance(t.piece, KVPiece):
-                    kv[t.dst] = kv.get(t.dst, 0.0) + n / bw / new.dp  # this replica takes 1/dp of the blocks
-                    kv_bytes += n
-                else:
-                    weights[t.dst] = weights.get(t.dst, 0.0) + n / bw
-            moved_weights += plan.moved.weights + plan.from_checkpoint.weights
-        return Moves(
-            max(weights.values(), default=0.0), max(kv.values(), default=0.0), moved_weights, kv_bytes // new.dp
-        )
+        kv: dict[int, float] = {}  # receiver -> seconds per block in use
+        kv_bytes = 0.0
+        for t in plan.transfers:
+            n = sizer.bytes(t.piece)
+            bw = DISK_BPS if t.src == CHECKPOINT else links.bandwidth(t.src, t.dst)
+            if isinstance(t.piece, KVPiece):
+                f = share[(t.piece.src, t.piece.dst)]
+                kv[t.dst] = kv.get(t.dst, 0.0) + n * f / bw
+                kv_bytes += n * f
+            else:
+                weights[t.dst] = weights.get(t.dst, 0.0) + n / bw
+        moved_weights = plan.moved.weights + plan.from_checkpoint.weights
+        return Moves(max(weights.values(), default=0.0), max(kv.values(), default=0.0), moved_weights, round(kv_bytes))
 
     def cost(
         self,

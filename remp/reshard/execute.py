@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 from remp.kv_cache import new_kv_layer
-from remp.messages import SwitchStats
+from remp.messages import KVFlows, SwitchStats
 from remp.model.checkpoint import CheckpointReader
-from remp.model.schema import slices, tensor
+from remp.model.schema import read_range, tensor
 from remp.planner.plan import CHECKPOINT, KVPiece, Piece, Plan, Transfer, WeightPiece, weight_ranges
 from remp.shard_state import ShardState
 from remp.sharding import ShardSpec
@@ -61,7 +61,7 @@ class PieceIO:
         rank: int,
         config,
         old: ShardState,
-        used_blocks: list[int],
+        flows: KVFlows,
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
@@ -69,34 +69,47 @@ class PieceIO:
         stats: SwitchStats,
         memory: Memory,
         reader: CheckpointReader | None = None,
+        old_replica: int | None = 0,
+        new_replica: int | None = 0,
     ):
+        """old_replica / new_replica: this worker's replica before and after (None: idle there)."""
         self.rank, self.config, self.old, self.group = rank, config, old, group
         self.block_size, self.dtype, self.device, self.reader = block_size, dtype, device, reader
         self.stats, self.memory = stats, memory
+        self.old_replica, self.new_replica = old_replica, new_replica
         self.old_ranges = weight_ranges(config, old.spec)
         self.old_heads = old.spec.kv_heads if old.spec else range(0)
-        self.use_blocks(used_blocks)
+        self.use_flows(flows)
 
-    def use_blocks(self, used_blocks: list[int]) -> None:
-        """The KV blocks in use, whose slices KV pieces carry (known only at the cut-over in live mode)."""
-        self.used_blocks = used_blocks
-        self.used = torch.tensor(used_blocks, dtype=torch.long, device=self.device)
+    def use_flows(self, flows: KVFlows) -> None:
+        """The KV blocks that move on each route (old replica, new replica): their ids in the old replica's pool
+        and in the new one's (known only at the cut-over in live mode). KV pieces carry those blocks' slices."""
+        self.flows = {
+            route: (self._ids(old), self._ids(new)) for route, (old, new) in flows.items() if old
+        }  # fmt: skip
+
+    def _ids(self, blocks: list[int]) -> torch.Tensor:
+        return torch.tensor(blocks, dtype=torch.long, device=self.device)
+
+    def carries(self, p: Piece) -> bool:
+        """Whether a piece has anything to move: a KV piece only if its route has blocks now."""
+        return not isinstance(p, KVPiece) or (p.src, p.dst) in self.flows
 
     def shape(self, p: Piece) -> list[int]:
-        if isinstance(p, KVPiece):  # k and v of the blocks in use, for one layer and head
-            return [2, len(self.used_blocks), self.block_size, self.config.head_dim]
+        if isinstance(p, KVPiece):  # k and v of the route's blocks, for one layer and head
+            return [2, len(self.flows[(p.src, p.dst)][0]), self.block_size, self.config.head_dim]
         t = tensor(self.config, p.name)
         shape = list(t.shape)
         shape[t.axis] = p.stop - p.start
         return shape
 
     def piece_bytes(self, p: Piece) -> int:
-        return math.prod(self.shape(p)) * self.dtype.itemsize
+        return math.prod(self.shape(p)) * self.dtype.itemsize if self.carries(p) else 0
 
     def send_buffer(self, p: Piece) -> torch.Tensor:
         if isinstance(p, KVPiece):
             layer = self.old.kv_layers[p.layer]
-            return layer[:, p.kv_head - self.old_heads.start].index_select(1, self.used)
+            return layer[:, p.kv_head - self.old_heads.start].index_select(1, self.flows[(p.src, p.dst)][0])
         lo = self.old_ranges[p.name][0]
         return narrow(self.config, p.name, self.old.weights[p.name], p.start, p.stop, lo).contiguous()
 
@@ -106,6 +119,8 @@ class PieceIO:
         received is piece key -> [(piece, buffer)]."""
         posts, received, sent = [], {}, []
         for t in transfers:
+            if not self.carries(t.piece):  # every worker skips it alike: the same flows everywhere
+                continue
             if t.src == self.rank:
                 buf = self.memory.grow(self.send_buffer(t.piece))
                 posts.append((dist.isend, buf, t.dst))
@@ -117,7 +132,7 @@ class PieceIO:
                 if t.src == CHECKPOINT:
                     if isinstance(p, KVPiece):
                         raise RuntimeError(f"KV of layer {p.layer} head {p.kv_head} has no holder")
-                    buf.copy_(self.reader.read(p.name, slices(self.config, p.name, p.start, p.stop)).to(self.dtype))
+                    buf.copy_(read_range(self.reader, p.name, p.start, p.stop).to(self.dtype))
                     self.stats.bytes_from_checkpoint += nbytes(buf)
                 else:
                     posts.append((dist.irecv, buf, t.src))
@@ -167,25 +182,31 @@ def can_keep_kv_layer(io: PieceIO, layer: int, new_heads: range, same_blocks: bo
     return layer in io.old.kv_layers and io.old_heads == new_heads and same_blocks
 
 
-def assemble_kv_layer(
-    io: PieceIO,
-    layer: int,
-    new_heads: range,
-    target: torch.Tensor,
-    new_ids: torch.Tensor,
-    received: dict,
-) -> torch.Tensor:
-    """Fill `target` (the new layer, zeroed) with the blocks in use: kept heads from the old layer, the others
-    from what was received, each block renamed to its new id."""
-    if not len(new_ids):  # no block in use (e.g. every request recomputes after a lost worker): nothing to copy
-        return target
+def blocks_stay(io: PieceIO, new_num_blocks: int) -> bool:
+    """Whether the blocks of this worker's new replica are all its old replica's, each under its old id, in a pool
+    of the same size: then its KV layers with the same heads stay as they are."""
+    old_num_blocks = next(iter(io.old.kv_layers.values())).shape[2] if io.old.kv_layers else -1
+    if io.new_replica is None or old_num_blocks != new_num_blocks:
+        return False
+    into = {route: ids for route, ids in io.flows.items() if route[1] == io.new_replica}
+    own = (io.old_replica, io.new_replica)
+    return all(route == own and torch.equal(old, new) for route, (old, new) in into.items())
+
+
+def assemble_kv_layer(io: PieceIO, layer: int, new_heads: range, target: torch.Tensor, received: dict) -> torch.Tensor:
+    """Fill `target` (the new layer, zeroed) with the blocks each route brings to this worker's new replica: kept
+    heads of its own old replica's blocks from the old layer, the rest from what was received, each block under
+    its new id."""
     old_layer = io.old.kv_layers.get(layer)
-    for i, h in enumerate(new_heads):
-        if old_layer is not None and h in io.old_heads:
-            src = old_layer[:, h - io.old_heads.start].index_select(1, io.used)
-        else:
-            src = received[KVPiece(layer, h)][0][1]
-        target[:, i].index_copy_(1, new_ids, src)
+    for (src_replica, dst_replica), (old_ids, new_ids) in io.flows.items():
+        if dst_replica != io.new_replica:
+            continue
+        for i, h in enumerate(new_heads):
+            if old_layer is not None and h in io.old_heads and src_replica == io.old_replica:
+                src = old_layer[:, h - io.old_heads.start].index_select(1, old_ids)
+            else:
+                src = received[KVPiece(layer, h, src_replica, dst_replica)][0][1]
+            target[:, i].index_copy_(1, new_ids, src)
     return target
 
 
@@ -206,16 +227,12 @@ def phase_groups(plan: Plan, config, piece_bytes, chunk_bytes: int = 64 << 20, w
     return groups + [current] if current else groups
 
 
-def stop_the_world(
-    io: PieceIO, plan: Plan, new_spec: ShardSpec | None, new_block_ids: list[int], new_num_blocks: int
-) -> ShardState:
+def stop_the_world(io: PieceIO, plan: Plan, new_spec: ShardSpec | None, new_num_blocks: int) -> ShardState:
     """The whole plan in the pause, chunk by chunk, freeing each old phase as soon as its chunk is done (new_spec
     None: this worker only sends, and ends holding nothing)."""
     config, old = io.config, io.old
     new_ranges = weight_ranges(config, new_spec)
-    new_ids = torch.tensor(new_block_ids, dtype=torch.long, device=io.device)
-    old_num_blocks = next(iter(old.kv_layers.values())).shape[2] if old.kv_layers else -1
-    same_blocks = io.used_blocks == new_block_ids and old_num_blocks == new_num_blocks
+    same_blocks = blocks_stay(io, new_num_blocks)
     new = ShardState(new_spec, {}, {})
     for group in phase_groups(plan, config, io.piece_bytes):
         received, sent = io.exchange([t for t in plan.transfers if t.piece.layer in group])
@@ -232,7 +249,7 @@ def stop_the_world(
                             len(new_spec.kv_heads), new_num_blocks, io.block_size, config.head_dim, io.dtype, io.device
                         )
                     )
-                    new.kv_layers[phase] = assemble_kv_layer(io, phase, new_spec.kv_heads, target, new_ids, received)
+                    new.kv_layers[phase] = assemble_kv_layer(io, phase, new_spec.kv_heads, target, received)
             free_phase(io, phase, new)
         io.release(received, sent)
     return new

@@ -26,8 +26,7 @@ import torch
 import torch.distributed as dist
 
 from remp.kv_cache import new_kv_layer
-from remp.messages import PrepareSwitch, SwitchStats
-from remp.model.llama import Layer
+from remp.messages import KVFlows, PrepareSwitch, SwitchStats
 from remp.planner.plan import KVPiece, weight_ranges
 from remp.reshard.execute import (
     Memory,
@@ -56,14 +55,17 @@ class LiveSwitch:
         self.report = report  # (stage, stats, error) when a round is done or failed on this worker
         self.stats = SwitchStats()
         self.memory = Memory(self.stats)
-        self.io = PieceIO(
-            rank, self.config, runner.state(), [], runner.block_size, runner.dtype, runner.device, group,
-            self.stats, self.memory, runner.reader,
-        )  # fmt: skip
         plan = msg.plan
-        self.new_spec = plan.new.spec(self.config, rank) if plan.new.coordinate(rank) is not None else None
+        old_replica, new_replica = plan.old.replica_of(rank), plan.new.replica_of(rank)
+        self.io = PieceIO(
+            rank, self.config, runner.state(), {}, runner.block_size, runner.dtype, runner.device, group,
+            self.stats, self.memory, runner.reader, old_replica, new_replica,
+        )  # fmt: skip
+        self.new_spec = plan.new.spec(self.config, rank) if new_replica is not None else None
         old_kv = next(iter(self.io.old.kv_layers.values()), None)
-        self.same_blocks = old_kv is not None and old_kv.shape[2] == msg.num_blocks
+        # its layers stay if its new replica takes only its old replica's blocks (the driver keeps their ids then)
+        only_own = [s for s, ds in plan.routes.items() if new_replica in ds] == [old_replica]
+        self.same_blocks = old_kv is not None and old_kv.shape[2] == msg.num_blocks and only_own
         self.kv_transfers = [t for t in plan.transfers if isinstance(t.piece, KVPiece)]
         self.cancel = threading.Event()
         self.weights: dict[str, torch.Tensor] = {}
@@ -75,9 +77,9 @@ class LiveSwitch:
     def start(self) -> None:
         self._background(self._precopy_weights, "precopied")
 
-    def precopy_kv(self, blocks: list[int], new_ids: list[int]) -> None:
+    def precopy_kv(self, flows: KVFlows) -> None:
         self.thread.join()
-        self._background(lambda: self._copy_kv(blocks, new_ids), "kv_precopied")
+        self._background(lambda: self._copy_kv(flows), "kv_precopied")
 
     def _background(self, work: Callable[[], bool], stage: str) -> None:
         def run() -> None:
@@ -185,20 +187,20 @@ class LiveSwitch:
             if self.cancel.is_set():
                 return False
             t0 = time.thread_time()
-            built[layer] = Layer.of(self.weights, layer, built.get(layer))
+            built[layer] = self.runner.build_layer(self.new_spec, self.weights, layer, built.get(layer))
             self._rest(time.thread_time() - t0)
         self.shard = self.runner.build_shard(self.new_spec, self.weights, built)
         self.stats.add_time("build", time.perf_counter() - t_build)
         return True
 
-    def _copy_kv(self, blocks: list[int], new_ids: list[int]) -> bool:
-        """The KV of `blocks` into the new layers at `new_ids`: kept heads copied locally, the others received;
-        a chunk of layers at a time (chunks sized from the plan, so every worker cuts them the same)."""
+    def _copy_kv(self, flows: KVFlows) -> bool:
+        """The KV of the blocks of `flows` into the new layers at their new ids: kept heads copied locally, the
+        others received; a chunk of layers at a time (chunks sized from the plan, so every worker cuts them the
+        same)."""
         io = self.io
-        io.use_blocks(blocks)
-        ids = torch.tensor(new_ids, dtype=torch.long, device=io.device)
+        io.use_flows(flows)
         num_layers = self.config.num_hidden_layers
-        total = len(self.kv_transfers) * io.piece_bytes(KVPiece(0, 0))
+        total = sum(io.piece_bytes(t.piece) for t in self.kv_transfers)
         per_chunk = max(1, num_layers * PRECOPY_CHUNK_BYTES // max(1, total))
         chunks = [range(i, min(i + per_chunk, num_layers)) for i in range(0, num_layers, per_chunk)]
         order = iter(chunks)
@@ -206,35 +208,35 @@ class LiveSwitch:
         def fill(received: dict) -> None:
             for layer in next(order):
                 if layer in self.kv_targets:
-                    assemble_kv_layer(io, layer, self.new_spec.kv_heads, self.kv_targets[layer], ids, received)
+                    assemble_kv_layer(io, layer, self.new_spec.kv_heads, self.kv_targets[layer], received)
             io.release(received, [])
 
         return self._chunks([[t for t in self.kv_transfers if t.piece.layer in c] for c in chunks], fill)
 
     # ---- main thread ------------------------------------------------------------------------------------------
-    def commit(
-        self, used_blocks: list[int], new_block_ids: list[int], clean: list[int]
-    ) -> tuple[ShardState, object, SwitchStats]:
+    def commit(self, flows: KVFlows, clean: dict[tuple[int, int], list[int]]) -> tuple[ShardState, object, SwitchStats]:
         """The pause: the KV of the blocks in use that were not pre-copied (or changed since) moves into the
         new layers. Returns the new state and the shard built during pre-copy."""
         self.thread.join()
         io, stats = self.io, self.stats
         received_before = stats.bytes_received
         t0 = time.perf_counter()
-        clean = set(clean)  # already at their new ids (the driver kept the ids it chose for the pre-copy)
-        dirty = [(b, n) for b, n in zip(used_blocks, new_block_ids) if b not in clean]
-        io.use_blocks([b for b, _ in dirty])
+        dirty: KVFlows = {}
+        for route, (old, new) in flows.items():
+            done = set(clean.get(route, ()))  # already at their new ids (the driver kept the pre-copy's ids)
+            pairs = [(b, n) for b, n in zip(old, new, strict=True) if b not in done]
+            dirty[route] = ([b for b, _ in pairs], [n for _, n in pairs])
+        io.use_flows(dirty)
         received, sent = io.exchange(self.kv_transfers)
         t1 = time.perf_counter()
         kv_layers = {}
         if self.new_spec is not None:
-            ids = torch.tensor([n for _, n in dirty], dtype=torch.long, device=io.device)
             for layer in self.new_spec.layers:
                 target = self.kv_targets.get(layer)
                 if target is None:
                     kv_layers[layer] = io.old.kv_layers[layer]
                 else:
-                    kv_layers[layer] = assemble_kv_layer(io, layer, self.new_spec.kv_heads, target, ids, received)
+                    kv_layers[layer] = assemble_kv_layer(io, layer, self.new_spec.kv_heads, target, received)
         io.release(received, sent)
         stats.bytes_received_in_pause = stats.bytes_received - received_before
         stats.add_time("kv_transfer", t1 - t0)

@@ -46,16 +46,17 @@ class WorkerSwitch:
         config = runner.reader.config
         new_spec = plan.new.spec(config, self.rank) if plan.new.coordinate(self.rank) is not None else None
         if self.live is not None:
-            state, shard, stats = self.live.commit(msg.used_blocks, msg.new_block_ids, msg.clean_blocks)
+            state, shard, stats = self.live.commit(msg.flows, msg.clean)
         else:
             stats = SwitchStats()
             t0 = time.perf_counter()
             old, reuse = runner.detach(self._unchanged_layers(new_spec))
             io = PieceIO(
-                self.rank, config, old, msg.used_blocks, runner.block_size, runner.dtype, runner.device,
+                self.rank, config, old, msg.flows, runner.block_size, runner.dtype, runner.device,
                 self.comm.switch_group, stats, Memory(stats), runner.reader,
+                plan.old.replica_of(self.rank) if plan.old is not None else None, plan.new.replica_of(self.rank),
             )  # fmt: skip
-            state = stop_the_world(io, plan, new_spec, msg.new_block_ids, self.pending.num_blocks)
+            state = stop_the_world(io, plan, new_spec, self.pending.num_blocks)
             stats.bytes_received_in_pause = stats.bytes_received
             stats.add_time("execute", time.perf_counter() - t0)
             shard = runner.build_shard(new_spec, state.weights, reuse) if new_spec is not None else None
@@ -69,7 +70,7 @@ class WorkerSwitch:
 
     def precopy_kv(self, msg: PrecopyKV) -> None:
         if self.live is not None and msg.switch_id == self.pending.switch_id:
-            self.live.precopy_kv(msg.blocks, msg.new_ids)
+            self.live.precopy_kv(msg.flows)
 
     def abort(self, msg: AbortSwitch) -> None:
         if self.pending is None or msg.switch_id != self.pending.switch_id:

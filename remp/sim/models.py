@@ -4,6 +4,7 @@ needs their shapes for the planner and the memory, never their weights."""
 from __future__ import annotations
 
 from remp.config import ModelConfig
+from remp.model.families import config_from_hf
 
 LLAMA_2 = {
     "llama-2-7b": dict(
@@ -18,7 +19,7 @@ LLAMA_2 = {
 def model_config(name: str) -> ModelConfig:
     if name not in LLAMA_2:
         raise ValueError(f"unknown model {name!r} for simulation; choose from {', '.join(LLAMA_2)}")
-    return ModelConfig.from_hf_dict(
+    return config_from_hf(
         dict(
             architectures=["LlamaForCausalLM"],
             vocab_size=32000,

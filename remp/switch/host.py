@@ -3,7 +3,6 @@ act; only the engine writes its own state (the scheduler, the block table, the e
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -17,9 +16,10 @@ from remp.request import Request
 from remp.step_log import StepLog
 from remp.topology import Topology
 
-# a KV block's owner: (request id, the block's index in its table, the request's preemptions so far); a block
-# whose owner is unchanged between two looks holds the same KV (blocks are append-only while owned)
-BlockOwner = tuple[str, int, int]
+# what a KV block holds, as far as a switch can tell: ("cached", its content's hash) for a block in the prefix
+# cache, else (request id, the block's index in its table, the request's preemptions so far); a block whose
+# owner is unchanged between two looks holds the same KV (blocks are append-only while owned)
+BlockOwner = tuple[str, int, int] | tuple[str, bytes]
 
 
 @dataclass
@@ -42,29 +42,42 @@ class SwitchHost(Protocol):
     @property
     def num_kv_blocks(self) -> int: ...
 
-    def blocks_in_use(self) -> list[int]:
-        """The KV blocks running requests hold, sorted."""
+    def running(self, replica: int) -> list[Request]:
+        """A replica's running requests, oldest first (read-only)."""
         ...
 
-    def block_owners(self, full_only: bool, limit: int | None = None) -> dict[int, BlockOwner]:
-        """The owner of each block running requests hold (full_only: only blocks whose every token's KV is
-        written by steps that finished), oldest request first, stopping before `limit` blocks are passed."""
+    def blocks_in_use(self, replica: int) -> list[int]:
+        """The KV blocks of a replica a switch keeps, sorted: those its running requests hold, and its cached
+        free ones."""
+        ...
+
+    def cached_free(self, replica: int) -> list[int]:
+        """A replica's free blocks that hold cached KV, most recently used first."""
+        ...
+
+    def block_owners(self, replica: int, full_only: bool) -> dict[int, BlockOwner]:
+        """The owner of each block of a replica to keep (full_only: only blocks whose every token's KV is written
+        by steps that finished)."""
         ...
 
     def kv_blocks_for(self, target: Topology) -> int:
-        """KV blocks the memory budget buys under `target`; ValueError if too few for max_model_len."""
+        """KV blocks (per replica) the memory budget buys under `target`; ValueError if too few for
+        max_model_len."""
         ...
 
     def drain(self) -> None:
         """Finish the micro-batches in flight (their outputs come from the next steps)."""
         ...
 
-    def fit_kv(self, num_blocks: int) -> list[Request]:
-        """Preempt the youngest running requests until the blocks in use fit a pool of num_blocks."""
+    def preempt(self, requests: list[Request]) -> None:
+        """Send these running requests back to the queue, to recompute their KV later."""
         ...
 
-    def adopt(self, topology: Topology, num_blocks: int, block_map: dict[int, int]) -> None:
-        """The workers run `topology` now with a pool of num_blocks; blocks in use renamed by block_map."""
+    def adopt(
+        self, topology: Topology, num_blocks: int, assignment: dict[str, int], block_maps: dict[tuple, dict]
+    ) -> None:
+        """The workers run `topology` now, each replica with a pool of num_blocks: running request r of old
+        replica s runs on in new replica assignment[r], its blocks renamed by block_maps[(s, new replica)]."""
         ...
 
     def fatal_worker_errors(self) -> AbstractContextManager[WorkerFailureGuard]:
@@ -75,12 +88,7 @@ class SwitchHost(Protocol):
         """The micro-batches in flight will not come back (a worker was lost) but the KV cache survives."""
         ...
 
-    def requeue_running(self) -> tuple[list[str], int]:
-        """Forget the micro-batches in flight and send every running request back to the queue to recompute
-        its KV; their ids and the tokens to recompute."""
+    def requeue_running(self, replicas: set[int]) -> tuple[list[str], int]:
+        """The KV cache of these replicas is lost: forget their prefix caches and send their running requests
+        back to the queue to recompute it; their ids and the tokens to recompute."""
         ...
-
-
-def owners_unchanged(before: dict[int, BlockOwner], now: dict[int, BlockOwner]) -> Iterator[int]:
-    """Blocks whose owner is the same in both looks: their KV did not change in between."""
-    return (b for b, owner in now.items() if before.get(b) == owner)

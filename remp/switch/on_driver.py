@@ -4,13 +4,15 @@ start: plan (placement over the pool, pieces); if the target needs more workers 
 (they hold nothing) and, once they are up (advance), regroup the pool into a new world with them; then send
 PrepareSwitch; the workers create the new groups and, in live mode,
 pre-copy the weights while the engine keeps stepping. advance (each step): once every worker is "precopied",
-name the KV blocks that are full now (with their owner, to tell later whether they stayed put) and let the
+name the KV blocks that are full now (with their owner, to tell later whether they stayed put), decide where
+they go (planner/kv_moves.py: which new replica takes each running request, the blocks' new ids) and let the
 workers copy them too; once they are "kv_precopied" (live) or "prepared" (stop), cut over: drain the in-flight
-micro-batches (the pause starts), fit the blocks in use into the new pool, CommitSwitch with the blocks still
-clean, wait, swap the scheduler's block table, stop the workers the new topology leaves idle (the rest
-regroup), report. A worker that reports a
-failure before the cut-over, or a pre-copy that outlives `timeout_s`, aborts the switch: the workers drop
-what they staged and the old topology goes on serving. A worker that dies is a recovery (recovery.py).
+micro-batches (the pause starts), decide again (keeping the pre-copy's choices where they still hold; requests
+no new replica has room for are preempted), CommitSwitch with the blocks still clean, wait, hand the engine
+its new replicas and block tables, stop the workers the new topology leaves idle (the rest regroup), report.
+A worker that reports a failure before the cut-over, or a pre-copy that outlives `timeout_s`, aborts the
+switch: the workers drop what they staged and the old topology goes on serving. A worker that dies is a
+recovery (recovery.py).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from dataclasses import dataclass, field
 
 from remp.executor import WorkerError
 from remp.messages import AbortSwitch, CommitSwitch, PrecopyKV, PrepareSwitch, SwitchProgress
+from remp.planner.kv_moves import Key, KVMoves, Move, plan_kv_moves
 from remp.planner.mode import STOP, SwitchMode
-from remp.planner.plan import KVPiece, PieceSizer, Plan, best_placement, make_plan, staging_bytes
-from remp.switch.host import BlockOwner, SwitchHost, owners_unchanged
+from remp.planner.plan import KVPiece, PieceSizer, Plan, best_placement, kv_routes, make_plan, staging_bytes
+from remp.switch.host import BlockOwner, SwitchHost
 from remp.switch.report import SwitchReport
 from remp.topology import Topology
 
@@ -54,8 +57,9 @@ class PendingSwitch:
     t_start: float = field(default_factory=time.perf_counter)
     t_ready: float | None = None
     abort_reason: str | None = None
-    kv_snapshot: dict[int, BlockOwner] | None = None  # pre-copied block -> its owner then
-    kv_new_ids: dict[int, int] = field(default_factory=dict)  # pre-copied block -> its id in the new pool
+    kv_snapshot: dict[Key, BlockOwner] | None = None  # pre-copied block (old replica, id) -> its owner then
+    precopied: dict[Move, int] = field(default_factory=dict)  # (such a block, a new replica) -> its id there
+    assignment: dict[str, int] = field(default_factory=dict)  # running request -> new replica, at the pre-copy
     joining: bool = False  # workers added for this switch have yet to join the world (then PrepareSwitch)
     duty: float = 1.0
     lost: frozenset[int] = frozenset()  # recovery: workers of `old` that are gone
@@ -64,25 +68,6 @@ class PendingSwitch:
 
     def __post_init__(self) -> None:
         self.expect = "precopied" if self.mode.precopy else "prepared"  # the stage that lets it move on
-
-
-def new_block_ids(blocks: list[int], num_blocks: int, fixed: dict[int, int], in_use: list[int]) -> dict[int, int]:
-    """Ids in a pool of num_blocks for `blocks` (each used once): those in `fixed` keep theirs, the others
-    their own where it fits and is free, else the lowest free ids, avoiding ids other blocks in use hold now
-    where possible (so those can keep theirs later)."""
-    taken = set(fixed.values())
-    out = dict(fixed)
-    rest = [b for b in blocks if b not in out]
-    for b in rest:
-        if b < num_blocks and b not in taken:
-            out[b] = b
-            taken.add(b)
-    held = set(in_use)
-    free = (i for i in sorted(range(num_blocks), key=lambda i: i in held) if i not in taken)
-    for b in rest:
-        if b not in out:
-            out[b] = next(free)
-    return out
 
 
 class SwitchDriver:
@@ -115,13 +100,17 @@ class SwitchDriver:
             raise SwitchInProgress(str(self.pending.target))
         host, executor = self.host, self.host.executor
         old, cfg, block_size = old or host.topology, host.model_config, host.args.block_size
-        sizer = PieceSizer(cfg, host.dtype.itemsize, len(host.blocks_in_use()), block_size)
+        used = [len(host.blocks_in_use(r)) for r in range(old.dp)]
+        sizer = PieceSizer(cfg, host.dtype.itemsize, sum(used), block_size)
         grow = target.size - executor.pool_size
         pool = list(range(max(executor.pool_size, target.size)))
         links = executor.links(len(pool)) if self.link_costs else None
         new = best_placement(
-            cfg, old, target.tp, target.pp, sizer, target.layers_per_stage, with_kv=with_kv, workers=pool, links=links
+            cfg, old, target.tp, target.pp, sizer, target.layers_per_stage, with_kv, pool, links, target.dp
         )
+        # the KV of each old replica split evenly over the new replicas it may go to (the real split: cut-over)
+        routes = kv_routes(cfg, old, new, lost)
+        sizer = sizer.with_blocks({(s, d): -(-used[s] // len(ds)) for s, ds in routes.items() for d in ds})
         plan = make_plan(cfg, old, new, sizer, with_kv=with_kv, lost=lost, links=links)
         fallback = None
         if mode.precopy:
@@ -183,13 +172,14 @@ class SwitchDriver:
             elif time.perf_counter() - sw.t_start > self.timeout_s:
                 self._abort(sw, f"the workers were not ready to cut over within {self.timeout_s:g} s")
             elif len(progress) == n and all(p.stage == sw.expect for p in progress.values()):
-                # the blocks full of written KV now (append-only: unchanged while their request holds them);
-                # oldest requests first, as many as the new pool holds (fit_kv preempts the youngest)
-                if sw.expect == "precopied" and (snapshot := self.host.block_owners(True, sw.num_blocks)):
+                # the blocks full of written KV now (append-only: unchanged while their request holds them),
+                # where the new replicas would take them if the cut-over were now
+                if sw.expect == "precopied" and (snapshot := self._owners(sw.old, True)):
+                    moves = self._moves(sw)
                     sw.kv_snapshot, sw.expect = snapshot, "kv_precopied"
-                    blocks = sorted(snapshot)
-                    sw.kv_new_ids = new_block_ids(blocks, sw.num_blocks, {}, self.host.blocks_in_use())
-                    executor.broadcast(PrecopyKV(sw.switch_id, blocks, [sw.kv_new_ids[b] for b in blocks]))
+                    sw.assignment = moves.assignment
+                    sw.precopied = {m: n for m, n in moves.destination.items() if m[0] in snapshot}
+                    executor.broadcast(PrecopyKV(sw.switch_id, moves.flows(set(sw.precopied))))
                 else:
                     sw.t_ready = time.perf_counter()
                     self._cut_over(sw)
@@ -199,6 +189,17 @@ class SwitchDriver:
             sw.on_done(
                 None, SwitchAborted(f"switch to {sw.plan.new} called off, still serving {sw.old}: {sw.abort_reason}")
             )
+
+    def _owners(self, old: Topology, full_only: bool) -> dict[Key, BlockOwner]:
+        return {(s, b): o for s in range(old.dp) for b, o in self.host.block_owners(s, full_only).items()}
+
+    def _moves(self, sw: PendingSwitch, fixed: dict[Move, int] | None = None) -> KVMoves:
+        """Where each old replica's requests and blocks go now (the pre-copy's choices kept where they can)."""
+        host, dp = self.host, sw.old.dp
+        running = [host.running(s) for s in range(dp)] if sw.with_kv else [[]] * dp
+        cached = [host.cached_free(s) for s in range(dp)] if sw.with_kv else [[]] * dp
+        routes = sw.plan.routes or {s: [0] for s in range(dp)}
+        return plan_kv_moves(routes, running, cached, sw.num_blocks, sw.assignment, fixed)
 
     def _abort(self, sw: PendingSwitch, reason: str) -> None:
         sw.abort_reason = reason
@@ -211,38 +212,49 @@ class SwitchDriver:
         host.drain()
         if self.pending is not sw:  # a worker was lost meanwhile: the recovery ended this switch
             return
-        preempted = host.fit_kv(sw.num_blocks)
-        used = host.blocks_in_use()
-        clean = sorted(owners_unchanged(sw.kv_snapshot or {}, host.block_owners(False)))
-        mapping = new_block_ids(used, sw.num_blocks, {b: sw.kv_new_ids[b] for b in clean}, used)
-        new_ids = [mapping[b] for b in used]
+        now = self._owners(sw.old, False)
+        unchanged = {k for k, owner in (sw.kv_snapshot or {}).items() if now.get(k) == owner}
+        moves = self._moves(sw, {m: n for m, n in sw.precopied.items() if m[0] in unchanged})
+        host.preempt(moves.preempted)
+        flows = moves.flows()
+        clean: dict[tuple[int, int], list[int]] = {}
+        for ((s, b), d), n in sorted(moves.destination.items()):
+            if (s, b) in unchanged and sw.precopied.get(((s, b), d)) == n:
+                clean.setdefault((s, d), []).append(b)
         sw.committing = True  # from here the old shards are consumed: a failure is a loss or ends the engine
         with host.fatal_worker_errors() as guard:
-            host.executor.broadcast(CommitSwitch(sw.switch_id, used, new_ids, clean))
+            host.executor.broadcast(CommitSwitch(sw.switch_id, flows, clean))
             progress = host.executor.await_switch(sw.switch_id, {"committed"}, host.args.worker_timeout_s)
             failed = [p for p in progress.values() if p.stage == "failed"]
             if failed:
                 raise WorkerError(f"worker {failed[0].rank} failed to commit the switch:\n{failed[0].error}")
         if guard.recovered:
             return
-        host.adopt(sw.plan.new, sw.num_blocks, mapping)
+        host.adopt(sw.plan.new, sw.num_blocks, moves.assignment, moves.block_maps())
         with host.fatal_worker_errors() as guard:
             host.executor.remove_idle(sw.plan.new)  # workers the new topology leaves idle hold nothing now: stop
         if guard.recovered:
             return
-        report = self._report(sw, progress, used, clean, preempted, t_pause, time.perf_counter(), last_step)
+        report = self._report(sw, progress, flows, clean, moves.preempted, t_pause, time.perf_counter(), last_step)
         self.pending = None
         sw.on_done(report, None)
 
-    def _report(self, sw, progress: dict[int, SwitchProgress], used, clean, preempted, t_pause, t_end, last_step):
+    def _report(self, sw, progress: dict[int, SwitchProgress], flows, clean, preempted, t_pause, t_end, last_step):
         host, plan = self.host, sw.plan
         stats = [progress[r].stats for r in sorted(progress)]
-        # KV bytes depend on the blocks in use at the cut-over, not at planning: count with that sizer
+        # KV bytes depend on the blocks each route moved at the cut-over, not at planning: count with those
         cfg, itemsize, block_size = host.model_config, host.dtype.itemsize, host.args.block_size
-        final = make_plan(cfg, sw.old, plan.new, PieceSizer(cfg, itemsize, len(used), block_size), sw.with_kv, sw.lost)
-        per_block = PieceSizer(cfg, itemsize, 1, block_size).kv_piece_bytes
-        kv_pieces = sum(isinstance(t.piece, KVPiece) and t.src >= 0 for t in plan.transfers)
-        precopied = sw.kv_snapshot or {}
+        moved = {route: len(old) for route, (old, _) in flows.items()}
+        final = make_plan(cfg, sw.old, plan.new, PieceSizer(cfg, itemsize, moved, block_size), sw.with_kv, sw.lost)
+        precopied: dict[tuple[int, int], int] = {}
+        for (s, _), d in sw.precopied:
+            precopied[(s, d)] = precopied.get((s, d), 0) + 1
+        done = {route: len(blocks) for route, blocks in clean.items()}
+
+        def kv_bytes(blocks: dict) -> int:
+            sizer = PieceSizer(cfg, itemsize, blocks, block_size)
+            return sum(sizer.bytes(t.piece) for t in plan.transfers if isinstance(t.piece, KVPiece) and t.src >= 0)
+
         weights_in_pause = 0 if sw.mode.precopy else plan.moved.weights
         before, during = host.step_log.throughput(sw.t_start, sw.t_ready)
         return SwitchReport(
@@ -252,15 +264,18 @@ class SwitchDriver:
             wall_s=t_end - sw.t_start,
             pause_s=t_end - t_pause,
             precopy_s=(sw.t_ready - sw.t_start) if sw.mode.precopy else 0.0,
-            bytes_moved={"weights": plan.moved.weights, "kv": kv_pieces * len(used) * per_block},
-            bytes_moved_in_pause={"weights": weights_in_pause, "kv": kv_pieces * (len(used) - len(clean)) * per_block},
-            kv_bytes_stale=kv_pieces * (len(precopied) - len(clean)) * per_block,
+            bytes_moved={"weights": plan.moved.weights, "kv": kv_bytes(moved)},
+            bytes_moved_in_pause={
+                "weights": weights_in_pause,
+                "kv": kv_bytes({r: n - done.get(r, 0) for r, n in moved.items()}),
+            },
+            kv_bytes_stale=kv_bytes({r: n - done.get(r, 0) for r, n in precopied.items()}),
             min_bytes={"weights": final.minimum.weights, "kv": final.minimum.kv},
             bytes_kept={"weights": final.kept.weights, "kv": final.kept.kv},
             peak_extra_bytes=max(s.peak_extra_bytes for s in stats),
             peak_extra_bytes_per_worker=[s.peak_extra_bytes for s in stats],
             preempted=[r.request_id for r in preempted],
-            kv_blocks_moved=len(used),
+            kv_blocks_moved=sum(moved.values()),
             num_kv_blocks=sw.num_blocks,
             executor_bytes_received=sum(s.bytes_received for s in stats),
             worker_seconds={

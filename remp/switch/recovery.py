@@ -18,7 +18,7 @@ from remp.executor import MultiprocExecutor, WorkerError
 from remp.logger import init_logger
 from remp.planner.choose import choose_after_loss
 from remp.planner.mode import STOP
-from remp.planner.plan import PieceSizer, kv_only_on
+from remp.planner.plan import PieceSizer, kv_lost_replicas
 from remp.switch.host import SwitchHost
 from remp.switch.on_driver import SwitchAborted, SwitchDriver
 from remp.switch.report import SwitchReport
@@ -46,12 +46,12 @@ def recover(host: SwitchHost, driver: SwitchDriver, error: WorkerError) -> Switc
     cfg = host.model_config
     # a loss during a commit leaves the survivors' shards half consumed: they start over from the checkpoint
     committing = interrupted is not None and interrupted.committing
-    kv_lost = committing or bool(kv_only_on(cfg, old, set(lost)))
-    if kv_lost:
-        requeued, recomputed = host.requeue_running()
-    else:  # every KV piece of the lost workers has a copy on a survivor (TP > KV heads): keep the cache
-        host.forget_in_flight()
-        requeued, recomputed = [], 0
+    # replicas whose KV lost a layer x head with no copy on a survivor (TP > KV heads keeps copies): their
+    # requests recompute; the other replicas keep their KV cache
+    kv_lost = set(range(old.dp)) if committing else kv_lost_replicas(cfg, old, set(lost))
+    requeued, recomputed = host.requeue_running(kv_lost) if kv_lost else ([], 0)
+    host.forget_in_flight()
+    with_kv = len(kv_lost) < old.dp
     rank_of = ex.drop_lost(lost, args.respawn, args.worker_timeout_s, committing)
     # the old topology in the new ranks; the lost coordinates on ranks past the pool, held by nobody
     beyond = iter(range(ex.pool_size, ex.pool_size + len(lost)))
@@ -62,15 +62,14 @@ def recover(host: SwitchHost, driver: SwitchDriver, error: WorkerError) -> Switc
     if committing:
         gone = frozenset(old_here.placement)
     if args.respawn:
-        target = Topology(old.tp, old.pp, None, old.layers_per_stage)
+        target = Topology(old.tp, old.pp, None, old.layers_per_stage, old.dp)
     else:
-        sizer = PieceSizer(cfg, host.dtype.itemsize, len(host.blocks_in_use()), args.block_size)
+        used = sum(len(host.blocks_in_use(r)) for r in range(old.dp))
+        sizer = PieceSizer(cfg, host.dtype.itemsize, used, args.block_size)
         links = ex.links(ex.pool_size) if driver.link_costs else None
-        target = choose_after_loss(cfg, old_here, list(range(ex.pool_size)), sizer, gone, not kv_lost, links)
+        target = choose_after_loss(cfg, old_here, list(range(ex.pool_size)), sizer, gone, with_kv, links)
     done: dict = {}
-    driver.start(
-        target, host.kv_blocks_for(target), STOP, lambda r, e: done.update(r=r, e=e), old_here, gone, not kv_lost
-    )
+    driver.start(target, host.kv_blocks_for(target), STOP, lambda r, e: done.update(r=r, e=e), old_here, gone, with_kv)
     while not done:
         driver.advance(0.05)
     if done["e"] is not None:

@@ -1,5 +1,6 @@
-"""Write random-initialised Llama-family checkpoints as Hugging Face directories (config.json, safetensors,
-a small byte-level BPE tokenizer). Used by the tests and benchmarks: remp never downloads models."""
+"""Write random-initialised checkpoints as Hugging Face directories (config.json, safetensors, a small byte-level
+BPE tokenizer) of the families remp runs: Llama, Qwen2 (q/k/v bias), Qwen3 (q/k norm), Mixtral (experts), as
+transformers names and loads them. Used by the tests and benchmarks: remp never downloads models."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ from safetensors.torch import save_file
 
 BYTE_VOCAB = 256
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+}
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -37,8 +44,10 @@ def tiny_config(**overrides: Any) -> dict[str, Any]:
         "eos_token_id": BYTE_VOCAB + 1,
         "torch_dtype": "float32",
     }
-    if overrides.get("model_type") == "qwen2":
-        cfg["architectures"] = ["Qwen2ForCausalLM"]
+    model_type = overrides.get("model_type", "llama")
+    cfg["architectures"] = [ARCHITECTURES[model_type]]
+    if model_type == "mixtral":
+        cfg.update(num_local_experts=3, num_experts_per_tok=2, sliding_window=None)
     cfg.update(overrides)
     if "head_dim" not in overrides:
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
@@ -49,7 +58,8 @@ def random_weights(cfg: dict[str, Any], seed: int = 0, dtype: torch.dtype = torc
     g = torch.Generator().manual_seed(seed)
     H, I, D = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     nq, nkv, V = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"]
-    bias = cfg.get("model_type") == "qwen2" or cfg.get("attention_bias", False)
+    model_type = cfg.get("model_type", "llama")
+    bias = model_type == "qwen2" or cfg.get("attention_bias", False)
 
     def rand(*shape: int, std: float = 0.02) -> torch.Tensor:
         return (torch.randn(*shape, generator=g, dtype=torch.float32) * std).to(dtype)
@@ -69,9 +79,21 @@ def random_weights(cfg: dict[str, Any], seed: int = 0, dtype: torch.dtype = torc
             w[p + "self_attn.q_proj.bias"] = rand(nq * D, std=0.2)
             w[p + "self_attn.k_proj.bias"] = rand(nkv * D, std=0.2)
             w[p + "self_attn.v_proj.bias"] = rand(nkv * D, std=0.2)
-        w[p + "mlp.gate_proj.weight"] = rand(I, H, std=0.1)
-        w[p + "mlp.up_proj.weight"] = rand(I, H, std=0.1)
-        w[p + "mlp.down_proj.weight"] = rand(H, I, std=0.1)
+        if model_type == "qwen3":
+            w[p + "self_attn.q_norm.weight"] = 1 + rand(D, std=0.1)
+            w[p + "self_attn.k_norm.weight"] = 1 + rand(D, std=0.1)
+        if model_type == "mixtral":
+            # a router spread wide enough that each token's top k are clear (no near-ties between experts)
+            w[p + "block_sparse_moe.gate.weight"] = rand(cfg["num_local_experts"], H, std=0.3)
+            for e in range(cfg["num_local_experts"]):
+                q = f"{p}block_sparse_moe.experts.{e}."
+                w[q + "w1.weight"] = rand(I, H, std=0.1)
+                w[q + "w3.weight"] = rand(I, H, std=0.1)
+                w[q + "w2.weight"] = rand(H, I, std=0.1)
+        else:
+            w[p + "mlp.gate_proj.weight"] = rand(I, H, std=0.1)
+            w[p + "mlp.up_proj.weight"] = rand(I, H, std=0.1)
+            w[p + "mlp.down_proj.weight"] = rand(H, I, std=0.1)
     return w
 
 

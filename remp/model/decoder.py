@@ -1,12 +1,15 @@
-"""Llama-family forward pass (Llama 2/3, Mistral, Qwen2, SmolLM2) of one shard: a range of layers and a slice
-of the heads and MLP. The TP1xPP1 shard is the whole model. Weights are a plain dict keyed by checkpoint names,
-so that loading and resharding are the same operation: putting named pieces in the dict.
+"""The decoder forward pass of one shard, shared by every family: a range of layers and a slice of the heads and
+MLP (or of the experts). The TP1xPP1 shard is the whole model. Weights are a plain dict keyed by checkpoint
+names, so that loading and resharding are the same operation: putting named pieces in the dict. A family
+builds each layer's execution form (`Layer`) from them: its q/k/v projection (with a q/k norm, Qwen3) and its
+MLP (dense, or a mixture of experts) are callables, so the loop below is the same for all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -14,17 +17,18 @@ import torch.nn.functional as F
 from remp.config import ModelConfig
 from remp.kv_cache import KVCache
 from remp.model.attention import AttnMetadata, paged_attention
+from remp.model.families.family import Family
 from remp.model.layer_ops import layer_ops, rms_norm
 from remp.model.linear import FusedLinear
 from remp.model.rope import RotaryEmbedding
-from remp.model.schema import EMBED, LM_HEAD, NORM, layer_names, shard_tensors
+from remp.model.tensors import EMBED, LM_HEAD, NORM, global_ranges
 from remp.sharding import ShardSpec
 
 
 def lm_head_rows(config: ModelConfig, spec: ShardSpec, weights: dict[str, torch.Tensor]) -> torch.Tensor:
     """A last-stage shard's slice of the lm-head (a view of the embedding where they are tied and it is whole)."""
     name = EMBED if config.tie_word_embeddings else LM_HEAD
-    lo, _ = shard_tensors(config, spec)[name]
+    lo, _ = global_ranges(config, spec)[name]
     return weights[name].narrow(0, spec.vocab.start - lo, len(spec.vocab))
 
 
@@ -33,42 +37,36 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
 
 
+class LayerOps(Protocol):
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
+
+
+class DenseMLP:
+    """down(silu(gate) * up), gate and up fused; this rank's FFN rows (the down projection's columns)."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
+        self.gate_up, self.down = FusedLinear([gate, up]), FusedLinear([down])
+
+    def __call__(self, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
+        return self.down(ops.silu_mul(self.gate_up(x)))
+
+
 @dataclass
 class Layer:
     """Execution form of one decoder layer, and the canonical tensors it was built from."""
 
     sources: dict[str, torch.Tensor | None]
     ln1: torch.Tensor
-    qkv: FusedLinear
+    qkv: Callable[[torch.Tensor], torch.Tensor]  # [T, hidden] -> [T, q | k | v] of this rank's heads
     o: FusedLinear
     ln2: torch.Tensor
-    gate_up: FusedLinear
-    down: FusedLinear
-
-    @classmethod
-    def of(cls, weights: dict[str, torch.Tensor], layer: int, reuse: Layer | None = None) -> Layer:
-        """Layer `layer` from a shard's canonical weights; `reuse` itself if it was built from the same tensors."""
-        w = {role: weights.get(name) for role, name in layer_names(layer).items()}
-        if reuse is not None and all(reuse.sources[r] is t for r, t in w.items()):
-            return reuse
-        return cls.build(w)
-
-    @classmethod
-    def build(cls, w: dict[str, torch.Tensor | None]) -> Layer:
-        return cls(
-            w,
-            w["input_norm"],
-            FusedLinear([w["q"], w["k"], w["v"]], [w["q_bias"], w["k_bias"], w["v_bias"]]),
-            FusedLinear([w["o"]]),
-            w["post_norm"],
-            FusedLinear([w["gate"], w["up"]]),
-            FusedLinear([w["down"]]),
-        )
+    mlp: Callable[[torch.Tensor, LayerOps], torch.Tensor]  # [T, hidden] -> this rank's part of the MLP's output
 
 
-class LlamaShard:
+class DecoderShard:
     def __init__(
         self,
+        family: Family,
         config: ModelConfig,
         spec: ShardSpec,
         weights: dict[str, torch.Tensor],
@@ -84,7 +82,7 @@ class LlamaShard:
         self.kv_heads = len(spec.kv_heads)
         self.q_per_kv = len(spec.q_heads) // self.kv_heads
         reuse = reuse or {}
-        self.layers = [Layer.of(weights, i, reuse.get(i)) for i in spec.layers]
+        self.layers = [family.layer(config, spec, weights, i, reuse.get(i)) for i in spec.layers]
         self.lm_head = None
         if spec.is_last_stage:
             head = lm_head_rows(config, spec, weights)
@@ -121,7 +119,7 @@ class LlamaShard:
             if self.all_reduce:
                 self.all_reduce(o)
             x = ops.add_rms_norm(residual, o, layer.ln2, cfg.rms_norm_eps)
-            pending = layer.down(ops.silu_mul(layer.gate_up(x)))
+            pending = layer.mlp(x, ops)
             if self.all_reduce:
                 self.all_reduce(pending)
         if pending is not None:
