@@ -33,11 +33,11 @@ import datetime
 import json
 import math
 import multiprocessing as mp
-import platform
 import time
 from pathlib import Path
 
 from remp.bench.metrics import compute_metrics
+from remp.bench.results import git_state, save_result
 from remp.policy.predict import Load, predict
 from remp.sim.cli import (
     add_cli_args,
@@ -259,23 +259,24 @@ def main() -> None:
         t0 = time.perf_counter()
         result = study(setting, a.workloads.split(","), a.jobs)
         out = RESULTS / f"policy-study-{setting}.json"
-        # one run of this script may cover some workloads: the others' rows from earlier runs are kept
+        # one run of this script may cover some workloads: the others' rows from earlier runs are kept (each row
+        # says the commit and date it was simulated at)
+        stamp = {"commit": git_state()["commit"], "date": datetime.date.today().isoformat()}
+        for row in result["table"].values():
+            row["simulated"] = stamp
         if out.exists():
             old = json.loads(out.read_text())
             result["table"] = {k: v for k, v in old["table"].items() if k not in result["table"]} | result["table"]
             result["runs"] = {k: v for k, v in old["runs"].items() if k not in result["runs"]} | result["runs"]
             result["table"] = {w: result["table"][w] for w in WORKLOADS if w in result["table"]}
         result |= {
-            "date": datetime.date.today().isoformat(),
             "setting": setting,
             "arguments": SETTINGS[setting],
-            "command": f"python bench/policy_study.py --settings {setting} --workloads <one or more of {','.join(WORKLOADS)}>",
-            "host": platform.processor() or platform.machine(),
             "wall_s": round(time.perf_counter() - t0, 1),
         }
-        out.write_text(json.dumps(result, indent=1, default=str))
+        save_result(json.loads(json.dumps(result, default=str)), f"policy-study-{setting}", dtype="bfloat16")
         print(markdown(setting, result), flush=True)
-        print(f"saved {out} ({result['wall_s']:.0f} s)", flush=True)
+        print(f"({result['wall_s']:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
