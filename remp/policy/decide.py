@@ -307,8 +307,8 @@ class TopologyPolicy:
             return current, "", ""
         cleared = last.clear_at is not None and observed.since >= last.clear_at
         busy = observed.queue_min > 0 and not short
-        worse_observed = False
-        if cleared and last.good_before is not None:
+        worse_observed, by_attainment = False, cleared and last.good_before is not None
+        if by_attainment:
             worse_observed = observed.good_fraction < last.good_before - 0.1
         elif busy and last.served_before is not None:
             worse_observed = observed.throughput_req_s < last.served_before * (1 - cfg.gain_threshold)
@@ -317,7 +317,7 @@ class TopologyPolicy:
             last.judged = True
         if not (worse_observed or worse_model):
             return current, "", ""
-        if worse_observed and cleared:
+        if worse_observed and by_attainment:
             why = f"SLO attainment {observed.good_fraction:.0%} against {last.good_before:.0%} on {last.old}"
         elif worse_observed:
             why = f"it serves {observed.throughput_req_s:.2f} req/s against {last.served_before:.2f} on {last.old}"
