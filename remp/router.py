@@ -1,6 +1,7 @@
 """Which data-parallel replica takes a request: the one with the least outstanding work among those whose free KV
 cache holds the request now; when none does, the one with the most free KV (it will admit the request first).
-Pure: the caller (the simulator now, the engine's replicas later) says what each replica holds."""
+Pure: the simulator says what each replica holds. (The engine routes with `replicas.route`, which also counts
+its prefix cache; unifying the two is left open.)"""
 
 from __future__ import annotations
 
