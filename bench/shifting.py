@@ -22,7 +22,7 @@ from pathlib import Path
 
 from remp.bench.results import save_result
 from remp.tools.launch import LaunchedServer, remp_serve_command
-from remp.topology import parse_shape
+from remp.topology import one_replica, parse_shape
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -76,6 +76,12 @@ class Server:
         if self.launched is not None:
             self.launched.stop()
             self.launched = None
+
+    def state(self) -> dict:
+        """GET /admin/topology: the topology, its switches and the policy's state (decisions, calibration)."""
+        req = urllib.request.Request(self.url + "/admin/topology", headers={"authorization": "Bearer bench"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
 
     def switch(self, tp: int, pp: int) -> dict:
         req = urllib.request.Request(
@@ -162,14 +168,17 @@ def run_variant(name: str, server: Server, schedule: list[tuple[int, int]], mode
                 startup = server.start(*topo)
                 events.append({"at_s": t, "to": f"TP{topo[0]}xPP{topo[1]}", "downtime_s": startup})
         out, _ = bench.communicate(timeout=3600)
+        policy_state = server.state().get("policy") if mode == "policy" else None
     finally:
         if bench.poll() is None:
             bench.kill()
         server.stop()
     r = json.loads(result_file.read_text())
+    extra_out = {}
     if mode == "policy":
         events = (r.get("topology") or {}).get("switches", [])
-    return {
+        extra_out["policy"] = policy_state
+    return extra_out | {
         "variant": name,
         "events": events,
         "completed": r["completed"],
@@ -201,20 +210,20 @@ def main() -> None:
     variants = a.variants.split(",")
     if "policy" in variants and not a.policy_profile:
         raise SystemExit("the policy variant needs --policy-profile (make one: remp profile -tp 4 --candidates ...)")
-    schedule = [parse_shape(s) for s in a.schedule.split(",")]
+    schedule = [one_replica(parse_shape(s)) for s in a.schedule.split(",")]
     RESULTS.mkdir(exist_ok=True)
     server = Server(a.model, a.dtype, a.port, Path(tempfile.mkdtemp(prefix="shifting-")) / "server.log")
     print(f"server log: {server.log}", flush=True)
     rows = []
     for topo in a.fixed.split(",") if "fixed" in variants else []:
-        rows.append(run_variant(f"fixed-{topo}", server, [parse_shape(topo)], "fixed", a, RESULTS))
+        rows.append(run_variant(f"fixed-{topo}", server, [one_replica(parse_shape(topo))], "fixed", a, RESULTS))
         print(json.dumps(rows[-1]), flush=True)
     for mode in ("switch", "restart"):
         if mode in variants:
             rows.append(run_variant(f"{mode}-{a.schedule.replace(',', '-')}", server, schedule, mode, a, RESULTS))
             print(json.dumps(rows[-1]), flush=True)
     if "policy" in variants:
-        start = max(parse_shape(t) for t in a.fixed.split(","))
+        start = max(one_replica(parse_shape(t)) for t in a.fixed.split(","))
         rows.append(run_variant("policy-auto", server, [start], "policy", a, RESULTS))
         print(json.dumps(rows[-1]), flush=True)
     out = {

@@ -23,7 +23,7 @@ import torch
 from remp import LLM, SamplingParams
 from remp.bench.results import save_result
 from remp.model.reader import open_checkpoint
-from remp.topology import parse_shape
+from remp.topology import one_replica, parse_shape
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -129,7 +129,7 @@ def main() -> None:
 
     topologies = ALL_TOPOLOGIES if a.all_topologies else [(a.tensor_parallel_size, a.pipeline_parallel_size)]
     if a.topologies:
-        topologies = [parse_shape(t) for t in a.topologies.split(",")]
+        topologies = [one_replica(parse_shape(t)) for t in a.topologies.split(",")]
     runs = []
     for dtype in a.dtype.split(","):
         for tp, pp in topologies:

@@ -524,10 +524,10 @@ class LLMEngine:
         """The policy's decision: a switch it wants starts live while serving goes on."""
         if decision is None or decision.action != "switch":
             return
-        tp, pp = parse_shape(decision.target)
+        target = parse_shape(decision.target)
         logger.info("topology policy: %s -> %s: %s", decision.current, decision.target, decision.reason)
         try:
-            self.start_reconfigure(tp, pp, mode=LIVE, cause="policy")
+            self.start_reconfigure(target.tp, target.pp, mode=LIVE, cause="policy", data_parallel_size=target.dp)
         except Exception as e:  # e.g. the KV in use does not fit: the old topology serves on
             self.policy.refused(decision.target, e)
 
@@ -535,7 +535,7 @@ class LLMEngine:
         """What the policy observes of the engine between steps."""
         s = [rep.scheduler for rep in self.replicas]
         waiting, running = sum(len(x.waiting) for x in s), sum(len(x.running) for x in s)
-        return LoadCounts(self.topology.tp, self.topology.pp, waiting, running, sum(x.num_blocks_used() for x in s))
+        return LoadCounts(self.topology.shape, waiting, running, sum(x.num_blocks_used() for x in s))
 
     def check_workers(self) -> None:
         """Notice a worker lost while nothing runs (and recover): called by a server's idle loop."""

@@ -6,7 +6,9 @@ at most one replica. With dp == 1 it is the plain TP x PP topology.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from remp.config import ModelConfig
 from remp.sharding import ShardSpec, head_split, layer_split, shard_spec
@@ -46,8 +48,9 @@ class Topology:
         return self.dp * self.tp * self.pp
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return self.dp, self.tp, self.pp
+    def shape(self) -> Shape:
+        """Its shape without the placement (what the policy and the simulator compare)."""
+        return Shape(self.tp, self.pp, self.dp)
 
     def __str__(self) -> str:
         split = f"[{'+'.join(map(str, self.layers_per_stage))}]" if self.layers_per_stage else ""
@@ -107,16 +110,46 @@ class Topology:
         )
 
 
-def shape_name(shape: tuple[int, int]) -> str:
-    """(4, 2) -> "TP4xPP2", as a Topology prints itself."""
-    return f"TP{shape[0]}xPP{shape[1]}"
+class Shape(NamedTuple):
+    """A topology's shape without its placement (`Topology.shape`): dp replicas, each TP tp x PP pp (dp * tp * pp
+    workers). The policy, the simulator and the switch prices speak in shapes: hashable, cheap, comparable."""
+
+    tp: int
+    pp: int = 1
+    dp: int = 1
+
+    @property
+    def size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def replica(self) -> Shape:
+        """One replica's shape (dp 1)."""
+        return Shape(self.tp, self.pp)
+
+    def __str__(self) -> str:
+        return shape_name(self)
 
 
-def parse_shape(text: str) -> tuple[int, int]:
-    """ "TP4xPP2" (or "tp4xpp2", "TP4") -> (4, 2)."""
-    t = text.strip().upper().removeprefix("TP")
-    try:
-        tp, pp = t.split("XPP") if "XPP" in t else (t, "1")
-        return int(tp), int(pp)
-    except ValueError:
-        raise ValueError(f"cannot read topology {text!r}: write it as TP<n>xPP<m>, e.g. TP4xPP2") from None
+def shape_name(shape: tuple[int, ...]) -> str:
+    """Shape(4, 2) or (4, 2) -> "TP4xPP2", as a Topology prints itself; Shape(4, 1, 2) -> "DP2xTP4xPP1"."""
+    s = Shape(*shape)
+    return f"TP{s.tp}xPP{s.pp}" if s.dp == 1 else f"DP{s.dp}xTP{s.tp}xPP{s.pp}"
+
+
+def one_replica(shape: Shape) -> tuple[int, int]:
+    """(tp, pp) of a shape that must be one replica (what a script that starts one server per topology runs)."""
+    if shape.dp != 1:
+        raise ValueError(f"{shape}: one replica (no DP) here")
+    return shape.tp, shape.pp
+
+
+def parse_shape(text: str) -> Shape:
+    """ "TP4xPP2" (or "tp4xpp2", "TP4"), "DP2xTP4xPP1" or "DP2xTP2" -> Shape(tp, pp, dp)."""
+    m = re.fullmatch(r"(?:DP(\d+)X)?TP(\d+)(?:XPP(\d+))?", text.strip().upper())
+    if m is None or not all(int(g) >= 1 for g in m.groups() if g is not None):
+        raise ValueError(
+            f"cannot read topology {text!r}: write it as TP<n>xPP<m> or DP<d>xTP<n>xPP<m>, e.g. TP4xPP2, DP2xTP4"
+        )
+    dp, tp, pp = (int(g) if g else 1 for g in m.groups())
+    return Shape(tp, pp, dp)

@@ -20,7 +20,7 @@ class ToyModel:
         all_reduce = 0.0 if tp == 1 else 30e-6 + 0.5e-6 * b.tokens
         return LAYERS // pp * (max(weights, compute) + all_reduce) + 0.5e-3
 
-    def hop_s(self, tp: int, b: Batch) -> float:
+    def hop_s(self, tp: int, pp: int, b: Batch) -> float:
         return 20e-6 + 1e-8 * b.tokens
 
     def busy_factor(self, tp: int, pp: int, active: int) -> float:

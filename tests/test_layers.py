@@ -42,6 +42,7 @@ FLOORS: list[tuple[str, list[str]]] = [
             "tools",
             "policy.perf_model",
             "sim.pipeline",
+            "router",
         ],
     ),  # fmt: skip
     ("model description", ["config", "sharding", "topology", "engine_args"]),

@@ -20,6 +20,7 @@ from remp.sim.models import model_config
 from remp.sim.pipeline import Pipeline
 from remp.sim.simulator import SimOptions, Simulator
 from remp.sim.workload import phased_requests
+from remp.topology import Shape
 from tests.policy_utils import ToyModel
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "azure_conv_2023.csv"
@@ -74,7 +75,7 @@ def test_steady_state_matches_the_prediction(topology):
     run = simulate(poisson(rate, 600, p, o), topology)
     steady = [r for r in run.results if 40 < r.send_time < 160]
     sim_tpot = sorted((r.latency - r.ttft) / (r.output_tokens - 1) for r in steady)[len(steady) // 2]
-    pred = predict(ToyModel(), *topology, Load(rate, p, o), Limits(256, 8192), Slo(2.0, 0.15))
+    pred = predict(ToyModel(), topology, Load(rate, p, o), Limits(256, 8192), Slo(2.0, 0.15))
     assert sim_tpot == pytest.approx(pred.tpot_s, rel=0.25)
 
 
@@ -109,7 +110,7 @@ def test_restart_switches_recompute_every_running_request():
 
     def submit():
         if sim.t > 20 and not done:
-            done.append(len(sim.scheduler.running))
+            done.append(len(sim.replicas[0].scheduler.running))
             sim.start_switch((2, 2), "test")
         orig()
 
@@ -197,3 +198,85 @@ def test_measured_stages_share_the_profiled_cores():
     model = MeasuredModel(Profile("m", "float32", "cpu", 4, 16, fits={"TP1xPP4": [0.01, 0.0, 0.0]}, cores=2))
     assert [model.busy_factor(1, 4, k) for k in (1, 2, 3, 4)] == pytest.approx([0.5, 0.5, 0.75, 1.0])
     assert model.busy_factor(4, 1, 1) == 1.0
+
+
+def test_data_parallel_replicas_are_routed_and_a_dp_switch_moves_the_running_requests():
+    """TP4 -> DP2xTP2 mid-run: the running requests move with their KV (none recomputed) and split between the
+    two replicas, later arrivals go to both, and everything finishes."""
+    requests = poisson(6.0, 300, 600, 100)
+    sim = Simulator(ToyModel(), requests, (4, 1), SimOptions(), toy_costs())
+    submit, regroup, seen = sim._submit, sim._regroup, {}
+
+    def switch_then_submit():
+        if sim.t > 15 and not seen:
+            sim.start_switch(Shape(2, 1, 2), "test")
+            seen["asked"] = True
+        submit()
+
+    def watch(target, mode):
+        before = {r.request_id for r in sim._running()}
+        moved = regroup(target, mode)
+        seen["split"] = [{r.request_id for r in rep.scheduler.running} for rep in sim.replicas]
+        seen["before"] = before
+        return moved
+
+    sim._submit, sim._regroup = switch_then_submit, watch
+    run = sim.run()
+    assert [(s["from"], s["to"], s["preempted"]) for s in run.switches] == [("TP4xPP1", "DP2xTP2xPP1", 0)]
+    a, b = seen["split"]
+    assert a and b and not a & b and a | b == seen["before"]
+    assert all(r.success and r.output_tokens == 100 for r in run.results)
+    assert all(len(rep.scheduler.running) == 0 for rep in sim.replicas)
+
+
+def test_a_data_parallel_switch_makes_every_replica_whole():
+    costs = toy_costs()
+    quarter = costs.model_bytes(2) / 4
+    # two copies from one: one copy moves. The replicas interleave over the TP4 ranks (0 and 2, 1 and 3), so
+    # each TP2 rank keeps the quarter it held and receives one quarter (contiguous, one would receive a half)
+    to_dp = costs.moves(Shape(4, 1), Shape(2, 1, 2))
+    assert to_dp.weight_bytes == pytest.approx(4 * quarter, rel=0.03)
+    assert to_dp.weights_s == pytest.approx(quarter / 100e9, rel=0.03)
+    back = costs.moves(Shape(2, 1, 2), Shape(4, 1))  # each keeps a half of what it holds: nothing moves
+    assert back.weight_bytes == 0 and back.weights_s == 0
+
+
+def test_gpu_fabrics_price_what_crosses_nodes_and_pcie():
+    """Two H100 nodes: TP16's all-reduces and a pipeline's hand-off across the nodes go over InfiniBand rails; on
+    PCIe, TP's all-reduces cost more than on NVLink."""
+    from remp.policy.gpu import rtx5090_model
+    from remp.policy.h100 import H100Model
+
+    config = model_config("llama-2-7b")
+    two = H100Model(config, "llama-2-7b", nodes=2)
+    mb = 8 * 2**20
+    assert two.fabric.all_reduce_s(16, mb) > two.fabric.all_reduce_s(8, mb) > two.fabric.all_reduce_s(4, mb)
+    rail, nvlink = two.fabric.rail, two.fabric.send
+    assert two.fabric.hop_s(8, 2, mb) == pytest.approx(rail[0] + rail[1] * mb)  # one stage per node
+    assert two.fabric.hop_s(4, 2, mb) == pytest.approx(nvlink[0] + nvlink[1] * mb)  # both stages in node 0
+    assert two.fabric.hop_s(4, 4, mb) == pytest.approx(  # stages 0, 1 | 2, 3
+        (2 * (nvlink[0] + nvlink[1] * mb) + rail[0] + rail[1] * mb) / 3
+    )
+    assert two.supports_tp(16) and not H100Model(config, "llama-2-7b").supports_tp(16)
+    pcie = rtx5090_model(config, "llama-2-7b")
+    assert pcie.fabric.all_reduce_s(8, mb) > 3 * two.fabric.all_reduce_s(8, mb)
+    assert pcie.kv_capacity_tokens(1, 1) > 0 and pcie.kv_capacity_tokens(8, 1) > 8 * pcie.kv_capacity_tokens(1, 1)
+
+
+def test_cli_oracle_dp_candidates_and_the_pcie_device(tmp_path):
+    """`remp simulate --oracle` on a small shifting workload of the PCIe device with data-parallel candidates:
+    every candidate fixed, the best schedule in hindsight, and the policy's share of its gain."""
+    phases = [
+        {"request_rate": 6, "duration_s": 30, "input_len": 300, "output_len": 60},
+        {"request_rate": 3, "duration_s": 30, "input_len": 2000, "output_len": 20},
+    ]
+    out = tmp_path / "r.json"
+    args = ["simulate", "--device", "rtx5090", "--model", "llama-2-7b", "--phases", json.dumps(phases)]
+    args += ["--topology-policy", "auto", "--candidates", "TP8,DP2xTP4,DP8xTP1", "--oracle", "--oracle-window-s", "15"]
+    assert main([*args, "--save-result", str(out)]) == 0
+    r = json.loads(out.read_text())
+    o = r["oracle"]
+    assert set(o["fixed_goodput_req_s"]) == {"TP8xPP1", "DP2xTP4xPP1", "DP8xTP1xPP1"} == set(r["candidates"])
+    assert o["goodput_req_s"] >= o["best_fixed_goodput_req_s"] > 0 and len(o["schedules_tried"]) == 2
+    assert r["device"] == "1x8 rtx5090" and r["completed"] == r["requests"]
+    assert o["this_run_vs_best_fixed"] == pytest.approx(r["goodput_req_s"] / o["best_fixed_goodput_req_s"], abs=1e-3)

@@ -27,7 +27,7 @@ from remp.planner.mode import STOP
 from remp.policy.perf_model import Batch, PerfModel, iteration_s
 from remp.policy.switch_cost import SwitchCostModel
 from remp.sampling_params import SamplingParams
-from remp.topology import Topology, shape_name
+from remp.topology import Shape, Topology, shape_name
 
 logger = init_logger(__name__)
 
@@ -72,8 +72,9 @@ class Profile:
             raise ValueError(f"cannot read the performance profile {path}: {e}") from None
 
 
-def cache_path(model: str, dtype: str, machine: str, max_workers: int, candidates: list[tuple[int, int]]) -> Path:
-    key = hashlib.sha256(json.dumps([model, dtype, machine, max_workers, sorted(candidates)]).encode()).hexdigest()[:16]
+def cache_path(model: str, dtype: str, machine: str, max_workers: int, candidates: list[Shape]) -> Path:
+    shapes = sorted((c.tp, c.pp) if c.dp == 1 else tuple(c) for c in (Shape(*x) for x in candidates))
+    key = hashlib.sha256(json.dumps([model, dtype, machine, max_workers, shapes]).encode()).hexdigest()[:16]
     return cache_root() / "profiles" / f"{key}.json"
 
 
@@ -96,7 +97,7 @@ class MeasuredModel:
         a, b, c = self._fit(tp, pp)
         return max(a + b * batch.tokens + c * batch.kv_tokens, 1e-4)
 
-    def hop_s(self, tp: int, batch: Batch) -> float:
+    def hop_s(self, tp: int, pp: int, batch: Batch) -> float:
         return 0.0
 
     def busy_factor(self, tp: int, pp: int, active: int) -> float:
@@ -176,9 +177,7 @@ def _time_prefill(engine: ServingEngine, tokens: int) -> float:
     return time.perf_counter() - t0
 
 
-def measure(
-    engine: ServingEngine, candidates: list[tuple[int, int]], machine: str, engine_start_s: float = 0.0
-) -> Profile:
+def measure(engine: ServingEngine, candidates: list[Shape], machine: str, engine_start_s: float = 0.0) -> Profile:
     """Profile `engine` (idle, with a pool of at least every candidate's size) on each candidate, then return
     it to the topology it had."""
     if engine.has_unfinished_requests():
@@ -195,8 +194,10 @@ def measure(
         date=datetime.date.today().isoformat(),
     )
     moved, paused = 0, 0.0
-    for tp, pp in tqdm(candidates, desc="Profiling topologies", unit="topology"):
-        name = shape_name((tp, pp))
+    for shape in tqdm([Shape(*c) for c in candidates], desc="Profiling topologies", unit="topology"):
+        if shape.dp != 1:
+            raise ValueError(f"the engine profiles one replica, not {shape}")
+        tp, pp, name = shape.tp, shape.pp, shape_name(shape)
         if (engine.topology.tp, engine.topology.pp) != (tp, pp):
             report = engine.reconfigure(tp, pp, mode=STOP)
             moved, paused = moved + sum(report.bytes_moved.values()), paused + report.pause_s
@@ -239,11 +240,12 @@ def measure(
     return prof
 
 
-def default_slo(model: PerfModel, candidates: list[tuple[int, int]]) -> tuple[float, float]:
+def default_slo(model: PerfModel, candidates: list[Shape]) -> tuple[float, float]:
     """(TTFT, TPOT) SLOs in seconds: SLO_SCALE_* times the fastest candidate's unloaded latency."""
-    fastest = min(candidates, key=lambda c: iteration_s(model, *c, Batch(1, 1, 512, 0, 1)))
-    ttft = iteration_s(model, *fastest, Batch(512, 1, 512, 512 * 256, 1))
-    tpot = iteration_s(model, *fastest, Batch(1, 1, 512, 512, 1))
+    shapes = [Shape(*c) for c in candidates]
+    fastest = min(shapes, key=lambda c: iteration_s(model, c.tp, c.pp, Batch(1, 1, 512, 0, 1)))
+    ttft = iteration_s(model, fastest.tp, fastest.pp, Batch(512, 1, 512, 512 * 256, 1))
+    tpot = iteration_s(model, fastest.tp, fastest.pp, Batch(1, 1, 512, 512, 1))
     return SLO_SCALE_TTFT * ttft, SLO_SCALE_TPOT * tpot
 
 

@@ -37,8 +37,9 @@ class PerfModel(Protocol):
         """Seconds the slowest stage of TPtp x PPpp is busy with `batch` (embedding and lm-head included)."""
         ...
 
-    def hop_s(self, tp: int, batch: Batch) -> float:
-        """Seconds to hand `batch`'s hidden states from one stage to the next."""
+    def hop_s(self, tp: int, pp: int, batch: Batch) -> float:
+        """Seconds to hand `batch`'s hidden states from one stage to the next (the mean of the pp - 1 hand-offs,
+        some of which may cross nodes)."""
         ...
 
     def busy_factor(self, tp: int, pp: int, active: int) -> float:
@@ -53,4 +54,4 @@ class PerfModel(Protocol):
 
 def iteration_s(model: PerfModel, tp: int, pp: int, batch: Batch) -> float:
     """Latency of one micro-batch through every stage: pp stage times plus pp-1 hand-offs."""
-    return pp * model.stage_s(tp, pp, batch) + (pp - 1) * model.hop_s(tp, batch)
+    return pp * model.stage_s(tp, pp, batch) + (pp - 1) * model.hop_s(tp, pp, batch)

@@ -5,11 +5,11 @@ prefilled alongside), its capacity, and its goodput under the SLOs. Pure functio
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 from remp.policy.perf_model import Batch, PerfModel, iteration_s
-from remp.topology import shape_name
+from remp.topology import Shape, shape_name
 
 
 @dataclass(frozen=True)
@@ -17,8 +17,8 @@ class Load:
     arrival_rate: float  # requests/s
     prompt_len: float  # mean prompt tokens
     output_len: float  # mean output tokens
-    queue: int = 0  # requests waiting now
-    running: int = 0
+    queue: float = 0  # requests waiting now
+    running: float = 0
     rate_stderr: float = 0.0  # standard error of arrival_rate (a Poisson count over the window)
 
 
@@ -47,6 +47,31 @@ class Prediction:
         return {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
+def _iteration(model: PerfModel, tp: int, pp: int, p: float, o: float, decode: float, prefill: float) -> float:
+    """One iteration's seconds: `decode` running requests (split over the pp micro-batches) advance a token, and
+    one micro-batch carries `prefill` prompt tokens (mean prompt p, output o)."""
+    seqs = decode / pp + (math.ceil(prefill / p) if prefill else 0)
+    kv = decode / pp * (p + o / 2) + prefill
+    b = Batch(
+        math.ceil(decode / pp + prefill),
+        math.ceil(seqs),
+        math.ceil(kv),
+        math.ceil(kv - prefill + prefill * min(p, prefill) / 2),
+        math.ceil(seqs),
+    )
+    busy = min(pp, max(1, math.ceil(decode) + (1 if prefill else 0)))  # micro-batches, one per stage
+    return iteration_s(model, tp, pp, b) * model.busy_factor(tp, pp, busy)
+
+
+def _mixed(model: PerfModel, tp: int, pp: int, p: float, o: float, n: float, x: float, limits: Limits) -> float:
+    """An iteration with n running and x prompt tokens to prefill: heavy (a chunk aboard) and light ones in the
+    proportion the prefill tokens need."""
+    chunk = limits.max_num_batched_tokens / pp
+    h = min(chunk, p)
+    heavy, share = (h, x / h) if x <= h else (min(chunk, max(h, x / pp)), 1.0)
+    return share * _iteration(model, tp, pp, p, o, n, heavy) + (1 - share) * _iteration(model, tp, pp, p, o, n, 0)
+
+
 def _state(model: PerfModel, tp: int, pp: int, load: Load, rate: float, limits: Limits) -> tuple[float, float] | None:
     """(iteration seconds R, running N) at `rate`, or None where the topology cannot keep up.
 
@@ -57,35 +82,30 @@ def _state(model: PerfModel, tp: int, pp: int, load: Load, rate: float, limits: 
     stages the pipeline is partly idle, which on shared cores speeds the stages that work (busy_factor)."""
     p, o = max(load.prompt_len, 1.0), max(load.output_len, 1.0)
     max_running = min(limits.max_num_seqs, model.kv_capacity_tokens(tp, pp) / (p + o))
-    chunk = limits.max_num_batched_tokens / pp
-
-    def iteration(decode: float, prefill: float) -> float:
-        seqs = decode / pp + (math.ceil(prefill / p) if prefill else 0)
-        kv = decode / pp * (p + o / 2) + prefill
-        b = Batch(
-            math.ceil(decode / pp + prefill),
-            math.ceil(seqs),
-            math.ceil(kv),
-            math.ceil(kv - prefill + prefill * min(p, prefill) / 2),
-            math.ceil(seqs),
-        )
-        busy = min(pp, max(1, math.ceil(decode) + (1 if prefill else 0)))  # micro-batches, one per stage
-        return iteration_s(model, tp, pp, b) * model.busy_factor(tp, pp, busy)
-
-    r = iteration(1, 0)
+    r = _iteration(model, tp, pp, p, o, 1, 0)
     n = 0.0
     for _ in range(60):
         n = rate * r * (o + 1)  # Little's law: each request runs ~o iterations plus its prefill's
         x = rate * r * p  # prompt tokens arriving per iteration
         if n > max_running or x + n > limits.max_num_batched_tokens:
             return None
-        h = min(chunk, p)
-        heavy, share = (h, x / h) if x <= h else (min(chunk, max(h, x / pp)), 1.0)
-        nxt = share * iteration(n, heavy) + (1 - share) * iteration(n, 0)
+        nxt = _mixed(model, tp, pp, p, o, n, x, limits)
         if abs(nxt - r) < 1e-6 * r:
             break
         r = 0.5 * (r + nxt)
     return r, n
+
+
+def step_time(model: PerfModel, shape: Shape, load: Load, running: float, limits: Limits) -> float:
+    """The iteration time (a running request's TPOT) with `running` requests decoding (split over the replicas):
+    each runs ~o + 1 iterations, so running / (o + 1) of them join per iteration, each with its prompt to
+    prefill (whatever the queue: admissions keep pace with departures). The performance model's step times for
+    the batch the scheduler has, without the queueing model: what the closed loop corrects the step times by."""
+    tp, pp, dp = Shape(*shape)
+    p, o = max(load.prompt_len, 1.0), max(load.output_len, 1.0)
+    n = max(running / dp, 1.0)
+    x = min(n * p / (o + 1), max(limits.max_num_batched_tokens - n, 0.0))
+    return _mixed(model, tp, pp, p, o, n, x, limits)
 
 
 def _bisect(ok, hi: float) -> float:
@@ -93,7 +113,7 @@ def _bisect(ok, hi: float) -> float:
     if ok(hi):
         return hi
     lo = 0.0
-    for _ in range(30):
+    for _ in range(20):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return lo
@@ -115,7 +135,7 @@ def _latencies(
     return ttft, r
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=65536)
 def _capacities(
     model: PerfModel, tp: int, pp: int, p: float, o: float, limits: Limits, slo: Slo
 ) -> tuple[float, float]:
@@ -137,17 +157,21 @@ def _bucket(x: float) -> float:
     return round(1.05 ** round(math.log(max(x, 1.0)) / math.log(1.05)), 1)
 
 
-def predict(model: PerfModel, tp: int, pp: int, load: Load, limits: Limits, slo: Slo) -> Prediction:
+def predict(model: PerfModel, shape: Shape, load: Load, limits: Limits, slo: Slo) -> Prediction:
+    """`shape`'s steady state under `load`. Data-parallel replicas each take 1/dp of the arrivals (the router
+    balances them) and of the queue; each is its own continuous batching of tp x pp workers."""
+    tp, pp, dp = Shape(*shape)
     capacity, slo_capacity = _capacities(model, tp, pp, _bucket(load.prompt_len), _bucket(load.output_len), limits, slo)
-    now = _latencies(model, tp, pp, load, min(load.arrival_rate, capacity), limits, capacity) if capacity else None
+    mine = replace(load, arrival_rate=load.arrival_rate / dp, queue=load.queue / dp, running=load.running / dp)
+    now = _latencies(model, tp, pp, mine, min(mine.arrival_rate, capacity), limits, capacity) if capacity else None
     ttft, tpot = now if now is not None else (math.inf, math.inf)
-    if load.arrival_rate > capacity:
+    if mine.arrival_rate > capacity:
         ttft = math.inf  # the queue grows without bound
     return Prediction(
-        topology=shape_name((tp, pp)),
+        topology=shape_name(shape),
         ttft_s=ttft,
         tpot_s=tpot,
-        capacity_req_s=capacity,
-        slo_capacity_req_s=slo_capacity,
-        goodput_req_s=min(load.arrival_rate, slo_capacity),
+        capacity_req_s=dp * capacity,
+        slo_capacity_req_s=dp * slo_capacity,
+        goodput_req_s=min(load.arrival_rate, dp * slo_capacity),
     )

@@ -18,7 +18,7 @@ from remp.policy.measured import MeasuredModel, Profile, ServingEngine, cache_pa
 from remp.policy.observe import LoadWindow
 from remp.policy.predict import Limits, Slo
 from remp.request import Request
-from remp.topology import parse_shape, shape_name
+from remp.topology import Shape, parse_shape, shape_name
 
 logger = init_logger(__name__)
 
@@ -27,18 +27,18 @@ logger = init_logger(__name__)
 class LoadCounts:
     """The engine between two steps, as the policy sees it."""
 
-    tp: int
-    pp: int
+    shape: Shape
     waiting: int
     running: int
     blocks_used: int  # KV blocks running requests hold
 
 
-def parse_candidates(text: str | None, config: ModelConfig, max_workers: int) -> list[tuple[int, int]]:
-    """The topologies the policy may pick: `text` ("TP2xPP1,TP1xPP2") or every shape of the whole pool."""
-    allowed = [(t.tp, t.pp) for n in range(1, max_workers + 1) for t in shapes_of(config, n)]
+def parse_candidates(text: str | None, config: ModelConfig, max_workers: int) -> list[Shape]:
+    """The topologies the policy may pick: `text` ("TP2xPP1,TP1xPP2") or every shape of the whole pool. The
+    engine runs one replica (data-parallel shapes are the simulator's until it serves them)."""
+    allowed = [Shape(t.tp, t.pp) for n in range(1, max_workers + 1) for t in shapes_of(config, n)]
     if not text:
-        return [(t.tp, t.pp) for t in shapes_of(config, max_workers)]
+        return [Shape(t.tp, t.pp) for t in shapes_of(config, max_workers)]
     wanted = [parse_shape(c) for c in text.split(",") if c.strip()]
     if bad := [shape_name(c) for c in wanted if c not in allowed]:
         raise ValueError(f"unknown candidate topolog(ies) {', '.join(bad)} for this model on {max_workers} workers")
@@ -46,7 +46,7 @@ def parse_candidates(text: str | None, config: ModelConfig, max_workers: int) ->
 
 
 class PolicyRunner:
-    def __init__(self, args: EngineArgs, config: ModelConfig, profile: Profile, candidates: list[tuple[int, int]]):
+    def __init__(self, args: EngineArgs, config: ModelConfig, profile: Profile, candidates: list[Shape]):
         self.model = MeasuredModel(profile)
         ttft_s, tpot_s = default_slo(self.model, candidates)
         slo = Slo(
@@ -56,7 +56,7 @@ class PolicyRunner:
         self.costs = switch_costs(profile, config, args.block_size, args.switch_precopy_duty)
         policy_config = PolicyConfig(slo, args.policy_interval_s, args.policy_min_dwell_s)
         limits = Limits(args.max_num_seqs, args.max_num_batched_tokens)
-        self.policy = TopologyPolicy(self.model, candidates, limits, policy_config, self._cost)
+        self.policy = TopologyPolicy(self.model, candidates, limits, policy_config, self._cost, args.policy_window_s)
         self.window = LoadWindow(args.policy_window_s)
         self.last_error: str | None = None
         self._blocks_used = 0
@@ -90,7 +90,7 @@ class PolicyRunner:
             raise ValueError(f"the performance profile lacks {', '.join(missing)}: profile them (remp profile)")
         return cls(args, engine.model_config, profile, candidates)
 
-    def _cost(self, old: tuple[int, int], new: tuple[int, int]):
+    def _cost(self, old: Shape, new: Shape):
         return self.costs.cost(old, new, LIVE, self._blocks_used)
 
     def arrival(self, req: Request) -> None:
@@ -101,7 +101,7 @@ class PolicyRunner:
         ttft = m.first_token_time - m.arrival_time if m.first_token_time else None
         n = req.num_output_tokens
         tpot = (m.last_token_time - m.first_token_time) / (n - 1) if n > 1 and m.first_token_time else None
-        self.window.finished(time.monotonic(), n, ttft, tpot)
+        self.window.finished(time.monotonic(), n, ttft, tpot, max_tokens=req.max_tokens)
 
     def tick(self, load: LoadCounts) -> Decision | None:
         """Between steps (no switch or recovery under way): a decision when one is due, else None."""
@@ -113,9 +113,19 @@ class PolicyRunner:
             self.policy.next_t = now + self.policy.config.interval_s
             return None
         self._blocks_used = load.blocks_used
-        d = self.policy.decide(now, snapshot, (load.tp, load.pp))
+        observed = self.window.observe(now, self.policy.observe_from, self.policy.config.slo)
+        d = self.policy.decide(now, snapshot, load.shape, observed)
         if d.action != "switch":
             logger.debug("topology policy: stay on %s: %s", d.current, d.reason)
+        if "factor" in d.observed:
+            logger.info(
+                "topology policy: %s observed TPOT %.1f ms against %.1f ms predicted: correction x%.2f, model error %.0f%%",
+                d.current,
+                d.observed["tpot_observed_s"] * 1e3,
+                d.observed["tpot_predicted_s"] * 1e3,
+                d.observed["factor"],
+                d.observed["model_error"] * 100,
+            )
         return d
 
     def refused(self, target: str, error: Exception) -> None:
@@ -138,6 +148,9 @@ class PolicyRunner:
             "candidates": [shape_name(c) for c in p.candidates],
             "slo_ms": {"ttft": p.config.slo.ttft_s * 1e3, "tpot": p.config.slo.tpot_s * 1e3},
             "decisions_total": dict(p.counts),
+            "calibration": p.calibration.to_json(),
             "last_error": self.last_error,
             "decisions": [d.to_json() for d in list(p.decisions)[-20:]],
+            # the closed loop at work: the latest decisions that compared the prediction with what was observed
+            "calibrated_decisions": [d.to_json() for d in p.decisions if "model_error" in d.observed][-10:],
         }
