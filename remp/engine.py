@@ -511,8 +511,9 @@ class LLMEngine:
 
         if mode.restarts:
             finish(self._restart(old, target, num_blocks), None)
-        else:
-            self.switcher.start(target, num_blocks, mode, finish)
+        else:  # a worker found lost as the switch begins: a recovery, which calls the switch off (on_done)
+            with self.fatal_worker_errors():
+                self.switcher.start(target, num_blocks, mode, finish)
 
     def _act_on(self, decision: Decision | None) -> None:
         """The policy's decision: a switch it wants starts live while serving goes on."""

@@ -152,11 +152,18 @@ def tool_mode(req: ChatCompletionRequest) -> tuple[ToolMode, GuidedSpec | None]:
         schema = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
         if not req.parallel_tool_calls:
             schema["maxItems"] = 1
-        return ToolMode("required", parallel=req.parallel_tool_calls), GuidedSpec.json_schema(schema)
+        return ToolMode("required", parallel=req.parallel_tool_calls), _call_spec(schema)
     name = choice.function.name
     if name not in by_name:
         raise APIError(400, f"tool_choice names `{name}`, which is not among the tools", param="tool_choice")
-    return ToolMode("named", name), GuidedSpec.json_schema(by_name[name].parameters or {"type": "object"})
+    return ToolMode("named", name), _call_spec(by_name[name].parameters or {"type": "object"})
+
+
+def _call_spec(schema: dict) -> GuidedSpec:
+    """A forced call's JSON is written as json.dumps writes it (", " and ": ", no other whitespace): the server
+    parses it, not a person, and free whitespace lets a model pad a call past max_tokens."""
+    guidance = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    return GuidedSpec.json_schema({**schema, "x-guidance": guidance})
 
 
 @router.post("/v1/chat/completions")

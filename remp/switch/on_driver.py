@@ -4,13 +4,15 @@ start: plan (placement over the pool, pieces); if the target needs more workers 
 (they hold nothing) and, once they are up (advance), regroup the pool into a new world with them; then send
 PrepareSwitch; the workers create the new groups and, in live mode,
 pre-copy the weights while the engine keeps stepping. advance (each step): once every worker is "precopied",
-name the KV blocks that are full now (with their owner, to tell later whether they stayed put) and let the
+name the KV blocks that are full now (with their owner, to tell later whether they stayed put), decide where
+they go (planner/kv_moves.py: which new replica takes each running request, the blocks' new ids) and let the
 workers copy them too; once they are "kv_precopied" (live) or "prepared" (stop), cut over: drain the in-flight
-micro-batches (the pause starts), fit the blocks in use into the new pool, CommitSwitch with the blocks still
-clean, wait, swap the scheduler's block table, stop the workers the new topology leaves idle (the rest
-regroup), report. A worker that reports a
-failure before the cut-over, or a pre-copy that outlives `timeout_s`, aborts the switch: the workers drop
-what they staged and the old topology goes on serving. A worker that dies is a recovery (recovery.py).
+micro-batches (the pause starts), decide again (keeping the pre-copy's choices where they still hold; requests
+no new replica has room for are preempted), CommitSwitch with the blocks still clean, wait, hand the engine
+its new replicas and block tables, stop the workers the new topology leaves idle (the rest regroup), report.
+A worker that reports a failure before the cut-over, or a pre-copy that outlives `timeout_s`, aborts the
+switch: the workers drop what they staged and the old topology goes on serving. A worker that dies is a
+recovery (recovery.py).
 """
 
 from __future__ import annotations
