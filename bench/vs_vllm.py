@@ -54,17 +54,19 @@ def vllm_server(port: int, args: str, log: Path) -> LaunchedServer:
     )
 
 
-def run_client(port: int, extra: str, out: Path) -> dict:
+def run_client(port: int, extra: str, out: Path, workload: str = CLIENT, keys: tuple[str, ...] = KEYS) -> dict:
+    """One `remp bench serve` run of `workload` + `extra` (later flags win) against the server on `port`: the
+    result's `keys`. Seed 0 unless `extra` gives one."""
     tokenizer = ["--tokenizer", str(PEER_DIR / "smollm2-hf")]  # the same prompts for both servers
     cmd = [sys.executable, "-m", "remp", "bench", "serve", "--base-url", f"http://127.0.0.1:{port}"]
-    cmd += ["--model", "smollm2", *tokenizer, *shlex.split(CLIENT), *shlex.split(extra), "--ignore-eos"]
-    cmd += ["--seed", "0", "--disable-tqdm", "--save-result", "--result-dir", str(out.parent)]
+    cmd += ["--model", "smollm2", *tokenizer, "--seed", "0", *shlex.split(workload), *shlex.split(extra)]
+    cmd += ["--ignore-eos", "--disable-tqdm", "--save-result", "--result-dir", str(out.parent)]
     cmd += ["--result-filename", out.name]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     r = json.loads(out.read_text())
     if r["failed"]:
-        raise RuntimeError(f"{r['failed']} requests failed against port {port}")
-    return {k: r[k] for k in KEYS}
+        raise RuntimeError(f"{r['failed']} requests failed against port {port}: {r['errors'][:1]}")
+    return {k: r[k] for k in keys}
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from remp.bench.datasets import (
     intervals,
     parse_phases,
     plan,
+    prefix_chat_requests,
     random_requests,
     synthetic_chat_requests,
 )
@@ -240,6 +241,36 @@ def test_file_datasets(tmp_path):
     assert sorted((r.prompt_len, r.output_len) for r in rs) == [(4, 7), (4, 9)]
 
 
+def test_prefix_chat_turns_extend_their_user_history_behind_one_system_prompt():
+    opts = DatasetOptions(
+        name="prefix-chat", random_input_len=5, random_output_len=3, prefix_chat_system_len=20, prefix_chat_users=4
+    )
+    rs = prefix_chat_requests(10, opts, seed=3)  # 4 users: turns 1 and 2 in full, then 2 users' third turn
+    system = rs[0].prompt[:20]
+    assert all(r.prompt[:20] == system for r in rs)
+    assert len({tuple(r.prompt[20:25]) for r in rs[:4]}) == 4  # each user writes their own first message
+    for k, r in enumerate(rs):
+        turn = k // 4
+        assert r.prompt_len == len(r.prompt) == 20 + turn * (5 + 3) + 5 and r.output_len == 3
+        if turn == 0:
+            assert r.after is None
+        else:  # the same user's previous prompt, then a 3-token answer, then the new message
+            prev = rs[k - 4]
+            assert r.after == k - 4 and r.prompt[: prev.prompt_len] == prev.prompt
+    assert rs == prefix_chat_requests(10, opts, seed=3) and rs != prefix_chat_requests(10, opts, seed=4)
+    ranged = prefix_chat_requests(
+        40, DatasetOptions(random_input_len=10, random_output_len=4, range_ratio=0.5, prefix_chat_users=2), 0
+    )
+    assert all(r.prompt[: p.prompt_len] == p.prompt for r, p in zip(ranged[2:], ranged))
+    assert {r.output_len for r in ranged} == {2, 3, 4, 5, 6}
+    assert {r.prompt_len - p.prompt_len - p.output_len for r, p in zip(ranged[2:], ranged)} == set(range(5, 16))
+    with pytest.raises(ValueError, match="completions"):
+        prefix_chat_requests(2, DatasetOptions(text=True), 0)
+    phases = parse_phases('[{"num_prompts": 3, "dataset": "random"}, {"num_prompts": 8}]', opts)
+    requests, _ = plan(phases, seed=0)  # the second phase's `after` points into the run, past the first phase
+    assert [r.after for r in requests[3:]] == [None] * 4 + [3, 4, 5, 6]
+
+
 # --- end to end against a fake server ------------------------------------------------------------------------
 
 
@@ -434,6 +465,18 @@ def test_metrics_fallback_detects_switch_and_chat_endpoint(tmp_path):
     assert srv.bodies[0]["messages"][0]["content"].count(" ") == 5 and srv.bodies[0]["max_completion_tokens"] == 3
     assert res["topology"]["source"] == "metrics"
     assert [(s["from"], s["to"], s["source"]) for s in res["topology"]["switches"]] == [("TP4xPP1", "TP2xPP2", "poll")]
+
+
+def test_prefix_chat_sends_each_turn_after_its_users_previous_one(tmp_path):
+    args = ["--dataset-name", "prefix-chat", "--prefix-chat-system-len", "8", "--prefix-chat-users", "3"]
+    args += ["--num-prompts", "9", "--random-input-len", "2", "--random-output-len", "4", "--ignore-eos"]
+    with FakeServer(delay_s=0.01, switch_after=0) as srv:
+        rc, res = _run(["--base-url", srv.url, *args], tmp_path)
+    assert rc == 0 and res["completed"] == 9
+    reqs = res["requests"]
+    for k in range(3, 9):  # sent only once the same user's previous turn had its whole answer
+        assert reqs[k]["send_time"] >= reqs[k - 3]["send_time"] + reqs[k - 3]["latency"]
+    assert sorted(len(b["prompt"]) for b in srv.bodies) == [10] * 3 + [16] * 3 + [22] * 3
 
 
 def test_http_errors_are_failures_not_crashes(tmp_path):

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-DATASETS = ("random", "synthetic-chat", "jsonl", "sharegpt")
+DATASETS = ("random", "synthetic-chat", "prefix-chat", "jsonl", "sharegpt")
 PHASE_KEYS = {
     "duration_s",
     "num_prompts",
@@ -54,11 +54,13 @@ class SampleRequest:
     output_len: int  # max_tokens to ask for
     arrival_s: float = 0.0  # offset from the start of the run
     phase: int = 0
+    after: int | None = None  # index (in the run) of a request that must finish first: its user's previous turn
 
 
 @dataclass
 class DatasetOptions:
-    """How to draw prompts. For `synthetic-chat` the lengths are medians of lognormals capped at the max_*."""
+    """How to draw prompts. For `synthetic-chat` the lengths are medians of lognormals capped at the max_*. For
+    `prefix-chat` the random_* lengths are those of each new user message and each answer."""
 
     name: str = "random"
     path: str | None = None
@@ -70,6 +72,8 @@ class DatasetOptions:
     synthetic_output_len: int = 150
     synthetic_max_input_len: int = 2048
     synthetic_max_output_len: int = 1024
+    prefix_chat_system_len: int = 1000  # tokens of the system prompt every user of prefix-chat shares
+    prefix_chat_users: int = 64
     text: bool = False  # the endpoint needs text prompts (chat)
     tokenizer: Any = None  # optional HF tokenizer: exact token counts and vocabulary size
 
@@ -132,6 +136,37 @@ def synthetic_chat_requests(n: int, opts: DatasetOptions, seed: int) -> list[Sam
     return [SampleRequest(_prompt(rng, int(i), opts), int(i), int(o)) for i, o in zip(ins, outs)]
 
 
+def prefix_chat_requests(n: int, opts: DatasetOptions, seed: int) -> list[SampleRequest]:
+    """A multi-turn chat behind one shared system prompt, for prefix caching: `prefix_chat_users` users, each
+    turn's prompt the system prompt, then that user's earlier messages each followed by a synthetic answer as long
+    as the turn's output, then a new message. So a turn's prompt starts with the previous turn's prompt, and every
+    prompt with the system prompt. Requests go turn by turn (every user's first turn, then every second turn ...),
+    n in all; each after the first of its user waits for that user's previous turn to finish, as a chat would.
+    Token ids only (no text prompts: their tokens could differ across turn boundaries)."""
+    if opts.text:
+        raise ValueError("--dataset-name prefix-chat sends token ids: use the completions endpoint")
+    users, r = opts.prefix_chat_users, opts.range_ratio
+    if users < 1 or opts.prefix_chat_system_len < 0:
+        raise ValueError("prefix-chat needs --prefix-chat-users >= 1 and --prefix-chat-system-len >= 0")
+    if not 0 <= r < 1:
+        raise ValueError(f"--random-range-ratio must be in [0, 1), got {r}")
+    rng = np.random.default_rng(seed)
+    system = _prompt(rng, opts.prefix_chat_system_len, opts)
+    history = [list(system) for _ in range(users)]
+
+    def length(mean: int) -> int:
+        return int(rng.integers(max(1, math.floor(mean * (1 - r))), math.ceil(mean * (1 + r)) + 1))
+
+    out = []
+    for k in range(n):
+        u = k % users
+        prompt = history[u] + _prompt(rng, length(opts.random_input_len), opts)
+        output_len = length(opts.random_output_len)
+        out.append(SampleRequest(prompt, len(prompt), output_len, after=k - users if k >= users else None))
+        history[u] = prompt + _prompt(rng, output_len, opts)  # the answer, as the next turn will quote it
+    return out
+
+
 def _count(text: str, tokenizer: Any) -> int:
     if tokenizer is not None:
         return len(tokenizer.encode(text, add_special_tokens=False))
@@ -177,6 +212,8 @@ def sample_requests(n: int, opts: DatasetOptions, seed: int) -> list[SampleReque
         return random_requests(n, opts, seed)
     if opts.name == "synthetic-chat":
         return synthetic_chat_requests(n, opts, seed)
+    if opts.name == "prefix-chat":
+        return prefix_chat_requests(n, opts, seed)
     if opts.name in ("jsonl", "sharegpt"):
         return file_requests(n, opts, seed)
     raise ValueError(f"unknown dataset {opts.name!r}; choose from {', '.join(DATASETS)}")
@@ -272,6 +309,8 @@ def plan(
         batch = draw(len(offsets), opts, rng) if draw else sample_requests(len(offsets), opts, seed + k)
         for r, off in zip(batch, offsets):
             r.arrival_s, r.phase = start + float(off), k
+            if r.after is not None:  # the phase's own index -> the run's
+                r.after += len(requests)
         requests += batch
         windows.append(
             PhaseWindow(

@@ -56,6 +56,14 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--synthetic-output-len", type=int, default=150, help="median output length of synthetic-chat")
     d.add_argument("--synthetic-max-input-len", type=int, default=2048)
     d.add_argument("--synthetic-max-output-len", type=int, default=1024)
+    d.add_argument(
+        "--prefix-chat-system-len",
+        type=int,
+        default=1000,
+        help="prefix-chat: tokens of the system prompt all users share (--random-input-len: each new message, "
+        "--random-output-len: each answer; --num-prompts: users x turns)",
+    )
+    d.add_argument("--prefix-chat-users", type=int, default=64, help="prefix-chat: users, each a chat of its own")
     d.add_argument("--tokenizer", default=None, help="HF tokenizer for exact counts and vocabulary (optional)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--ignore-eos", action="store_true")
@@ -247,18 +255,20 @@ def make_phases(args: argparse.Namespace, text: bool) -> list[Phase]:
 
         tok = AutoTokenizer.from_pretrained(args.tokenizer)
     opts = DatasetOptions(
-        args.dataset_name,
-        args.dataset_path,
-        args.random_input_len,
-        args.random_output_len,
-        args.random_range_ratio,
-        args.random_vocab_size,
-        args.synthetic_input_len,
-        args.synthetic_output_len,
-        args.synthetic_max_input_len,
-        args.synthetic_max_output_len,
-        text,
-        tok,
+        name=args.dataset_name,
+        path=args.dataset_path,
+        random_input_len=args.random_input_len,
+        random_output_len=args.random_output_len,
+        range_ratio=args.random_range_ratio,
+        vocab_size=args.random_vocab_size,
+        synthetic_input_len=args.synthetic_input_len,
+        synthetic_output_len=args.synthetic_output_len,
+        synthetic_max_input_len=args.synthetic_max_input_len,
+        synthetic_max_output_len=args.synthetic_max_output_len,
+        prefix_chat_system_len=args.prefix_chat_system_len,
+        prefix_chat_users=args.prefix_chat_users,
+        text=text,
+        tokenizer=tok,
     )
     if args.phases:
         return parse_phases(args.phases, opts, args.request_rate, args.burstiness)
@@ -299,7 +309,11 @@ async def benchmark(args: argparse.Namespace) -> dict:
             stop = asyncio.Event()
             poll_task = asyncio.create_task(poller.run(stop))
 
+        tasks: list[asyncio.Task] = []
+
         async def one(i: int, req: SampleRequest) -> RequestResult:
+            if req.after is not None:  # a chat's next turn: sent once the previous one has finished
+                await asyncio.wait([tasks[req.after]])
             async with sem or contextlib.nullcontext():
                 r = await send_request(
                     session,
@@ -316,7 +330,6 @@ async def benchmark(args: argparse.Namespace) -> dict:
             bar.update(1)
             return r
 
-        tasks = []
         for i, req in enumerate(requests):
             if (delay := t_start + req.arrival_s - time.perf_counter()) > 0:
                 await asyncio.sleep(delay)
