@@ -82,6 +82,8 @@ def test_tp2_split_over_two_nodes_then_the_remote_worker_killed(tiny_llama, refe
     finished_cleanly(result, agent)
 
 
+# make test keeps the cross-node kill test; this one is in make test-all
+@pytest.mark.slow
 def test_live_switch_across_nodes_with_requests_in_flight(tiny_llama, reference, nodes):
     result, agent = run_two_nodes(nodes, tiny_llama, 2, 2, workers_per_node=2, switch=[3, 1, 4])
     assert [s.get("new") for s in result["switch"]] == ["TP1xPP4"], result["switch"]

@@ -263,6 +263,8 @@ def test_gpu_fabrics_price_what_crosses_nodes_and_pcie():
     assert pcie.kv_capacity_tokens(1, 1) > 0 and pcie.kv_capacity_tokens(8, 1) > 8 * pcie.kv_capacity_tokens(1, 1)
 
 
+# the oracle's exactness stays in make test (test_policy_loop.py); the CLI run is in make test-all
+@pytest.mark.slow
 def test_cli_oracle_dp_candidates_and_the_pcie_device(tmp_path):
     """`remp simulate --oracle` on a small shifting workload of the PCIe device with data-parallel candidates:
     every candidate fixed, the best schedule in hindsight, and the policy's share of its gain."""
