@@ -27,19 +27,11 @@ import time
 from pathlib import Path
 
 import torch
+from reconfig import ONE_B  # the 1.1B shapes every bench uses
 
 from remp import LLMEngine, SamplingParams
 from remp.bench.results import describe_machine, save_result
 
-ONE_B = dict(
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=22,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    vocab_size=32000,
-    max_position_embeddings=2048,
-)
 MODELS = {  # name -> (model, dtype); random-1b is written when asked for
     "smollm2-fp32": (None, "float32"),
     "smollm2-bf16": (None, "bfloat16"),
